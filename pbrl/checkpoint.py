@@ -1,0 +1,178 @@
+"""Hugging Face checkpoints: config.json + safetensors (one file, or shards listed in model.safetensors.index.json).
+
+Key convention: pbrl's parameter names are HF's without the leading `model.`; `lm_head.weight` has no prefix in
+either. A bare backbone checkpoint (e.g. Qwen3-Embedding: `Qwen3Model`, no LM head) has no `model.` prefix at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pbrl.model import ModelArgs, Transformer, rope_inv_freq
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files that travel with the weights so that a saved policy is a complete, loadable HF model directory.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "chat_template.jinja")
+
+
+def resolve(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; anything else is a hub id, fetched with huggingface_hub's snapshot_download."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    text = str(path_or_id)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{text!r} is neither a local model directory nor a hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_args(directory: Path) -> ModelArgs:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json; expected a Hugging Face model directory")
+    return ModelArgs.from_hf_config(read_json(config), where=str(config))
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index}: no 'weight_map'")
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard files that are missing: {missing}")
+        return {name: directory / f for name, f in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+    return {name: single for name in _open(single).keys()}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_head: bool = False) -> Transformer:
+    """Build a Transformer from a HF checkpoint. dtype None keeps each tensor's stored dtype."""
+    directory = resolve(path_or_id)
+    args = load_args(directory)
+    files = weight_files(directory)
+    bare = not any(name.startswith("model.") for name in files)
+    has_lm_head = "lm_head.weight" in files or (args.tie_word_embeddings and not bare)
+    with torch.device("meta"):
+        model = Transformer(args, lm_head=has_lm_head, value_head=value_head)
+    expected = dict(model.state_dict())
+    if args.tie_word_embeddings and has_lm_head:
+        expected.pop("lm_head.weight")
+    if value_head and "value_head.weight" not in files:
+        # A fresh critic head: zero output at start, so early value targets are not noise.
+        for name in ("value_head.weight", "value_head.bias"):
+            expected.pop(name)
+    to_ours = {name: name.removeprefix("model.") for name in files}
+    unexpected = [n for n, ours in to_ours.items()
+                  if ours not in expected and not (ours == "lm_head.weight" and args.tie_word_embeddings)]
+    missing = sorted(set(expected) - set(to_ours.values()))
+    if missing or unexpected:
+        raise KeyError(f"{directory}: checkpoint does not match the {args.model_type} architecture of config.json; "
+                       f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                       f"unexpected tensors {sorted(unexpected)[:10]}")
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        if to_ours[name] in expected:
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with _open(file) as f:
+            for name in names:
+                ours = to_ours[name]
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                if tensor.shape != expected[ours].shape:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, "
+                                     f"config.json implies {list(expected[ours].shape)}")
+                state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    if value_head and "value_head.weight" not in state:
+        ref = state["embed_tokens.weight"]
+        state["value_head.weight"] = torch.zeros(1, args.hidden_size, dtype=ref.dtype, device=ref.device)
+        state["value_head.bias"] = torch.zeros(1, dtype=ref.dtype, device=ref.device)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(args).to(device)  # buffers built on the meta device hold no data
+    return model.eval()
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict under HF names; tied LM heads are not stored (HF convention; safetensors forbids aliases)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.args.tie_word_embeddings:
+            continue
+        hf = name if name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
+        out[hf] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory.
+
+    Shards above max_shard_bytes, with an index. Files are written under a temporary name and renamed, so a
+    crash never leaves a directory that looks complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(model)
+    dtype = next(iter(state.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+        _write_atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
+    config = model.args.to_hf_config(dtype)
+    _write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    if source_dir is not None and Path(source_dir).resolve() != out.resolve():
+        for side in SIDE_FILES:
+            if (Path(source_dir) / side).is_file():
+                shutil.copyfile(Path(source_dir) / side, out / side)
+    return out
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,311 @@
+"""A decoder-only Transformer that covers Llama 3.x, Qwen2/2.5 and Qwen3.
+
+Module and parameter names follow Hugging Face's so that a checkpoint's tensors load without renaming: the HF key
+of every parameter is ours with a `model.` prefix, except `lm_head.weight` (see pbrl/checkpoint.py).
+
+The three families differ in four switches, all read from config.json:
+  - bias on q/k/v (Qwen2) or on q/k/v/o (Llama's and Qwen3's `attention_bias`);
+  - RMSNorm over head_dim on q and k, after projection and before RoPE (Qwen3);
+  - an explicit head_dim that may differ from hidden_size / num_heads (Qwen3);
+  - RoPE frequencies with the 'llama3' long-context scaling (Llama 3.1+).
+RoPE uses the half-split ("rotate_half") layout of HF checkpoints, so q/k weights load unpermuted.
+
+Shapes: B batch, T new tokens, S key slots (cached + new), H hidden, V vocab, D head_dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", factor, low/high_freq_factor, original_...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
+        """Build from a HF config.json dict; reject anything this model would silently compute wrong."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported; pbrl supports {SUPPORTED_MODEL_TYPES}")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{where}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+        if cfg.get("mlp_bias"):
+            raise ValueError(f"{where}: mlp_bias=true is not supported")
+        if cfg.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=true is not supported; set it false (full attention)")
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{where}: RoPE type {rope_type!r} is not supported; pbrl supports 'default' and 'llama3'")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
+        scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in keys if k not in rope]
+            if missing:
+                raise ValueError(f"{where}: llama3 RoPE scaling lacks {missing}")
+            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias and never o bias
+            o_bias=bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+
+    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
+        """The config.json that transformers and vLLM read back into the same architecture."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        cfg = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.model_type == "qwen2":
+            cfg["use_sliding_window"] = False
+        return cfg
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """[D/2] inverse frequencies theta^(-2i/D), with Llama 3.1's wavelength-dependent scaling when configured:
+    long wavelengths (beyond the original context) are divided by `factor`, short ones kept, and the band
+    between interpolated smoothly."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, (1 - smooth) * scaled / s["factor"] + smooth * scaled, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, 1, T, D]. Half-split layout: pairs are (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, as the reference implementations do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: k[layer], v[layer] are [B, kv_heads, max_len, D].
+
+    Slots are written in order; `forward(..., cache=c, start=s)` writes the T new tokens at slots s..s+T-1 and
+    attends over slots 0..s+T-1."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
+        self.max_len = max_len
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        h, d = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(d, args.rms_norm_eps)
+            self.k_norm = RMSNorm(d, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            cache.k[self.layer][:, :, start:start + t] = k
+            cache.v[self.layer][:, :, start:start + t] = v
+            k, v = cache.k[self.layer][:, :, :start + t], cache.v[self.layer][:, :, :start + t]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_4d(valid: torch.Tensor, t: int) -> torch.Tensor:
+    """valid [B, S] marks real tokens among the S key slots; the T queries are the last T slots.
+    Returns a boolean [B, 1, T, S] mask: causal in slot order, padding keys hidden. A padding query may see
+    itself, so that no row of the softmax is empty (its output is never used)."""
+    s = valid.shape[1]
+    q_slot = torch.arange(s - t, s, device=valid.device)[:, None]
+    k_slot = torch.arange(s, device=valid.device)[None, :]
+    allowed = (k_slot <= q_slot)[None] & valid[:, None, :]
+    return (allowed | (k_slot == q_slot)[None])[:, None]
+
+
+class Transformer(nn.Module):
+    """model(input_ids) -> logits [B, T, V]; model.hidden_states(input_ids) -> final normed hidden [B, T, H];
+    model.values(input_ids) -> [B, T] from the scalar value head (critics only)."""
+
+    def __init__(self, args: ModelArgs, lm_head: bool = True, value_head: bool = False):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if lm_head else None
+        self.value_head = nn.Linear(args.hidden_size, 1) if value_head else None
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.lm_head is not None and self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, dtype: torch.dtype | None = None, device=None,
+                        value_head: bool = False) -> "Transformer":
+        from pbrl.checkpoint import load_model
+        return load_model(path_or_id, dtype=dtype, device=device, value_head=value_head)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      start: int = 0) -> torch.Tensor:
+        """input_ids [B, T] -> final normed hidden states [B, T, H].
+
+        attention_mask [B, start + T] (1 = real token, 0 = padding) covers the cached slots and the new ones;
+        None means no padding. position_ids [B, T] default to the count of real tokens before each slot, so
+        left-padded rows get RoPE positions 0, 1, ... from their first real token."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            valid = torch.ones(b, start + t, dtype=torch.bool, device=input_ids.device)
+        else:
+            valid = attention_mask.bool()
+            if valid.shape != (b, start + t):
+                raise ValueError(f"attention_mask must be [B, start + T] = {[b, start + t]}, got {list(valid.shape)}")
+        if position_ids is None:
+            position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+        # One query with no padding sees every slot: no mask needed, which keeps decoding on the fast kernels.
+        mask = None if (t == 1 and attention_mask is None) else attention_mask_4d(valid, t)
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+        x = self.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; keyword arguments as in hidden_states()."""
+        if self.lm_head is None:
+            raise RuntimeError("this model has no LM head (a bare backbone such as an embedding model); "
+                               "use model.hidden_states()")
+        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+
+    def values(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """input_ids [B, T] -> per-token value estimates [B, T] (fp32) from the critic's value head."""
+        if self.value_head is None:
+            raise RuntimeError("this model has no value head; load it with value_head=True")
+        return self.value_head(self.hidden_states(input_ids, **kwargs)).squeeze(-1).float()

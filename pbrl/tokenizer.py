@@ -1,0 +1,138 @@
+"""Tokenizer (a `tokenizers` tokenizer.json) and chat formatting.
+
+Chat prompts are rendered with the checkpoint's own Jinja chat template, in the same sandboxed environment and with
+the same variables transformers and vLLM use, so a prompt here is token for token the prompt the model was trained
+on. Checkpoints with no template (test and toy tokenizers) get a hand-written Llama 3 or ChatML format, chosen by
+which special tokens the vocabulary has.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as a string or as an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: HFTokenizer, tokenizer_config: dict | None = None,
+                 generation_config: dict | None = None, model_config: dict | None = None,
+                 chat_template: str | None = None):
+        self.tok = tokenizer
+        cfg = tokenizer_config or {}
+        self.config = cfg
+        self.chat_template = chat_template or cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # some configs hold named templates; use the default one
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        pad = _token_text(cfg.get("pad_token"))
+        # eos / stop ids: the union of every place HF keeps them; generation_config lists chat end-of-turn ids.
+        stop = _ids((generation_config or {}).get("eos_token_id")) + _ids((model_config or {}).get("eos_token_id"))
+        if self.eos_token is not None and self.token_id(self.eos_token) is not None:
+            stop.insert(0, self.token_id(self.eos_token))
+        if not stop:
+            stop = [i for i in (self.token_id("<|eot_id|>"), self.token_id("<|im_end|>")) if i is not None]
+        self.stop_ids = list(dict.fromkeys(stop))
+        self.eos_id = self.stop_ids[0] if self.stop_ids else None
+        self.pad_id = self.token_id(pad) if pad is not None and self.token_id(pad) is not None else self.eos_id
+
+    @classmethod
+    def from_pretrained(cls, path_or_id) -> "Tokenizer":
+        from pbrl.checkpoint import read_json, resolve
+        directory = resolve(path_or_id)
+        file = directory / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{directory}: no tokenizer.json (pbrl reads fast tokenizers only)")
+
+        def optional(name):
+            return read_json(directory / name) if (directory / name).is_file() else None
+
+        jinja = directory / "chat_template.jinja"
+        return cls(HFTokenizer.from_file(str(file)), optional("tokenizer_config.json"),
+                   optional("generation_config.json"), optional("config.json"),
+                   jinja.read_text() if jinja.is_file() else None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Special tokens written in the text (e.g. by a chat template) become their ids; none are added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        if self.chat_template:
+            return _render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        if self.token_id("<|start_header_id|>") is not None:
+            return _llama3(messages, add_generation_prompt, self.bos_token or "<|begin_of_text|>")
+        if self.token_id("<|im_start|>") is not None:
+            return _chatml(messages, add_generation_prompt)
+        raise ValueError("the tokenizer has no chat template and neither Llama 3 (<|start_header_id|>) nor ChatML "
+                         "(<|im_start|>) special tokens; add a chat_template to tokenizer_config.json")
+
+    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+def _llama3(messages, add_generation_prompt, bos):
+    out = bos + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                        for m in messages)
+    return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+def _chatml(messages, add_generation_prompt):
+    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _render(template: str, **variables) -> str:
+    """Render a HF chat template as transformers does: sandboxed, trim_blocks/lstrip_blocks, `raise_exception`,
+    `strftime_now`, and a `tojson` that keeps non-ASCII text."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template).render(**variables)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.tok.save(str(out / "tokenizer.json"))
+    config = dict(tokenizer.config)
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))

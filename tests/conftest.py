@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random HF checkpoints written by transformers (the oracle) and an in-memory tokenizer."""
+import json
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: the kernels run on the CPU
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|im_start|>", "<|im_end|>"]
+CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
+          "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant", "system",
+          "You are a helpful assistant.", "Hello there, how are you today?"] * 20
+
+
+def build_tokenizer(vocab_size: int = 300) -> Tokenizer:
+    """A byte-level BPE trained in memory, with Llama 3 and ChatML special tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
+def hf_config(family: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    kw = {**TINY, **overrides}
+    if family == "llama":
+        kw.setdefault("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 32})
+        return LlamaConfig(**kw)
+    if family == "qwen2":
+        return Qwen2Config(**kw)
+    if family == "qwen3":
+        kw.setdefault("head_dim", 32)  # != hidden_size / num_heads = 16
+        return Qwen3Config(**kw)
+    raise ValueError(family)
+
+
+def randomize(model, seed: int = 0):
+    """Random values in every parameter, biases and norm weights included, so no term can hide at its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.1
+            p.copy_(1.0 + noise if "norm" in name else noise)
+    return model
+
+
+def save_hf_model(directory, family: str = "llama", seed: int = 0, **overrides):
+    """Write a tiny random transformers model and the test tokenizer to `directory`; returns the HF model."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[family]
+    torch.manual_seed(seed)
+    model = randomize(cls(hf_config(family, **overrides)), seed).eval()
+    model.save_pretrained(directory)
+    build_tokenizer().save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|eot_id|>" if family == "llama" else "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+    return model
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    save_hf_model(tmp_path, "llama")
+    return tmp_path

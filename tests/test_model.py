@@ -1,0 +1,98 @@
+"""Logit parity with transformers' own implementations, loaded through pbrl's checkpoint loader."""
+import pytest
+import torch
+
+from conftest import save_hf_model
+from pbrl.model import ModelArgs, Transformer
+
+CASES = {
+    "llama3-gqa-untied": ("llama", {}),
+    "llama3-gqa-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama-attention-bias": ("llama", {"attention_bias": True, "rope_parameters": {"rope_type": "default",
+                                                                                   "rope_theta": 10000.0}}),
+    "qwen2-qkv-bias": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3-head-dim": ("qwen3", {"tie_word_embeddings": False}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(tmp_path, case):
+    family, overrides = CASES[case]
+    ref = save_hf_model(tmp_path, family, **overrides)
+    ours = Transformer.from_pretrained(tmp_path)
+    # 96 tokens > original_max_position_embeddings (32) of the llama3 cases, so the RoPE scaling matters.
+    x = torch.randint(0, 320, (2, 96), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = ref(x).logits, ours(x)
+    assert (expected - got).abs().max().item() <= 1e-4
+
+
+def test_left_padding_matches_unpadded(tmp_path):
+    """A padded row with mask and per-row positions gives the logits of the same row alone."""
+    ref = save_hf_model(tmp_path, "qwen3")
+    ours = Transformer.from_pretrained(tmp_path)
+    short = torch.randint(0, 320, (1, 9))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)
+    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 9)], dim=1)
+    with torch.no_grad():
+        alone = ref(short).logits
+        got = ours(padded, attention_mask=mask)[:, 5:]
+    assert (alone - got).abs().max().item() <= 1e-4
+
+
+def test_llama3_scaling_changes_long_range_frequencies():
+    """The llama3 rule (hand derivation): wavelengths shorter than old_len/high_freq_factor are untouched, longer
+    than old_len/low_freq_factor are divided by factor."""
+    import math
+    from pbrl.model import rope_inv_freq
+    base = ModelArgs(head_dim=64, rope_theta=500000.0)
+    scaled = ModelArgs(head_dim=64, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    f0, f1 = rope_inv_freq(base), rope_inv_freq(scaled)
+    wavelen = 2 * math.pi / f0
+    short, long = wavelen < 8192 / 4, wavelen > 8192
+    assert torch.equal(f1[short], f0[short])
+    assert torch.allclose(f1[long], f0[long] / 8)
+    assert short.any() and long.any()
+
+
+def test_value_head_and_hidden_states(llama_dir):
+    critic = Transformer.from_pretrained(llama_dir, value_head=True)
+    x = torch.randint(0, 320, (2, 7))
+    with torch.no_grad():
+        h = critic.hidden_states(x)
+        assert h.shape == (2, 7, 64)
+        assert torch.allclose(critic.lm_head(h), critic(x))
+        assert torch.equal(critic.values(x), torch.zeros(2, 7))  # a fresh head starts at zero
+        critic.value_head.weight.fill_(1.0)
+        assert torch.allclose(critic.values(x), h.sum(-1) + critic.value_head.bias)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+    ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+    ({"model_type": "llama", "num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+])
+def test_unsupported_configs_are_clear_errors(cfg, message):
+    full = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 4, **cfg}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ModelArgs.from_hf_config(full)
+
+
+def test_rope_parameters_and_legacy_rope_fields_agree():
+    legacy = ModelArgs.from_hf_config({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                                       "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "rope_theta": 500000.0, "rope_scaling": {
+                                           "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    new = ModelArgs.from_hf_config({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                                    "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                                                        "factor": 32.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8192}})
+    assert legacy == new and new.rope_theta == 500000.0 and new.rope_scaling["factor"] == 32.0
