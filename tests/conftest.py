@@ -6,24 +6,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                  "<|im_start|>", "<|im_end|>"]
+from pbrl.toy import train_tokenizer
+
 CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
           "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant", "system",
           "You are a helpful assistant.", "Hello there, how are you today?"] * 20
 
 
-def build_tokenizer(vocab_size: int = 300) -> Tokenizer:
-    """A byte-level BPE trained in memory, with Llama 3 and ChatML special tokens."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+def build_tokenizer():
+    """A byte-level BPE of ~300 tokens trained in memory, with Llama 3 and ChatML special tokens."""
+    return train_tokenizer(CORPUS, vocab_size=300)
 
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
