@@ -1,0 +1,202 @@
+"""Kernels against their PyTorch references (kernels/reference.py) and an fp32 reference, on both backends:
+'triton' runs the real Triton kernels (in interpreter mode on the CPU, TRITON_INTERPRET=1 set by conftest),
+'torch' the chunked PyTorch path the CPU uses without the interpreter."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kernels
+import kernels.cosine
+import kernels.logprobs
+from kernels.reference import (cosine_similarity_ref, linear_token_logprobs_ref, pairwise_cosine_similarity_ref,
+                               token_logprobs_ref)
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request, monkeypatch):
+    assert kernels.dispatch.triton is not None, "triton must be installed for the kernel tests"
+    use = request.param == "triton"
+    for module in (kernels.logprobs, kernels.cosine):
+        monkeypatch.setattr(module, "use_triton", lambda t: use)
+    return request.param
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# Tolerances: fp32 kernels agree with the fp32 reference to float rounding over a log-sum-exp of up to ~150K terms.
+LOGP_ATOL = 2e-5
+
+
+@pytest.mark.parametrize("n,v", [(1, 7), (5, 1000), (3, 4097), (2, 151_936), (2, 128_256)])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
+def test_token_logprobs_matches_reference(backend, n, v, temperature):
+    logits = torch.randn(n, v, generator=gen(v)) * 4
+    labels = torch.randint(0, v, (n,), generator=gen(n))
+    logp, entropy = kernels.token_logprobs(logits, labels, temperature, return_entropy=True)
+    ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels, temperature)
+    assert logp.dtype == entropy.dtype == torch.float32
+    assert torch.allclose(logp.double(), ref_logp, atol=LOGP_ATOL, rtol=0)
+    assert torch.allclose(entropy.double(), ref_entropy, atol=LOGP_ATOL, rtol=1e-5)
+    assert (logp <= 0).all() and (entropy >= 0).all()
+
+
+def test_token_logprobs_bf16_input_accumulates_in_fp32(backend):
+    """bf16 logits: the kernel must be as accurate as the fp32 reference run on the same (bf16-rounded) values."""
+    logits = (torch.randn(4, 50_000, generator=gen(1)) * 3).bfloat16()
+    labels = torch.randint(0, 50_000, (4,), generator=gen(2))
+    logp, entropy = kernels.token_logprobs(logits, labels, 0.8, return_entropy=True)
+    ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels, 0.8)
+    assert torch.allclose(logp.double(), ref_logp, atol=LOGP_ATOL)
+    assert torch.allclose(entropy.double(), ref_entropy, atol=LOGP_ATOL)
+
+
+EXTREMES = {
+    "all -1e4": torch.full((2, 3000), -1e4),
+    "all +1e4": torch.full((2, 3000), 1e4),
+    "one huge logit": torch.zeros(2, 3000).index_fill_(1, torch.tensor([17]), 1e4),
+    "ties at the max": torch.zeros(2, 3000).index_fill_(1, torch.tensor([5, 2999]), 50.0),
+    "huge spread": torch.linspace(-1e4, 1e4, 6000).reshape(2, 3000),
+}
+
+
+@pytest.mark.parametrize("case", EXTREMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits(backend, case, dtype):
+    logits = EXTREMES[case].to(dtype)
+    labels = torch.tensor([17, 5])
+    logp, entropy = kernels.token_logprobs(logits, labels, 1.0, return_entropy=True)
+    ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert (logp <= 0).all() and (entropy >= 0).all()
+    assert torch.allclose(logp.double(), ref_logp, atol=1e-4) and torch.allclose(entropy.double(), ref_entropy,
+                                                                                 atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_token_logprobs_gradient(backend, temperature, with_entropy):
+    logits = (torch.randn(6, 3001, generator=gen(3)) * 2).requires_grad_()
+    labels = torch.randint(0, 3001, (6,), generator=gen(4))
+    w_logp, w_ent = torch.randn(6, generator=gen(5)), torch.randn(6, generator=gen(6))
+
+    def loss(fn):
+        logp, entropy = fn()
+        return (w_logp * logp).sum() + ((w_ent * entropy).sum() if with_entropy else 0)
+    grad, = torch.autograd.grad(loss(lambda: kernels.token_logprobs(logits, labels, temperature, True)), logits)
+    ref, = torch.autograd.grad(loss(lambda: token_logprobs_ref(logits, labels, temperature)), logits)
+    assert torch.allclose(grad, ref, atol=1e-6, rtol=1e-4)  # fp32 throughout; per-element gradients are ~1e-4
+
+
+@pytest.mark.parametrize("n,h,v", [(1, 16, 11), (37, 24, 1000), (5, 8, 151_936)])
+def test_linear_token_logprobs_forward_and_gradients(backend, monkeypatch, n, h, v):
+    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 4 * v)  # several token chunks even at small N
+    hidden = torch.randn(n, h, generator=gen(7)).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen(8)) * 0.5).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen(9))
+    w_logp, w_ent = torch.randn(n, generator=gen(10)), torch.randn(n, generator=gen(11))
+    logp, entropy = kernels.linear_token_logprobs(hidden, weight, labels, 0.9, return_entropy=True)
+    ref_logp, ref_entropy = linear_token_logprobs_ref(hidden, weight, labels, 0.9)
+    assert torch.allclose(logp, ref_logp, atol=LOGP_ATOL) and torch.allclose(entropy, ref_entropy, atol=LOGP_ATOL)
+    grads = torch.autograd.grad((w_logp * logp).sum() + (w_ent * entropy).sum(), (hidden, weight))
+    refs = torch.autograd.grad((w_logp * ref_logp).sum() + (w_ent * ref_entropy).sum(), (hidden, weight))
+    for g, r in zip(grads, refs):  # fp32; sums over up to N or V terms
+        assert torch.allclose(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_token_logprobs_bf16_is_as_accurate_as_the_bf16_reference(backend):
+    """Liger's criterion: |kernel - fp32 ref| is no worse than |reference in bf16 - fp32 ref| (plus slack)."""
+    hidden = torch.randn(16, 64, generator=gen(12))
+    weight = torch.randn(5000, 64, generator=gen(13)) * 0.2
+    labels = torch.randint(0, 5000, (16,), generator=gen(14))
+    exact = linear_token_logprobs_ref(hidden.double(), weight.double(), labels)[0]
+    kernel = kernels.linear_token_logprobs(hidden.bfloat16(), weight.bfloat16(), labels).double()
+    ref_bf16 = linear_token_logprobs_ref(hidden.bfloat16(), weight.bfloat16(), labels)[0].double()
+    assert (kernel - exact).abs().max() <= (ref_bf16 - exact).abs().max() + 1e-3
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any operation produces (the Triton interpreter's host copies
+    are byte tensors, hence bytes rather than elements)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_linear_token_logprobs_never_holds_all_logits(backend, monkeypatch):
+    n, h, v = 64, 8, 1000
+    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 8 * v)
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    with LargestTensor() as probe:
+        logp, entropy = kernels.linear_token_logprobs(hidden, weight, torch.randint(0, v, (n,)), return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+    assert probe.largest <= 8 * v * 4 < n * v * 4  # one fp32 chunk of 8 tokens' logits, not all 64
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\), got values in \[0, 10\]"):
+        kernels.token_logprobs(torch.zeros(2, 10), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match=r"labels must be \[N\] = \[2\]"):
+        kernels.token_logprobs(torch.zeros(2, 10), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        kernels.token_logprobs(torch.zeros(2, 10), torch.tensor([0, 1]), temperature=0.0)
+    with pytest.raises(ValueError, match=r"need hidden \[N, H\] and weight \[V, H\]"):
+        kernels.linear_token_logprobs(torch.zeros(2, 4), torch.zeros(10, 5), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"cosine similarity needs \[N, D\] and \[N, D\]"):
+        kernels.cosine_similarity(torch.zeros(2, 4), torch.zeros(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cosine similarity
+# ---------------------------------------------------------------------------------------------------------------
+def fp64_cosine(a, b):
+    a, b = a.double(), b.double()
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@pytest.mark.parametrize("n,d", [(1, 3), (7, 1000), (33, 1024), (5, 2500)])
+def test_cosine_rowwise_and_pairwise(backend, n, d):
+    a = torch.randn(n, d, generator=gen(n))
+    b = torch.randn(n, d, generator=gen(d))
+    assert torch.allclose(kernels.cosine_similarity(a, b).double(), fp64_cosine(a, b), atol=1e-6)
+    c = torch.randn(n + 37, d, generator=gen(1))  # M not a multiple of the 32-row tile
+    expected = fp64_cosine(a[:, None, :], c[None, :, :])
+    got = kernels.pairwise_cosine_similarity(a, c)
+    assert got.shape == (n, n + 37) and torch.allclose(got.double(), expected, atol=1e-6)
+    assert torch.allclose(got, pairwise_cosine_similarity_ref(a, c), atol=1e-6)
+
+
+def test_cosine_zero_vectors_and_extreme_norms(backend):
+    """Zero rows give 0 (not NaN); scale never matters, from 1e-38 to 1e38 entries."""
+    base_a, base_b = torch.randn(6, 64, generator=gen(2)), torch.randn(6, 64, generator=gen(3))
+    exact = fp64_cosine(base_a, base_b)
+    a, b = base_a.clone(), base_b.clone()
+    a[0] = 0                      # zero vs random
+    a[1], b[1] = 0, 0             # zero vs zero
+    a[2] *= 1e30                  # squares overflow fp32 without scaling
+    b[3] *= 1e-30                 # squares underflow fp32 without scaling
+    a[4], b[4] = base_a[4] * 1e-38, base_b[4] * 1e37  # subnormal-adjacent vs near max
+    for got in (kernels.cosine_similarity(a, b), cosine_similarity_ref(a, b),
+                kernels.pairwise_cosine_similarity(a, b).diagonal()):
+        assert torch.isfinite(got).all()
+        assert got[0] == 0 and got[1] == 0
+        assert torch.allclose(got[2:].double(), exact[2:], atol=1e-5)
+
+
+def test_cosine_bf16_input(backend):
+    a = torch.randn(9, 300, generator=gen(4)).bfloat16()
+    b = torch.randn(9, 300, generator=gen(5)).bfloat16()
+    got = kernels.cosine_similarity(a, b)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), fp64_cosine(a, b), atol=1e-6)  # exact on the bf16 values: fp32 accumulation
+    assert torch.allclose(kernels.pairwise_cosine_similarity(a, b).diagonal().double(), fp64_cosine(a, b), atol=1e-6)
