@@ -83,8 +83,13 @@ def _block_v(v: int) -> int:
     return min(4096, triton.next_power_of_2(v))
 
 
-def _forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float):
-    """logits [N, V] -> (logp, entropy, m, log_s), each [N] fp32."""
+def _rows_per_block(v: int) -> int:
+    return max(1, CHUNK_ELEMENTS // v)
+
+
+def _forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float, owned: bool = False):
+    """logits [N, V] -> (logp, entropy, m, log_s), each [N] fp32. owned=True lets the PyTorch path overwrite
+    logits (the linear path's own scratch block), which saves a copy."""
     n, v = logits.shape
     if use_triton(logits):
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -93,42 +98,61 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: float):
             _logprobs_fwd_kernel[(n,)](logits, logits.stride(0), labels, logp, m, log_s, entropy, v, inv_temp,
                                        BLOCK_V=_block_v(v))
         return logp, entropy, m, log_s
-    out = [], [], [], []
-    for rows in torch.split(torch.arange(n, device=logits.device), max(1, CHUNK_ELEMENTS // v)):
-        x = logits[rows].float() * inv_temp
+    # PyTorch path: blocks of rows through two preallocated fp32 buffers (fresh [C, V] buffers on every block
+    # would cost a page-faulting allocation each).
+    rows = _rows_per_block(v)
+    in_place = owned and logits.dtype == torch.float32
+    work = None if in_place else logits.new_empty(min(n, rows), v, dtype=torch.float32)
+    exp = logits.new_empty(min(n, rows), v, dtype=torch.float32)
+    parts = []
+    for start in range(0, n, rows):
+        x = logits[start:start + rows]
+        x = x if in_place else work[:len(x)].copy_(x)
+        if inv_temp != 1.0:
+            x.mul_(inv_temp)
         m = x.amax(-1, keepdim=True)
-        d = x - m  # the kernels' shifted form: entropy = log s - sum e^d d / s loses no digits to large |x|
-        e = d.exp()
+        d = x.sub_(m)
+        e = torch.exp(d, out=exp[:len(x)])
         s = e.sum(-1)
-        out[0].append(d.gather(-1, labels[rows, None]).squeeze(-1) - s.log())
-        out[1].append(s.log() - (e * d).sum(-1) / s)
-        out[2].append(m.squeeze(-1))
-        out[3].append(s.log())
-    return tuple(torch.cat(o) if o else logits.new_empty(0, dtype=torch.float32) for o in out)
+        u = e.mul_(d).sum(-1)  # sum e^d d, with the same pairwise-summation accuracy as s
+        logp = d.gather(-1, labels[start:start + rows, None]).squeeze(-1) - s.log()
+        parts.append((logp, s.log() - u / s, m.squeeze(-1), s.log()))
+    return tuple(torch.cat(p) for p in zip(*parts)) if parts else (logits.new_empty(0, dtype=torch.float32),) * 4
 
 
-def _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, inv_temp) -> torch.Tensor:
-    """Gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. logits [N, V], in logits.dtype.
-    grad_entropy None means entropy was not used."""
+def _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, inv_temp, out) -> torch.Tensor:
+    """Writes the gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. logits [N, V] into out
+    (same shape; out may be logits itself, which is then overwritten). grad_entropy None: entropy unused."""
     n, v = logits.shape
-    grad = torch.empty_like(logits)
     if use_triton(logits):
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         with_entropy = grad_entropy is not None
-        if n:
+        if n:  # each element is read, then its gradient written, by the same program: out may alias logits
             _logprobs_bwd_kernel[(n,)](logits, logits.stride(0), labels, m, log_s, entropy, grad_logp.contiguous(),
-                                       grad_entropy.contiguous() if with_entropy else grad_logp, grad, grad.stride(0),
+                                       grad_entropy.contiguous() if with_entropy else grad_logp, out, out.stride(0),
                                        v, inv_temp, WITH_ENTROPY=with_entropy, BLOCK_V=_block_v(v))
-        return grad
-    for rows in torch.split(torch.arange(n, device=logits.device), max(1, CHUNK_ELEMENTS // v)):
-        logp = (logits[rows].float() * inv_temp - m[rows, None]) - log_s[rows, None]
-        p = logp.exp()
-        g = -grad_logp[rows, None] * p
-        g.scatter_add_(-1, labels[rows, None], grad_logp[rows, None])
-        if grad_entropy is not None:
-            g -= grad_entropy[rows, None] * p * (logp + entropy[rows, None])
-        grad[rows] = (g * inv_temp).to(grad.dtype)
-    return grad
+        return out
+    rows = _rows_per_block(v)
+    in_place = out is logits and logits.dtype == torch.float32
+    work = None if in_place else logits.new_empty(min(n, rows), v, dtype=torch.float32)
+    term = logits.new_empty(min(n, rows), v, dtype=torch.float32) if grad_entropy is not None else None
+    for start in range(0, n, rows):
+        r = slice(start, start + rows)
+        x = logits[r] if in_place else work[:len(logits[r])].copy_(logits[r])
+        logp = x.mul_(inv_temp).sub_(m[r, None]).sub_(log_s[r, None])
+        if term is not None:  # -g_H p (log p + H)
+            t = torch.add(logp, entropy[r, None], out=term[:len(x)])
+        p = logp.exp_()
+        if term is not None:
+            t.mul_(p).mul_(-grad_entropy[r, None])
+        g = p.mul_(-grad_logp[r, None])  # g_y (1[j=y] - p_j)
+        g.scatter_add_(-1, labels[r, None], grad_logp[r, None])
+        if term is not None:
+            g.add_(t)
+        g.mul_(inv_temp)
+        if not in_place:
+            out[r].copy_(g)
+    return out
 
 
 def _check(x, labels, temperature, what, vocab):
@@ -156,7 +180,9 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, labels, m, log_s, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(m) if grad_logp is None else grad_logp.float()
         grad_entropy = None if grad_entropy is None else grad_entropy.float()
-        return _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, ctx.inv_temp), None, None
+        grad = _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, ctx.inv_temp,
+                         out=torch.empty_like(logits))
+        return grad, None, None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -168,37 +194,47 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
-    """Chunks of C tokens: logits_c = hidden_c @ weight.T, then the row kernels above. Backward recomputes each
-    chunk's logits and accumulates grad_hidden_c = g_c @ weight and grad_weight += g_c.T @ hidden_c (fp32)."""
+    """Blocks of C tokens: logits_c = hidden_c @ weight.T into one reused [C, V] buffer, then the row kernels above.
+    Backward recomputes each block's logits, turns them into their gradient g_c in place, and accumulates
+    grad_hidden_c = g_c @ weight and grad_weight += g_c.T @ hidden_c (in weight's dtype, as the matmuls of any
+    training step do; each block's product accumulates in fp32 inside the matmul)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature):
         inv_temp = 1.0 / temperature
-        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        parts = [_forward(h @ weight.T, y, inv_temp) for h, y in zip(hidden.split(chunk), labels.split(chunk))]
+        rows = _rows_per_block(weight.shape[0])
+        block = hidden.new_empty(min(hidden.shape[0], rows), weight.shape[0])
+        parts = []
+        for start in range(0, hidden.shape[0], rows):
+            h = hidden[start:start + rows]
+            logits = torch.matmul(h, weight.T, out=block[:len(h)])
+            parts.append(_forward(logits, labels[start:start + rows], inv_temp, owned=True))
         logp, entropy, m, log_s = (torch.cat(p) for p in zip(*parts)) if parts else \
             (hidden.new_empty(0, dtype=torch.float32),) * 4
         ctx.save_for_backward(hidden, weight, labels, m, log_s, entropy)
-        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        ctx.inv_temp = inv_temp
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, labels, m, log_s, entropy = ctx.saved_tensors
         grad_logp = torch.zeros_like(m) if grad_logp is None else grad_logp.float()
+        grad_entropy = None if grad_entropy is None else grad_entropy.float()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            h = hidden[rows]
-            g = _backward(h @ weight.T, labels[rows], m[rows], log_s[rows], entropy[rows], grad_logp[rows],
-                          None if grad_entropy is None else grad_entropy[rows].float(), ctx.inv_temp)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        rows = _rows_per_block(weight.shape[0])
+        block = hidden.new_empty(min(hidden.shape[0], rows), weight.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            r = slice(start, start + rows)
+            h = hidden[r]
+            logits = torch.matmul(h, weight.T, out=block[:len(h)])
+            g = _backward(logits, labels[r], m[r], log_s[r], entropy[r], grad_logp[r],
+                          None if grad_entropy is None else grad_entropy[r], ctx.inv_temp, out=logits)
             if grad_hidden is not None:
-                grad_hidden[rows] = g @ weight
+                torch.matmul(g, weight, out=grad_hidden[r])
             if grad_weight is not None:
-                grad_weight.addmm_(g.T.float(), h.float())
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+                grad_weight.addmm_(g.T, h)
+        return grad_hidden, grad_weight, None, None
 
 
 def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
