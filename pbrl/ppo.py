@@ -1,0 +1,180 @@
+"""PPO maths as small pure functions over [B, T] tensors with an explicit response mask.
+
+B sequences, T response slots; mask[b, t] = 1 where slot t holds a real response token (an action). Every function
+ignores the values at masked positions. Losses are sums over tokens divided by `num_tokens`, the number of response
+tokens in the *global* batch (all micro-batches on all ranks): summing the micro-batch losses then gives exactly the
+full-batch token mean, however the batch is split.
+
+References: GAE, Schulman et al. 2016 (eq. 16); clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip,
+Ye et al. 2020; KL estimators k1/k2/k3, Schulman 2020 ("Approximating KL divergence"); adaptive KL coefficient,
+Ziegler et al. 2019.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RolloutBatch(NamedTuple):
+    """What the trainer keeps from one round of sampling and scoring. Sequences are prompt (left padded) then
+    response (right padded); tensors over responses are [B, T], aligned with the response tokens."""
+    input_ids: torch.Tensor       # [B, P + T] long
+    attention_mask: torch.Tensor  # [B, P + T] bool, real tokens
+    response_mask: torch.Tensor   # [B, T] bool, real response tokens
+    old_logprobs: torch.Tensor    # [B, T] behaviour policy (recomputed by the trainer's forward)
+    ref_logprobs: torch.Tensor    # [B, T] frozen reference policy
+    values: torch.Tensor          # [B, T] critic at sampling time
+    scores: torch.Tensor          # [B] sequence-level reward
+
+
+class PolicyLoss(NamedTuple):
+    loss: torch.Tensor        # scalar: this micro-batch's share of the global token mean
+    clipfrac: torch.Tensor    # scalar: fraction of this micro-batch's tokens whose ratio was clipped
+    approx_kl: torch.Tensor   # scalar: token mean of k3(old -> new), a health check of the update size
+
+
+class ValueLoss(NamedTuple):
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    x = torch.where(mask.bool(), x, 0.0)  # where, not multiply: NaN/inf at masked positions must not leak
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean over the masked positions; 0 when there are none."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    var = masked_sum((x - mean) ** 2, mask) / count.clamp(min=1)
+    return var * count / (count - 1) if unbiased and count > 1 else var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over masked positions (masked positions come out 0); shift_mean=False keeps the mean."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, 0.0)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, a reverse scan over each response.
+
+    rewards, values, mask [B, T] -> (advantages, returns) [B, T], 0 at masked positions.
+    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}, where t+1 is the next *unmasked*
+    position (masked slots are skipped, not treated as steps) and V = A = 0 after the last one (the episode ends).
+    returns = A + V, the critic's regression target.
+    """
+    mask = mask.bool()
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(m, adv, 0.0)
+        next_value = torch.where(m, values[:, t], next_value)
+        next_adv = torch.where(m, adv, next_adv)
+    returns = torch.where(mask, advantages + values, 0.0)
+    return advantages, returns
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
+    k1 = log r, k2 = (log r)^2 / 2, k3 = (r^-1 - 1) + log r, with log r = logp - ref_logp: k1 is unbiased but
+    can be negative; k3 is unbiased, never negative and has low variance; k2 is biased, low variance."""
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """scores [B], kl [B, T], mask [B, T] -> rewards [B, T]: -beta * kl on every response token, plus the sequence
+    score on its last response token. A row with no response tokens gets nothing (there is no action to credit)."""
+    mask = mask.bool()
+    rewards = torch.where(mask, -beta * kl, 0.0)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).amax(dim=1)  # [B], -1 for an empty response
+    has_any = last >= 0
+    rows = torch.arange(mask.shape[0], device=mask.device)[has_any]
+    rewards[rows, last[has_any]] += scores[has_any].to(rewards.dtype)
+    return rewards
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                num_tokens: int | torch.Tensor | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
+                dual_clip: float | None = None) -> PolicyLoss:
+    """Clipped surrogate: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp).
+    dual_clip c > 1 also bounds the loss of negative-advantage tokens by -A c (a huge r on a bad token cannot
+    dominate). num_tokens: response tokens in the global batch (default: this batch's)."""
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    mask = mask.bool()
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    # Zero the masked positions first: a NaN there would otherwise reach the gradient through 0 * NaN.
+    advantages = torch.where(mask, advantages, 0.0)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
+    return PolicyLoss(masked_sum(loss, mask) / num_tokens, clipfrac, approx_kl)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               num_tokens: int | torch.Tensor | None = None, clip: float | None = 0.2) -> ValueLoss:
+    """0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean over the global batch."""
+    mask = mask.bool()
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
+    values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
+    loss = (values - returns) ** 2
+    clipfrac = torch.zeros(())
+    if clip is not None:
+        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+        clipped_loss = (clipped_values - returns) ** 2
+        with torch.no_grad():
+            clipfrac = masked_mean((clipped_loss > loss).float(), mask)
+        loss = torch.maximum(loss, clipped_loss)
+    return ValueLoss(0.5 * masked_sum(loss, mask) / num_tokens, clipfrac)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over masked positions: 1 is a perfect critic, 0 no better than a constant."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+class AdaptiveKLController:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), after each batch of n sequences:
+    pulls the measured KL toward target (Ziegler et al. 2019). target None keeps beta fixed."""
+
+    def __init__(self, init_beta: float, target: float | None = None, horizon: int = 10_000):
+        if init_beta < 0 or (target is not None and target <= 0) or horizon <= 0:
+            raise ValueError(f"need init_beta >= 0, target > 0, horizon > 0; got {init_beta}, {target}, {horizon}")
+        self.beta, self.target, self.horizon = init_beta, target, horizon
+
+    def update(self, kl: float, n_sequences: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.beta *= 1 + error * n_sequences / self.horizon
+        return self.beta

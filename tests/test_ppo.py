@@ -1,0 +1,191 @@
+"""PPO maths against hand derivations and plain Python loops."""
+import math
+
+import pytest
+import torch
+
+from pbrl import ppo
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """The textbook recursion on each row's list of unmasked steps, in plain Python."""
+    adv = [[0.0] * len(r) for r in rewards]
+    for b in range(len(rewards)):
+        steps = [t for t in range(len(rewards[b])) if mask[b][t]]
+        next_value = next_adv = 0.0
+        for t in reversed(steps):
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            next_adv = delta + gamma * lam * next_adv
+            next_value = values[b][t]
+            adv[b][t] = next_adv
+    return adv
+
+
+def test_gae_hand_case():
+    """values = rewards = [0, 0, 0, 1]: deltas r_t + g V_{t+1} - V_t = [0, 0, g, 0], so A = [g^3 l^2, g^2 l, g, 0]
+    and returns = A + V = [g^3 l^2, g^2 l, g, 1]."""
+    g, l = 0.9, 0.95
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    adv, ret = ppo.gae(x, x, torch.ones_like(x), g, l)
+    expected = torch.tensor([[g ** 3 * l ** 2, g ** 2 * l, g, 1.0]])
+    assert torch.allclose(ret, expected) and torch.allclose(adv, expected - x)
+
+
+def test_gae_single_reward_undiscounted():
+    """gamma = lam = 1, V = 0: every advantage is the total future reward."""
+    r = torch.tensor([[0.0, 0.0, 2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    adv, ret = ppo.gae(r, torch.zeros_like(r), mask, 1.0, 1.0)
+    assert adv.tolist() == [[2.0, 2.0, 2.0, 0.0]] and torch.equal(adv, ret)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gae_matches_plain_loop_on_random_masked_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, t = 6, 13
+    rewards, values = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.3  # arbitrary holes, not only right padding
+    mask[0] = False  # an empty response
+    adv, ret = ppo.gae(rewards, values, mask, 0.97, 0.9)
+    expected = torch.tensor(gae_loop(rewards.tolist(), values.tolist(), mask.tolist(), 0.97, 0.9))
+    assert torch.allclose(adv, expected, atol=1e-5)
+    assert torch.allclose(ret, torch.where(mask, expected + values, 0.0), atol=1e-5)
+
+
+def test_gae_ignores_values_and_rewards_at_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    mask = torch.rand(4, 9, generator=g) > 0.4
+    adv, ret = ppo.gae(rewards, values, mask, 0.9, 0.8)
+    junk = torch.where(mask, 0.0, torch.randn(4, 9, generator=g) * 1e6)
+    adv2, ret2 = ppo.gae(rewards + junk, values + junk, mask, 0.9, 0.8)
+    assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+    adv3, _ = ppo.gae(rewards.masked_fill(~mask, float("nan")), values.masked_fill(~mask, float("inf")), mask, 0.9,
+                      0.8)
+    assert torch.equal(adv, adv3)
+
+
+def test_masked_statistics():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, float("nan"), 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert ppo.masked_mean(x, mask) == 2.5
+    assert torch.isclose(ppo.masked_var(x, mask), values.var())
+    assert torch.isclose(ppo.masked_var(x, mask, unbiased=False), values.var(unbiased=False))
+    w = ppo.whiten(x, mask)
+    assert torch.isclose(ppo.masked_mean(w, mask), torch.tensor(0.0), atol=1e-6)
+    assert torch.isclose(ppo.masked_var(w, mask), torch.tensor(1.0), atol=1e-5)
+    assert w[0, 2] == 0 and w[1, 1] == 0
+    assert torch.isclose(ppo.masked_mean(ppo.whiten(x, mask, shift_mean=False), mask), torch.tensor(2.5))
+    assert ppo.masked_mean(x, torch.zeros_like(mask)) == 0
+
+
+def test_kl_estimators():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    assert torch.equal(ppo.kl_estimate(logp, logp, "k1"), torch.zeros(3))
+    assert torch.equal(ppo.kl_estimate(logp, logp, "k3"), torch.zeros(3))
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    lr = logp - ref  # [0.5, -1.0, 0]
+    assert torch.allclose(ppo.kl_estimate(logp, ref, "k1"), lr)
+    assert torch.allclose(ppo.kl_estimate(logp, ref, "k2"), 0.5 * lr ** 2)
+    # k3 = (1/r - 1) + log r: at log r = 0.5, e^-0.5 - 1 + 0.5
+    assert torch.allclose(ppo.kl_estimate(logp, ref, "k3"), torch.tensor([math.exp(-0.5) - 0.5, math.e - 2, 0.0]))
+    assert (ppo.kl_estimate(torch.randn(1000), torch.randn(1000), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+        ppo.kl_estimate(logp, ref, "k4")
+
+
+def test_k3_is_an_unbiased_kl_estimate():
+    """E_{x~p}[k3] = KL(p || q) for two categorical distributions, checked against the exact sum."""
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    exact = (p * (p / q).log()).sum()
+    k3 = ppo.kl_estimate(p.log(), q.log(), "k3")
+    assert torch.isclose((p * k3).sum(), exact)
+
+
+def test_per_token_rewards():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    r = ppo.per_token_rewards(torch.tensor([1.0, -1.0, 5.0]), kl, mask, beta=0.5)
+    expected = torch.tensor([[-0.05, -0.1, -0.15 + 1.0, 0.0], [-0.25 - 1.0, 0, 0, 0], [0, 0, 0, 0]])
+    assert torch.allclose(r, expected)
+
+
+def test_policy_loss_hand_cases():
+    mask = torch.ones(1, 1)
+    old = torch.zeros(1, 1)
+    # ratio e with A = 1: the objective is clipped at 1 + eps -> loss -(1 + eps), and the gradient is 0.
+    logp = torch.ones(1, 1, requires_grad=True)
+    out = ppo.policy_loss(logp, old, torch.ones(1, 1), mask, eps_low=0.2, eps_high=0.28)
+    assert torch.isclose(out.loss, torch.tensor(-1.28)) and out.clipfrac == 1
+    out.loss.backward()
+    assert logp.grad.item() == 0
+    # A = -1, ratio e^-1: clipped at 1 - eps_low -> loss = 0.8 (max(-A r, -A clip(r)) = max(0.37, 0.8)).
+    out = ppo.policy_loss(torch.full((1, 1), -1.0), old, -torch.ones(1, 1), mask, eps_low=0.2, eps_high=0.28)
+    assert torch.isclose(out.loss, torch.tensor(0.8))
+    # A = -1, ratio e^2 = 7.39: unclipped loss 7.39; dual clip 3 bounds it at 3.
+    big = torch.full((1, 1), 2.0)
+    assert torch.isclose(ppo.policy_loss(big, old, -torch.ones(1, 1), mask).loss, torch.tensor(math.e ** 2))
+    assert torch.isclose(ppo.policy_loss(big, old, -torch.ones(1, 1), mask, dual_clip=3.0).loss, torch.tensor(3.0))
+    # Inside the trust region the loss is -A r and its gradient -A r.
+    logp = torch.full((1, 1), 0.1, requires_grad=True)
+    out = ppo.policy_loss(logp, old, torch.full((1, 1), 2.0), mask)
+    out.loss.backward()
+    assert torch.isclose(out.loss, torch.tensor(-2 * math.exp(0.1))) and out.clipfrac == 0
+    assert torch.isclose(logp.grad, torch.tensor(-2 * math.exp(0.1)))
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ppo.policy_loss(big, old, old, mask, dual_clip=0.5)
+
+
+def test_losses_are_split_invariant_and_ignore_masked_garbage():
+    """Summing micro-batch losses normalised by the global token count gives the full-batch loss and gradient."""
+    g = torch.Generator().manual_seed(0)
+    b, t = 8, 10
+    logp = (torch.randn(b, t, generator=g) * 0.1).requires_grad_()
+    old, adv = torch.randn(b, t, generator=g) * 0.1, torch.randn(b, t, generator=g)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    mask = torch.arange(t)[None] < lengths[:, None]  # very different lengths per row
+    adv = adv.masked_fill(~mask, float("nan"))
+    full = ppo.policy_loss(logp, old, adv, mask).loss
+    grad_full, = torch.autograd.grad(full, logp)
+    total = mask.sum()
+    parts = sum(ppo.policy_loss(logp[i:i + 3], old[i:i + 3], adv[i:i + 3], mask[i:i + 3], num_tokens=total).loss
+                for i in range(0, b, 3))
+    grad_parts, = torch.autograd.grad(parts, logp)
+    assert torch.isclose(full, parts) and torch.allclose(grad_full, grad_parts)
+    assert torch.isfinite(grad_full).all() and (grad_full[~mask] == 0).all()
+    values = torch.randn(b, t, generator=g, requires_grad=True)
+    ret, old_v = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    v_full = ppo.value_loss(values, old_v, ret, mask).loss
+    v_parts = sum(ppo.value_loss(values[i:i + 3], old_v[i:i + 3], ret[i:i + 3], mask[i:i + 3], num_tokens=total).loss
+                  for i in range(0, b, 3))
+    assert torch.isclose(v_full, v_parts)
+
+
+def test_value_loss_hand_case():
+    mask = torch.ones(1, 2)
+    values = torch.tensor([[1.0, 0.05]])
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[0.0, 1.0]])
+    # token 0: unclipped (1-0)^2 = 1, clipped V = 0.2 -> 0.04; max 1. token 1: unclipped 0.9025, clipped same.
+    out = ppo.value_loss(values, old, returns, mask, clip=0.2)
+    assert torch.isclose(out.loss, torch.tensor(0.5 * (1 + 0.9025) / 2))
+    assert torch.isclose(ppo.value_loss(values, old, returns, mask, clip=None).loss, torch.tensor(0.5 * 1.9025 / 2))
+
+
+def test_explained_variance():
+    mask = torch.ones(1, 4)
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    assert ppo.explained_variance(returns, returns, mask) == 1
+    assert torch.isclose(ppo.explained_variance(torch.full_like(returns, 2.5), returns, mask), torch.tensor(0.0))
+
+
+def test_adaptive_kl_controller():
+    c = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert math.isclose(c.update(kl=12.0, n_sequences=10), 0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
+    assert math.isclose(c.update(kl=5.4, n_sequences=10), 0.1 * 1.02 * (1 - 0.1 * 0.1))
+    fixed = ppo.AdaptiveKLController(0.05)
+    assert fixed.update(100.0, 10) == 0.05
+    with pytest.raises(ValueError, match="need init_beta >= 0"):
+        ppo.AdaptiveKLController(-1.0)
