@@ -1,0 +1,202 @@
+"""Problems, prompts and answer extraction for multilingual math reasoning (MGSM, GSM8K).
+
+A Problem carries an `id` shared across languages: line k of every MGSM language file is the same problem, so the
+German prompt `mgsm-17` finds the English reference the pivot wrote for `mgsm-17`.
+
+Answer extraction follows lm-eval's MGSM chain-of-thought tasks: the number after the last answer phrase ("The
+answer is", "Die Antwort lautet", ... any MGSM language's), else the last number in the text. It is the one
+implementation that both eval and the rewards use.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LanguageFormat:
+    name: str
+    question: str  # prefix of the question, as in MGSM's native chain-of-thought exemplars
+    answer: str    # prefix of the step-by-step answer
+    phrase: str    # the phrase before the final number
+
+
+# The prefixes and phrases of MGSM's native chain-of-thought exemplars (Shi et al. 2022; lm-eval mgsm_native_cot).
+LANGUAGES = {
+    "en": LanguageFormat("English", "Question:", "Step-by-Step Answer:", "The answer is"),
+    "es": LanguageFormat("Spanish", "Pregunta:", "Respuesta paso a paso:", "La respuesta es"),
+    "fr": LanguageFormat("French", "Question :", "Réponse étape par étape :", "La réponse est"),
+    "de": LanguageFormat("German", "Frage:", "Schritt-für-Schritt-Antwort:", "Die Antwort lautet"),
+    "ru": LanguageFormat("Russian", "Задача:", "Пошаговоерешение:", "Ответ —"),
+    "zh": LanguageFormat("Chinese", "问题：", "逐步解答：", "答案是"),
+    "ja": LanguageFormat("Japanese", "問題：", "ステップごとの答え：", "答えは"),
+    "th": LanguageFormat("Thai", "โจทย์:", "คำตอบทีละขั้นตอน:", "คำตอบคือ"),
+    "sw": LanguageFormat("Swahili", "Swali:", "Jibu la Hatua kwa Hatua:", "Jibu ni"),
+    "bn": LanguageFormat("Bengali", "প্রশ্ন:", "ধাপে ধাপে উত্তর:", "উত্তর হল"),
+    "te": LanguageFormat("Telugu", "ప్రశ్న:", "దశలవారీగా సమాధానం:", "సమాధానం"),
+}
+
+
+def language(code: str) -> LanguageFormat:
+    if code not in LANGUAGES:
+        raise ValueError(f"unknown language code {code!r}; expected one of {', '.join(LANGUAGES)}")
+    return LANGUAGES[code]
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str                 # shared across languages
+    lang: str
+    question: str
+    answer: str             # gold final answer, canonical (see normalize_number)
+    solution: str | None = None  # worked solution, when the source has one
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer extraction
+# ---------------------------------------------------------------------------------------------------------------
+# A number: optional sign, digits with optional thousands groups (",", ".", or a space of some width, each followed
+# by exactly three digits), optional decimal part.
+_NUMBER = re.compile(r"(?<![\w.,])-?\d+(?:[,.\u00a0\u202f ]\d{3})*(?:[.,]\d+)?")
+_PHRASES = sorted({f.phrase for f in LANGUAGES.values()} | {"answer:"}, key=len, reverse=True)
+
+
+_CANONICAL = re.compile(r"(-?)([1-9]\d{0,2}(?:[, .]\d{3})+|\d+)(?:[.,](\d+))?")
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a written number, or None. Three-digit groups after ',', '.' or a space are thousands
+    ('2,125' and '80.000' -> '2125' and '80000', '1,234.50' -> '1234.5'); any other ',' or '.' is the decimal
+    point ('3,5' -> '3.5', '0.125' stays); trailing zeros go ('18.00' -> '18'). The one ambiguity, '1.125' in
+    English, reads as thousands: MGSM's answers are integers."""
+    s = text.strip().replace("\u00a0", " ").replace("\u202f", " ").lstrip("$€£").rstrip(".")
+    m = _CANONICAL.fullmatch(s)
+    if m is None:
+        return None
+    sign, whole, fraction = m.groups()
+    value = Decimal(sign + re.sub(r"[, .]", "", whole) + ("." + fraction if fraction else "")).normalize()
+    out = format(value, "f")
+    return "0" if out == "-0" else out
+
+
+def extract_number(response: str) -> str | None:
+    """The final numeric answer of a response, canonical, or None when it has no number."""
+    lowered = response.lower()
+    cut = max((lowered.rfind(p.lower()) + len(p) for p in _PHRASES if p.lower() in lowered), default=-1)
+    if cut >= 0:
+        after = _NUMBER.search(response, cut)
+        if after:
+            return normalize_number(after.group())
+    numbers = _NUMBER.findall(response)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def has_answer_phrase(response: str, lang: str) -> bool:
+    """The response states its final answer with the language's phrase followed by a number."""
+    phrase = re.escape(language(lang).phrase)
+    return re.search(phrase + r"\s*[:：]?\s*\$?-?\d", response, flags=re.IGNORECASE) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------------
+def mgsm_prompt(problem: Problem) -> str:
+    """lm-eval's native chain-of-thought format, zero-shot: the question after the language's question prefix, then
+    the language's step-by-step answer prefix, which the model continues (ending, ideally, with the language's
+    answer phrase; extraction falls back to the last number when it does not)."""
+    f = language(problem.lang)
+    return f"{f.question} {problem.question}\n{f.answer}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_dataset(path_or_id: str | Path) -> Path:
+    """A local directory or file as is; 'org/name' is a hub dataset, fetched with huggingface_hub (its data files)."""
+    path = Path(path_or_id)
+    if path.exists():
+        return path
+    text = str(path_or_id)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(f"{text!r} is neither a local file or directory nor a hub dataset id 'org/name'")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(text, repo_type="dataset", allow_patterns=["*.tsv", "*.jsonl", "*.json"]))
+
+
+def _gold(raw, where: str) -> str:
+    value = normalize_number(str(raw))
+    if value is None:
+        raise ValueError(f"{where}: gold answer {raw!r} is not a number")
+    return value
+
+
+def load_mgsm(path_or_id, langs: list[str]) -> dict[str, list[Problem]]:
+    """MGSM per language from `mgsm_{lang}.tsv` (question<TAB>answer_number, no header) or `mgsm_{lang}.jsonl`
+    (question, answer_number, optional answer) in a directory or hub dataset. Problem k gets id 'mgsm-k' in every
+    language; languages with different problem counts are an error."""
+    root = resolve_dataset(path_or_id)
+    out = {}
+    for lang in langs:
+        language(lang)
+        tsv, jsonl = root / f"mgsm_{lang}.tsv", root / f"mgsm_{lang}.jsonl"
+        if tsv.is_file():
+            out[lang] = _read_mgsm_tsv(tsv, lang)
+        elif jsonl.is_file():
+            out[lang] = [Problem(f"mgsm-{i}", lang, r["question"], _gold(r["answer_number"], f"{jsonl}:{i + 1}"),
+                                 r.get("answer") or None)
+                         for i, r in enumerate(_read_jsonl(jsonl, required=("question", "answer_number")))]
+        else:
+            raise FileNotFoundError(f"{root}: no mgsm_{lang}.tsv or mgsm_{lang}.jsonl")
+    counts = {lang: len(ps) for lang, ps in out.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"MGSM languages must have the same problems (ids are line numbers); counts: {counts}")
+    return out
+
+
+def _read_mgsm_tsv(file: Path, lang: str) -> list[Problem]:
+    problems = []
+    with file.open(encoding="utf-8", newline="") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+            if len(row) != 2 or not row[0].strip():
+                raise ValueError(f"{file}:{line_no}: expected 'question<TAB>answer_number', got {len(row)} column(s)")
+            problems.append(Problem(f"mgsm-{line_no - 1}", lang, row[0].strip(), _gold(row[1], f"{file}:{line_no}")))
+    return problems
+
+
+def _read_jsonl(file: Path, required: tuple[str, ...]) -> list[dict]:
+    rows = []
+    with file.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{line_no}: not valid JSON ({e})") from None
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"{file}:{line_no}: missing field(s) {missing}")
+            rows.append(row)
+    return rows
+
+
+def load_gsm8k(path_or_id, split: str = "test") -> list[Problem]:
+    """GSM8K (English) from `{split}.jsonl` (question, answer with the final number after '####'), a JSONL file
+    given directly, or the hub dataset's files. Ids 'gsm8k-{split}-k'."""
+    root = resolve_dataset(path_or_id)
+    candidates = [root] if root.is_file() else [root / f"{split}.jsonl", *sorted(root.rglob(f"{split}*.jsonl"))]
+    file = next((c for c in candidates if c.is_file()), None)
+    if file is None:
+        raise FileNotFoundError(f"{root}: no {split}.jsonl")
+    problems = []
+    for i, row in enumerate(_read_jsonl(file, required=("question", "answer"))):
+        if "####" not in row["answer"]:
+            raise ValueError(f"{file}: row {i + 1}: answer has no '#### <number>' final line")
+        solution, final = row["answer"].rsplit("####", 1)
+        problems.append(Problem(f"gsm8k-{split}-{i}", "en", row["question"], _gold(final, f"{file}: row {i + 1}"),
+                                solution.strip()))
+    return problems

@@ -1,0 +1,250 @@
+"""Rewards: from (target-language response, the pivot's English reference, optional gold answer) to a float.
+
+Every reward is a callable `reward(samples) -> {"reward": [B] fp32, <component>: [B], ...}` with a stated range
+[low, high]; an empty or garbled response gets `low`, never NaN or an exception.
+
+    ExactMatch          gold label, the "traditional PPO" baseline; the only reward that reads labels  [0, 1]
+    AnswerAgreement     response's final number == reference's final number                          [0, 1]
+    EmbeddingReward     cosine of multilingual embeddings of response and reference, clipped at 0   [0, 1]
+    MTReward            translate the response into English, then the embedding cosine               [0, 1]
+    FormatReward        the response states its answer with the language's answer phrase             [0, 1]
+    LanguageConsistency share of the response written in the target language (heuristic)             [0, 1]
+    HybridReward        a weighted sum of any of the above                                 sum of w * range
+
+The paper (arXiv 2509.25543) does not publish its reward models or weights; the defaults here are ours and are
+justified where they are set.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from pbrl.data import extract_number, has_answer_phrase, language
+from pbrl.model import Transformer
+from pbrl.sampler import generate
+from pbrl.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Sample:
+    lang: str                     # language the response should be in
+    response: str
+    reference: str | None = None  # the pivot's English response to the same problem
+    gold: str | None = None       # gold final answer (read by ExactMatch only)
+
+
+def _blank(text: str) -> bool:
+    return not text or not text.strip()
+
+
+class ExactMatch:
+    """1 when the response's final number equals the gold answer (lm-eval's MGSM extraction), else 0."""
+    name, low, high = "exact_match", 0.0, 1.0
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        if any(s.gold is None for s in samples):
+            raise ValueError("ExactMatch needs a gold answer on every sample (it is the labelled baseline)")
+        score = [float(extract_number(s.response) == s.gold) for s in samples]
+        return {"reward": torch.tensor(score), self.name: torch.tensor(score)}
+
+
+class AnswerAgreement:
+    """1 when the response and the pivot's reference end on the same number, else 0 (no gold label needed)."""
+    name, low, high = "agreement", 0.0, 1.0
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        score = []
+        for s in samples:
+            mine, theirs = extract_number(s.response), extract_number(s.reference or "")
+            score.append(float(mine is not None and mine == theirs))
+        return {"reward": torch.tensor(score), self.name: torch.tensor(score)}
+
+
+class FormatReward:
+    """1 when the response gives its final answer with its language's answer phrase and a number."""
+    name, low, high = "format", 0.0, 1.0
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        score = torch.tensor([float(has_answer_phrase(s.response, s.lang)) for s in samples])
+        return {"reward": score, self.name: score}
+
+
+# Unicode blocks of the MGSM languages with their own scripts; the Latin-script ones are told apart by frequent
+# function words. A heuristic, not a language identifier: it catches a policy drifting into English (or another
+# language), which is the failure a semantic reward against an English reference invites.
+_SCRIPTS = {"ru": "\u0400-\u04ff", "zh": "\u4e00-\u9fff", "ja": "\u3040-\u30ff\u4e00-\u9fff", "th": "\u0e00-\u0e7f",
+            "bn": "\u0980-\u09ff", "te": "\u0c00-\u0c7f"}
+_FUNCTION_WORDS = {
+    "en": "the and is of to in he she it has have how many what was are his her they with for",
+    "es": "el la los las y es de que en un una tiene cuántos cuántas su por con para",
+    "fr": "le la les et est de des que en un une il elle a combien sa son pour avec",
+    "de": "der die das und ist von zu den ein eine er sie hat wie viele sein ihr mit für",
+    "sw": "na ya wa ni kwa katika za la kila ana je ngapi yake hiyo huo",
+}
+_WORDS = {lang: set(words.split()) for lang, words in _FUNCTION_WORDS.items()}
+
+
+def language_share(text: str, lang: str) -> float:
+    """Fraction of the text in `lang`: for script languages the share of letters in that script; for Latin-script
+    languages the share of recognised function words that belong to it. 0 when nothing is recognised."""
+    language(lang)
+    letters = [c for c in text if c.isalpha()]
+    if lang in _SCRIPTS:
+        if not letters:
+            return 0.0
+        return sum(bool(re.match(f"[{_SCRIPTS[lang]}]", c)) for c in letters) / len(letters)
+    if lang not in _WORDS:
+        raise ValueError(f"no language-consistency heuristic for {lang!r}")
+    words = re.findall(r"\w+", text.lower())
+    hits = {code: sum(w in vocab for w in words) for code, vocab in _WORDS.items()}
+    script_letters = sum(bool(re.match(f"[{''.join(_SCRIPTS.values())}]", c)) for c in letters)
+    total = sum(hits.values()) + script_letters
+    return hits[lang] / total if total else 0.0
+
+
+class LanguageConsistency:
+    name, low, high = "language", 0.0, 1.0
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        score = torch.tensor([language_share(s.response, s.lang) for s in samples])
+        return {"reward": score, self.name: score}
+
+
+class Embedder:
+    """Sentence embeddings from a decoder model loaded with pbrl's Transformer (e.g. Qwen3-Embedding-0.6B).
+
+    pooling 'last': the final hidden state of the last token (decoder embedders are trained this way; Qwen3-Embedding
+    appends its eos token, which append_eos reproduces); 'mean': the average over the tokens. L2-normalised."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, pooling: str = "last", append_eos: bool = True,
+                 batch_size: int = 32):
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+        self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.append_eos, self.batch_size = append_eos, batch_size
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, **kwargs) -> "Embedder":
+        return cls(Transformer.from_pretrained(path_or_id, dtype=dtype, device=device),
+                   Tokenizer.from_pretrained(path_or_id), **kwargs)
+
+    def encode_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if self.append_eos and self.tokenizer.eos_id is not None:
+            ids.append(self.tokenizer.eos_id)
+        if not ids:
+            ids = [self.tokenizer.pad_id or 0]  # an empty text still gets a (meaningless) vector; callers floor it
+        return ids
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """texts -> [N, D] fp32 unit vectors."""
+        device = self.model.embed_tokens.weight.device
+        context = self.model.args.max_position_embeddings
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = [self.encode_ids(t) for t in texts[start:start + self.batch_size]]
+            longest = max(len(ids) for ids in batch)
+            if longest > context:
+                raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of {context} tokens")
+            ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            mask = torch.zeros(len(batch), longest, dtype=torch.bool)
+            for i, row in enumerate(batch):  # left padding: every row's last token is at -1
+                ids[i, longest - len(row):] = torch.tensor(row)
+                mask[i, longest - len(row):] = True
+            ids, mask = ids.to(device), mask.to(device)
+            hidden = self.model.hidden_states(ids, attention_mask=mask).float()
+            pooled = hidden[:, -1] if self.pooling == "last" else \
+                (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(out)
+
+
+class EmbeddingReward:
+    """max(0, cos(embed(response), embed(reference))). Negative cosines are clipped: between sentence embeddings
+    they are rare and carry no useful 'more wrong' signal, and a [0, 1] range mixes cleanly with the 0/1 terms."""
+    name, low, high = "embedding", 0.0, 1.0
+
+    def __init__(self, embedder: Embedder):
+        self.embedder = embedder
+
+    def similarity(self, texts: list[str], references: list[str]) -> torch.Tensor:
+        score = torch.zeros(len(texts))
+        keep = [i for i, (t, r) in enumerate(zip(texts, references)) if not _blank(t) and not _blank(r)]
+        if keep:
+            a = self.embedder([texts[i] for i in keep])
+            b = self.embedder([references[i] for i in keep])
+            score[keep] = kernels.cosine_similarity(a, b).clamp(min=0).cpu()
+        return score
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        score = self.similarity([s.response for s in samples], [s.reference or "" for s in samples])
+        return {"reward": score, self.name: score}
+
+
+TRANSLATE_PROMPT = ("Translate the following {language} text into English. Keep every number. Reply with the "
+                    "translation only.\n\n{text}")
+
+
+class Translator:
+    """Translates into English with an instruct model through pbrl's own sampler (greedy, chat-formatted)."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_new_tokens: int = 512, batch_size: int = 16,
+                 prompt: str = TRANSLATE_PROMPT):
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def __call__(self, texts: list[str], langs: list[str]) -> list[str]:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            prompts = [self.tokenizer.encode_chat([{"role": "user", "content": self.prompt.format(
+                language=language(lang).name, text=text)}])
+                for text, lang in zip(texts[start:start + self.batch_size], langs[start:start + self.batch_size])]
+            done = generate(self.model, prompts, self.max_new_tokens, stop_ids=self.tokenizer.stop_ids,
+                            pad_id=self.tokenizer.pad_id or 0)
+            out += [self.tokenizer.decode(ids) for ids in done.as_lists()]
+        return out
+
+
+class MTReward:
+    """Machine-translation reward: translate the response into English, then max(0, cosine) of its embedding with
+    the reference's. English responses are compared as they are."""
+    name, low, high = "mt", 0.0, 1.0
+
+    def __init__(self, translator: Translator, embedder: Embedder):
+        self.translator, self.similarity = translator, EmbeddingReward(embedder).similarity
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        texts = [s.response for s in samples]
+        todo = [i for i, s in enumerate(samples) if s.lang != "en" and not _blank(s.response)]
+        for i, english in zip(todo, self.translator([texts[i] for i in todo], [samples[i].lang for i in todo])):
+            texts[i] = english
+        score = self.similarity(texts, [s.reference or "" for s in samples])
+        return {"reward": score, self.name: score}
+
+
+class HybridReward:
+    """sum_i w_i * r_i over (weight, reward) pairs; every component is reported too. The default PB-RLSVR hybrid
+    (see train's config) weighs semantic similarity and answer agreement equally: similarity rewards a faithful
+    chain of thought, agreement makes the final answer decisive."""
+    name = "hybrid"
+
+    def __init__(self, components: list[tuple[float, object]]):
+        if not components or any(w < 0 for w, _ in components):
+            raise ValueError("HybridReward needs at least one component and non-negative weights")
+        self.components = components
+        self.low = sum(w * r.low for w, r in components)
+        self.high = sum(w * r.high for w, r in components)
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        out = {}
+        total = torch.zeros(len(samples))
+        for weight, reward in self.components:
+            parts = reward(samples)
+            total += weight * parts["reward"]
+            out.update({k: v for k, v in parts.items() if k != "reward"})
+        out["reward"] = total
+        return out

@@ -1,0 +1,126 @@
+"""Answer extraction corpus, MGSM/GSM8K loaders on fixture files, prompts."""
+import json
+
+import pytest
+
+from pbrl.data import (LANGUAGES, extract_number, has_answer_phrase, load_gsm8k, load_mgsm, mgsm_prompt,
+                       normalize_number)
+
+EXTRACTION = [
+    ("The answer is 18.", "18"),
+    ("She sells 16 - 3 - 4 = 9 eggs for $2 each, 9 * 2 = 18. The answer is 18.", "18"),
+    ("The answer is 2,125.", "2125"),
+    ("The answer is $1,234.50", "1234.5"),
+    ("The answer is -4.", "-4"),
+    ("The answer is 18.00", "18"),
+    ("The answer is 0.125", "0.125"),
+    ("the ANSWER is 7", "7"),
+    ("First 3 then 5. The answer is 8. Later I said 10.", "8"),  # the number after the phrase, not the last
+    ("So 4 + 4 = 8, and 8 + 2 = 10", "10"),                   # no phrase: the last number
+    ("There is no number here.", None),
+    ("", None),
+    ("The answer is unknown", None),
+    ("Answer: 42", "42"),
+    ("Die Antwort lautet 80.000.", "80000"),
+    ("Also 3,5 Liter. Die Antwort lautet 3,5.", "3.5"),
+    ("La respuesta es 5.", "5"),
+    ("La réponse est 1 234.", "1234"),
+    ("Ответ — 12.", "12"),
+    ("答案是 25。", "25"),
+    ("答えは 9 です。", "9"),
+    ("คำตอบคือ 30", "30"),
+    ("Jibu ni 14.", "14"),
+    ("উত্তর হল 6।", "6"),
+    ("సమాధానం 11.", "11"),
+    ("Die Antwort lautet 7. The answer is 8.", "8"),  # the last phrase wins
+    ("\u0000\ufffd garbage %%% ###", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTION)
+def test_extract_number(text, expected):
+    assert extract_number(text) == expected
+
+
+def test_every_language_phrase_is_recognised():
+    for code, f in LANGUAGES.items():
+        assert extract_number(f"1 2 3. {f.phrase} 42. 7") == "42", code
+        assert has_answer_phrase(f"... {f.phrase} 42.", code)
+        assert not has_answer_phrase("... 42.", code)
+
+
+@pytest.mark.parametrize("text,expected", [("100", "100"), ("1e5", None), ("-0", "0"), ("007", "7"),
+                                           ("3,50", "3.5"), ("12abc", None), ("1.125", "1125")])
+def test_normalize_number(text, expected):
+    assert normalize_number(text) == expected
+
+
+def write_tsv(path, rows):
+    path.write_text("".join(f"{q}\t{a}\n" for q, a in rows), encoding="utf-8")
+
+
+def test_load_mgsm_tsv_and_jsonl_share_ids(tmp_path):
+    write_tsv(tmp_path / "mgsm_en.tsv", [("Janet has 3 apples.", "3"), ("Costs 2,125 dollars?", "2,125")])
+    (tmp_path / "mgsm_de.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"question": "Janet hat 3 Äpfel.", "answer_number": 3, "answer": "Schritt ... Die Antwort lautet 3."},
+        {"question": "Kostet 2.125 Dollar?", "answer_number": 2125}]) + "\n", encoding="utf-8")
+    data = load_mgsm(tmp_path, ["en", "de"])
+    assert [p.id for p in data["en"]] == [p.id for p in data["de"]] == ["mgsm-0", "mgsm-1"]
+    assert data["en"][1].answer == "2125" and data["de"][1].answer == "2125"
+    assert data["de"][0].solution.endswith("lautet 3.") and data["de"][0].lang == "de"
+    assert mgsm_prompt(data["de"][0]) == "Frage: Janet hat 3 Äpfel.\nSchritt-für-Schritt-Antwort:"
+
+
+def test_load_mgsm_errors(tmp_path):
+    write_tsv(tmp_path / "mgsm_en.tsv", [("q1", "3"), ("q2", "three")])
+    with pytest.raises(ValueError, match=r"mgsm_en.tsv:2: gold answer 'three' is not a number"):
+        load_mgsm(tmp_path, ["en"])
+    (tmp_path / "mgsm_en.tsv").write_text("q1\t3\nonly a question\n")
+    with pytest.raises(ValueError, match=r"mgsm_en.tsv:2: expected 'question<TAB>answer_number', got 1 column"):
+        load_mgsm(tmp_path, ["en"])
+    with pytest.raises(ValueError, match="unknown language code 'xx'"):
+        load_mgsm(tmp_path, ["xx"])
+    with pytest.raises(FileNotFoundError, match="no mgsm_fr.tsv or mgsm_fr.jsonl"):
+        load_mgsm(tmp_path, ["fr"])
+    (tmp_path / "mgsm_de.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"mgsm_de.jsonl:1: missing field\(s\) \['answer_number'\]"):
+        load_mgsm(tmp_path, ["de"])
+    write_tsv(tmp_path / "mgsm_en.tsv", [("q1", "3")])
+    write_tsv(tmp_path / "mgsm_es.tsv", [("q1", "3"), ("q2", "4")])
+    with pytest.raises(ValueError, match="same problems"):
+        load_mgsm(tmp_path, ["en", "es"])
+
+
+def test_load_mgsm_from_hub_id_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+    write_tsv(tmp_path / "mgsm_sw.tsv", [("Swali moja", "1")])
+    calls = []
+
+    def fake(repo_id, repo_type=None, **kwargs):
+        calls.append((repo_id, repo_type))
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert load_mgsm("juletxara/mgsm", ["sw"])["sw"][0].question == "Swali moja"
+    assert calls == [("juletxara/mgsm", "dataset")]
+
+
+def test_load_gsm8k(tmp_path):
+    rows = [{"question": "Q1?", "answer": "2 + 2 = 4\n#### 4"}, {"question": "Q2?", "answer": "x\n#### 1,000"}]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    problems = load_gsm8k(tmp_path)
+    assert [(p.id, p.answer, p.solution) for p in problems] == [("gsm8k-test-0", "4", "2 + 2 = 4"),
+                                                               ("gsm8k-test-1", "1000", "x")]
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "Q", "answer": "no marker"}) + "\n")
+    with pytest.raises(ValueError, match="row 1: answer has no '#### <number>' final line"):
+        load_gsm8k(tmp_path)
+
+
+REAL_MGSM = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
+
+
+@pytest.mark.skipif(not REAL_MGSM.is_dir(), reason="the real MGSM files live in ../shared/data (not committed)")
+def test_real_mgsm_loads_in_all_languages():
+    data = load_mgsm(REAL_MGSM, list(LANGUAGES))
+    assert all(len(ps) == 250 for ps in data.values())
+    assert data["de"][2].answer == data["en"][2].answer == "70000"  # '80.000 US-Dollar' problem
+    assert all(data[lang][k].answer == data["en"][k].answer for lang in LANGUAGES for k in range(250))

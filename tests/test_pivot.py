@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+import pbrl.pivot as pivot
+from conftest import save_hf_model
+from pbrl.data import Problem
+from pbrl.model import Transformer
+from pbrl.tokenizer import Tokenizer
+
+PROBLEMS = [Problem(f"mgsm-{i}", "en", f"Janet has {i} apples and buys 5 more. How many?", str(i + 5))
+            for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def pivot_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pivot")
+    save_hf_model(d, "llama", seed=2)
+    return d, Transformer.from_pretrained(d), Tokenizer.from_pretrained(d)
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_after_a_crash_writes_each_id_once(tmp_path, pivot_model, monkeypatch):
+    _, model, tok = pivot_model
+    clean = tmp_path / "clean.jsonl"
+    pivot.write_references(model, tok, PROBLEMS, clean, batch_size=2, max_new_tokens=5, log=lambda m: None)
+
+    out = tmp_path / "refs.jsonl"
+    real_generate, calls = pivot.generate, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(pivot, "generate", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None)
+    assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1"]  # the first batch survived
+    with out.open("a") as f:
+        f.write('{"id": "mgsm-2", "refer')  # a write torn by the crash
+    monkeypatch.setattr(pivot, "generate", real_generate)
+    written = pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None)
+    assert written == 3
+    assert lines(out) == lines(clean)  # same records, each id once, in order
+    assert pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None) == 0
+
+
+def test_match_references_lists_missing_ids(tmp_path):
+    out = tmp_path / "refs.jsonl"
+    out.write_text("".join(json.dumps({"id": f"mgsm-{i}", "reference": f"The answer is {i}."}) + "\n"
+                           for i in (0, 2)))
+    assert pivot.match_references(out, PROBLEMS[:1]) == {"mgsm-0": "The answer is 0."}
+    with pytest.raises(KeyError, match="no reference for problem id\\(s\\): mgsm-1, mgsm-3, mgsm-4"):
+        pivot.match_references(out, PROBLEMS)
+    out.write_text('{"id": "mgsm-0"}\n')
+    with pytest.raises(ValueError, match="refs.jsonl:1: a reference needs 'id' and 'reference'"):
+        pivot.read_references(out)
+
+
+def test_cli_on_fixture_data(tmp_path, pivot_model, capsys):
+    model_dir, _, _ = pivot_model
+    (tmp_path / "mgsm_en.tsv").write_text("".join(f"{p.question}\t{p.answer}\n" for p in PROBLEMS))
+    pivot.main(["--model", str(model_dir), "--data", str(tmp_path), "--out", str(tmp_path / "r.jsonl"),
+                "--limit", "3", "--max-new-tokens", "4"])
+    records = lines(tmp_path / "r.jsonl")
+    assert [r["id"] for r in records] == ["mgsm-0", "mgsm-1", "mgsm-2"]
+    assert set(records[0]) == {"id", "question", "reference", "answer"}
+    assert "3/3 written" in capsys.readouterr().err

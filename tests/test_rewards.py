@@ -1,0 +1,130 @@
+"""Rewards against independent computations: one text at a time, no padding, no batching."""
+import math
+
+import pytest
+import torch
+
+from conftest import hf_config, randomize, save_hf_model
+from pbrl.model import Transformer
+from pbrl.rewards import (TRANSLATE_PROMPT, AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward,
+                          HybridReward, LanguageConsistency, MTReward, Sample, Translator, language_share)
+from pbrl.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def embedder_dir(tmp_path_factory):
+    """A bare Qwen3Model checkpoint (no `model.` prefix, no LM head), as Qwen3-Embedding ships."""
+    from transformers import Qwen3Model
+    from conftest import build_tokenizer
+    d = tmp_path_factory.mktemp("embedder")
+    randomize(Qwen3Model(hf_config("qwen3")), seed=5).save_pretrained(d)
+    build_tokenizer().save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    return d
+
+
+@pytest.fixture(scope="module")
+def translator_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("translator")
+    save_hf_model(d, "llama", seed=9)
+    return d
+
+
+def embed_alone(model, tokenizer, text, pooling="last"):
+    ids = tokenizer.encode(text) + [tokenizer.eos_id]
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([ids]))[0].float()
+    v = h[-1] if pooling == "last" else h.mean(0)
+    return v / v.norm()
+
+
+TEXTS = ["Janet has 3 apples. The answer is 3.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
+         "Hello there, how are you today?"]
+REFS = ["The answer is 3.", "The answer is 7.", "You are a helpful assistant.", "The answer is 42.", "user"]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_embedding_reward_matches_one_at_a_time_cosine(embedder_dir, pooling):
+    embedder = Embedder.from_pretrained(embedder_dir, pooling=pooling, batch_size=2)  # batches of mixed lengths
+    reward = EmbeddingReward(embedder)
+    samples = [Sample("en", t, r) for t, r in zip(TEXTS, REFS)]
+    got = reward(samples)
+    expected = [max(0.0, float(embed_alone(embedder.model, embedder.tokenizer, t, pooling)
+                               @ embed_alone(embedder.model, embedder.tokenizer, r, pooling))) for t, r in
+                zip(TEXTS, REFS)]
+    assert torch.allclose(got["reward"], torch.tensor(expected), atol=1e-5)
+    assert torch.equal(got["reward"], got["embedding"])
+    assert torch.allclose(reward([Sample("de", t, t) for t in TEXTS])["reward"], torch.ones(5), atol=1e-5)
+
+
+def test_embedding_reward_floor_for_empty_and_garbage(embedder_dir):
+    reward = EmbeddingReward(Embedder.from_pretrained(embedder_dir))
+    out = reward([Sample("de", "", "The answer is 3."), Sample("de", "   \n", "x"), Sample("de", "\x00\ufffd%%", "x"),
+                  Sample("de", "Die Antwort lautet 3.", None)])["reward"]
+    assert out[0] == 0 and out[1] == 0 and out[3] == 0
+    assert torch.isfinite(out).all() and 0 <= out[2] <= 1
+
+
+def test_mt_reward_translates_through_the_sampler(embedder_dir, translator_dir):
+    """The translation is what greedy decoding by full forward passes gives for the stated prompt; the reward is the
+    embedding reward of that translation against the reference."""
+    embedder = Embedder.from_pretrained(embedder_dir)
+    model, tok = Transformer.from_pretrained(translator_dir), Tokenizer.from_pretrained(translator_dir)
+    reward = MTReward(Translator(model, tok, max_new_tokens=6, batch_size=2), embedder)
+    samples = [Sample("de", "Die Antwort lautet 7.", "The answer is 7."), Sample("en", "The answer is 3.", "3"),
+               Sample("sw", "Jibu ni 3.", "The answer is 3."), Sample("fr", "", "The answer is 1.")]
+    got = reward(samples)["reward"]
+    expected = []
+    for s in samples:
+        text = s.response
+        if s.lang != "en" and s.response:
+            names = {"de": "German", "sw": "Swahili"}
+            ids = tok.encode_chat([{"role": "user", "content": TRANSLATE_PROMPT.format(language=names[s.lang],
+                                                                                         text=s.response)}])
+            new = []
+            with torch.no_grad():
+                for _ in range(6):
+                    nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                    new.append(nxt)
+                    if nxt in tok.stop_ids:
+                        break
+            text = tok.decode(new)
+        expected.append(0.0 if not text.strip() else max(0.0, float(
+            embed_alone(embedder.model, embedder.tokenizer, text) @ embed_alone(embedder.model, embedder.tokenizer,
+                                                                                 s.reference))))
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-5)
+    assert got[3] == 0
+
+
+def test_exact_match_and_agreement():
+    samples = [Sample("de", "... Die Antwort lautet 18.", "The answer is 18.", "18"),
+               Sample("de", "... Die Antwort lautet 17.", "The answer is 18.", "18"),
+               Sample("sw", "Jibu ni 2,125", "The answer is 2125", "2125"),
+               Sample("sw", "", "The answer is 5", "5"),
+               Sample("sw", "no number", "no number either", "5")]
+    assert ExactMatch()(samples)["reward"].tolist() == [1, 0, 1, 0, 0]
+    assert AnswerAgreement()(samples)["reward"].tolist() == [1, 0, 1, 0, 0]  # two missing answers do not agree
+    with pytest.raises(ValueError, match="ExactMatch needs a gold answer"):
+        ExactMatch()([Sample("de", "x", "y")])
+
+
+def test_format_and_language_consistency():
+    samples = [Sample("de", "Sie hat 3 und kauft 5, also 8. Die Antwort lautet 8."),
+               Sample("de", "She has 3 and buys 5, so 8. The answer is 8."),
+               Sample("th", "คำตอบคือ 8"), Sample("sw", ""), Sample("fr", "Elle a 3 pommes et la réponse est 8.")]
+    assert FormatReward()(samples)["reward"].tolist() == [1, 0, 1, 0, 1]
+    share = LanguageConsistency()(samples)["reward"]
+    assert share[0] == 1 and share[1] == 0 and share[2] == 1 and share[3] == 0 and share[4] > 0.5
+    assert math.isclose(language_share("die the", "de"), 0.5)
+
+
+def test_hybrid_weights_and_components():
+    hybrid = HybridReward([(0.5, AnswerAgreement()), (0.3, FormatReward()), (0.2, LanguageConsistency())])
+    assert (hybrid.low, hybrid.high) == (0.0, 1.0)
+    out = hybrid([Sample("de", "Sie hat 8. Die Antwort lautet 8.", "The answer is 8."),
+                  Sample("de", "", "The answer is 8.")])
+    assert set(out) == {"reward", "agreement", "format", "language"}
+    expected = 0.5 * out["agreement"] + 0.3 * out["format"] + 0.2 * out["language"]
+    assert torch.allclose(out["reward"], expected) and out["reward"][1] == 0
+    with pytest.raises(ValueError, match="non-negative weights"):
+        HybridReward([(-1.0, FormatReward())])
