@@ -52,8 +52,9 @@ class Problem:
     id: str                 # shared across languages
     lang: str
     question: str
-    answer: str             # gold final answer, canonical (see normalize_number)
+    answer: str             # gold final answer: canonical number (see normalize_number), or a letter A-J
     solution: str | None = None  # worked solution, when the source has one
+    choices: tuple[str, ...] | None = None  # multiple-choice options A, B, ... (MMLU-ProX)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,9 +102,45 @@ def has_answer_phrase(response: str, lang: str) -> bool:
     return re.search(phrase + r"\s*[:：]?\s*\$?-?\d", response, flags=re.IGNORECASE) is not None
 
 
+LETTERS = "ABCDEFGHIJ"
+# '(b)' or a standalone capital 'B': a bare lowercase letter is too often an article or a word ('a').
+_LETTER = re.compile(r"\(([A-Ja-j])\)|(?<![A-Za-z])([A-J])(?![A-Za-z])")
+
+
+def extract_choice(response: str) -> str | None:
+    """The chosen letter A-J: the first standalone letter after the last answer phrase ('The answer is (B)',
+    'Answer: C', 'Die Antwort lautet **D**'), else the last parenthesised letter '(E)', else None."""
+    lowered = response.lower()
+    cut = max((lowered.rfind(p.lower()) + len(p) for p in _PHRASES if p.lower() in lowered), default=-1)
+    if cut >= 0:
+        found = _LETTER.search(response, cut)
+        if found:
+            return (found.group(1) or found.group(2)).upper()
+    parenthesised = re.findall(r"\(([A-Ja-j])\)", response)
+    return parenthesised[-1].upper() if parenthesised else None
+
+
+def is_correct(problem: Problem, response: str) -> bool:
+    extracted = extract_choice(response) if problem.choices else extract_number(response)
+    return extracted is not None and extracted == problem.answer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prompts
 # ---------------------------------------------------------------------------------------------------------------
+def prompt(problem: Problem) -> str:
+    """The user message for a problem: multiple choice or open numeric answer."""
+    return mmlu_prompt(problem) if problem.choices else mgsm_prompt(problem)
+
+
+def mmlu_prompt(problem: Problem) -> str:
+    """The question, its options as 'A. ...' lines, then the language's step-by-step answer prefix; the model is
+    expected to end with the answer phrase and a letter."""
+    f = language(problem.lang)
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(problem.choices))
+    return f"{f.question} {problem.question}\n{options}\n({f.phrase} (X))\n{f.answer}"
+
+
 def mgsm_prompt(problem: Problem) -> str:
     """lm-eval's native chain-of-thought format, zero-shot: the question after the language's question prefix, then
     the language's step-by-step answer prefix, which the model continues (ending, ideally, with the language's
@@ -200,3 +237,54 @@ def load_gsm8k(path_or_id, split: str = "test") -> list[Problem]:
         problems.append(Problem(f"gsm8k-{split}-{i}", "en", row["question"], _gold(final, f"{file}: row {i + 1}"),
                                 solution.strip()))
     return problems
+
+
+def load_mmlu_prox(path_or_id, langs: list[str], split: str = "test") -> dict[str, list[Problem]]:
+    """MMLU-ProX per language: `{lang}/{split}*.jsonl` (or .parquet, read with pyarrow when it is installed) or
+    `mmlu_prox_{lang}.jsonl`, rows with question, options (a list) or option_0..option_9, and answer (a letter).
+    Ids 'mmlux-{question_id}' (shared across languages), or the row number when there is no question_id."""
+    root = resolve_dataset(path_or_id)
+    out = {}
+    for lang in langs:
+        language(lang)
+        files = sorted((root / lang).glob(f"{split}*.jsonl")) + sorted((root / lang).glob(f"{split}*.parquet")) \
+            if (root / lang).is_dir() else [root / f"mmlu_prox_{lang}.jsonl"]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            raise FileNotFoundError(f"{root}: no {lang}/{split}*.jsonl, {lang}/{split}*.parquet or "
+                                    f"mmlu_prox_{lang}.jsonl")
+        problems = []
+        for file in files:
+            for i, row in enumerate(_read_rows(file, required=("question", "answer"))):
+                where = f"{file}: row {i + 1}"
+                options = row.get("options")
+                if options is None:
+                    options = [row[k] for k in (f"option_{j}" for j in range(10)) if row.get(k) not in (None, "")]
+                options = [o for o in options if o not in (None, "", "N/A")]
+                answer = str(row["answer"]).strip().strip("()")
+                if not 2 <= len(options) <= 10:
+                    raise ValueError(f"{where}: expected 2 to 10 options, got {len(options)}")
+                if answer not in LETTERS[:len(options)]:
+                    raise ValueError(f"{where}: answer {row['answer']!r} is not one of the option letters "
+                                     f"{LETTERS[:len(options)]}")
+                qid = row.get("question_id", len(problems))
+                problems.append(Problem(f"mmlux-{qid}", lang, row["question"], answer, row.get("cot_content") or None,
+                                        tuple(options)))
+        out[lang] = problems
+    return out
+
+
+def _read_rows(file: Path, required: tuple[str, ...]) -> list[dict]:
+    if file.suffix == ".jsonl":
+        return _read_jsonl(file, required)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"{file}: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL") \
+            from None
+    rows = pq.read_table(file).to_pylist()
+    for i, row in enumerate(rows):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise ValueError(f"{file}: row {i + 1}: missing field(s) {missing}")
+    return rows

@@ -124,3 +124,33 @@ def test_real_mgsm_loads_in_all_languages():
     assert all(len(ps) == 250 for ps in data.values())
     assert data["de"][2].answer == data["en"][2].answer == "70000"  # '80.000 US-Dollar' problem
     assert all(data[lang][k].answer == data["en"][k].answer for lang in LANGUAGES for k in range(250))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The answer is (B).", "B"), ("Answer: C", "C"), ("Die Antwort lautet **D**", "D"), ("Jibu ni (c)", "C"),
+    ("I think (A) is wrong, (E) is right", "E"), ("A cat. The answer is J", "J"), ("no letter here", None),
+    ("The answer is a tricky one: (F)", "F"), ("La respuesta es (G)", "G"), ("", None)])
+def test_extract_choice(text, expected):
+    from pbrl.data import extract_choice
+    assert extract_choice(text) == expected
+
+
+def test_load_mmlu_prox_jsonl_layouts_and_errors(tmp_path):
+    from pbrl.data import is_correct, load_mmlu_prox, prompt
+    (tmp_path / "de").mkdir()
+    (tmp_path / "de" / "test.jsonl").write_text(json.dumps(
+        {"question_id": 7, "question": "Was ist 2+2?", "options": ["3", "4", "5"], "answer": "B"}) + "\n")
+    (tmp_path / "mmlu_prox_sw.jsonl").write_text(json.dumps(
+        {"question_id": 7, "question": "2+2 ni?", "option_0": "3", "option_1": "4", "option_2": "N/A",
+         "answer": "(B)"}) + "\n")
+    data = load_mmlu_prox(tmp_path, ["de", "sw"])
+    de, sw = data["de"][0], data["sw"][0]
+    assert de.id == sw.id == "mmlux-7" and de.choices == ("3", "4", "5") and sw.choices == ("3", "4")
+    assert sw.answer == "B" and is_correct(de, "... Die Antwort lautet (B)") and not is_correct(de, "(C)")
+    assert "A. 3\nB. 4\nC. 5" in prompt(de) and prompt(de).endswith("Schritt-für-Schritt-Antwort:")
+    (tmp_path / "de" / "test.jsonl").write_text(json.dumps(
+        {"question": "q", "options": ["3", "4"], "answer": "E"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1: answer 'E' is not one of the option letters AB"):
+        load_mmlu_prox(tmp_path, ["de"])
+    with pytest.raises(FileNotFoundError, match="mmlu_prox_fr.jsonl"):
+        load_mmlu_prox(tmp_path, ["fr"])
