@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
@@ -246,8 +248,8 @@ def attention_mask_4d(valid: torch.Tensor, t: int) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    """model(input_ids) -> logits [B, T, V]; model.hidden_states(input_ids) -> final normed hidden [B, T, H];
-    model.values(input_ids) -> [B, T] from the scalar value head (critics only)."""
+    """model(input_ids) -> logits [B, T, V]; other outputs (hidden states, fused token log-probs, values of the
+    optional scalar value head used by critics) through forward's `output` argument."""
 
     def __init__(self, args: ModelArgs, lm_head: bool = True, value_head: bool = False):
         super().__init__()
@@ -270,14 +272,52 @@ class Transformer(nn.Module):
         from pbrl.checkpoint import load_model
         return load_model(path_or_id, dtype=dtype, device=device, value_head=value_head)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                      start: int = 0) -> torch.Tensor:
-        """input_ids [B, T] -> final normed hidden states [B, T, H].
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
+                output: str = "logits", labels: torch.Tensor | None = None, label_mask: torch.Tensor | None = None,
+                temperature: float = 1.0):
+        """input_ids [B, T] -> by `output`:
+          'logits'   [B, T, V]
+          'hidden'   final normed hidden states [B, T, H]
+          'logprobs' (log-probs, entropy), each [B, T] fp32, of labels [B, T] under softmax(logits / temperature),
+                     through the fused kernel: the [B, T, V] logits are never held. Only positions where
+                     label_mask [B, T] is true are computed; the others are 0.
+          'values'   [B, T] fp32 from the value head (critics).
+        Every output goes through forward, so FSDP's hooks gather the parameters each one uses.
 
         attention_mask [B, start + T] (1 = real token, 0 = padding) covers the cached slots and the new ones;
         None means no padding. position_ids [B, T] default to the count of real tokens before each slot, so
-        left-padded rows get RoPE positions 0, 1, ... from their first real token."""
+        left-padded rows get RoPE positions 0, 1, ... from their first real token. cache/start: see KVCache."""
+        h = self._backbone(input_ids, attention_mask, position_ids, cache, start)
+        if output == "hidden":
+            return h
+        if output == "values":
+            if self.value_head is None:
+                raise RuntimeError("this model has no value head; load it with value_head=True")
+            return self.value_head(h).squeeze(-1).float()
+        if self.lm_head is None:
+            raise RuntimeError("this model has no LM head (a bare backbone such as an embedding model); "
+                               "use output='hidden'")
+        if output == "logits":
+            return self.lm_head(h)
+        if output == "logprobs":
+            if labels is None or labels.shape != input_ids.shape:
+                raise ValueError(f"output='logprobs' needs labels of shape {list(input_ids.shape)}")
+            keep = torch.ones_like(labels, dtype=torch.bool) if label_mask is None else label_mask.bool()
+            logp, entropy = kernels.linear_token_logprobs(h[keep], self.lm_head.weight, labels[keep], temperature,
+                                                          return_entropy=True)
+            out_logp = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+            out_entropy = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+            return out_logp.masked_scatter(keep, logp), out_entropy.masked_scatter(keep, entropy)
+        raise ValueError(f"output must be 'logits', 'hidden', 'logprobs' or 'values', got {output!r}")
+
+    def hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self(input_ids, output="hidden", **kwargs)
+
+    def values(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self(input_ids, output="values", **kwargs)
+
+    def _backbone(self, input_ids, attention_mask, position_ids, cache, start) -> torch.Tensor:
         b, t = input_ids.shape
         if attention_mask is None:
             valid = torch.ones(b, start + t, dtype=torch.bool, device=input_ids.device)
@@ -296,16 +336,3 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start)
         return self.norm(x)
-
-    def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V]; keyword arguments as in hidden_states()."""
-        if self.lm_head is None:
-            raise RuntimeError("this model has no LM head (a bare backbone such as an embedding model); "
-                               "use model.hidden_states()")
-        return self.lm_head(self.hidden_states(input_ids, **kwargs))
-
-    def values(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """input_ids [B, T] -> per-token value estimates [B, T] (fp32) from the critic's value head."""
-        if self.value_head is None:
-            raise RuntimeError("this model has no value head; load it with value_head=True")
-        return self.value_head(self.hidden_states(input_ids, **kwargs)).squeeze(-1).float()
