@@ -124,25 +124,27 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     return model.eval()
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our state dict under HF names; tied LM heads are not stored (HF convention; safetensors forbids aliases)."""
+def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """pbrl names -> HF names; a tied LM head is not stored (HF convention; safetensors forbids aliases)."""
     out = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.args.tie_word_embeddings:
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
         hf = name if name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
         out[hf] = tensor.detach().contiguous().cpu()
     return out
 
 
-def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory.
+def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory. `state` overrides
+    model.state_dict() (an FSDP model's gathered full state dict).
 
     Shards above max_shard_bytes, with an index. Files are written under a temporary name and renamed, so a
     crash never leaves a directory that looks complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model)
+    state = hf_state_dict(model.state_dict() if state is None else state, model.args)
     dtype = next(iter(state.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

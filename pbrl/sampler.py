@@ -25,8 +25,10 @@ class Completions(NamedTuple):
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax)."""
+                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax). Sampling is Gumbel-max,
+    argmax(logits / T + Gumbel noise), which draws exactly from softmax(logits / T) and lets each row take its
+    noise from its own generator (a list of B): a row's sample then does not depend on the rest of the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -39,18 +41,23 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the best token always stays.
         drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
+    else:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, n: int = 1, stop_ids=(), pad_id: int = 0,
-             seed: int | None = None, generator: torch.Generator | None = None,
+             seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
              return_logprobs: bool = False) -> Completions:
     """Sample up to max_new_tokens after each prompt (token ids), n samples per prompt.
 
-    Sampling log-probs are those of the tempered, untruncated distribution (temperature 0: the raw one), the
+    generator: one for the batch, or one per row (len(prompts) * n, row i*n + j = sample j of prompt i) for
+    samples that do not depend on how rows are batched. Sampling log-probs are those of the tempered, untruncated
+    distribution (temperature 0: the raw one), the
     same quantity a trainer recomputes with a full forward pass; top-k/top-p only change which token is drawn.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -70,6 +77,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             raise ValueError(f"prompt {i} holds token id {min(p) if min(p) < 0 else max(p)} outside the "
                              f"model's vocabulary [0, {vocab})")
     device = model.embed_tokens.weight.device
+    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts) * n:
+        raise ValueError(f"one generator per row: need len(prompts) * n = {len(prompts) * n}, got {len(generator)}")
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -94,3 +94,21 @@ def test_prompt_longer_than_context_is_an_error(model):
 def test_empty_prompt_is_an_error(model):
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
         generate(model, [[1, 2], []], max_new_tokens=4)
+
+
+def test_per_row_generators_make_samples_independent_of_the_batch(model):
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+    batch = generate(model, PROMPTS, 12, temperature=1.0, n=2, generator=gens([10, 11, 20, 21, 30, 31]))
+    alone = generate(model, PROMPTS[1:2], 12, temperature=1.0, n=2, generator=gens([20, 21]))
+    assert batch.as_lists()[2:4] == alone.as_lists()
+    with pytest.raises(ValueError, match="one generator per row"):
+        generate(model, PROMPTS, 4, temperature=1.0, generator=gens([1, 2]))
+
+
+def test_gumbel_sampling_matches_the_softmax_distribution():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(logits, 1.0, None, None, g) for _ in range(20000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 20000
+    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.015)

@@ -1,0 +1,240 @@
+"""Training configuration: one dataclass per concern, read from TOML (stdlib tomllib) with `--section.key value`
+overrides. Unknown keys, wrong types and impossible values are errors that name the key, before any model loads.
+
+The defaults are the embedded toy experiment (pbrl/toy.py): `python train.py` runs it with no download.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, built on first use
+
+
+@dataclass
+class ModelsConfig:
+    policy: str = TOY          # HF directory or hub id of the policy (the actor's initial weights)
+    critic: str = ""           # "" = the policy's weights with a fresh value head
+    reference: str = ""        # frozen KL reference; "" = the policy's initial weights
+    pivot: str = ""            # writes missing pivot references; "" = the policy
+    embedder: str = TOY        # embedding model of the semantic rewards
+    translator: str = TOY      # translator of the MT reward
+    dtype: str = "auto"        # auto: bfloat16 on CUDA, float32 on CPU
+
+
+@dataclass
+class DataConfig:
+    task: str = "mgsm"
+    path: str = TOY            # training problems: MGSM layout (mgsm_{lang}.tsv/jsonl), directory or hub id
+    langs: list[str] = field(default_factory=lambda: ["de", "fr", "sw"])  # target languages trained on
+    pivot_cache: str = ""      # English references (JSONL); "" = {run.out_dir}/pivot.jsonl; generated if absent
+    eval_path: str = TOY       # held-out problems for the periodic eval; "" = no eval
+    eval_langs: list[str] = field(default_factory=lambda: ["en", "de", "fr", "sw"])
+    eval_limit: int = 0        # problems per language in each eval; 0 = all
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16     # problems per iteration, over all ranks
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0                 # 0 = off
+    top_p: float = 1.0
+
+
+@dataclass
+class PPOConfig:
+    epochs: int = 2                # passes over each iteration's rollouts
+    minibatches: int = 1           # optimizer steps per epoch
+    micro_batch_size: int = 16     # sequences per forward/backward on one rank
+    lr: float = 2e-4
+    critic_lr: float = 5e-4
+    warmup_steps: int = 0
+    schedule: str = "constant"     # constant | cosine (after warmup, to 10% of lr at run.steps)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0         # 0 = off; else > 1
+    value_clip: float = 0.2
+    kl_beta: float = 0.02
+    kl_target: float = 0.0         # 0 = fixed beta; else the adaptive controller's target KL
+    kl_horizon: int = 10_000
+    kl_estimator: str = "k1"       # k1 | k2 | k3, per-token KL in the reward
+    whiten_advantages: bool = True
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class RewardConfig:
+    # exact_match (the labelled PPO baseline) | agreement | embedding | mt | hybrid
+    kind: str = "hybrid"
+    embedding_weight: float = 0.5  # hybrid weights; components with weight 0 are not computed
+    agreement_weight: float = 0.5
+    mt_weight: float = 0.0
+    format_weight: float = 0.0
+    language_weight: float = 0.0
+    pooling: str = "last"          # embedder pooling: last | mean
+    translate_max_new_tokens: int = 64
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/pbrl"
+    steps: int = 30
+    seed: int = 0
+    checkpoint_every: int = 10     # 0 = only at the end
+    eval_every: int = 10           # 0 = only at the end
+    resume: bool = False
+    device: str = "auto"           # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, kind, where: str):
+    """TOML or command-line value -> the field's type (str from the command line, native from TOML)."""
+    origin = typing.get_origin(kind)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: expected a list of strings, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ValueError(f"{where}: unknown section [{section}]; sections are {', '.join(sections)}")
+    part = getattr(cfg, section)
+    hints = typing.get_type_hints(type(part))
+    if key not in hints:
+        raise ValueError(f"{where}: unknown key {section}.{key}; [{section}] has {', '.join(hints)}")
+    setattr(part, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file, then `--section.key value` pairs."""
+    cfg = Config()
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            table = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        for section, values in table.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: top-level key {section!r} must be a [section]")
+            for key, value in values.items():
+                _set(cfg, section, key, value, str(path))
+    args = list(overrides)
+    if len(args) % 2:
+        raise ValueError(f"overrides come in pairs '--section.key value'; got {args}")
+    for flag, value in zip(args[::2], args[1::2]):
+        if not flag.startswith("--") or flag.count(".") != 1:
+            raise ValueError(f"expected an override '--section.key', got {flag!r}")
+        section, key = flag[2:].split(".")
+        _set(cfg, section, key, value, "command line")
+    return cfg
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Impossible values, with the key that holds each. Paths that are neither 'toy', a hub id nor an existing
+    local path are errors too."""
+    r, p, w, run = cfg.rollout, cfg.ppo, cfg.reward, cfg.run
+    checks = [
+        (r.prompts_per_step > 0, "rollout.prompts_per_step must be > 0"),
+        (r.prompts_per_step % world_size == 0,
+         f"rollout.prompts_per_step={r.prompts_per_step} must be divisible by the world size {world_size}"),
+        (r.samples_per_prompt > 0 and r.max_new_tokens > 0, "rollout.samples_per_prompt and max_new_tokens must be > 0"),
+        (r.temperature > 0, f"rollout.temperature must be > 0 for PPO rollouts, got {r.temperature}"),
+        (r.top_k >= 0 and 0 < r.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]"),
+        (p.lr > 0 and p.critic_lr > 0, f"ppo.lr and ppo.critic_lr must be > 0, got {p.lr} and {p.critic_lr}"),
+        (p.epochs > 0 and p.minibatches > 0 and p.micro_batch_size > 0,
+         "ppo.epochs, ppo.minibatches and ppo.micro_batch_size must be > 0"),
+        ((r.prompts_per_step // world_size * r.samples_per_prompt) % p.minibatches == 0,
+         f"each rank's {r.prompts_per_step // world_size * r.samples_per_prompt} sequences must split into "
+         f"ppo.minibatches={p.minibatches} equal minibatches"),
+        (p.schedule in ("constant", "cosine"), f"ppo.schedule must be 'constant' or 'cosine', got {p.schedule!r}"),
+        (p.warmup_steps >= 0 and p.weight_decay >= 0 and p.grad_clip > 0,
+         "ppo.warmup_steps and weight_decay must be >= 0 and ppo.grad_clip > 0"),
+        (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]"),
+        (p.eps_low > 0 and p.eps_high > 0 and p.value_clip >= 0, "ppo.eps_low, eps_high must be > 0, value_clip >= 0"),
+        (p.dual_clip == 0 or p.dual_clip > 1, f"ppo.dual_clip must be 0 (off) or > 1, got {p.dual_clip}"),
+        (p.kl_beta >= 0 and p.kl_target >= 0, "ppo.kl_beta and ppo.kl_target must be >= 0"),
+        (p.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator must be k1, k2 or k3, got {p.kl_estimator!r}"),
+        (w.kind in ("exact_match", "agreement", "embedding", "mt", "hybrid"),
+         f"reward.kind must be exact_match, agreement, embedding, mt or hybrid, got {w.kind!r}"),
+        (min(w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight, w.language_weight) >= 0,
+         "reward weights must be >= 0"),
+        (w.kind != "hybrid" or w.embedding_weight + w.agreement_weight + w.mt_weight + w.format_weight
+         + w.language_weight > 0, "reward.kind=hybrid needs at least one positive weight"),
+        (w.pooling in ("last", "mean"), f"reward.pooling must be last or mean, got {w.pooling!r}"),
+        (run.steps > 0 and run.checkpoint_every >= 0 and run.eval_every >= 0,
+         "run.steps must be > 0, run.checkpoint_every and run.eval_every >= 0"),
+        (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {run.device!r}"),
+        (cfg.models.dtype in ("auto", "float32", "bfloat16"),
+         f"models.dtype must be auto, float32 or bfloat16, got {cfg.models.dtype!r}"),
+        (cfg.data.task == "mgsm", f"data.task must be 'mgsm' (MGSM-layout problems), got {cfg.data.task!r}"),
+        (bool(cfg.data.langs), "data.langs must name at least one language"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    from pbrl.data import language
+    for code in cfg.data.langs + cfg.data.eval_langs:
+        language(code)
+    for key, value in [("models.policy", cfg.models.policy), ("models.critic", cfg.models.critic),
+                       ("models.reference", cfg.models.reference), ("models.pivot", cfg.models.pivot),
+                       ("models.embedder", cfg.models.embedder), ("models.translator", cfg.models.translator),
+                       ("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)]:
+        _check_path(key, value)
+
+
+def _check_path(key: str, value: str) -> None:
+    if value in ("", TOY) or Path(value).exists():
+        return
+    if value.startswith((".", "/", "~")) or value.count("/") != 1:
+        raise FileNotFoundError(f"{key} = {value!r}: no such file or directory (and not a hub id 'org/name')")

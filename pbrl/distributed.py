@@ -1,0 +1,97 @@
+"""Process group, FSDP2 sharding and the few collectives the trainer needs. Everything degrades to a no-op in a
+single process, so the same training code runs under `python train.py` and `torchrun train.py`."""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def init() -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2: fully_shard each transformer block, then the root (embeddings, final norm, heads). On CUDA,
+    parameters are all-gathered in bf16 and gradients reduced in fp32; on CPU (gloo, tests) everything is fp32."""
+    if not is_distributed():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+@contextmanager
+def gathered(model: torch.nn.Module):
+    """Hold every FSDP unit's full parameters for the duration (rollout): one all-gather per generation instead
+    of one per block per decoding step. Restores FSDP's defaults (reshard after forward, except the root)."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    model.set_reshard_after_forward(False, recurse=True)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True, recurse=True)
+        model.set_reshard_after_forward(False, recurse=False)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded parameters on the CPU, complete on rank 0 (other ranks may get an empty dict); a collective:
+    every rank must call it."""
+    if not is_distributed():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
