@@ -37,12 +37,18 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     parameters are all-gathered in bf16 and gradients reduced in fp32; on CPU (gloo, tests) everything is fp32."""
     if not is_distributed():
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    # Sum, not average, the ranks' gradients: losses are already divided by the global token count, so the sum
+    # is exactly the gradient one process would compute on the whole batch.
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
     return model
 
 

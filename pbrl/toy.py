@@ -1,24 +1,42 @@
-"""Tiny artifacts built from nothing: a byte-level BPE tokenizer and a random Llama-config model, saved as a real
-HF model directory. They let every entry point run with no download."""
+"""A toy multilingual world in which the whole PB-RLSVR method runs on a CPU in minutes.
+
+Templated word problems ("Anna has 7 apples. Anna loses 3. How many apples does Anna have now?") in English (the
+pivot language), German, French and Swahili, written with real phrases and sharing problem ids across languages;
+a worked answer "7 - 3 = 4. The answer is 4." ends with the language's MGSM answer phrase. What makes a language
+hard is its verbs: whether "verschenkt", "donne" or "anatoa" adds or subtracts is exactly what a model that never
+saw a solved target-language problem does not know.
+
+Artifacts, built from a seed and cached under .cache/pbrl/toy-{seed}/ (a rerun reuses them):
+  data/{train,eval}/mgsm_{lang}.tsv   problems in MGSM's layout; eval ids are disjoint from train ids
+  warmstart/    a tiny Llama (pbrl's own model code) trained by supervised learning on English solutions plus
+                target-language questions *without* solutions: good at English, poor at the rest. It is also
+                the pivot (prompted in English).
+  embedder/     averaged aligned word vectors, the classic cross-lingual sentence embedding: every word of the
+                toy lexicon maps to its concept's vector in every language; a 0-layer pbrl Transformer whose
+                embedding table holds them, read with mean pooling.
+  translator    word-by-word through the lexicon (LexiconTranslator), for the MT reward.
+Also here: the tiny random model that `python -m pbrl.generate` uses when given no --model.
+"""
 from __future__ import annotations
 
+import json
+import random
+import re
+import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from pbrl.checkpoint import save_model
+from pbrl.data import Problem, mgsm_prompt
 from pbrl.model import ModelArgs, Transformer
 from pbrl.tokenizer import Tokenizer, save_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|im_start|>", "<|im_end|>"]
-SAMPLE_TEXT = ["Janet has 3 apples and buys 5 more. How many apples does she have? The answer is 8.",
-               "Janet hat 3 Äpfel und kauft 5 weitere. Wie viele Äpfel hat sie? Die Antwort lautet 8.",
-               "Janet a 3 pommes et en achète 5 de plus. Combien de pommes a-t-elle ? La réponse est 8.",
-               "Janet ana tufaha 3 na ananunua 5 zaidi. Ana tufaha ngapi? Jibu ni 8.",
-               "You are a helpful assistant.", "system", "user", "assistant"]
+VERSION = "toy-v1"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
@@ -32,13 +50,265 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
     return tok
 
 
+def chat_tokenizer(tok: HFTokenizer) -> Tokenizer:
+    return Tokenizer(tok, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|endoftext|>"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The world
+# ---------------------------------------------------------------------------------------------------------------
+LANGS = ("en", "de", "fr", "sw")
+NAMES = ["Anna", "Ben", "Lea", "Omar", "Juma", "Marie", "Paul", "Zawadi", "Amina", "Tom"]
+ITEMS = {  # concept -> plural noun per language
+    "apples": {"en": "apples", "de": "Äpfel", "fr": "pommes", "sw": "tufaha"},
+    "books": {"en": "books", "de": "Bücher", "fr": "livres", "sw": "vitabu"},
+    "eggs": {"en": "eggs", "de": "Eier", "fr": "œufs", "sw": "mayai"},
+    "coins": {"en": "coins", "de": "Münzen", "fr": "pièces", "sw": "sarafu"},
+    "pens": {"en": "pens", "de": "Stifte", "fr": "stylos", "sw": "kalamu"},
+}
+VERBS = {  # concept -> (operation, phrase per language with {b})
+    "buys": ("+", {"en": "buys {b} more", "de": "kauft {b} weitere", "fr": "achète {b} de plus",
+                   "sw": "ananunua {b} zaidi"}),
+    "finds": ("+", {"en": "finds {b} more", "de": "findet {b} weitere", "fr": "trouve {b} de plus",
+                    "sw": "anapata {b} zaidi"}),
+    "gets": ("+", {"en": "gets {b} more", "de": "bekommt {b} weitere", "fr": "reçoit {b} de plus",
+                   "sw": "anapokea {b} zaidi"}),
+    "loses": ("-", {"en": "loses {b}", "de": "verliert {b}", "fr": "perd {b}", "sw": "anapoteza {b}"}),
+    "gives": ("-", {"en": "gives away {b}", "de": "verschenkt {b}", "fr": "donne {b}", "sw": "anatoa {b}"}),
+    "sells": ("-", {"en": "sells {b}", "de": "verkauft {b}", "fr": "vend {b}", "sw": "anauza {b}"}),
+}
+TEMPLATES = {
+    "en": "{name} has {a} {item}. {name} {verb}. How many {item} does {name} have now?",
+    "de": "{name} hat {a} {item}. {name} {verb}. Wie viele {item} hat {name} jetzt?",
+    "fr": "{name} a {a} {item}. {name} {verb}. Combien de {item} a {name} maintenant ?",
+    "sw": "{name} ana {item} {a}. {name} {verb}. {name} ana {item} ngapi sasa?",
+}
+PHRASES = {"en": "The answer is", "de": "Die Antwort lautet", "fr": "La réponse est", "sw": "Jibu ni"}
+# Words of the frame sentences, for the lexicon (target word -> English word) and the aligned embedder.
+FRAME = {
+    "de": {"hat": "has", "wie": "how", "viele": "many", "jetzt": "now", "die": "the", "antwort": "answer",
+           "lautet": "is"},
+    "fr": {"a": "has", "combien": "how", "de": "many", "maintenant": "now", "la": "the", "réponse": "answer",
+           "est": "is"},
+    "sw": {"ana": "has", "ngapi": "many", "sasa": "now", "jibu": "answer", "ni": "is"},
+}
+
+
+def solution(a: int, op: str, b: int, lang: str) -> str:
+    c = a + b if op == "+" else a - b
+    return f"{a} {op} {b} = {c}. {PHRASES[lang]} {c}."
+
+
+def make_problems(n: int, rng: random.Random) -> list[dict]:
+    """n distinct problems: name, item, verb, a, b (a - b >= 1 for subtraction)."""
+    seen, out = set(), []
+    while len(out) < n:
+        verb = rng.choice(list(VERBS))
+        op = VERBS[verb][0]
+        a = rng.randint(2, 12)
+        b = rng.randint(1, 8) if op == "+" else rng.randint(1, min(a - 1, 8))
+        key = (rng.choice(NAMES), rng.choice(list(ITEMS)), verb, a, b)
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(zip(("name", "item", "verb", "a", "b"), key)))
+    return out
+
+
+def render(p: dict, lang: str) -> str:
+    verb = VERBS[p["verb"]][1][lang].format(b=p["b"])
+    return TEMPLATES[lang].format(name=p["name"], a=p["a"], item=ITEMS[p["item"]][lang], verb=verb)
+
+
+def answer(p: dict) -> int:
+    return p["a"] + p["b"] if VERBS[p["verb"]][0] == "+" else p["a"] - p["b"]
+
+
+def lexicon() -> dict[str, dict[str, str]]:
+    """lang -> {target word (lowercase): English word}: items, verbs word by word, frame words."""
+    out = {}
+    for lang in LANGS[1:]:
+        words = dict(FRAME[lang])
+        for concept, names in ITEMS.items():
+            words[names[lang].lower()] = concept
+        for concept, (_, phrases) in VERBS.items():
+            target = [w for w in phrases[lang].lower().split() if w != "{b}"]
+            english = [w for w in phrases["en"].lower().split() if w != "{b}"]
+            words[target[0]] = english[0]
+            for w in target[1:]:  # "weitere", "de plus", "zaidi" -> "more"; "away" has no counterpart
+                words.setdefault(w, english[-1] if english[-1] != english[0] else english[0])
+        out[lang] = words
+    return out
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class LexiconTranslator:
+    """Word-by-word translation into English through the toy lexicon; numbers and symbols pass through and
+    unknown words are dropped. Same interface as rewards.Translator."""
+
+    def __init__(self, words: dict[str, dict[str, str]]):
+        self.words = words
+
+    def __call__(self, texts: list[str], langs: list[str]) -> list[str]:
+        out = []
+        for text, lang in zip(texts, langs):
+            table = self.words.get(lang, {})
+            kept = [table.get(t.lower(), t if not t.isalpha() or lang == "en" else "") for t in _WORD.findall(text)]
+            out.append(" ".join(w for w in kept if w))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the artifacts
+# ---------------------------------------------------------------------------------------------------------------
+class ToyWorld:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path_for(self, role: str) -> Path:
+        if role in ("policy", "critic", "reference", "pivot"):
+            return self.root / "warmstart"
+        if role == "embedder":
+            return self.root / "embedder"
+        raise ValueError(f"the toy world has no {role!r} model (its translator is the lexicon)")
+
+    def data_dir(self, split: str) -> Path:
+        return self.root / "data" / split
+
+    def translator(self) -> LexiconTranslator:
+        return LexiconTranslator(json.loads((self.root / "lexicon.json").read_text(encoding="utf-8")))
+
+
+def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 100, sft_steps: int = 1200,
+                log=print) -> ToyWorld:
+    """Build (or reuse) every toy artifact for this seed."""
+    root = Path(root or f".cache/pbrl/toy-{seed}")
+    marker = root / "complete.json"
+    settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, "sft_steps": sft_steps}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return ToyWorld(root)
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    problems = make_problems(n_train + n_eval, rng)
+    for split, part in (("train", problems[:n_train]), ("eval", problems[n_train:])):
+        d = root / "data" / split
+        d.mkdir(parents=True, exist_ok=True)
+        for lang in LANGS:
+            (d / f"mgsm_{lang}.tsv").write_text("".join(f"{render(p, lang)}\t{answer(p)}\n" for p in part),
+                                                encoding="utf-8")
+    (root / "lexicon.json").write_text(json.dumps(lexicon(), ensure_ascii=False, indent=1), encoding="utf-8")
+    build_embedder(root / "embedder", seed)
+    log(f"toy world: {n_train} train and {n_eval} eval problems in {', '.join(LANGS)}; training the warm start")
+    train_warmstart(root, problems[:n_train], seed, sft_steps, log)
+    marker.write_text(json.dumps(settings))
+    log(f"toy world built in {time.perf_counter() - t0:.0f}s under {root}")
+    return ToyWorld(root)
+
+
+def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
+    """Aligned word vectors as a 0-layer Transformer: token -> its concept's random unit vector (the same in every
+    language); frame words and punctuation, which every sentence shares, get zero vectors."""
+    g = torch.Generator().manual_seed(seed + 1)
+    concepts: dict[str, list[str]] = {}
+    for concept, names in ITEMS.items():
+        concepts[concept] = [n.lower() for n in names.values()]
+    for concept, words in ((c, [w for w in phrases[lang].lower().split() if w != "{b}"][:1])
+                           for c, (_, phrases) in VERBS.items() for lang in LANGS):
+        concepts.setdefault(concept, []).extend(words)
+    for sign in "+-=":
+        concepts[sign] = [sign]
+    for n in range(0, 40):
+        concepts[str(n)] = [str(n)]
+    vocab = {"<unk>": 0}
+    vectors = [torch.zeros(dim)]
+    for concept, words in concepts.items():
+        v = torch.randn(dim, generator=g)
+        for w in dict.fromkeys(words):
+            if w not in vocab:
+                vocab[w] = len(vocab)
+                vectors.append(v)
+    tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])
+    args = ModelArgs(vocab_size=len(vocab), hidden_size=dim, intermediate_size=1, num_hidden_layers=0,
+                     num_attention_heads=1, num_key_value_heads=1, head_dim=dim, max_position_embeddings=4096)
+    model = Transformer(args, lm_head=False)
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(torch.stack(vectors))
+    save_tokenizer(Tokenizer(tok, {}), out)
+    save_model(model, out)
+
+
+def sft_examples(problems: list[dict], tok: Tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, index where the loss starts). English: chat prompt + worked solution (loss on the solution).
+    Target languages: the question alone as plain text (loss on all of it): the model learns to read the
+    languages, never how their problems are solved."""
+    out = []
+    for i, p in enumerate(problems):
+        english = Problem(f"toy-{i}", "en", render(p, "en"), str(answer(p)))
+        prompt_ids = tok.encode_chat([{"role": "user", "content": mgsm_prompt(english)}])
+        out.append((prompt_ids + tok.encode(" " + solution(p["a"], VERBS[p["verb"]][0], p["b"], "en"))
+                    + [tok.eos_id], len(prompt_ids)))
+        for lang in LANGS[1:]:
+            out.append((tok.encode(render(p, lang)) + [tok.eos_id], 0))
+    return out
+
+
+def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, log) -> None:
+    texts = [render(p, lang) for p in problems for lang in LANGS] + \
+        [solution(p["a"], VERBS[p["verb"]][0], p["b"], lang) for p in problems for lang in LANGS] + \
+        [mgsm_prompt(Problem("x", lang, "q", "0")) for lang in LANGS]
+    tok = chat_tokenizer(train_tokenizer(texts, vocab_size=700))
+    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
+                     max_position_embeddings=512, tie_word_embeddings=True,
+                     bos_token_id=tok.token_id("<|begin_of_text|>"), eos_token_id=tok.eos_id)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    for name, param in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(param, std=0.02)
+    examples = sft_examples(problems, tok)
+    # Solutions and bare questions alternate in separate batches: similar lengths, little padding.
+    pools = [[e for e in examples if e[1] > 0], [e for e in examples if e[1] == 0]]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        pool = pools[step % 2]
+        batch = [pool[i] for i in torch.randint(0, len(pool), (64,), generator=g).tolist()]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        loss_mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        att = torch.zeros(len(batch), width, dtype=torch.bool)
+        for i, (row, start) in enumerate(batch):
+            ids[i, :len(row)] = torch.tensor(row)
+            att[i, :len(row)] = True
+            loss_mask[i, max(start, 1):len(row)] = True
+        for group in opt.param_groups:  # linear decay to 10%
+            group["lr"] = 3e-3 * (1 - 0.9 * step / steps)
+        logp, _ = model(ids[:, :-1], attention_mask=att[:, :-1], output="logprobs", labels=ids[:, 1:],
+                        label_mask=loss_mask[:, 1:])
+        loss = -logp.sum() / loss_mask[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 200 == 0 or step + 1 == steps:
+            log(f"  warm start step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+    out = root / "warmstart"
+    save_tokenizer(tok, out)
+    save_model(model.eval(), out)
+
+
 def build_random_model(out_dir, seed: int = 0) -> Path:
-    """A ~1M-parameter random Llama 3 model with the sample-text tokenizer, as a HF directory (cached)."""
+    """A ~1M-parameter random Llama 3 model with a small tokenizer, as a HF directory (cached)."""
     out = Path(out_dir)
     if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
         return out
-    tok = Tokenizer(train_tokenizer(SAMPLE_TEXT * 4, vocab_size=512),
-                    {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|endoftext|>"})
+    texts = [render(p, lang) for p in make_problems(50, random.Random(0)) for lang in LANGS]
+    tok = chat_tokenizer(train_tokenizer(texts, vocab_size=512))
     args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
                      max_position_embeddings=1024, tie_word_embeddings=True,
@@ -51,3 +321,4 @@ def build_random_model(out_dir, seed: int = 0) -> Path:
     save_tokenizer(tok, out)
     save_model(model, out)
     return out
+

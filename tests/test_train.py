@@ -1,0 +1,148 @@
+"""train.py: configuration errors, 1 vs 2 processes (torchrun, gloo, FSDP2), kill-and-resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import save_hf_model
+from pbrl.config import Config, load_config, validate
+from pbrl.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = {"en": "Janet has {a} apples and buys {b} more. How many apples does she have?",
+             "de": "Janet hat {a} Äpfel und kauft {b} weitere. Wie viele Äpfel hat sie?"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random policy, 8 problems in English and German, and a complete pivot cache."""
+    root = tmp_path_factory.mktemp("world")
+    save_hf_model(root / "policy", "qwen2", seed=4, tie_word_embeddings=True, max_position_embeddings=256)
+    data = root / "data"
+    data.mkdir()
+    pairs = [(a, b) for a in range(2, 6) for b in range(1, 3)]
+    for lang, q in QUESTIONS.items():
+        (data / f"mgsm_{lang}.tsv").write_text("".join(f"{q.format(a=a, b=b)}\t{a + b}\n" for a, b in pairs),
+                                               encoding="utf-8")
+    (root / "pivot.jsonl").write_text("".join(
+        json.dumps({"id": f"mgsm-{i}", "reference": f"{a} + {b} = {a + b}. The answer is {a + b}."}) + "\n"
+        for i, (a, b) in enumerate(pairs)))
+    return root
+
+
+def overrides(world, out, **extra):
+    args = {"models.policy": world / "policy", "data.path": world / "data", "data.langs": "de",
+            "data.pivot_cache": world / "pivot.jsonl", "data.eval_path": "", "reward.kind": "agreement",
+            "rollout.prompts_per_step": 4, "rollout.samples_per_prompt": 2, "rollout.max_new_tokens": 6,
+            "ppo.micro_batch_size": 4, "ppo.epochs": 2, "ppo.lr": 1e-3, "ppo.critic_lr": 1e-3,
+            "ppo.entropy_coef": 0.01, "run.steps": 2, "run.out_dir": out, "run.checkpoint_every": 0, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+STABLE = ("reward", "agreement", "kl", "policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl",
+          "response_length", "explained_variance", "logprob_mismatch")
+
+
+def test_two_processes_match_one(world, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "train.py", *overrides(world, one)], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           "train.py", *overrides(world, two)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m1, m2 = metrics(one), metrics(two)
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        for key in ("policy_loss", "value_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        for key in STABLE:  # statistics of a different batch layout: float noise relative to their size
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+    w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+    start = load_file(world / "policy" / "model.safetensors")
+    assert any(not torch.equal(start[n], w1[n]) for n in w1)  # training moved the weights
+
+
+def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
+    straight = Trainer(load_config(None, overrides(world, tmp_path / "a", **{"run.steps": 4})), log=lambda *a: None)
+    expected = straight.run()
+
+    args = overrides(world, tmp_path / "b", **{"run.steps": 4, "run.checkpoint_every": 2})
+    crashing = Trainer(load_config(None, args), log=lambda *a: None)
+    real_update = Trainer.update
+
+    def update_then_die(self, *a, **k):
+        if self.step == 2:  # iteration 3, after rollout and scoring, before the update finishes
+            raise KeyboardInterrupt("killed")
+        return real_update(self, *a, **k)
+    monkeypatch.setattr(Trainer, "update", update_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run()
+    monkeypatch.setattr(Trainer, "update", real_update)
+    ckpts = tmp_path / "b" / "checkpoints"
+    (ckpts / "step_000003.tmp").mkdir()  # a checkpoint a crash left half-written
+    resumed = Trainer(load_config(None, args + ["--run.resume", "true"]), log=lambda *a: None)
+    assert resumed.step == 2 and resumed.latest_checkpoint().name == "step_000002"
+    resumed.run()
+    got = metrics(tmp_path / "b")
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    for a, b in zip(expected, got):
+        for key in STABLE:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ppo.lr", "-1"], "ppo.lr and ppo.critic_lr must be > 0"),
+    (["--ppo.lrate", "1"], "unknown key ppo.lrate; \\[ppo\\] has epochs"),
+    (["--rollout.prompts_per_step", "many"], "rollout.prompts_per_step: expected an integer, got 'many'"),
+    (["--optim.lr", "1"], "unknown section \\[optim\\]"),
+    (["--ppo.whiten_advantages", "maybe"], "expected true or false"),
+    (["--data.path", "/no/such/dir"], "data.path = '/no/such/dir': no such file or directory"),
+    (["--data.langs", "de,xx"], "unknown language code 'xx'"),
+    (["--reward.kind", "bleu"], "reward.kind must be"),
+    (["--ppo.lr"], "overrides come in pairs"),
+])
+def test_config_errors(args, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate(load_config(None, args), world_size=1)
+
+
+def test_batch_must_divide_by_world_size():
+    cfg = Config()
+    cfg.rollout.prompts_per_step = 6
+    with pytest.raises(ValueError, match="prompts_per_step=6 must be divisible by the world size 4"):
+        validate(cfg, world_size=4)
+
+
+def test_toml_file_and_overrides(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[ppo]\nlr = 3e-5\nepochs = 3\n[data]\nlangs = ["sw"]\n')
+    cfg = load_config(str(file), ["--ppo.epochs", "4"])
+    assert cfg.ppo.lr == 3e-5 and cfg.ppo.epochs == 4 and cfg.data.langs == ["sw"]
+    file.write_text('[ppo]\nlr = "fast"\n')
+    with pytest.raises(ValueError, match="c.toml: ppo.lr: expected a number, got 'fast'"):
+        load_config(str(file))
+
+
+def test_pivot_cache_missing_ids_fails_before_any_model_loads(world, tmp_path, monkeypatch):
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(line + "\n" for line in (world / "pivot.jsonl").read_text().splitlines()[:5]))
+    import pbrl.model
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the config error")
+    monkeypatch.setattr(pbrl.model.Transformer, "from_pretrained", no_model)
+    with pytest.raises(KeyError, match="no reference for problem id\\(s\\): mgsm-5, mgsm-6, mgsm-7"):
+        Trainer(load_config(None, overrides(world, tmp_path / "x", **{"data.pivot_cache": partial})))

@@ -1,0 +1,34 @@
+"""Train a policy with PB-RLSVR (PPO rewarded against an English pivot).
+
+    python train.py                                   # the embedded toy experiment (no download, CPU, minutes)
+    python train.py --config configs/llama31_8b.toml  # one training run from a config file
+    torchrun --nproc_per_node=N train.py --config FILE.toml [--section.key value ...]
+
+With no --config and no overrides it runs the whole toy experiment (warm start, gold-label PPO baseline and the
+PB-RLSVR rewards side by side; see pbrl/experiment.py). Anything else is one run of pbrl/trainer.py.
+"""
+import sys
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        from pbrl.experiment import main as experiment
+        experiment()
+        return
+    from pbrl import distributed
+    from pbrl.config import load_config
+    from pbrl.trainer import Trainer
+    config = None
+    if argv[0] == "--config":
+        if len(argv) < 2:
+            raise SystemExit("--config needs a file")
+        config, argv = argv[1], argv[2:]
+    cfg = load_config(config, argv)
+    try:
+        Trainer(cfg).run()
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
