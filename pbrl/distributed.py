@@ -10,16 +10,17 @@ import torch.distributed as dist
 
 
 def init() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU."""
+    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU. Calling it
+    again returns the same."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 

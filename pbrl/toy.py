@@ -36,7 +36,7 @@ from pbrl.tokenizer import Tokenizer, save_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|im_start|>", "<|im_end|>"]
-VERSION = "toy-v1"  # bump when the world's generator changes, so cached artifacts are rebuilt
+VERSION = "toy-v3"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
@@ -127,7 +127,7 @@ def lexicon() -> dict[str, dict[str, str]]:
     """lang -> {target word (lowercase): English word}: items, verbs word by word, frame words."""
     out = {}
     for lang in LANGS[1:]:
-        words = dict(FRAME[lang])
+        words = {**FRAME[lang], **{name.lower(): name for name in NAMES}}
         for concept, names in ITEMS.items():
             words[names[lang].lower()] = concept
         for concept, (_, phrases) in VERBS.items():
@@ -240,19 +240,32 @@ def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
     save_model(model, out)
 
 
-def sft_examples(problems: list[dict], tok: Tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids, index where the loss starts). English: chat prompt + worked solution (loss on the solution).
-    Target languages: the question alone as plain text (loss on all of it): the model learns to read the
-    languages, never how their problems are solved."""
-    out = []
+SEEN_VERBS = ("buys", "loses")  # the only verbs with solved target-language examples in the warm start
+SOLVED_PER_LANGUAGE = 150
+
+
+def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
+    """Two pools of (token ids, index where the loss starts).
+    Solutions: every English problem (chat prompt + worked solution, loss on the solution), plus a handful of
+    solved problems per target language that only use SEEN_VERBS: the little target-language math a multilingual
+    pretrained model has seen. Questions: every target-language question as plain text (loss on all of it): the
+    model reads the languages, but what their other verbs do to the numbers it never sees solved."""
+    solved, questions = [], []
+    seen = {lang: 0 for lang in LANGS[1:]}
     for i, p in enumerate(problems):
-        english = Problem(f"toy-{i}", "en", render(p, "en"), str(answer(p)))
-        prompt_ids = tok.encode_chat([{"role": "user", "content": mgsm_prompt(english)}])
-        out.append((prompt_ids + tok.encode(" " + solution(p["a"], VERBS[p["verb"]][0], p["b"], "en"))
-                    + [tok.eos_id], len(prompt_ids)))
+        op = VERBS[p["verb"]][0]
+        for lang in LANGS:
+            if lang != "en":
+                if p["verb"] not in SEEN_VERBS or seen[lang] >= SOLVED_PER_LANGUAGE:
+                    continue
+                seen[lang] += 1
+            problem = Problem(f"toy-{i}", lang, render(p, lang), str(answer(p)))
+            prompt_ids = tok.encode_chat([{"role": "user", "content": mgsm_prompt(problem)}])
+            solved.append((prompt_ids + tok.encode(" " + solution(p["a"], op, p["b"], lang)) + [tok.eos_id],
+                           len(prompt_ids)))
         for lang in LANGS[1:]:
-            out.append((tok.encode(render(p, lang)) + [tok.eos_id], 0))
-    return out
+            questions.append((tok.encode(render(p, lang)) + [tok.eos_id], 0))
+    return solved, questions
 
 
 def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, log) -> None:
@@ -269,9 +282,8 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, log
     for name, param in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(param, std=0.02)
-    examples = sft_examples(problems, tok)
-    # Solutions and bare questions alternate in separate batches: similar lengths, little padding.
-    pools = [[e for e in examples if e[1] > 0], [e for e in examples if e[1] == 0]]
+    # Solutions and questions alternate in separate batches: similar lengths, little padding.
+    pools = sft_examples(problems, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()

@@ -1,0 +1,115 @@
+"""The embedded default: a miniature PB-RLSVR experiment on the toy world (pbrl/toy.py), CPU, minutes.
+
+    python train.py                          # or: torchrun --nproc_per_node=2 train.py
+    python -m pbrl.experiment --steps 10     # shorter
+
+Every run starts from the same warm start and goes through the real training loop (pbrl/trainer.py):
+  PPO + gold exact match      the baseline: rewarded with the target-language gold labels
+  PB-RLSVR embedding          cosine of aligned-word-vector embeddings of response and English pivot reference
+  PB-RLSVR MT                 the response translated into English (lexicon), then the same cosine
+  PB-RLSVR hybrid             0.5 embedding + 0.5 agreement of the final answers with the pivot's
+Writes runs/toy/results.json, results.md (per-language accuracy) and curves.svg (reward and accuracy per step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from pbrl import distributed as dist
+from pbrl.config import Config
+from pbrl.evaluate import format_table
+from pbrl.trainer import Trainer
+
+RUNS = {
+    "PPO + gold exact match": {"kind": "exact_match"},
+    "PB-RLSVR embedding": {"kind": "embedding"},
+    "PB-RLSVR MT": {"kind": "mt"},
+    "PB-RLSVR hybrid": {"kind": "hybrid"},
+}
+
+
+def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, log=print) -> dict:
+    results = {"warm start": None}
+    curves = {}
+    t0 = time.perf_counter()
+    for name, reward in RUNS.items():
+        cfg = Config()
+        cfg.reward.kind = reward["kind"]
+        cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, seed, eval_every
+        cfg.run.checkpoint_every = 0
+        cfg.run.out_dir = str(out / name.lower().replace(" + ", "-").replace(" ", "-"))
+        cfg.data.pivot_cache = str(out / "pivot.jsonl")  # the pivot answers once for all runs
+        log(f"== {name} ==")
+        history = Trainer(cfg, log=log).run()
+        accuracy = [h for h in history if any(k.startswith("acc/") for k in h)]
+        results["warm start"] = results["warm start"] or _acc(accuracy[0])
+        results[name] = _acc(accuracy[-1])
+        curves[name] = [{"step": h["step"], "reward": h.get("reward"),
+                         "avg": h.get("acc/avg")} for h in history]
+    table = format_table(results)
+    summary = {"steps": steps, "seed": seed, "seconds": time.perf_counter() - t0, "accuracy": results,
+               "curves": curves}
+    if dist.init()[0] != 0:  # rank 0 writes the results
+        return summary
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(f"Per-language accuracy (%), {steps} PPO iterations per run, seed {seed}.\n\n"
+                                    f"{table}\n")
+    (out / "curves.svg").write_text(svg_curves(curves))
+    log(table)
+    log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.svg'} "
+        f"({summary['seconds']:.0f}s in all)")
+    return summary
+
+
+def _acc(metrics: dict) -> dict[str, float]:
+    return {k.removeprefix("acc/"): v for k, v in metrics.items() if k.startswith("acc/")}
+
+
+def svg_curves(curves: dict[str, list[dict]], width: int = 360, height: int = 220) -> str:
+    """Two panels, mean reward and average target-language accuracy per step, one line per run."""
+    colors = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#7b5ea7"]
+    panels = [("mean reward", "reward"), ("target-language accuracy (%)", "avg")]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 40}" height="{height + 70}" '
+             f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for p, (title, key) in enumerate(panels):
+        x0, y0 = 40 + p * (width + 10), 20
+        points = {n: [(c["step"], c[key]) for c in cs if c.get(key) is not None] for n, cs in curves.items()}
+        values = [v for pts in points.values() for _, v in pts] or [0.0, 1.0]
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1
+        steps = max((s for pts in points.values() for s, _ in pts), default=1) or 1
+        parts.append(f'<text x="{x0}" y="{y0 - 6}">{title}</text>')
+        parts.append(f'<rect x="{x0}" y="{y0}" width="{width - 40}" height="{height - 40}" fill="none" '
+                     f'stroke="#999"/>')
+        parts.append(f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end">{hi:.2g}</text>')
+        parts.append(f'<text x="{x0 - 4}" y="{y0 + height - 40}" text-anchor="end">{lo:.2g}</text>')
+        parts.append(f'<text x="{x0 + width - 40}" y="{y0 + height - 26}" text-anchor="end">step {steps}</text>')
+        for i, (name, pts) in enumerate(points.items()):
+            xy = " ".join(f"{x0 + (width - 40) * s / steps:.1f},{y0 + (height - 40) * (1 - (v - lo) / (hi - lo)):.1f}"
+                          for s, v in pts)
+            parts.append(f'<polyline points="{xy}" fill="none" stroke="{colors[i % len(colors)]}" '
+                         f'stroke-width="1.5"/>')
+    for i, name in enumerate(curves):
+        parts.append(f'<text x="{40 + i * 170}" y="{height + 55}" fill="{colors[i % len(colors)]}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=Config().run.steps)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/toy")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        run_experiment(out, args.steps, args.seed)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
