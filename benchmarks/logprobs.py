@@ -111,7 +111,8 @@ def main():
                        naive_mb=round(nv["peak_bytes"] / 2**20), fused_mb=round(fu["peak_bytes"] / 2**20),
                        memory_reduction=round(nv["peak_bytes"] / max(fu["peak_bytes"], 1), 1))
             rows.append(row)
-            print(f"{n:>6} {h:>5} {'fwd+bwd' if backward else 'fwd':>8} | {row['naive_s']:>8.2f} {row['fused_s']:>8.2f} "
+            print(f"{n:>6} {h:>5} {'fwd+bwd' if backward else 'fwd':>8} | "
+                  f"{row['naive_s']:>8.2f} {row['fused_s']:>8.2f} "
                   f"{row['time_ratio']:>6.2f}x | {row['naive_mb']:>9} {row['fused_mb']:>9} "
                   f"{row['memory_reduction']:>6.1f}x", flush=True)
     out = Path(__file__).with_name("logprobs.csv")

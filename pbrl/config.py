@@ -38,10 +38,10 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = 16     # problems per iteration, over all ranks
-    samples_per_prompt: int = 4
+    prompts_per_step: int = 8      # problems per iteration, over all ranks
+    samples_per_prompt: int = 8
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 1.5       # the toy warm start is near-deterministic at 1.0: explore more
     top_k: int = 0                 # 0 = off
     top_p: float = 1.0
 
@@ -51,7 +51,7 @@ class PPOConfig:
     epochs: int = 2                # passes over each iteration's rollouts
     minibatches: int = 1           # optimizer steps per epoch
     micro_batch_size: int = 16     # sequences per forward/backward on one rank
-    lr: float = 2e-4
+    lr: float = 1e-4
     critic_lr: float = 5e-4
     warmup_steps: int = 0
     schedule: str = "constant"     # constant | cosine (after warmup, to 10% of lr at run.steps)
@@ -63,7 +63,7 @@ class PPOConfig:
     eps_high: float = 0.2
     dual_clip: float = 0.0         # 0 = off; else > 1
     value_clip: float = 0.2
-    kl_beta: float = 0.02
+    kl_beta: float = 0.1
     kl_target: float = 0.0         # 0 = fixed beta; else the adaptive controller's target KL
     kl_horizon: int = 10_000
     kl_estimator: str = "k1"       # k1 | k2 | k3, per-token KL in the reward
@@ -87,7 +87,7 @@ class RewardConfig:
 @dataclass
 class RunConfig:
     out_dir: str = "runs/pbrl"
-    steps: int = 30
+    steps: int = 40
     seed: int = 0
     checkpoint_every: int = 10     # 0 = only at the end
     eval_every: int = 10           # 0 = only at the end
@@ -188,7 +188,8 @@ def validate(cfg: Config, world_size: int) -> None:
         (r.prompts_per_step > 0, "rollout.prompts_per_step must be > 0"),
         (r.prompts_per_step % world_size == 0,
          f"rollout.prompts_per_step={r.prompts_per_step} must be divisible by the world size {world_size}"),
-        (r.samples_per_prompt > 0 and r.max_new_tokens > 0, "rollout.samples_per_prompt and max_new_tokens must be > 0"),
+        (r.samples_per_prompt > 0 and r.max_new_tokens > 0,
+         "rollout.samples_per_prompt and rollout.max_new_tokens must be > 0"),
         (r.temperature > 0, f"rollout.temperature must be > 0 for PPO rollouts, got {r.temperature}"),
         (r.top_k >= 0 and 0 < r.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]"),
         (p.lr > 0 and p.critic_lr > 0, f"ppo.lr and ppo.critic_lr must be > 0, got {p.lr} and {p.critic_lr}"),

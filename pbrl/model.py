@@ -52,7 +52,8 @@ class ModelArgs:
         """Build from a HF config.json dict; reject anything this model would silently compute wrong."""
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{where}: model_type {model_type!r} is not supported; pbrl supports {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported; "
+                             f"pbrl supports {SUPPORTED_MODEL_TYPES}")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{where}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
@@ -63,7 +64,8 @@ class ModelArgs:
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
         if heads % kv_heads:
-            raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+            raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                             f"num_key_value_heads={kv_heads}")
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))

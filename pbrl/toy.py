@@ -36,7 +36,7 @@ from pbrl.tokenizer import Tokenizer, save_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|im_start|>", "<|im_end|>"]
-VERSION = "toy-v3"  # bump when the world's generator changes, so cached artifacts are rebuilt
+VERSION = "toy-v4"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
@@ -181,11 +181,12 @@ class ToyWorld:
 
 
 def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 100, sft_steps: int = 1200,
-                log=print) -> ToyWorld:
-    """Build (or reuse) every toy artifact for this seed."""
+                width: int = 128, layers: int = 4, log=print) -> ToyWorld:
+    """Build (or reuse) every toy artifact for this seed; width and layers size the warm-start model."""
     root = Path(root or f".cache/pbrl/toy-{seed}")
     marker = root / "complete.json"
-    settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, "sft_steps": sft_steps}
+    settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, "sft_steps": sft_steps,
+                "width": width, "layers": layers}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return ToyWorld(root)
     t0 = time.perf_counter()
@@ -200,7 +201,7 @@ def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 100,
     (root / "lexicon.json").write_text(json.dumps(lexicon(), ensure_ascii=False, indent=1), encoding="utf-8")
     build_embedder(root / "embedder", seed)
     log(f"toy world: {n_train} train and {n_eval} eval problems in {', '.join(LANGS)}; training the warm start")
-    train_warmstart(root, problems[:n_train], seed, sft_steps, log)
+    train_warmstart(root, problems[:n_train], seed, sft_steps, width, layers, log)
     marker.write_text(json.dumps(settings))
     log(f"toy world built in {time.perf_counter() - t0:.0f}s under {root}")
     return ToyWorld(root)
@@ -241,7 +242,7 @@ def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
 
 
 SEEN_VERBS = ("buys", "loses")  # the only verbs with solved target-language examples in the warm start
-SOLVED_PER_LANGUAGE = 150
+SOLVED_PER_LANGUAGE = 60
 
 
 def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
@@ -268,13 +269,14 @@ def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
     return solved, questions
 
 
-def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, log) -> None:
+def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, width: int, layers: int, log) -> None:
     texts = [render(p, lang) for p in problems for lang in LANGS] + \
         [solution(p["a"], VERBS[p["verb"]][0], p["b"], lang) for p in problems for lang in LANGS] + \
         [mgsm_prompt(Problem("x", lang, "q", "0")) for lang in LANGS]
     tok = chat_tokenizer(train_tokenizer(texts, vocab_size=700))
-    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
+    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=3 * width,
+                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
+                     rope_theta=10000.0,
                      max_position_embeddings=512, tie_word_embeddings=True,
                      bos_token_id=tok.token_id("<|begin_of_text|>"), eos_token_id=tok.eos_id)
     torch.manual_seed(seed)
@@ -282,13 +284,13 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, log
     for name, param in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(param, std=0.02)
-    # Solutions and questions alternate in separate batches: similar lengths, little padding.
+    # Solutions and questions come in separate batches (similar lengths, little padding), questions every 4th.
     pools = sft_examples(problems, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for step in range(steps):
-        pool = pools[step % 2]
+        pool = pools[step % 4 == 3]
         batch = [pool[i] for i in torch.randint(0, len(pool), (64,), generator=g).tolist()]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)

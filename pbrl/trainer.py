@@ -32,7 +32,7 @@ from pbrl.config import TOY, Config, validate
 from pbrl.data import Problem, load_mgsm, prompt
 from pbrl.evaluate import accuracy_by_language, evaluate
 from pbrl.model import Transformer
-from pbrl.pivot import match_references, read_references, write_references
+from pbrl.pivot import match_references, write_references
 from pbrl.rewards import (AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward, HybridReward,
                           LanguageConsistency, MTReward, Sample, Translator)
 from pbrl.sampler import generate

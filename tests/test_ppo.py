@@ -24,10 +24,10 @@ def gae_loop(rewards, values, mask, gamma, lam):
 def test_gae_hand_case():
     """values = rewards = [0, 0, 0, 1]: deltas r_t + g V_{t+1} - V_t = [0, 0, g, 0], so A = [g^3 l^2, g^2 l, g, 0]
     and returns = A + V = [g^3 l^2, g^2 l, g, 1]."""
-    g, l = 0.9, 0.95
+    g, lam = 0.9, 0.95
     x = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
-    adv, ret = ppo.gae(x, x, torch.ones_like(x), g, l)
-    expected = torch.tensor([[g ** 3 * l ** 2, g ** 2 * l, g, 1.0]])
+    adv, ret = ppo.gae(x, x, torch.ones_like(x), g, lam)
+    expected = torch.tensor([[g ** 3 * lam ** 2, g ** 2 * lam, g, 1.0]])
     assert torch.allclose(ret, expected) and torch.allclose(adv, expected - x)
 
 
