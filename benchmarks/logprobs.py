@@ -10,7 +10,6 @@ above the inputs and triton.testing.do_bench for time. Prints ratios (naive / fu
 benchmarks/logprobs.csv.
 """
 import argparse
-import csv
 import json
 import os
 import resource
@@ -24,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import kernels  # noqa: E402
+from benchmarks.results import append_csv  # noqa: E402
 
 
 def naive(hidden, weight, labels):
@@ -115,13 +115,7 @@ def main():
                   f"{row['naive_s']:>8.2f} {row['fused_s']:>8.2f} "
                   f"{row['time_ratio']:>6.2f}x | {row['naive_mb']:>9} {row['fused_mb']:>9} "
                   f"{row['memory_reduction']:>6.1f}x", flush=True)
-    out = Path(__file__).with_name("logprobs.csv")
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    print(f"appended to {append_csv('logprobs.csv', rows)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Checks that both produce identical tokens, prints a table and the speed ratio, a
 benchmarks/sampler.csv. Requires transformers (requirements-test.txt).
 """
 import argparse
-import csv
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.results import append_csv  # noqa: E402
 from pbrl.model import Transformer  # noqa: E402
 from pbrl.sampler import generate  # noqa: E402
 
@@ -83,13 +83,7 @@ def main():
                          ratio=round(t_hf / t_ours, 2), identical=same))
         print(f"batch {batch}: pbrl {n / t_ours:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
               f"ratio {t_hf / t_ours:.2f}x   identical outputs: {same}")
-    out = Path(__file__).with_name("sampler.csv")
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    print(f"appended to {append_csv('sampler.csv', rows)}")
 
 
 if __name__ == "__main__":

@@ -274,16 +274,7 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
         [solution(p["a"], VERBS[p["verb"]][0], p["b"], lang) for p in problems for lang in LANGS] + \
         [mgsm_prompt(Problem("x", lang, "q", "0")) for lang in LANGS]
     tok = chat_tokenizer(train_tokenizer(texts, vocab_size=700))
-    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=3 * width,
-                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
-                     rope_theta=10000.0,
-                     max_position_embeddings=512, tie_word_embeddings=True,
-                     bos_token_id=tok.token_id("<|begin_of_text|>"), eos_token_id=tok.eos_id)
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    for name, param in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(param, std=0.02)
+    model = random_llama(tok, width, layers, seed)
     # Solutions and questions come in separate batches (similar lengths, little padding), questions every 4th.
     pools = sft_examples(problems, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -292,10 +283,10 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     for step in range(steps):
         pool = pools[step % 4 == 3]
         batch = [pool[i] for i in torch.randint(0, len(pool), (64,), generator=g).tolist()]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        loss_mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        att = torch.zeros(len(batch), width, dtype=torch.bool)
+        length = max(len(ids) for ids, _ in batch)
+        ids = torch.zeros(len(batch), length, dtype=torch.long)
+        loss_mask = torch.zeros(len(batch), length, dtype=torch.bool)
+        att = torch.zeros(len(batch), length, dtype=torch.bool)
         for i, (row, start) in enumerate(batch):
             ids[i, :len(row)] = torch.tensor(row)
             att[i, :len(row)] = True
@@ -316,6 +307,20 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     save_model(model.eval(), out)
 
 
+def random_llama(tok: Tokenizer, width: int, layers: int, seed: int) -> Transformer:
+    """A small Llama-config model of pbrl's own code: N(0, 0.02) weights, unit norms, tied embeddings."""
+    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=3 * width,
+                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
+                     rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
+                     bos_token_id=tok.token_id("<|begin_of_text|>"), eos_token_id=tok.eos_id)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    for name, param in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
 def build_random_model(out_dir, seed: int = 0) -> Path:
     """A ~1M-parameter random Llama 3 model with a small tokenizer, as a HF directory (cached)."""
     out = Path(out_dir)
@@ -323,16 +328,7 @@ def build_random_model(out_dir, seed: int = 0) -> Path:
         return out
     texts = [render(p, lang) for p in make_problems(50, random.Random(0)) for lang in LANGS]
     tok = chat_tokenizer(train_tokenizer(texts, vocab_size=512))
-    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
-                     max_position_embeddings=1024, tie_word_embeddings=True,
-                     bos_token_id=tok.token_id("<|begin_of_text|>"), eos_token_id=tok.eos_id)
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    for name, p in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(p, std=0.02)
     save_tokenizer(tok, out)
-    save_model(model, out)
+    save_model(random_llama(tok, 128, 4, seed), out)
     return out
 
