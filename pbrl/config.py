@@ -213,6 +213,11 @@ def validate(cfg: Config, world_size: int) -> None:
         (w.kind != "hybrid" or w.embedding_weight + w.agreement_weight + w.mt_weight + w.format_weight
          + w.language_weight > 0, "reward.kind=hybrid needs at least one positive weight"),
         (w.pooling in ("last", "mean"), f"reward.pooling must be last or mean, got {w.pooling!r}"),
+        (bool(cfg.models.embedder) or not (w.kind in ("embedding", "mt") or (
+            w.kind == "hybrid" and (w.embedding_weight or w.mt_weight))),
+         f"reward.kind={w.kind} compares embeddings: set models.embedder"),
+        (bool(cfg.models.translator) or not (w.kind == "mt" or (w.kind == "hybrid" and w.mt_weight)),
+         f"reward.kind={w.kind} translates responses: set models.translator"),
         (run.steps > 0 and run.checkpoint_every >= 0 and run.eval_every >= 0,
          "run.steps must be > 0, run.checkpoint_every and run.eval_every >= 0"),
         (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {run.device!r}"),

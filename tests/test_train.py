@@ -113,6 +113,8 @@ def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
     (["--data.langs", "de,xx"], "unknown language code 'xx'"),
     (["--reward.kind", "bleu"], "reward.kind must be"),
     (["--ppo.lr"], "overrides come in pairs"),
+    (["--reward.kind", "embedding", "--models.embedder", ""], "reward.kind=embedding compares embeddings: set models"),
+    (["--reward.kind", "mt", "--models.translator", ""], "reward.kind=mt translates responses: set models.translator"),
 ])
 def test_config_errors(args, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
