@@ -83,6 +83,13 @@ class RewardConfig:
     pooling: str = "last"          # embedder pooling: last | mean
     translate_max_new_tokens: int = 64
 
+    def uses_embedder(self) -> bool:
+        return self.kind in ("embedding", "mt") or (self.kind == "hybrid" and bool(self.embedding_weight
+                                                                                   or self.mt_weight))
+
+    def uses_translator(self) -> bool:
+        return self.kind == "mt" or (self.kind == "hybrid" and bool(self.mt_weight))
+
 
 @dataclass
 class RunConfig:
@@ -213,10 +220,9 @@ def validate(cfg: Config, world_size: int) -> None:
         (w.kind != "hybrid" or w.embedding_weight + w.agreement_weight + w.mt_weight + w.format_weight
          + w.language_weight > 0, "reward.kind=hybrid needs at least one positive weight"),
         (w.pooling in ("last", "mean"), f"reward.pooling must be last or mean, got {w.pooling!r}"),
-        (bool(cfg.models.embedder) or not (w.kind in ("embedding", "mt") or (
-            w.kind == "hybrid" and (w.embedding_weight or w.mt_weight))),
+        (bool(cfg.models.embedder) or not w.uses_embedder(),
          f"reward.kind={w.kind} compares embeddings: set models.embedder"),
-        (bool(cfg.models.translator) or not (w.kind == "mt" or (w.kind == "hybrid" and w.mt_weight)),
+        (bool(cfg.models.translator) or not w.uses_translator(),
          f"reward.kind={w.kind} translates responses: set models.translator"),
         (run.steps > 0 and run.checkpoint_every >= 0 and run.eval_every >= 0,
          "run.steps must be > 0, run.checkpoint_every and run.eval_every >= 0"),

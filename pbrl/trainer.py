@@ -51,14 +51,16 @@ class Trainer:
         self.device = device if cfg.run.device == "auto" else torch.device(cfg.run.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.run.out_dir)
-        if cfg.models.policy == TOY or cfg.data.path == TOY:
+        m, d, w = cfg.models, cfg.data, cfg.reward
+        self.toy = None
+        wanted = [m.policy, m.critic, m.reference, m.pivot, d.path, d.eval_path,
+                  m.embedder if w.uses_embedder() else "", m.translator if w.uses_translator() else ""]
+        if TOY in wanted:
             from pbrl import toy
-            world = toy.build_world(cfg.run.seed, log=self.log) if self.rank == 0 else None
+            if self.rank == 0:
+                toy.build_world(cfg.run.seed, log=self.log)
             dist.barrier()
-            world = world or toy.build_world(cfg.run.seed, log=lambda *a: None)  # cached: rank 0 built it
-            self.toy = world
-        else:
-            self.toy = None
+            self.toy = toy.build_world(cfg.run.seed, log=lambda *a: None)  # cached by now
         self.dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                       "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.models.dtype]
 
@@ -81,7 +83,7 @@ class Trainer:
             self.references = match_references(self.pivot_cache, english)
         self.critic = self._load(self._path(cfg.models.critic or policy, "critic"), value_head=True)
         self.reference = self._load(self._path(cfg.models.reference or policy, "reference"))
-        self.reference.requires_grad_(False)
+        self.reference.requires_grad_(False).eval()
         for m in (self.actor, self.critic, self.reference):
             dist.shard(m, self.device)
         self.reward_fn = self._reward()
