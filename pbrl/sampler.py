@@ -57,8 +57,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     generator: one for the batch, or one per row (len(prompts) * n, row i*n + j = sample j of prompt i) for
     samples that do not depend on how rows are batched. Sampling log-probs are those of the tempered, untruncated
-    distribution (temperature 0: the raw one), the
-    same quantity a trainer recomputes with a full forward pass; top-k/top-p only change which token is drawn.
+    distribution (temperature 0: the raw one), the same quantity a trainer recomputes with a full forward pass;
+    top-k/top-p only change which token is drawn.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and every prompt needs at least one token")
