@@ -232,16 +232,13 @@ class Trainer:
         ids, mask, response_mask, p_len = self.batch(prompt_rows, out)
         b, t = response_mask.shape
         old, ref, values = (torch.zeros(b, t, device=self.device) for _ in range(3))
-        for name, model in (("old_logprobs", self.actor), ("ref_logprobs", self.reference), ("values", self.critic)):
+        for name, model, target, what in (("old_logprobs", self.actor, old, "logprobs"),
+                                          ("ref_logprobs", self.reference, ref, "logprobs"),
+                                          ("values", self.critic, values, "values")):
             t0 = time.perf_counter()
             for rows in self.micro_batches(torch.arange(b, device=self.device)):
-                if name == "values":
-                    values[rows] = self.forward_response(model, ids[rows], mask[rows], response_mask[rows], p_len,
-                                                         "values")
-                else:
-                    target = old if name == "old_logprobs" else ref
-                    target[rows] = self.forward_response(model, ids[rows], mask[rows], response_mask[rows], p_len,
-                                                         "logprobs")[0]
+                result = self.forward_response(model, ids[rows], mask[rows], response_mask[rows], p_len, what)
+                target[rows] = result if what == "values" else result[0]  # log-probs, not entropy
             timings[name] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -347,7 +344,7 @@ class Trainer:
                                                           batch.response_mask.sum().float()])).tolist()
         kl_mean = kl_sum / max(tokens, 1.0)
         self.kl.update(kl_mean, self.cfg.rollout.prompts_per_step * self.cfg.rollout.samples_per_prompt)
-        metrics = self.gather_metrics(samples, rewards, batch, returns, sampler_logp, kl_mean, out)
+        metrics = self.gather_metrics(samples, rewards, batch, returns, sampler_logp, kl_mean)
         metrics.update(stats)
         elapsed = time.perf_counter() - t_start
         metrics["seconds"] = elapsed
@@ -359,7 +356,7 @@ class Trainer:
         metrics["kl_beta"] = self.kl.beta
         return metrics
 
-    def gather_metrics(self, samples, rewards, batch, returns, sampler_logp, kl_mean, out) -> dict:
+    def gather_metrics(self, samples, rewards, batch, returns, sampler_logp, kl_mean) -> dict:
         m = batch.response_mask
         per_sample = [{"lang": s.lang, **{k: float(v[i]) for k, v in rewards.items()}} for i, s in enumerate(samples)]
         everything = [x for part in dist.all_gather_objects(per_sample) for x in part]
