@@ -10,11 +10,13 @@ implementation that both eval and the rewards use.
 from __future__ import annotations
 
 import csv
-import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+
+from pbrl.files import read_jsonl, read_text, resolve
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,24 @@ class Problem:
 # Answer extraction
 # ---------------------------------------------------------------------------------------------------------------
 # A number: optional sign, digits with optional thousands groups (",", ".", or a space of some width, each followed
-# by exactly three digits), optional decimal part.
-_NUMBER = re.compile(r"(?<![\w.,])-?\d+(?:[,.\u00a0\u202f ]\d{3})*(?:[.,]\d+)?")
-_PHRASES = sorted({f.phrase for f in LANGUAGES.values()} | {"answer:"}, key=len, reverse=True)
+# by exactly three digits), optional decimal part. It may not start inside another number ("12.5", "3,000") nor
+# right after a letter of a script that separates words with spaces ("x2", "COVID19"); right after Chinese,
+# Japanese or Thai text, which has no spaces between words ("答えは18です", "คำตอบคือ18"), it may.
+# Right after an answer phrase the number may touch it in any script ("The answer is18"), past separators.
+_SPACED_LETTERS = "A-Za-z\u00c0-\u024f\u0370-\u03ff\u0400-\u04ff"
+_NUMBER_BODY = r"-?\d+(?:[,.\u00a0\u202f ]\d{3})*(?:[.,]\d+)?"
+_NUMBER = re.compile(rf"(?<![0-9{_SPACED_LETTERS}])(?<![0-9][.,]){_NUMBER_BODY}", flags=re.ASCII)
+_NUMBER_AFTER_PHRASE = re.compile(rf"[\s:：*$€£]*({_NUMBER_BODY})", flags=re.ASCII)
+# Longest first, so that of two phrases ending at the same place the longer one is matched.
+_PHRASES = re.compile("|".join(re.escape(p) for p in sorted({f.phrase for f in LANGUAGES.values()} | {"answer:"},
+                                                                  key=len, reverse=True)), flags=re.IGNORECASE)
+_CANONICAL = re.compile(r"(-?)([1-9]\d{0,2}(?:[, .]\d{3})+|\d+)(?:[.,](\d+))?", flags=re.ASCII)
 
 
-_CANONICAL = re.compile(r"(-?)([1-9]\d{0,2}(?:[, .]\d{3})+|\d+)(?:[.,](\d+))?")
+def ascii_digits(text: str) -> str:
+    """Decimal digits of any script (Bengali '১৮', full-width '１８', ...) as ASCII digits; nothing else changes
+    (so string offsets stay valid)."""
+    return re.sub(r"\d", lambda m: str(unicodedata.digit(m.group())), text)
 
 
 def normalize_number(text: str) -> str | None:
@@ -74,7 +88,7 @@ def normalize_number(text: str) -> str | None:
     ('2,125' and '80.000' -> '2125' and '80000', '1,234.50' -> '1234.5'); any other ',' or '.' is the decimal
     point ('3,5' -> '3.5', '0.125' stays); trailing zeros go ('18.00' -> '18'). The one ambiguity, '1.125' in
     English, reads as thousands: MGSM's answers are integers."""
-    s = text.strip().replace("\u00a0", " ").replace("\u202f", " ").lstrip("$€£").rstrip(".")
+    s = ascii_digits(text).strip().replace("\u00a0", " ").replace("\u202f", " ").lstrip("$€£").rstrip(".")
     m = _CANONICAL.fullmatch(s)
     if m is None:
         return None
@@ -84,15 +98,21 @@ def normalize_number(text: str) -> str | None:
     return "0" if out == "-0" else out
 
 
+def _after_last_phrase(text: str) -> int:
+    """Offset just after the last answer phrase of any MGSM language ('The answer is', '答えは', ...), or -1."""
+    return max((m.end() for m in _PHRASES.finditer(text)), default=-1)
+
+
 def extract_number(response: str) -> str | None:
-    """The final numeric answer of a response, canonical, or None when it has no number."""
-    lowered = response.lower()
-    cut = max((lowered.rfind(p.lower()) + len(p) for p in _PHRASES if p.lower() in lowered), default=-1)
+    """The final numeric answer of a response, canonical, or None when it has no number: the first number after
+    the last answer phrase, else the last number of the text."""
+    text = ascii_digits(response)
+    cut = _after_last_phrase(text)
     if cut >= 0:
-        after = _NUMBER.search(response, cut)
-        if after:
-            return normalize_number(after.group())
-    numbers = _NUMBER.findall(response)
+        found = _NUMBER_AFTER_PHRASE.match(text, cut) or _NUMBER.search(text, cut)
+        if found:
+            return normalize_number(found.group(found.lastindex or 0))
+    numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
 
@@ -110,8 +130,7 @@ _LETTER = re.compile(r"\(([A-Ja-j])\)|(?<![A-Za-z])([A-J])(?![A-Za-z])")
 def extract_choice(response: str) -> str | None:
     """The chosen letter A-J: the first standalone letter after the last answer phrase ('The answer is (B)',
     'Answer: C', 'Die Antwort lautet **D**'), else the last parenthesised letter '(E)', else None."""
-    lowered = response.lower()
-    cut = max((lowered.rfind(p.lower()) + len(p) for p in _PHRASES if p.lower() in lowered), default=-1)
+    cut = _after_last_phrase(response)
     if cut >= 0:
         found = _LETTER.search(response, cut)
         if found:
@@ -154,14 +173,7 @@ def mgsm_prompt(problem: Problem) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def resolve_dataset(path_or_id: str | Path) -> Path:
     """A local directory or file as is; 'org/name' is a hub dataset, fetched with huggingface_hub (its data files)."""
-    path = Path(path_or_id)
-    if path.exists():
-        return path
-    text = str(path_or_id)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{text!r} is neither a local file or directory nor a hub dataset id 'org/name'")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(text, repo_type="dataset", allow_patterns=["*.tsv", "*.jsonl", "*.json"]))
+    return resolve(path_or_id, repo_type="dataset", allow_patterns=("*.tsv", "*.jsonl", "*.json"))
 
 
 def _gold(raw, where: str) -> str:
@@ -185,7 +197,7 @@ def load_mgsm(path_or_id, langs: list[str]) -> dict[str, list[Problem]]:
         elif jsonl.is_file():
             out[lang] = [Problem(f"mgsm-{i}", lang, r["question"], _gold(r["answer_number"], f"{jsonl}:{i + 1}"),
                                  r.get("answer") or None)
-                         for i, r in enumerate(_read_jsonl(jsonl, required=("question", "answer_number")))]
+                         for i, r in enumerate(read_jsonl(jsonl, required=("question", "answer_number")))]
         else:
             raise FileNotFoundError(f"{root}: no mgsm_{lang}.tsv or mgsm_{lang}.jsonl")
     counts = {lang: len(ps) for lang, ps in out.items()}
@@ -195,30 +207,15 @@ def load_mgsm(path_or_id, langs: list[str]) -> dict[str, list[Problem]]:
 
 
 def _read_mgsm_tsv(file: Path, lang: str) -> list[Problem]:
+    lines = read_text(file).splitlines()
+    while lines and not lines[-1].strip():  # a trailing blank line is not a problem
+        lines.pop()
     problems = []
-    with file.open(encoding="utf-8", newline="") as f:
-        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if len(row) != 2 or not row[0].strip():
-                raise ValueError(f"{file}:{line_no}: expected 'question<TAB>answer_number', got {len(row)} column(s)")
-            problems.append(Problem(f"mgsm-{line_no - 1}", lang, row[0].strip(), _gold(row[1], f"{file}:{line_no}")))
+    for line_no, row in enumerate(csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
+        if len(row) != 2 or not row[0].strip():
+            raise ValueError(f"{file}:{line_no}: expected 'question<TAB>answer_number', got {len(row)} column(s)")
+        problems.append(Problem(f"mgsm-{line_no - 1}", lang, row[0].strip(), _gold(row[1], f"{file}:{line_no}")))
     return problems
-
-
-def _read_jsonl(file: Path, required: tuple[str, ...]) -> list[dict]:
-    rows = []
-    with file.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{line_no}: not valid JSON ({e})") from None
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ValueError(f"{file}:{line_no}: missing field(s) {missing}")
-            rows.append(row)
-    return rows
 
 
 def load_gsm8k(path_or_id, split: str = "test") -> list[Problem]:
@@ -230,7 +227,7 @@ def load_gsm8k(path_or_id, split: str = "test") -> list[Problem]:
     if file is None:
         raise FileNotFoundError(f"{root}: no {split}.jsonl")
     problems = []
-    for i, row in enumerate(_read_jsonl(file, required=("question", "answer"))):
+    for i, row in enumerate(read_jsonl(file, required=("question", "answer"))):
         if "####" not in row["answer"]:
             raise ValueError(f"{file}: row {i + 1}: answer has no '#### <number>' final line")
         solution, final = row["answer"].rsplit("####", 1)
@@ -276,7 +273,7 @@ def load_mmlu_prox(path_or_id, langs: list[str], split: str = "test") -> dict[st
 
 def _read_rows(file: Path, required: tuple[str, ...]) -> list[dict]:
     if file.suffix == ".jsonl":
-        return _read_jsonl(file, required)
+        return read_jsonl(file, required)
     try:
         import pyarrow.parquet as pq
     except ImportError:

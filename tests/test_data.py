@@ -6,6 +6,7 @@ import pytest
 from pbrl.data import (LANGUAGES, extract_number, has_answer_phrase, load_gsm8k, load_mgsm, mgsm_prompt,
                        normalize_number)
 
+REAL_MGSM = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
 EXTRACTION = [
     ("The answer is 18.", "18"),
     ("She sells 16 - 3 - 4 = 9 eggs for $2 each, 9 * 2 = 18. The answer is 18.", "18"),
@@ -40,6 +41,64 @@ EXTRACTION = [
 @pytest.mark.parametrize("text,expected", EXTRACTION)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
+
+
+# Chains of thought in the style of MGSM's native exemplars, one per language, each with other numbers before (and
+# sometimes after) the answer; the answer phrase is followed by the number with and without a space.
+NATIVE_COT = {
+    "en": "She has 16 - 3 - 4 = 9 eggs left and sells them for $2 each, 9 * 2 = 18. The answer is{sp}{n}.",
+    "es": "Le quedan 16 - 3 - 4 = 9 huevos y los vende a 2 $ cada uno: 9 * 2 = 18. La respuesta es{sp}{n}.",
+    "fr": "Il lui reste 16 - 3 - 4 = 9 œufs, vendus 2 $ pièce : 9 × 2 = 18. La réponse est{sp}{n}.",
+    "de": "Es bleiben 16 - 3 - 4 = 9 Eier, je 2 $: 9 * 2 = 18. Die Antwort lautet{sp}{n}.",
+    "ru": "Остаётся 16 - 3 - 4 = 9 яиц по 2 доллара: 9 * 2 = 18. Ответ —{sp}{n}.",
+    "zh": "她每天剩下16-3-4=9颗蛋，每颗卖2美元，9*2=18美元。所以答案是{sp}{n}。她第2天也一样。",
+    "ja": "残りは16-3-4=9個で、1個2ドルなので9*2=18ドルです。答えは{sp}{n}です。翌日も3個食べます。",
+    "th": "เหลือไข่16-3-4=9ฟอง ขายฟองละ2ดอลลาร์ ได้9*2=18ดอลลาร์ คำตอบคือ{sp}{n}",
+    "sw": "Anabaki na mayai 16 - 3 - 4 = 9, kila moja kwa $2: 9 * 2 = 18. Jibu ni{sp}{n}.",
+    "bn": "তার কাছে 16 - 3 - 4 = 9টি ডিম থাকে, প্রতিটি 2 ডলারে: 9 * 2 = 18। উত্তর হল{sp}{n}।",
+    "te": "ఆమె దగ్గర 16 - 3 - 4 = 9 గుడ్లు మిగులుతాయి, ఒక్కొక్కటి $2: 9 * 2 = 18. సమాధానం{sp}{n}.",
+}
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+@pytest.mark.parametrize("space", ["", " "])
+@pytest.mark.parametrize("written,expected", [("18", "18"), ("1,250", "1250"), ("70000", "70000"), ("-5", "-5")])
+def test_extract_number_in_every_mgsm_language(lang, space, written, expected):
+    text = NATIVE_COT[lang].format(sp=space, n=written)
+    assert extract_number(text) == expected, text
+    assert has_answer_phrase(text, lang)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("答えは18です", "18"), ("คำตอบคือ18", "18"), ("所以答案是18。", "18"),  # the issue's three
+    ("所以一共是18颗", "18"),                # no phrase: the last number, right after Chinese text
+    ("答えは１８です", "18"),                # full-width digits
+    ("উত্তর হল ১৮।", "18"),                 # Bengali digits
+    ("答案是70,000美元", "70000"), ("คำตอบคือ 70,000 บาท", "70000"), ("Ответ — 70 000.", "70000"),
+    ("La réponse est 70\u202f000.", "70000"), ("Die Antwort lautet 70.000 Dollar.", "70000"),
+    ("x2 and COVID19", None),              # a number glued to a Latin word is not a number of its own
+    ("16-3-4=9", "9"), ("It costs 12.5 dollars.", "12.5"),
+])
+def test_extract_number_without_spaces_and_in_native_digits(text, expected):
+    assert extract_number(text) == expected
+
+
+REAL_MGSM_STYLE = "{question}\n{step}{phrase}{space}{answer}{end}"
+
+
+@pytest.mark.skipif(not REAL_MGSM.is_dir(), reason="the real MGSM files live in ../shared/data (not committed)")
+def test_extraction_on_every_real_mgsm_problem():
+    """Each real MGSM question (which holds numbers of its own), its language's answer prefix, phrase and gold
+    answer: the gold answer comes back, with and without a space after the phrase, in all 11 languages."""
+    data = load_mgsm(REAL_MGSM, list(LANGUAGES))
+    for lang, problems in data.items():
+        f = LANGUAGES[lang]
+        end = {"zh": "。", "ja": "です。", "th": "", "bn": "।"}.get(lang, ".")
+        for p in problems:
+            for space in ("", " "):
+                text = REAL_MGSM_STYLE.format(question=p.question, step=f.answer, phrase=f.phrase, space=space,
+                                              answer=p.answer, end=end)
+                assert extract_number(text) == p.answer, (lang, p.id, text)
 
 
 def test_every_language_phrase_is_recognised():
@@ -115,9 +174,6 @@ def test_load_gsm8k(tmp_path):
         load_gsm8k(tmp_path)
 
 
-REAL_MGSM = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "mgsm"
-
-
 @pytest.mark.skipif(not REAL_MGSM.is_dir(), reason="the real MGSM files live in ../shared/data (not committed)")
 def test_real_mgsm_loads_in_all_languages():
     data = load_mgsm(REAL_MGSM, list(LANGUAGES))
@@ -154,3 +210,19 @@ def test_load_mmlu_prox_jsonl_layouts_and_errors(tmp_path):
         load_mmlu_prox(tmp_path, ["de"])
     with pytest.raises(FileNotFoundError, match="mmlu_prox_fr.jsonl"):
         load_mmlu_prox(tmp_path, ["fr"])
+
+
+def test_mgsm_files_with_a_bom_a_trailing_blank_line_or_bad_bytes(tmp_path):
+    (tmp_path / "mgsm_en.tsv").write_text("\ufeffJanet has 3 apples.\t3\nAnd 2 more?\t5\n\n", encoding="utf-8")
+    problems = load_mgsm(tmp_path, ["en"])["en"]
+    assert [(p.question, p.answer) for p in problems] == [("Janet has 3 apples.", "3"), ("And 2 more?", "5")]
+    (tmp_path / "mgsm_en.tsv").write_text("q1\t3\n\nq3\t5\n")  # a blank line inside would shift every id
+    with pytest.raises(ValueError, match=r"mgsm_en.tsv:2: expected 'question<TAB>answer_number', got 0 column"):
+        load_mgsm(tmp_path, ["en"])
+    (tmp_path / "mgsm_en.tsv").write_bytes("q1\t3\nÄpfel\t5\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"mgsm_en.tsv:2: not UTF-8 text"):
+        load_mgsm(tmp_path, ["en"])
+    (tmp_path / "mgsm_en.tsv").unlink()
+    (tmp_path / "mgsm_en.jsonl").write_bytes(b'{"question": "q", "answer_number": 3}\n{"question": "\xe4"}\n')
+    with pytest.raises(ValueError, match=r"mgsm_en.jsonl:2: not UTF-8 text"):
+        load_mgsm(tmp_path, ["en"])
