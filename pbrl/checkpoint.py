@@ -14,32 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pbrl.files import read_json, resolve, write_atomic
 from pbrl.model import ModelArgs, Transformer, rope_inv_freq
+from pbrl.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files that travel with the weights so that a saved policy is a complete, loadable HF model directory.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "chat_template.jinja")
-
-
-def resolve(path_or_id: str | os.PathLike) -> Path:
-    """A local directory as is; anything else is a hub id, fetched with huggingface_hub's snapshot_download."""
-    path = Path(path_or_id)
-    if path.is_dir():
-        return path
-    text = str(path_or_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{text!r} is neither a local model directory nor a hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_args(directory: Path) -> ModelArgs:
@@ -80,6 +63,9 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     files = weight_files(directory)
     bare = not any(name.startswith("model.") for name in files)
     has_lm_head = "lm_head.weight" in files or (args.tie_word_embeddings and not bare)
+    if not bare and not has_lm_head:
+        raise KeyError(f"{directory}: no lm_head.weight, and config.json has tie_word_embeddings=false, so the "
+                       f"output layer is missing (a bare backbone has no 'model.' prefix on its tensors)")
     with torch.device("meta"):
         model = Transformer(args, lm_head=has_lm_head, value_head=value_head)
     expected = dict(model.state_dict())
@@ -124,13 +110,32 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     return model.eval()
 
 
-def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """pbrl names -> HF names; a tied LM head is not stored (HF convention; safetensors forbids aliases)."""
+def load_pretrained(path_or_id, dtype: torch.dtype | None = None, device=None,
+                    value_head: bool = False) -> tuple[Transformer, Tokenizer]:
+    """A model and its own tokenizer, checked to fit each other before any weight is read."""
+    directory, tokenizer = check_pretrained(path_or_id)
+    return load_model(directory, dtype=dtype, device=device, value_head=value_head), tokenizer
+
+
+def check_pretrained(path_or_id, tokenizer: Tokenizer | None = None) -> tuple[Path, Tokenizer]:
+    """What can be checked of a checkpoint without reading its weights: config.json, that the tokenizer fits it
+    (the checkpoint's own, or the given one that will feed it), and that the weight files are there. Returns the
+    local directory and the tokenizer."""
+    directory = resolve(path_or_id)
+    tokenizer = tokenizer or Tokenizer.from_pretrained(directory)
+    tokenizer.check_fits(load_args(directory).vocab_size, str(directory))
+    weight_files(directory)
+    return directory, tokenizer
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, backbone: bool = False) -> dict[str, torch.Tensor]:
+    """pbrl names -> HF names; a tied LM head is not stored (HF convention; safetensors forbids aliases). A
+    backbone (no LM head, e.g. an embedder) keeps bare names, as HF's `LlamaModel`/`Qwen3Model` do."""
     out = {}
     for name, tensor in state.items():
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
-        hf = name if name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
+        hf = name if backbone or name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
         out[hf] = tensor.detach().contiguous().cpu()
     return out
 
@@ -144,7 +149,8 @@ def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: in
     crash never leaves a directory that looks complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model.state_dict() if state is None else state, model.args)
+    backbone = model.lm_head is None
+    state = hf_state_dict(model.state_dict() if state is None else state, model.args, backbone)
     dtype = next(iter(state.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -160,13 +166,13 @@ def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: in
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _write_atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
+        write_atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
-        _write_atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
-    config = model.args.to_hf_config(dtype)
-    _write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        write_atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
+    config = model.args.to_hf_config(dtype, backbone)
+    write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     if source_dir is not None and Path(source_dir).resolve() != out.resolve():
         for side in SIDE_FILES:
             if (Path(source_dir) / side).is_file():
@@ -174,7 +180,49 @@ def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: in
     return out
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------------------------
+# Training run directories
+# ---------------------------------------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
+    """Make `out` this run's directory, before any model loads: a directory that holds anything (other than the
+    `allowed` files, e.g. a pivot cache written there beforehand) belongs to an earlier run and is refused unless
+    resuming; then an exclusive lock is held for as long as the returned file stays open (the process lives), so
+    a second run on the same directory is refused instead of interleaving its metrics. Linux flock: released by
+    the kernel when the process dies, so a crash leaves no stale lock."""
+    import fcntl
+    import socket
+    out = Path(out)
+    allowed_names = {LOCK_FILE} | {p.name for p in allowed if Path(p).parent.resolve() == out.resolve()}
+    earlier = sorted(p.name for p in out.iterdir() if p.name not in allowed_names) if out.is_dir() else []
+    if earlier and not resume:
+        raise FileExistsError(f"run.out_dir {out} already holds a run ({', '.join(earlier[:5])}); continue it with "
+                              f"--run.resume true, or choose another run.out_dir (nothing was changed)")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise FileExistsError(f"run.out_dir {out} is in use by a live run ({owner}); wait for it to end or choose "
+                              f"another run.out_dir") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
+def load_state(path: Path) -> dict:
+    """A training-state file (optimizer.pt, trainer.pt): tensors and plain containers only (weights_only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the checkpoint {path.parent} is incomplete: delete it to resume "
+                                f"from the one before")
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, pickle or zip errors for a truncated or corrupt file
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
+                         f"checkpoint {path.parent} is damaged: delete it to resume from the one before") from None

@@ -24,6 +24,7 @@ from torch import nn
 import kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_NUMBER = (int, float)
 
 
 @dataclass
@@ -49,25 +50,41 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
-        """Build from a HF config.json dict; reject anything this model would silently compute wrong."""
-        model_type = cfg.get("model_type")
+        """Build from a HF config.json dict; reject anything this model would silently compute wrong, and name the
+        key of a missing or mistyped value."""
+        names = {int: "an integer", _NUMBER: "a number", bool: "true or false", str: "a string", dict: "an object"}
+
+        def get(key, kind, default=...):
+            value = cfg.get(key, default)
+            if value is ...:
+                raise ValueError(f"{where}: missing key {key!r}")
+            if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+                raise ValueError(f"{where}: {key} must be {names[kind]}, got {value!r}")
+            return value
+
+        model_type = get("model_type", str, None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{where}: model_type {model_type!r} is not supported; "
                              f"pbrl supports {SUPPORTED_MODEL_TYPES}")
-        act = cfg.get("hidden_act", "silu")
+        act = get("hidden_act", str, "silu")
         if act != "silu":
             raise ValueError(f"{where}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
-        if cfg.get("mlp_bias"):
+        if get("mlp_bias", bool, False):
             raise ValueError(f"{where}: mlp_bias=true is not supported")
-        if cfg.get("use_sliding_window"):
+        if get("use_sliding_window", bool, False):
             raise ValueError(f"{where}: use_sliding_window=true is not supported; set it false (full attention)")
-        heads = cfg["num_attention_heads"]
-        kv_heads = cfg.get("num_key_value_heads") or heads
+        sizes = {key: get(key, int) for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                                "num_hidden_layers", "num_attention_heads")}
+        bad = [k for k, v in sizes.items() if v < (0 if k == "num_hidden_layers" else 1)]
+        if bad:
+            raise ValueError(f"{where}: {bad[0]} must be > 0, got {sizes[bad[0]]}")
+        heads = sizes["num_attention_heads"]
+        kv_heads = get("num_key_value_heads", int, None) or heads
         if heads % kv_heads:
             raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of "
                              f"num_key_value_heads={kv_heads}")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rope = dict(get("rope_parameters", dict, None) or get("rope_scaling", dict, None) or {})
+        theta = get("rope_theta", _NUMBER, rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{where}: RoPE type {rope_type!r} is not supported; pbrl supports 'default' and 'llama3'")
@@ -80,21 +97,21 @@ class ModelArgs:
             if missing:
                 raise ValueError(f"{where}: llama3 RoPE scaling lacks {missing}")
             scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
-        bias = bool(cfg.get("attention_bias", False))
+        bias = get("attention_bias", bool, False)
         return cls(
             model_type=model_type,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
+            vocab_size=sizes["vocab_size"],
+            hidden_size=sizes["hidden_size"],
+            intermediate_size=sizes["intermediate_size"],
+            num_hidden_layers=sizes["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            head_dim=get("head_dim", int, None) or sizes["hidden_size"] // heads,
+            rms_norm_eps=float(get("rms_norm_eps", _NUMBER, 1e-6)),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=get("max_position_embeddings", int, 2048),
+            tie_word_embeddings=get("tie_word_embeddings", bool, False),
             qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias and never o bias
             o_bias=bias and model_type != "qwen2",
             qk_norm=model_type == "qwen3",
@@ -102,9 +119,11 @@ class ModelArgs:
             eos_token_id=cfg.get("eos_token_id"),
         )
 
-    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
-        """The config.json that transformers and vLLM read back into the same architecture."""
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+    def to_hf_config(self, dtype: torch.dtype = torch.float32, backbone: bool = False) -> dict:
+        """The config.json that transformers and vLLM read back into the same architecture (a backbone without
+        LM head: LlamaModel, Qwen2Model, Qwen3Model)."""
+        family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[self.model_type]
+        arch = family + ("Model" if backbone else "ForCausalLM")
         cfg = {
             "architectures": [arch],
             "model_type": self.model_type,

@@ -128,8 +128,8 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, **kwargs) -> "Embedder":
-        return cls(Transformer.from_pretrained(path_or_id, dtype=dtype, device=device),
-                   Tokenizer.from_pretrained(path_or_id), **kwargs)
+        from pbrl.checkpoint import load_pretrained
+        return cls(*load_pretrained(path_or_id, dtype=dtype, device=device), **kwargs)
 
     def encode_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)

@@ -11,7 +11,12 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
+import jinja2.ext  # loopcontrols: `import jinja2` alone does not load the submodule
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from pbrl.files import read_json, read_text, resolve
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -30,13 +35,14 @@ def _ids(value) -> list[int]:
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, tokenizer_config: dict | None = None,
                  generation_config: dict | None = None, model_config: dict | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, source: str = "the chat template"):
         self.tok = tokenizer
         cfg = tokenizer_config or {}
         self.config = cfg
         self.chat_template = chat_template or cfg.get("chat_template")
         if isinstance(self.chat_template, list):  # some configs hold named templates; use the default one
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        self.template_source = source  # where the template came from, for error messages
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         pad = _token_text(cfg.get("pad_token"))
@@ -52,19 +58,23 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path_or_id) -> "Tokenizer":
-        from pbrl.checkpoint import read_json, resolve
         directory = resolve(path_or_id)
         file = directory / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{directory}: no tokenizer.json (pbrl reads fast tokenizers only)")
+        try:
+            tokenizer = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+            raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
 
         def optional(name):
             return read_json(directory / name) if (directory / name).is_file() else None
 
         jinja = directory / "chat_template.jinja"
-        return cls(HFTokenizer.from_file(str(file)), optional("tokenizer_config.json"),
-                   optional("generation_config.json"), optional("config.json"),
-                   jinja.read_text() if jinja.is_file() else None)
+        source = jinja if jinja.is_file() else directory / "tokenizer_config.json"
+        return cls(tokenizer, optional("tokenizer_config.json"), optional("generation_config.json"),
+                   optional("config.json"), read_text(jinja) if jinja.is_file() else None,
+                   source=f"chat template of {source}")
 
     @property
     def vocab_size(self) -> int:
@@ -78,15 +88,34 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """An id the tokenizer has no token for (a padded row of the model's embedding table, which Qwen models
+        have) decodes to U+FFFD, like an undecodable byte: `tokenizers` would drop it without a trace."""
+        ids, n = list(ids), self.vocab_size
+        pieces, run = [], []
+        for i in ids:
+            if 0 <= i < n:
+                run.append(i)
+            else:
+                pieces += [self.tok.decode(run, skip_special_tokens=skip_special_tokens), "\ufffd"]
+                run = []
+        return "".join(pieces) + self.tok.decode(run, skip_special_tokens=skip_special_tokens)
+
+    def check_fits(self, model_vocab_size: int, model: str) -> None:
+        """Refuse to feed a model ids its embedding table does not have. A model with more rows than the tokenizer
+        has tokens is normal (Qwen3 pads 151,669 tokens to 151,936 rows)."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(f"{model}: the tokenizer has {self.vocab_size} tokens but the model embeds only "
+                             f"{model_vocab_size} (config.json vocab_size): ids {model_vocab_size} and up cannot be "
+                             f"embedded; the tokenizer belongs to another model")
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
         if self.chat_template:
-            return _render(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return _render(self.chat_template, self.template_source, messages=messages,
+                           add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                           eos_token=self.eos_token or "", tools=None, documents=None)
         if self.token_id("<|start_header_id|>") is not None:
             return _llama3(messages, add_generation_prompt, self.bos_token or "<|begin_of_text|>")
         if self.token_id("<|im_start|>") is not None:
@@ -109,11 +138,9 @@ def _chatml(messages, add_generation_prompt):
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def _render(template: str, **variables) -> str:
+def _render(template: str, source: str, **variables) -> str:
     """Render a HF chat template as transformers does: sandboxed, trim_blocks/lstrip_blocks, `raise_exception`,
-    `strftime_now`, and a `tojson` that keeps non-ASCII text."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    `strftime_now`, and a `tojson` that keeps non-ASCII text. Errors name `source` (the file) and the line."""
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -125,7 +152,12 @@ def _render(template: str, **variables) -> str:
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template).render(**variables)
+    try:
+        return env.from_string(template).render(**variables)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: syntax error on line {e.lineno}: {e.message}") from None
+    except jinja2.TemplateError as e:  # undefined variables and the template's own raise_exception
+        raise ValueError(f"{source}: {type(e).__name__}: {e}") from None
 
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir) -> None:

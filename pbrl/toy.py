@@ -36,7 +36,7 @@ from pbrl.tokenizer import Tokenizer, save_tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|im_start|>", "<|im_end|>"]
-VERSION = "toy-v4"  # bump when the world's generator changes, so cached artifacts are rebuilt
+VERSION = "toy-v5"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:

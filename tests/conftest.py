@@ -49,8 +49,32 @@ def randomize(model, seed: int = 0):
     return model
 
 
-def save_hf_model(directory, family: str = "llama", seed: int = 0, **overrides):
-    """Write a tiny random transformers model and the test tokenizer to `directory`; returns the HF model."""
+# Written for these tests in the shape of Llama 3.1's template: a default system prompt with today's date
+# (strftime_now), role alternation enforced with raise_exception, the generation prompt added on loop.last.
+REAL_TEMPLATE = """{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "You are a careful assistant. Today is " + strftime_now("%d %B %Y") + "." %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" + system_message + "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}
+    {{- '<|eot_id|>' }}
+    {%- if loop.last and add_generation_prompt %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+def save_hf_model(directory, family: str = "llama", seed: int = 0, chat_template: str | None = None, **overrides):
+    """Write a tiny random transformers model and the test tokenizer (with `chat_template` in its
+    tokenizer_config.json, if given) to `directory`; returns the HF model."""
     from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
     cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM}[family]
     torch.manual_seed(seed)
@@ -58,7 +82,8 @@ def save_hf_model(directory, family: str = "llama", seed: int = 0, **overrides):
     model.save_pretrained(directory)
     build_tokenizer().save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|eot_id|>" if family == "llama" else "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+        json.dump({"eos_token": "<|eot_id|>" if family == "llama" else "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "bos_token": "<|begin_of_text|>", **({"chat_template": chat_template} if chat_template else {})}, f)
     return model
 
 

@@ -143,3 +143,64 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch, llama_dir):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     model = Transformer.from_pretrained("org/tiny-llama")
     assert calls == ["org/tiny-llama"] and model.args.model_type == "llama"
+
+
+def test_untied_checkpoint_without_lm_head_is_refused(llama_dir):
+    """tie_word_embeddings=false and no lm_head.weight: the output layer is missing, not 'a backbone'."""
+    file = llama_dir / "model.safetensors"
+    state = load_file(file)
+    del state["lm_head.weight"]
+    save_file(state, file)
+    with pytest.raises(KeyError, match="no lm_head.weight, and config.json has tie_word_embeddings=false"):
+        Transformer.from_pretrained(llama_dir)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.pop("hidden_size"), r"config.json: missing key 'hidden_size'"),
+    (lambda c: c.update(num_hidden_layers="2"), r"config.json: num_hidden_layers must be an integer, got '2'"),
+    (lambda c: c.update(rms_norm_eps=[1e-5]), r"config.json: rms_norm_eps must be a number, got \[1e-05\]"),
+    (lambda c: c.update(tie_word_embeddings="no"), r"config.json: tie_word_embeddings must be true or false"),
+    (lambda c: c.update(vocab_size=0), r"config.json: vocab_size must be > 0, got 0"),
+    (lambda c: c.update(rope_scaling="llama3"), r"config.json: rope_scaling must be an object"),
+])
+def test_config_json_errors_name_the_file_and_key(llama_dir, edit, message):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    edit(cfg)
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_config_json_that_is_not_utf8_or_not_json(llama_dir):
+    (llama_dir / "config.json").write_bytes(b'{"model_type": "llama",\n "name": "\xe9"}')
+    with pytest.raises(ValueError, match=r"config.json:2: not UTF-8 text"):
+        Transformer.from_pretrained(llama_dir)
+    (llama_dir / "config.json").write_text('{"model_type": "llama",\n')
+    with pytest.raises(ValueError, match=r"config.json:2: not valid JSON"):
+        Transformer.from_pretrained(llama_dir)
+
+
+def test_load_pretrained_refuses_a_tokenizer_the_model_cannot_embed(tmp_path):
+    from pbrl.checkpoint import load_pretrained
+    save_hf_model(tmp_path, "llama", vocab_size=200)  # the test tokenizer has 300 tokens
+    with pytest.raises(ValueError, match=r"the tokenizer has 300 tokens but the model embeds only 200"):
+        load_pretrained(tmp_path)
+
+
+def test_backbone_saves_with_bare_names_that_transformers_reads(tmp_path):
+    """A model without LM head (an embedder) is written as HF writes LlamaModel: no `model.` prefix."""
+    from transformers import AutoModel
+    save_hf_model(tmp_path / "src", "llama")
+    full = Transformer.from_pretrained(tmp_path / "src")
+    backbone = Transformer(full.args, lm_head=False)
+    backbone.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("lm_head")})
+    save_model(backbone, tmp_path / "out")
+    assert not any(k.startswith(("model.", "lm_head")) for k in load_file(tmp_path / "out" / "model.safetensors"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    again = Transformer.from_pretrained(tmp_path / "out")
+    hf = AutoModel.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert again.lm_head is None
+        assert (hf(X).last_hidden_state - full.hidden_states(X)).abs().max() <= 1e-4
+        assert torch.equal(again.hidden_states(X), full.hidden_states(X))

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import build_tokenizer
+from conftest import REAL_TEMPLATE, build_tokenizer
 from pbrl.tokenizer import Tokenizer
 
 # Written for these tests in the shape of the real templates: each inserts a default system prompt when the
@@ -48,7 +48,7 @@ def transformers_tokenizer(template, bos="<|begin_of_text|>", eos="<|eot_id|>"):
                                    chat_template=template)
 
 
-@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, CHATML_TEMPLATE])
+@pytest.mark.parametrize("template", [LLAMA3_TEMPLATE, CHATML_TEMPLATE, REAL_TEMPLATE])
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_matches_transformers(template, conversation, add_generation_prompt):
@@ -113,3 +113,50 @@ def test_from_pretrained_reads_stop_ids_from_every_config(tmp_path):
 def test_missing_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_real_template_raises_its_own_exception_naming_the_file(tmp_path):
+    build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": REAL_TEMPLATE}))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: TemplateError: Conversation roles must alternate"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{{ bos_token }}\n{% for m in messages %}{{ m.content }", r"chat_template.jinja: syntax error on line 2"),
+    ("{{ messages[0].content + undefined_thing.name }}", r"chat_template.jinja: UndefinedError: 'undefined_thing'"),
+])
+def test_broken_template_names_its_file(tmp_path, template, message):
+    build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text(template)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        tok.encode_chat([{"role": "user", "content": "a"}])
+
+
+def test_invalid_tokenizer_json_and_config_name_their_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a valid tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+    build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json:1: not UTF-8 text"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_ids_outside_the_tokenizer_decode_visibly():
+    """A model's padded embedding rows have no token; tokenizers alone drops them without a trace."""
+    tok = Tokenizer(build_tokenizer())
+    ids = tok.encode("The answer is 42.")
+    assert tok.decode(ids[:2] + [tok.vocab_size + 5] + ids[2:]) == tok.decode(ids[:2]) + "\ufffd" + tok.decode(ids[2:])
+    assert tok.decode(ids) == "The answer is 42."
+
+
+def test_tokenizer_larger_than_the_model_is_refused():
+    tok = Tokenizer(build_tokenizer())
+    tok.check_fits(tok.vocab_size, "m")  # equal, and a model with padded rows, are fine
+    tok.check_fits(tok.vocab_size + 64, "m")
+    with pytest.raises(ValueError, match=rf"m: the tokenizer has {tok.vocab_size} tokens but the model embeds only "
+                                         rf"{tok.vocab_size - 1}"):
+        tok.check_fits(tok.vocab_size - 1, "m")
