@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from pbrl.checkpoint import check_pretrained, load_pretrained
+from pbrl.cli import positive_int, run_main
 from pbrl.data import load_gsm8k, load_mgsm, load_mmlu_prox
+from pbrl.distributed import resolve_device
 from pbrl.evaluate import accuracy_by_language, evaluate, format_table
-from pbrl.model import Transformer
-from pbrl.tokenizer import Tokenizer
+from pbrl.files import write_atomic
 
 DEFAULT_DATA = {"mgsm": "juletxara/mgsm", "gsm8k": "openai/gsm8k", "mmlu_prox": "li-lab/MMLU-ProX"}
 
@@ -37,33 +39,41 @@ def main(argv=None):
     ap.add_argument("--task", choices=list(DEFAULT_DATA), default="mgsm")
     ap.add_argument("--data", help="local directory/file or hub dataset id (default: the task's hub dataset)")
     ap.add_argument("--langs", default="en", help="comma-separated language codes")
-    ap.add_argument("--limit", type=int, help="first N problems per language")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--limit", type=positive_int, help="first N problems per language")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=512)
     ap.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     ap.add_argument("--out", default="runs/eval")
     args = ap.parse_args(argv)
 
-    problems = load_problems(args.task, args.data or DEFAULT_DATA[args.task], args.langs.split(","), args.limit)
+    # Everything that can be wrong with the input is found before the first model spends minutes generating.
+    device = resolve_device(args.device)
+    if len(set(args.model)) != len(args.model):
+        raise ValueError(f"--model names the same checkpoint twice: {args.model}")
+    langs = [code.strip() for code in args.langs.split(",") if code.strip()]
+    problems = load_problems(args.task, args.data or DEFAULT_DATA[args.task], langs, args.limit)
+    for path in args.model:
+        check_pretrained(path)
+    scores, samples = {}, []
+    for path in args.model:
+        model, tokenizer = load_pretrained(path, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                           device=device)
+        records = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens,
+                           chat=not args.no_chat, label=f"{path}: ")
+        samples += [{"model": path, **r} for r in records]
+        scores[path] = accuracy_by_language(records)
+        del model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scores = {}
-    with (out / "samples.jsonl").open("w", encoding="utf-8") as samples:
-        for path in args.model:
-            model = Transformer.from_pretrained(path, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                                device=args.device)
-            records = evaluate(model, Tokenizer.from_pretrained(path), problems, args.batch_size,
-                               args.max_new_tokens, chat=not args.no_chat, label=f"{path}: ")
-            for r in records:
-                samples.write(json.dumps({"model": path, **r}, ensure_ascii=False) + "\n")
-            scores[path] = accuracy_by_language(records)
-            del model
-    (out / "scores.json").write_text(json.dumps({"task": args.task, "scores": scores}, indent=2))
+    write_atomic(out / "samples.jsonl", lambda p: p.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples), encoding="utf-8"))
+    write_atomic(out / "scores.json", lambda p: p.write_text(json.dumps({"task": args.task, "scores": scores},
+                                                                        indent=2)))
     print(format_table(scores))
     print(f"wrote {out / 'scores.json'} and {out / 'samples.jsonl'}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

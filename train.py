@@ -31,4 +31,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from pbrl.cli import run_main
+    run_main(main, sys.argv[1:])

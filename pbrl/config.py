@@ -11,6 +11,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from pbrl.files import is_hub_id
+
 TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, built on first use
 
 
@@ -227,6 +231,10 @@ def validate(cfg: Config, world_size: int) -> None:
         (run.steps > 0 and run.checkpoint_every >= 0 and run.eval_every >= 0,
          "run.steps must be > 0, run.checkpoint_every and run.eval_every >= 0"),
         (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {run.device!r}"),
+        (run.device != "cuda" or torch.cuda.is_available(),
+         f"run.device = cuda, but CUDA is not available here (torch {torch.__version__}, "
+         f"torch.cuda.is_available() is False); use run.device auto or cpu"),
+        (cfg.data.eval_limit >= 0, f"data.eval_limit must be >= 0 (0 = every problem), got {cfg.data.eval_limit}"),
         (cfg.models.dtype in ("auto", "float32", "bfloat16"),
          f"models.dtype must be auto, float32 or bfloat16, got {cfg.models.dtype!r}"),
         (cfg.data.task == "mgsm", f"data.task must be 'mgsm' (MGSM-layout problems), got {cfg.data.task!r}"),
@@ -248,5 +256,5 @@ def validate(cfg: Config, world_size: int) -> None:
 def _check_path(key: str, value: str) -> None:
     if value in ("", TOY) or Path(value).exists():
         return
-    if value.startswith((".", "/", "~")) or value.count("/") != 1:
+    if not is_hub_id(value):
         raise FileNotFoundError(f"{key} = {value!r}: no such file or directory (and not a hub id 'org/name')")

@@ -24,6 +24,21 @@ def init() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """None or 'auto': CUDA when it is available, else the CPU. Asking for CUDA where there is none is an error
+    here, in one sentence, rather than deep inside the first tensor copy."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here (torch "
+                         f"{torch.__version__}, torch.cuda.is_available() is False); use cpu")
+    return device
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

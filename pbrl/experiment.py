@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 from pbrl import distributed as dist
+from pbrl.cli import positive_int
 from pbrl.config import Config
 from pbrl.evaluate import format_table
 from pbrl.trainer import Trainer
 
+DEFAULT_OUT = "runs/toy"
 RUNS = {
     "PPO + gold exact match": {"kind": "exact_match"},
     "PB-RLSVR embedding": {"kind": "embedding"},
@@ -99,11 +101,16 @@ def svg_curves(curves: dict[str, list[dict]], width: int = 360, height: int = 22
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=Config().run.steps)
+    ap.add_argument("--steps", type=positive_int, default=Config().run.steps)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/toy")
+    ap.add_argument("--out", help=f"results directory, which must be empty or absent (default: {DEFAULT_OUT}, or "
+                                  f"{DEFAULT_OUT}-2, -3, ... when it holds an earlier experiment)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else fresh_dir(Path(DEFAULT_OUT))
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} already holds results; choose an empty or new directory")
+    dist.init()
+    out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, made before any rank writes
     out.mkdir(parents=True, exist_ok=True)
     try:
         run_experiment(out, args.steps, args.seed)
@@ -111,5 +118,12 @@ def main(argv=None) -> None:
         dist.shutdown()
 
 
+def fresh_dir(base: Path) -> Path:
+    """base, or the first of base-2, base-3, ... that is empty or absent: a rerun never touches earlier results."""
+    candidates = (base if i == 1 else base.with_name(f"{base.name}-{i}") for i in range(1, 10_000))
+    return next(c for c in candidates if not (c.is_dir() and any(c.iterdir())))
+
+
 if __name__ == "__main__":
-    main()
+    from pbrl.cli import run_main
+    run_main(main)

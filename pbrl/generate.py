@@ -10,9 +10,10 @@ import time
 
 import torch
 
-from pbrl.model import Transformer
+from pbrl.checkpoint import load_pretrained
+from pbrl.cli import positive_int, run_main
+from pbrl.distributed import resolve_device
 from pbrl.sampler import generate
-from pbrl.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,13 +23,13 @@ def main(argv=None):
     ap.add_argument("--model", help="HF model directory or hub id (default: a tiny random model built locally)")
     ap.add_argument("--prompt", default="Janet has 3 apples and buys 5 more. How many apples does she have?")
     ap.add_argument("--system", help="system message")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--top-k", type=positive_int)
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
 
     path = args.model
@@ -36,8 +37,7 @@ def main(argv=None):
         from pbrl.toy import build_random_model
         path = build_random_model(".cache/pbrl/random-llama")
         print(f"[no --model given: using the tiny random model in {path}; expect noise]")
-    model = Transformer.from_pretrained(path, dtype=DTYPES.get(args.dtype), device=args.device)
-    tokenizer = Tokenizer.from_pretrained(path)
+    model, tokenizer = load_pretrained(path, dtype=DTYPES.get(args.dtype), device=resolve_device(args.device))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     prompt = tokenizer.encode_chat(messages)
@@ -52,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -2,8 +2,10 @@
 
     python -m pbrl.pivot --model PATH_OR_ID --data DIR_OR_HUB_ID --out refs.jsonl [--limit N] [--batch-size 16]
 
-Each line is {"id", "question", "reference", "answer"}. The file is appended one batch at a time and flushed, so a
-crash loses at most the batch in flight; a rerun skips the ids already written (a torn last line is dropped).
+Each line is {"id", "question", "reference", "answer"}. The English question is what ties a reference to its
+problem: a cache written for other problems (another data set, an edited file) is refused, naming the first id
+whose question differs, rather than used. The file is appended one batch at a time and flushed, so a crash loses at
+most the batch in flight; a rerun skips the ids already written (a torn last line is dropped).
 """
 from __future__ import annotations
 
@@ -14,35 +16,58 @@ import sys
 import time
 from pathlib import Path
 
+from pbrl.checkpoint import load_pretrained
+from pbrl.cli import positive_int, run_main
 from pbrl.data import Problem, extract_number, load_mgsm, mgsm_prompt
+from pbrl.distributed import resolve_device
+from pbrl.files import parse_jsonl_line, read_text
 from pbrl.model import Transformer
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
 
+FIELDS = ("id", "question", "reference")
+
 
 def read_references(path) -> dict[str, dict]:
-    """id -> record of a pivot cache. A last line without its newline (a crash mid-write) is ignored."""
+    """id -> record of a pivot cache. A last line without its newline is kept when it is a complete record and
+    ignored when it is not (a crash mid-write). A repeated id is an error."""
     path = Path(path)
     if not path.is_file():
         return {}
-    records = {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for line_no, line in enumerate(lines[:-1], start=1):  # the part after the last newline is torn or empty
+    text = read_text(path)
+    lines = text.split("\n")
+    records, first_line = {}, {}
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-        if "id" not in record or "reference" not in record:
-            raise ValueError(f"{path}:{line_no}: a reference needs 'id' and 'reference'")
-        records[record["id"]] = record
+        where = f"{path}:{line_no}"
+        if line_no == len(lines):  # no newline after it: complete, or torn by a crash
+            try:
+                record = parse_jsonl_line(line, where, FIELDS)
+            except ValueError:
+                continue
+        else:
+            record = parse_jsonl_line(line, where, FIELDS)
+        if record["id"] in records:
+            raise ValueError(f"{where}: id {record['id']!r} repeats line {first_line[record['id']]}; a cache holds "
+                             f"one reference per problem")
+        records[record["id"]], first_line[record["id"]] = record, line_no
     return records
+
+
+def check_questions(records: dict[str, dict], problems: list[Problem], path) -> None:
+    """Every cached reference of these problems answers the same English question."""
+    for p in problems:
+        if p.id in records and records[p.id]["question"] != p.question:
+            raise ValueError(f"pivot cache {path}: the reference for id {p.id!r} answers another question "
+                             f"({records[p.id]['question'][:80]!r}) than the data's ({p.question[:80]!r}); the "
+                             f"cache was written for other problems: point data.pivot_cache elsewhere or delete it")
 
 
 def match_references(path, problems: list[Problem]) -> dict[str, str]:
     """problem id -> reference text, for every problem; a clear error lists the ids the cache lacks."""
     records = read_references(path)
+    check_questions(records, problems, path)
     missing = sorted({p.id for p in problems} - records.keys())
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
@@ -58,7 +83,8 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_references(out)
-    _drop_torn_line(out)
+    check_questions(done, problems, out)
+    _end_last_line(out)
     todo = [p for p in problems if p.id not in done]
     log(f"pivot: {len(problems) - len(todo)} of {len(problems)} references cached, {len(todo)} to generate")
     t0 = time.perf_counter()
@@ -79,13 +105,20 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
     return len(todo)
 
 
-def _drop_torn_line(path: Path) -> None:
-    """Cut a last line that lacks its newline (the write a crash interrupted), so appends start on a fresh line."""
+def _end_last_line(path: Path) -> None:
+    """Before appending: a last line without its newline gets one when it is a complete record (read_references
+    kept it), and is cut when it is not (the write a crash interrupted)."""
     if not path.is_file():
         return
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        parse_jsonl_line(data[cut:].decode("utf-8", errors="replace"), str(path), FIELDS)
+        path.write_bytes(data + b"\n")
+    except ValueError:
+        path.write_bytes(data[:cut])
 
 
 def main(argv=None):
@@ -93,16 +126,17 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="HF model directory or hub id of the English pivot")
     ap.add_argument("--data", required=True, help="MGSM directory or hub dataset id (its English problems are used)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--limit", type=int, help="only the first N problems")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--limit", type=positive_int, help="only the first N problems")
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=512)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
     problems = load_mgsm(args.data, ["en"])["en"][:args.limit]
-    model = Transformer.from_pretrained(args.model, device=args.device)
-    write_references(model, Tokenizer.from_pretrained(args.model), problems, args.out, args.batch_size,
-                     args.max_new_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
+    check_questions(read_references(args.out), problems, args.out)  # before the model loads
+    model, tokenizer = load_pretrained(args.model, device=resolve_device(args.device))
+    write_references(model, tokenizer, problems, args.out, args.batch_size, args.max_new_tokens,
+                     log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,16 +27,16 @@ import torch
 
 from pbrl import distributed as dist
 from pbrl import ppo
-from pbrl.checkpoint import save_model
+from pbrl.checkpoint import check_pretrained, claim_run_dir, load_pretrained, load_state, save_model
 from pbrl.config import TOY, Config, validate
 from pbrl.data import Problem, load_mgsm, prompt
+from pbrl.files import read_text
 from pbrl.evaluate import accuracy_by_language, evaluate
 from pbrl.model import Transformer
 from pbrl.pivot import match_references, write_references
 from pbrl.rewards import (AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward, HybridReward,
                           LanguageConsistency, MTReward, Sample, Translator)
 from pbrl.sampler import generate
-from pbrl.tokenizer import Tokenizer
 
 
 def sequence_seed(seed: int, step: int, problem_id: str, sample: int) -> int:
@@ -51,6 +51,18 @@ class Trainer:
         self.device = device if cfg.run.device == "auto" else torch.device(cfg.run.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.run.out_dir)
+        self.pivot_cache = Path(cfg.data.pivot_cache or self.out / "pivot.jsonl")
+        # The output directory is claimed first: an earlier run's files are refused (unless resuming) and a live
+        # run's lock is respected before anything is built, loaded or written.
+        claimed = None
+        if self.rank == 0:
+            try:
+                self.lock = claim_run_dir(self.out, cfg.run.resume, allowed=(self.pivot_cache,))
+            except FileExistsError as e:
+                claimed = str(e)
+        refusal = dist.all_gather_objects(claimed)[0]
+        if refusal:
+            raise FileExistsError(refusal)
         m, d, w = cfg.models, cfg.data, cfg.reward
         self.toy = None
         wanted = [m.policy, m.critic, m.reference, m.pivot, d.path, d.eval_path,
@@ -68,7 +80,6 @@ class Trainer:
         self.train = self._problems(cfg.data.path, cfg.data.langs, split="train")
         self.eval_problems = self._problems(cfg.data.eval_path, cfg.data.eval_langs, split="eval",
                                             limit=cfg.data.eval_limit) if cfg.data.eval_path else []
-        self.pivot_cache = Path(cfg.data.pivot_cache or self.out / "pivot.jsonl")
         english = self._problems(cfg.data.path, ["en"], split="train")
         if self.pivot_cache.is_file():
             self.references = match_references(self.pivot_cache, english)
@@ -76,13 +87,17 @@ class Trainer:
             self.references = None  # generated once the pivot model is loaded
 
         policy = self._path(cfg.models.policy, "policy")
-        self.tokenizer = Tokenizer.from_pretrained(policy)
+        critic = self._path(cfg.models.critic or policy, "critic")
+        reference = self._path(cfg.models.reference or policy, "reference")
+        _, self.tokenizer = check_pretrained(policy)
+        for path in (critic, reference):  # they read the policy's token ids
+            check_pretrained(path, self.tokenizer)
         self.actor = self._load(policy)
         if self.references is None:
             self._write_pivot_cache(english)
             self.references = match_references(self.pivot_cache, english)
-        self.critic = self._load(self._path(cfg.models.critic or policy, "critic"), value_head=True)
-        self.reference = self._load(self._path(cfg.models.reference or policy, "reference"))
+        self.critic = self._load(critic, value_head=True)
+        self.reference = self._load(reference)
         self.reference.requires_grad_(False).eval()
         for m in (self.actor, self.critic, self.reference):
             dist.shard(m, self.device)
@@ -115,9 +130,8 @@ class Trainer:
         cache, which is then read by every rank."""
         if self.rank == 0:
             pivot_path = self._path(self.cfg.models.pivot, "pivot") if self.cfg.models.pivot else None
-            model = Transformer.from_pretrained(pivot_path, dtype=self.dtype, device=self.device) \
-                if pivot_path else self.actor
-            tokenizer = Tokenizer.from_pretrained(pivot_path) if pivot_path else self.tokenizer
+            model, tokenizer = load_pretrained(pivot_path, dtype=self.dtype, device=self.device) \
+                if pivot_path else (self.actor, self.tokenizer)
             write_references(model, tokenizer, english, self.pivot_cache, batch_size=64,
                              max_new_tokens=self.cfg.rollout.max_new_tokens, log=self.log)
         dist.barrier()
@@ -134,8 +148,8 @@ class Trainer:
             if m.translator == TOY:
                 return self.toy.translator()
             path = self._path(m.translator, "translator")
-            return Translator(Transformer.from_pretrained(path, dtype=self.dtype, device=self.device),
-                              Tokenizer.from_pretrained(path), max_new_tokens=w.translate_max_new_tokens)
+            return Translator(*load_pretrained(path, dtype=self.dtype, device=self.device),
+                              max_new_tokens=w.translate_max_new_tokens)
 
         if w.kind == "exact_match":
             return ExactMatch()
@@ -426,21 +440,25 @@ class Trainer:
         if ckpt is None:
             self.log(f"resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             return
+        state = load_state(ckpt / "trainer.pt")
+        if state["step"] > self.cfg.run.steps:
+            raise ValueError(f"run.steps = {self.cfg.run.steps} is below the step of the checkpoint to resume, "
+                             f"{ckpt} (step {state['step']}); raise run.steps to continue the run")
+        optim = load_state(ckpt / "optimizer.pt")
         from pbrl.checkpoint import load_model
         for model, sub in ((self.actor, "actor"), (self.critic, "critic")):
-            state = load_model(ckpt / sub, dtype=self.dtype, value_head=sub == "critic").state_dict()
-            self.load_model_state(model, state)
-        optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
+            self.load_model_state(model, load_model(ckpt / sub, dtype=self.dtype, value_head=sub == "critic")
+                                  .state_dict())
         for model, opt, key in ((self.actor, self.actor_opt, "actor"), (self.critic, self.critic_opt, "critic")):
             if dist.is_distributed():
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
                 set_optimizer_state_dict(model, opt, optim[key], options=StateDictOptions(full_state_dict=True))
             else:
                 opt.load_state_dict(optim[key])
-        state = torch.load(ckpt / "trainer.pt", weights_only=True)
         self.step, self.kl.beta = state["step"], state["kl_beta"]
         torch.set_rng_state(state["torch_rng"])
-        self.log(f"resumed from {ckpt} at step {self.step}")
+        self.log(f"resumed from {ckpt} at step {self.step}" + (" (the run is complete: nothing to train)"
+                                                               if self.step == self.cfg.run.steps else ""))
 
     @staticmethod
     def load_model_state(model, state: dict) -> None:
@@ -452,16 +470,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- run
     def run(self, steps: int | None = None) -> list[dict]:
-        """Train until run.steps (or `steps` more iterations); returns this call's metrics."""
+        """Train until run.steps (or `steps` more iterations); returns this call's metrics. The run directory's
+        lock is released when it returns or fails."""
+        try:
+            return self._run(steps)
+        finally:
+            if self.rank == 0:
+                self.lock.close()
+
+    def _run(self, steps: int | None) -> list[dict]:
         cfg = self.cfg
         end = min(cfg.run.steps, self.step + steps) if steps else cfg.run.steps
         metrics_file = self.out / "metrics.jsonl"
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            kept = [line for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= self.step] \
-                if metrics_file.is_file() else []
-            metrics_file.write_text("".join(line + "\n" for line in kept))  # a resumed run redoes what came after
+            if metrics_file.is_file():  # only when resuming: the steps after the checkpoint are redone
+                kept = [line for line in read_text(metrics_file).splitlines() if json.loads(line)["step"] <= self.step]
+                metrics_file.write_text("".join(line + "\n" for line in kept))
         history = []
         if self.step == 0 and self.eval_problems:
             history.append(self.log_metrics({"step": 0, **{f"acc/{k}": v for k, v in self.evaluate().items()}}))

@@ -44,3 +44,19 @@ def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
     assert end["acc/avg"] > start["acc/avg"]
     assert end["acc/en"] >= start["acc/en"] - 10
     assert all(0 < h["entropy"] for h in history if "entropy" in h)  # no collapse to a deterministic policy
+
+
+def test_a_rerun_never_writes_into_earlier_results(tmp_path):
+    import pytest
+
+    from pbrl.experiment import fresh_dir, main
+    base = tmp_path / "toy"
+    assert fresh_dir(base) == base
+    base.mkdir()
+    assert fresh_dir(base) == base  # empty: still fresh
+    (base / "results.md").write_text("earlier")
+    (tmp_path / "toy-2").mkdir()
+    (tmp_path / "toy-2" / "results.md").write_text("earlier")
+    assert fresh_dir(base) == tmp_path / "toy-3"
+    with pytest.raises(FileExistsError, match=r"--out .*toy already holds results"):
+        main(["--out", str(base)])

@@ -49,15 +49,52 @@ def test_resume_after_a_crash_writes_each_id_once(tmp_path, pivot_model, monkeyp
     assert pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None) == 0
 
 
+def record(i: int, question: str | None = None) -> str:
+    return json.dumps({"id": f"mgsm-{i}", "question": question or PROBLEMS[i].question,
+                       "reference": f"The answer is {i}."})
+
+
 def test_match_references_lists_missing_ids(tmp_path):
     out = tmp_path / "refs.jsonl"
-    out.write_text("".join(json.dumps({"id": f"mgsm-{i}", "reference": f"The answer is {i}."}) + "\n"
-                           for i in (0, 2)))
+    out.write_text("".join(record(i) + "\n" for i in (0, 2)))
     assert pivot.match_references(out, PROBLEMS[:1]) == {"mgsm-0": "The answer is 0."}
     with pytest.raises(KeyError, match="no reference for problem id\\(s\\): mgsm-1, mgsm-3, mgsm-4"):
         pivot.match_references(out, PROBLEMS)
-    out.write_text('{"id": "mgsm-0"}\n')
-    with pytest.raises(ValueError, match="refs.jsonl:1: a reference needs 'id' and 'reference'"):
+    out.write_text('{"id": "mgsm-0", "question": "q"}\n')
+    with pytest.raises(ValueError, match=r"refs.jsonl:1: missing field\(s\) \['reference'\]"):
+        pivot.read_references(out)
+
+
+def test_cache_written_for_other_problems_is_refused(tmp_path):
+    out = tmp_path / "refs.jsonl"
+    out.write_text(record(0) + "\n" + record(1, "Tom has 9 pears. How many?") + "\n")
+    with pytest.raises(ValueError, match=r"refs.jsonl: the reference for id 'mgsm-1' answers another question "
+                                         r"\('Tom has 9 pears"):
+        pivot.match_references(out, PROBLEMS[:2])
+    with pytest.raises(ValueError, match=r"answers another question"):  # and before generating anything more
+        pivot.write_references(None, None, PROBLEMS, out, log=lambda m: None)
+
+
+def test_repeated_id_is_an_error(tmp_path):
+    out = tmp_path / "refs.jsonl"
+    out.write_text(record(0) + "\n" + record(1) + "\n" + record(0) + "\n")
+    with pytest.raises(ValueError, match=r"refs.jsonl:3: id 'mgsm-0' repeats line 1"):
+        pivot.read_references(out)
+
+
+def test_complete_last_record_without_newline_is_kept(tmp_path, pivot_model):
+    _, model, tok = pivot_model
+    out = tmp_path / "refs.jsonl"
+    out.write_text(record(0) + "\n" + record(1))  # an editor that drops the final newline
+    assert pivot.match_references(out, PROBLEMS[:2]) == {"mgsm-0": "The answer is 0.", "mgsm-1": "The answer is 1."}
+    assert pivot.write_references(model, tok, PROBLEMS[:3], out, max_new_tokens=3, log=lambda m: None) == 1
+    assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1", "mgsm-2"]
+
+
+def test_cache_that_is_not_utf8_names_the_line(tmp_path):
+    out = tmp_path / "refs.jsonl"
+    out.write_bytes(record(0).encode() + b"\n" + record(1).encode("utf-8").replace(b"answer", b"\xe4nswer") + b"\n")
+    with pytest.raises(ValueError, match=r"refs.jsonl:2: not UTF-8 text"):
         pivot.read_references(out)
 
 

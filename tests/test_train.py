@@ -30,7 +30,8 @@ def world(tmp_path_factory):
         (data / f"mgsm_{lang}.tsv").write_text("".join(f"{q.format(a=a, b=b)}\t{a + b}\n" for a, b in pairs),
                                                encoding="utf-8")
     (root / "pivot.jsonl").write_text("".join(
-        json.dumps({"id": f"mgsm-{i}", "reference": f"{a} + {b} = {a + b}. The answer is {a + b}."}) + "\n"
+        json.dumps({"id": f"mgsm-{i}", "question": QUESTIONS["en"].format(a=a, b=b),
+                    "reference": f"{a} + {b} = {a + b}. The answer is {a + b}."}) + "\n"
         for i, (a, b) in enumerate(pairs)))
     return root
 
@@ -141,10 +142,85 @@ def test_toml_file_and_overrides(tmp_path):
 def test_pivot_cache_missing_ids_fails_before_any_model_loads(world, tmp_path, monkeypatch):
     partial = tmp_path / "partial.jsonl"
     partial.write_text("".join(line + "\n" for line in (world / "pivot.jsonl").read_text().splitlines()[:5]))
-    import pbrl.model
-
-    def no_model(*a, **k):
-        raise AssertionError("a model was loaded before the config error")
-    monkeypatch.setattr(pbrl.model.Transformer, "from_pretrained", no_model)
+    no_model_loads(monkeypatch)
     with pytest.raises(KeyError, match="no reference for problem id\\(s\\): mgsm-5, mgsm-6, mgsm-7"):
         Trainer(load_config(None, overrides(world, tmp_path / "x", **{"data.pivot_cache": partial})))
+
+
+def no_model_loads(monkeypatch):
+    import pbrl.checkpoint
+    import pbrl.model
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the error")
+    monkeypatch.setattr(pbrl.checkpoint, "load_model", refuse)
+    monkeypatch.setattr(pbrl.model.Transformer, "from_pretrained", refuse)
+
+
+def test_an_earlier_run_is_refused_before_any_model_loads(world, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    Trainer(load_config(None, overrides(world, out))).run()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    no_model_loads(monkeypatch)
+    with pytest.raises(FileExistsError, match=r"already holds a run \(.*config.json.*\); continue it with "
+                                              r"--run.resume true"):
+        Trainer(load_config(None, overrides(world, out)))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing changed
+
+
+def test_a_live_run_holds_its_directory(world, tmp_path):
+    out = tmp_path / "run"
+    live = Trainer(load_config(None, overrides(world, out)), log=lambda *a: None)
+    with pytest.raises(FileExistsError, match=rf"is in use by a live run \(pid {os.getpid()} on "):
+        Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+    live.run()  # releases the lock when it ends
+    resumed = Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})), log=lambda *a: None)
+    assert resumed.step == 2
+
+
+def test_pivot_cache_inside_a_new_out_dir_is_not_an_earlier_run(world, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pivot.jsonl").write_text((world / "pivot.jsonl").read_text())
+    Trainer(load_config(None, overrides(world, out, **{"data.pivot_cache": ""})), log=lambda *a: None).run(1)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:500]),
+     r"optimizer.pt: cannot be read .*the checkpoint .*step_000002 is damaged"),
+    (lambda d: (d / "trainer.pt").unlink(), r"trainer.pt: missing; the checkpoint .*step_000002 is incomplete"),
+])
+def test_damaged_checkpoint_names_its_file(world, tmp_path, damage, message):
+    out = tmp_path / "run"
+    Trainer(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    damage(out / "checkpoints" / "step_000002")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_an_error(world, tmp_path):
+    out = tmp_path / "run"
+    Trainer(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    with pytest.raises(ValueError, match=r"run.steps = 1 is below the step of the checkpoint to resume, .*step 2"):
+        Trainer(load_config(None, overrides(world, out, **{"run.resume": "true", "run.steps": 1})))
+
+
+def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_metrics(world, tmp_path):
+    out = tmp_path / "run"
+    Trainer(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    before = (out / "metrics.jsonl").read_text()
+    logged = []
+    again = Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})), log=logged.append)
+    assert again.run() == [] and (out / "metrics.jsonl").read_text() == before
+    assert any("the run is complete" in line for line in logged)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data.eval_limit", "-1"], r"data.eval_limit must be >= 0 \(0 = every problem\), got -1"),
+    (["--run.device", "cuda"], r"run.device = cuda, but CUDA is not available here"),
+])
+def test_more_config_errors(args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("checks the message on machines without CUDA")
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(None, args), world_size=1)
