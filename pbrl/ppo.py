@@ -11,21 +11,10 @@ Ziegler et al. 2019.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
-
-
-class RolloutBatch(NamedTuple):
-    """What the trainer keeps from one round of sampling and scoring. Sequences are prompt (left padded) then
-    response (right padded); tensors over responses are [B, T], aligned with the response tokens."""
-    input_ids: torch.Tensor       # [B, P + T] long
-    attention_mask: torch.Tensor  # [B, P + T] bool, real tokens
-    response_mask: torch.Tensor   # [B, T] bool, real response tokens
-    old_logprobs: torch.Tensor    # [B, T] behaviour policy (recomputed by the trainer's forward)
-    ref_logprobs: torch.Tensor    # [B, T] frozen reference policy
-    values: torch.Tensor          # [B, T] critic at sampling time
-    scores: torch.Tensor          # [B] sequence-level reward
 
 
 class PolicyLoss(NamedTuple):
@@ -50,16 +39,31 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    count = mask.sum()
-    var = masked_sum((x - mean) ** 2, mask) / count.clamp(min=1)
-    return var * count / (count - 1) if unbiased and count > 1 else var
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked positions (masked positions come out 0); shift_mean=False keeps the mean."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+                   reduce=_identity) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of x over the masked positions, from the sums [sum x, sum x^2, count]. `reduce` combines
+    those sums before they are used: with an all-reduce over ranks, every rank gets the statistics of the whole
+    batch, the same numbers one process would compute on it."""
+    m = mask.bool()
+    sums = reduce(torch.stack([masked_sum(x, m), masked_sum(x * x, m), m.sum().to(x.dtype)]))
+    mean = sums[0] / sums[2]
+    var = sums[1] / sums[2] - mean ** 2
+    return mean, var * sums[2] / (sums[2] - 1).clamp(min=1) if unbiased else var
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=_identity) -> torch.Tensor:
+    return masked_moments(x, mask, unbiased, reduce)[1]
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=_identity) -> torch.Tensor:
+    """(x - mean) / std over masked positions (masked positions come out 0); shift_mean=False keeps the mean.
+    reduce: see masked_moments (the trainer whitens over the response tokens of all ranks)."""
+    mean, var = masked_moments(x, mask, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -159,9 +163,24 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return ValueLoss(0.5 * masked_sum(loss, mask) / num_tokens, clipfrac)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over masked positions: 1 is a perfect critic, 0 no better than a constant."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       reduce=_identity) -> torch.Tensor:
+    """1 - Var(R - V) / Var(R) over masked positions: 1 is a perfect critic, 0 no better than a constant (and 0
+    when the returns do not vary). reduce: see masked_moments."""
+    var_returns = masked_var(returns, mask, reduce=reduce)
+    var_error = masked_var(returns - values, mask, reduce=reduce)
+    return torch.where(var_returns > 1e-8, 1 - var_error / var_returns.clamp(min=1e-8), 0.0)
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
+    """The learning-rate multiplier of iteration `step`: linear warmup over warmup_steps iterations, then constant,
+    or cosine down to 10% at total_steps. A pure function of the step, so nothing about it needs checkpointing."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class AdaptiveKLController:

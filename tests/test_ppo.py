@@ -189,3 +189,25 @@ def test_adaptive_kl_controller():
     assert fixed.update(100.0, 10) == 0.05
     with pytest.raises(ValueError, match="need init_beta >= 0"):
         ppo.AdaptiveKLController(-1.0)
+
+
+def test_whitening_and_explained_variance_across_ranks_equal_one_process():
+    """Two 'ranks' hold half the rows each; reduce= adds the other rank's sums, as an all-reduce would."""
+    g = torch.Generator().manual_seed(3)
+    x, values = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    halves = (slice(0, 3), slice(3, 6))
+
+    def sums_of(rows, fn):
+        captured = []
+        fn(rows, lambda t: captured.append(t) or t)
+        return captured
+
+    for fn in (lambda rows, reduce: ppo.whiten(x[rows], mask[rows], reduce=reduce),
+               lambda rows, reduce: ppo.explained_variance(values[rows], x[rows], mask[rows], reduce=reduce)):
+        whole = fn(slice(None), ppo._identity)
+        for mine, other in (halves, halves[::-1]):
+            theirs = iter(sums_of(other, fn))
+            got = fn(mine, lambda t: t + next(theirs))
+            expected = whole[mine] if whole.dim() else whole
+            assert torch.allclose(got, expected, atol=1e-6)
