@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results import append_csv  # noqa: E402
-from pbrl.model import Transformer  # noqa: E402
+from pbrl.checkpoint import load_model  # noqa: E402
+
 from pbrl.sampler import generate  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main():
     params = sum(p.numel() for p in hf.parameters())
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = Transformer.from_pretrained(d, dtype=dtype, device=args.device)
+        ours = load_model(d, dtype=dtype, device=args.device)
     hf = hf.to(device=args.device, dtype=dtype)
     rows = []
     print(f"model: random Llama, {params / 1e6:.0f}M parameters, {args.device} {args.dtype}, "

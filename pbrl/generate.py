@@ -7,15 +7,35 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
-from pbrl.checkpoint import load_pretrained
+from pbrl.checkpoint import load_pretrained, save_model
 from pbrl.cli import positive_int, run_main
 from pbrl.distributed import resolve_device
+from pbrl.model import random_llama
 from pbrl.sampler import generate
+from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# What the demo model's tokenizer is trained on: enough text that any prompt encodes into real tokens.
+CORPUS = ["Janet has 3 apples and buys 5 more. How many apples does she have?", "The answer is 8.",
+          "Wie viel ist 12 * 7? Die Antwort lautet 84.", "La réponse est 12.", "Jibu ni 3.", "user", "assistant",
+          "system", "You are a helpful assistant."] * 10
+
+
+def build_random_model(out: Path, seed: int = 0) -> Path:
+    """A ~1M-parameter random Llama 3 model with a small tokenizer, as a HF directory (built once, cached)."""
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    tokenizer = chat_tokenizer(train_bpe(CORPUS, vocab_size=400))
+    save_tokenizer(tokenizer, out)
+    save_model(random_llama(tokenizer.vocab_size, 128, 4, seed, tokenizer.token_id("<|begin_of_text|>"),
+                            tokenizer.eos_id), out)
+    return out
 
 
 def main(argv=None):
@@ -34,8 +54,7 @@ def main(argv=None):
 
     path = args.model
     if path is None:
-        from pbrl.toy import build_random_model
-        path = build_random_model(".cache/pbrl/random-llama")
+        path = build_random_model(Path(".cache/pbrl/random-llama-v2"))
         print(f"[no --model given: using the tiny random model in {path}; expect noise]")
     model, tokenizer = load_pretrained(path, dtype=DTYPES.get(args.dtype), device=resolve_device(args.device))
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \

@@ -257,6 +257,23 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def pad_rows(rows: list[list[int]], side: str = "left", length: int | None = None,
+             pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> ids [B, L] (pad_id in the padding) and mask [B, L] (True on real tokens),
+    L = length or the longest row. Left padding puts every row's last token in the same column (prompts, whose next
+    token is generated there); right padding puts every first token in column 0."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(len(r) for r in rows) if length is None else length
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = True
+    return ids, mask
+
+
 def attention_mask_4d(valid: torch.Tensor, t: int) -> torch.Tensor:
     """valid [B, S] marks real tokens among the S key slots; the T queries are the last T slots.
     Returns a boolean [B, 1, T, S] mask: causal in slot order, padding keys hidden. A padding query may see
@@ -286,12 +303,6 @@ class Transformer(nn.Module):
     def tie_weights(self):
         if self.lm_head is not None and self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str, dtype: torch.dtype | None = None, device=None,
-                        value_head: bool = False) -> "Transformer":
-        from pbrl.checkpoint import load_model
-        return load_model(path_or_id, dtype=dtype, device=device, value_head=value_head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
@@ -357,3 +368,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, start)
         return self.norm(x)
+
+
+def random_llama(vocab_size: int, width: int, layers: int, seed: int, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, max_position_embeddings: int = 512) -> Transformer:
+    """A small Llama-config model with N(0, 0.02) weights, unit norms and tied embeddings (demo and toy models)."""
+    args = ModelArgs(vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, rope_theta=10000.0,
+                     max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+                     bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    for name, param in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model

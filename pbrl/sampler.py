@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from pbrl.model import KVCache, Transformer
+from pbrl.model import KVCache, Transformer, pad_rows
 
 
 class Completions(NamedTuple):
@@ -84,12 +84,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     rows = [p for p in prompts for _ in range(n)]
     b, p_len = len(rows), longest
-    input_ids = torch.zeros(b, p_len, dtype=torch.long)  # padding slots hold id 0: masked, never attended to
-    valid = torch.zeros(b, p_len + max_new_tokens, dtype=torch.bool)
-    for i, p in enumerate(rows):
-        input_ids[i, p_len - len(p):] = torch.tensor(p)
-        valid[i, p_len - len(p):p_len] = True
-    valid[:, p_len:] = True  # generated slots are real tokens (a finished row's are never read)
+    input_ids, prompt_mask = pad_rows(rows, side="left")  # padding slots hold id 0: masked, never attended to
+    # Generated slots are real tokens (a finished row's are never read).
+    valid = torch.cat([prompt_mask, torch.ones(b, max_new_tokens, dtype=torch.bool)], dim=1)
     input_ids, valid = input_ids.to(device), valid.to(device)
     positions = torch.tensor([len(p) for p in rows], device=device)  # position of each row's next token
     cache = KVCache(model.args, b, p_len + max_new_tokens, model.embed_tokens.weight.dtype, device)

@@ -15,6 +15,7 @@ import jinja2
 import jinja2.ext  # loopcontrols: `import jinja2` alone does not load the submodule
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from pbrl.files import read_json, read_text, resolve
 
@@ -168,3 +169,24 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir) -> None:
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|im_start|>", "<|im_end|>"]
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE trained on `texts` (any text encodes, nothing is <unk>) with Llama 3 and ChatML special
+    tokens: the tokenizer of the tiny models that demos and tests build."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def chat_tokenizer(tok: HFTokenizer) -> Tokenizer:
+    """A train_bpe tokenizer with Llama 3's chat roles: <|begin_of_text|>, <|eot_id|> ends a turn."""
+    return Tokenizer(tok, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|endoftext|>"})

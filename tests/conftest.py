@@ -7,7 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest
 import torch
 
-from pbrl.toy import train_tokenizer
+from pbrl.tokenizer import train_bpe
 
 CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
           "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant", "system",
@@ -16,7 +16,7 @@ CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "
 
 def build_tokenizer():
     """A byte-level BPE of ~300 tokens trained in memory, with Llama 3 and ChatML special tokens."""
-    return train_tokenizer(CORPUS, vocab_size=300)
+    return train_bpe(CORPUS, vocab_size=300)
 
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -21,9 +21,9 @@ X = torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(0))
 def test_save_load_roundtrip_is_exact_and_transformers_reads_it(tmp_path, tied):
     from transformers import AutoModelForCausalLM
     save_hf_model(tmp_path / "src", "qwen3", tie_word_embeddings=tied)
-    model = Transformer.from_pretrained(tmp_path / "src")
+    model = load_model(tmp_path / "src")
     save_model(model, tmp_path / "out", source_dir=tmp_path / "src")
-    again = Transformer.from_pretrained(tmp_path / "out")
+    again = load_model(tmp_path / "out")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     assert (tmp_path / "out" / "tokenizer.json").is_file()
@@ -34,12 +34,12 @@ def test_save_load_roundtrip_is_exact_and_transformers_reads_it(tmp_path, tied):
 
 def test_sharded_save_and_load(tmp_path):
     save_hf_model(tmp_path / "src", "llama")
-    model = Transformer.from_pretrained(tmp_path / "src")
+    model = load_model(tmp_path / "src")
     save_model(model, tmp_path / "out", max_shard_bytes=40_000)
     index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 2 and not (tmp_path / "out" / "model.safetensors").exists()
-    assert torch.equal(logits(Transformer.from_pretrained(tmp_path / "out"), X), logits(model, X))
+    assert torch.equal(logits(load_model(tmp_path / "out"), X), logits(model, X))
 
 
 def test_dtype_conversion(llama_dir):
@@ -56,7 +56,7 @@ def test_bare_backbone_without_prefix_or_lm_head_loads(tmp_path):
     hf = randomize(Qwen3Model(hf_config("qwen3"))).eval()
     hf.save_pretrained(tmp_path)
     assert not any(k.startswith("model.") for k in load_file(tmp_path / "model.safetensors"))
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = load_model(tmp_path)
     assert ours.lm_head is None
     with torch.no_grad():
         assert (hf(X).last_hidden_state - ours.hidden_states(X)).abs().max() <= 1e-4
@@ -66,7 +66,7 @@ def test_bare_backbone_without_prefix_or_lm_head_loads(tmp_path):
 
 def test_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        Transformer.from_pretrained(tmp_path)
+        load_model(tmp_path)
 
 
 def test_unknown_model_type(llama_dir):
@@ -74,14 +74,14 @@ def test_unknown_model_type(llama_dir):
     cfg["model_type"] = "mamba"
     (llama_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"model_type 'mamba' is not supported; pbrl supports \('llama'"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_truncated_safetensors(llama_dir):
     file = llama_dir / "model.safetensors"
     file.write_bytes(file.read_bytes()[:1000])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_truncated_tensor_data(llama_dir):
@@ -89,7 +89,7 @@ def test_truncated_tensor_data(llama_dir):
     data = file.read_bytes()
     file.write_bytes(data[:-100])
     with pytest.raises(ValueError, match="model.safetensors"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_missing_tensor(llama_dir):
@@ -98,7 +98,7 @@ def test_missing_tensor(llama_dir):
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, file)
     with pytest.raises(KeyError, match=r"missing tensors \['layers.1.mlp.up_proj.weight'\]"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_unexpected_tensor(llama_dir):
@@ -107,7 +107,7 @@ def test_unexpected_tensor(llama_dir):
     state["model.layers.0.self_attn.rotary.weight"] = torch.zeros(3)
     save_file(state, file)
     with pytest.raises(KeyError, match="unexpected tensors.*rotary"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_shape_mismatch(llama_dir):
@@ -116,20 +116,20 @@ def test_shape_mismatch(llama_dir):
     state["model.norm.weight"] = torch.ones(65)
     save_file(state, file)
     with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' has shape \[65\], config.json implies \[64\]"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_missing_shard_file(tmp_path):
     save_hf_model(tmp_path / "src", "llama")
-    save_model(Transformer.from_pretrained(tmp_path / "src"), tmp_path / "out", max_shard_bytes=40_000)
+    save_model(load_model(tmp_path / "src"), tmp_path / "out", max_shard_bytes=40_000)
     next((tmp_path / "out").glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(FileNotFoundError, match="lists shard files that are missing"):
-        Transformer.from_pretrained(tmp_path / "out")
+        load_model(tmp_path / "out")
 
 
 def test_bad_path_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a local model directory nor a hub id"):
-        Transformer.from_pretrained(str(tmp_path / "nope"))
+        load_model(str(tmp_path / "nope"))
 
 
 def test_hub_id_goes_through_snapshot_download(monkeypatch, llama_dir):
@@ -141,7 +141,7 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch, llama_dir):
         calls.append(repo_id)
         return str(llama_dir)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    model = Transformer.from_pretrained("org/tiny-llama")
+    model = load_model("org/tiny-llama")
     assert calls == ["org/tiny-llama"] and model.args.model_type == "llama"
 
 
@@ -152,7 +152,7 @@ def test_untied_checkpoint_without_lm_head_is_refused(llama_dir):
     del state["lm_head.weight"]
     save_file(state, file)
     with pytest.raises(KeyError, match="no lm_head.weight, and config.json has tie_word_embeddings=false"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -169,16 +169,16 @@ def test_config_json_errors_name_the_file_and_key(llama_dir, edit, message):
     edit(cfg)
     (llama_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_config_json_that_is_not_utf8_or_not_json(llama_dir):
     (llama_dir / "config.json").write_bytes(b'{"model_type": "llama",\n "name": "\xe9"}')
     with pytest.raises(ValueError, match=r"config.json:2: not UTF-8 text"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
     (llama_dir / "config.json").write_text('{"model_type": "llama",\n')
     with pytest.raises(ValueError, match=r"config.json:2: not valid JSON"):
-        Transformer.from_pretrained(llama_dir)
+        load_model(llama_dir)
 
 
 def test_load_pretrained_refuses_a_tokenizer_the_model_cannot_embed(tmp_path):
@@ -192,13 +192,13 @@ def test_backbone_saves_with_bare_names_that_transformers_reads(tmp_path):
     """A model without LM head (an embedder) is written as HF writes LlamaModel: no `model.` prefix."""
     from transformers import AutoModel
     save_hf_model(tmp_path / "src", "llama")
-    full = Transformer.from_pretrained(tmp_path / "src")
+    full = load_model(tmp_path / "src")
     backbone = Transformer(full.args, lm_head=False)
     backbone.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("lm_head")})
     save_model(backbone, tmp_path / "out")
     assert not any(k.startswith(("model.", "lm_head")) for k in load_file(tmp_path / "out" / "model.safetensors"))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaModel"]
-    again = Transformer.from_pretrained(tmp_path / "out")
+    again = load_model(tmp_path / "out")
     hf = AutoModel.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert again.lm_head is None

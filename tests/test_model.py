@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import save_hf_model
-from pbrl.model import ModelArgs, Transformer
+from pbrl.checkpoint import load_model
+from pbrl.model import ModelArgs
 
 CASES = {
     "llama3-gqa-untied": ("llama", {}),
@@ -19,7 +20,7 @@ CASES = {
 def test_logits_match_transformers(tmp_path, case):
     family, overrides = CASES[case]
     ref = save_hf_model(tmp_path, family, **overrides)
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = load_model(tmp_path)
     # 96 tokens > original_max_position_embeddings (32) of the llama3 cases, so the RoPE scaling matters.
     x = torch.randint(0, 320, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -30,7 +31,7 @@ def test_logits_match_transformers(tmp_path, case):
 def test_left_padding_matches_unpadded(tmp_path):
     """A padded row with mask and per-row positions gives the logits of the same row alone."""
     ref = save_hf_model(tmp_path, "qwen3")
-    ours = Transformer.from_pretrained(tmp_path)
+    ours = load_model(tmp_path)
     short = torch.randint(0, 320, (1, 9))
     padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)
     mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 9)], dim=1)
@@ -58,7 +59,7 @@ def test_llama3_scaling_changes_long_range_frequencies():
 
 
 def test_value_head_and_hidden_states(llama_dir):
-    critic = Transformer.from_pretrained(llama_dir, value_head=True)
+    critic = load_model(llama_dir, value_head=True)
     x = torch.randint(0, 320, (2, 7))
     with torch.no_grad():
         h = critic.hidden_states(x)
@@ -99,7 +100,7 @@ def test_rope_parameters_and_legacy_rope_fields_agree():
 
 
 def test_fused_logprobs_output_matches_log_softmax_of_logits(llama_dir):
-    model = Transformer.from_pretrained(llama_dir)
+    model = load_model(llama_dir)
     g = torch.Generator().manual_seed(4)
     x = torch.randint(0, 320, (3, 10), generator=g)
     labels = torch.randint(0, 320, (3, 10), generator=g)

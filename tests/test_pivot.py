@@ -4,8 +4,8 @@ import pytest
 
 import pbrl.pivot as pivot
 from conftest import save_hf_model
+from pbrl.checkpoint import load_model
 from pbrl.data import Problem
-from pbrl.model import Transformer
 from pbrl.tokenizer import Tokenizer
 
 PROBLEMS = [Problem(f"mgsm-{i}", "en", f"Janet has {i} apples and buys 5 more. How many?", str(i + 5))
@@ -16,7 +16,7 @@ PROBLEMS = [Problem(f"mgsm-{i}", "en", f"Janet has {i} apples and buys 5 more. H
 def pivot_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("pivot")
     save_hf_model(d, "llama", seed=2)
-    return d, Transformer.from_pretrained(d), Tokenizer.from_pretrained(d)
+    return d, load_model(d), Tokenizer.from_pretrained(d)
 
 
 def lines(path):

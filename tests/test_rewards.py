@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import hf_config, randomize, save_hf_model
-from pbrl.model import Transformer
+from pbrl.checkpoint import load_model
 from pbrl.rewards import (TRANSLATE_PROMPT, AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward,
                           HybridReward, LanguageConsistency, MTReward, Sample, Translator, language_share)
 from pbrl.tokenizer import Tokenizer
@@ -69,7 +69,7 @@ def test_mt_reward_translates_through_the_sampler(embedder_dir, translator_dir):
     """The translation is what greedy decoding by full forward passes gives for the stated prompt; the reward is the
     embedding reward of that translation against the reference."""
     embedder = Embedder.from_pretrained(embedder_dir)
-    model, tok = Transformer.from_pretrained(translator_dir), Tokenizer.from_pretrained(translator_dir)
+    model, tok = load_model(translator_dir), Tokenizer.from_pretrained(translator_dir)
     reward = MTReward(Translator(model, tok, max_new_tokens=6, batch_size=2), embedder)
     samples = [Sample("de", "Die Antwort lautet 7.", "The answer is 7."), Sample("en", "The answer is 3.", "3"),
                Sample("sw", "Jibu ni 3.", "The answer is 3."), Sample("fr", "", "The answer is 1.")]

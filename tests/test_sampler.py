@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pbrl.model import Transformer
+from pbrl.checkpoint import load_model
 from pbrl.sampler import generate, sample_next
 
 PROMPTS = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44]]
@@ -13,7 +13,7 @@ def model(tmp_path_factory):
     from conftest import save_hf_model
     d = tmp_path_factory.mktemp("qwen3")
     save_hf_model(d, "qwen3", seed=3)
-    return Transformer.from_pretrained(d)
+    return load_model(d)
 
 
 def greedy_by_full_forward(model, prompt, steps):
