@@ -13,24 +13,12 @@ import torch
 
 from pbrl.checkpoint import check_pretrained, load_pretrained
 from pbrl.cli import positive_int, run_main
-from pbrl.data import load_gsm8k, load_mgsm, load_mmlu_prox
+from pbrl.data import load_problems
 from pbrl.distributed import resolve_device
 from pbrl.evaluate import accuracy_by_language, evaluate, format_table
 from pbrl.files import write_atomic
 
 DEFAULT_DATA = {"mgsm": "juletxara/mgsm", "gsm8k": "openai/gsm8k", "mmlu_prox": "li-lab/MMLU-ProX"}
-
-
-def load_problems(task: str, data: str, langs: list[str], limit: int | None):
-    if task == "mgsm":
-        by_lang = load_mgsm(data, langs)
-    elif task == "mmlu_prox":
-        by_lang = load_mmlu_prox(data, langs)
-    else:
-        if langs != ["en"]:
-            raise ValueError(f"gsm8k is English only; got --langs {','.join(langs)}")
-        by_lang = {"en": load_gsm8k(data)}
-    return [p for lang in langs for p in by_lang[lang][:limit]]
 
 
 def main(argv=None):

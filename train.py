@@ -17,6 +17,7 @@ def main(argv: list[str]) -> None:
         return
     from pbrl import distributed
     from pbrl.config import load_config
+    from pbrl.toy import use_world
     from pbrl.trainer import Trainer
     config = None
     if argv[0] == "--config":
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> None:
         config, argv = argv[1], argv[2:]
     cfg = load_config(config, argv)
     try:
-        Trainer(cfg).run()
+        Trainer(use_world(cfg)).run()
     finally:
         distributed.shutdown()
 

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pbrl import distributed as dist
 from pbrl.files import read_json, resolve, write_atomic
 from pbrl.model import ModelArgs, Transformer, rope_inv_freq
 from pbrl.tokenizer import Tokenizer
@@ -186,6 +187,21 @@ def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: in
 LOCK_FILE = ".lock"
 
 
+def claim_run_dir_on_rank0(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
+    """claim_run_dir on rank 0 (which alone writes the directory); a refusal is raised on every rank. Returns the
+    lock on rank 0, None elsewhere."""
+    lock, refusal = None, None
+    if dist.init()[0] == 0:
+        try:
+            lock = claim_run_dir(out, resume, allowed)
+        except FileExistsError as e:
+            refusal = str(e)
+    refusal = dist.all_gather_objects(refusal)[0]
+    if refusal:
+        raise FileExistsError(refusal)
+    return lock
+
+
 def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
     """Make `out` this run's directory, before any model loads: a directory that holds anything (other than the
     `allowed` files, e.g. a pivot cache written there beforehand) belongs to an earlier run and is refused unless
@@ -214,6 +230,48 @@ def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock
+
+
+def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer],
+                             optimizers: dict[str, torch.optim.Optimizer], trainer_state: dict,
+                             source_dir=None) -> Path:
+    """{out}/checkpoints/step_N: each model as an HF directory (safetensors, with source_dir's tokenizer files),
+    optimizer.pt with every optimizer's state and trainer.pt with `trainer_state`, through torch.save of tensors and
+    plain containers (loaded with weights_only=True). The full states are gathered on rank 0, which writes them to
+    step_N.tmp and renames it once complete: a crash never leaves a directory that looks done. A collective."""
+    final = out / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    states = {name: dist.full_state_dict(model) for name, model in models.items()}
+    optimizer_states = {name: dist.full_optimizer_state(models[name], opt) for name, opt in optimizers.items()}
+    if dist.init()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, model in models.items():
+            save_model(model, tmp / name, source_dir=source_dir, state=states[name])
+        torch.save(optimizer_states, tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer], optimizers: dict[str, torch.optim.Optimizer],
+                             max_step: int) -> dict:
+    """Restore what save_training_checkpoint wrote into the (possibly sharded) models and optimizers; returns the
+    trainer state. A checkpoint past max_step (run.steps) is an error before any weight is read. A collective."""
+    trainer_state = load_state(ckpt / "trainer.pt")
+    if trainer_state["step"] > max_step:
+        raise ValueError(f"run.steps = {max_step} is below the step of the checkpoint to resume, {ckpt} "
+                         f"(step {trainer_state['step']}); raise run.steps to continue the run")
+    optimizer_states = load_state(ckpt / "optimizer.pt")
+    for name, model in models.items():
+        saved = load_model(ckpt / name, dtype=next(model.parameters()).dtype, value_head=model.value_head is not None)
+        dist.load_full_state(model, saved.state_dict(), optimizers.get(name), optimizer_states.get(name))
+    return trainer_state
 
 
 def load_state(path: Path) -> dict:

@@ -1,5 +1,7 @@
 """Training configuration: one dataclass per concern, read from TOML (stdlib tomllib) with `--section.key value`
 overrides. Unknown keys, wrong types and impossible values are errors that name the key, before any model loads.
+A setting that can be switched off is `None` when off (written `"off"` in TOML or on the command line), so code that
+reads it never needs to know a sentinel such as 0.
 
 The defaults are the embedded toy experiment (pbrl/toy.py): `python train.py` runs it with no download.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +34,12 @@ class ModelsConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "mgsm"
     path: str = TOY            # training problems: MGSM layout (mgsm_{lang}.tsv/jsonl), directory or hub id
     langs: list[str] = field(default_factory=lambda: ["de", "fr", "sw"])  # target languages trained on
     pivot_cache: str = ""      # English references (JSONL); "" = {run.out_dir}/pivot.jsonl; generated if absent
     eval_path: str = TOY       # held-out problems for the periodic eval; "" = no eval
     eval_langs: list[str] = field(default_factory=lambda: ["en", "de", "fr", "sw"])
-    eval_limit: int = 0        # problems per language in each eval; 0 = all
+    eval_limit: int | None = None  # problems per language in each eval; off = all
 
 
 @dataclass
@@ -46,8 +48,8 @@ class RolloutConfig:
     samples_per_prompt: int = 8
     max_new_tokens: int = 48
     temperature: float = 1.5       # the toy warm start is near-deterministic at 1.0: explore more
-    top_k: int = 0                 # 0 = off
-    top_p: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
 
 
 @dataclass
@@ -65,10 +67,10 @@ class PPOConfig:
     lam: float = 0.95
     eps_low: float = 0.2
     eps_high: float = 0.2
-    dual_clip: float = 0.0         # 0 = off; else > 1
-    value_clip: float = 0.2
+    dual_clip: float | None = None  # > 1
+    value_clip: float | None = 0.2
     kl_beta: float = 0.1
-    kl_target: float = 0.0         # 0 = fixed beta; else the adaptive controller's target KL
+    kl_target: float | None = None  # off = fixed beta; else the adaptive controller's target KL
     kl_horizon: int = 10_000
     kl_estimator: str = "k1"       # k1 | k2 | k3, per-token KL in the reward
     whiten_advantages: bool = True
@@ -84,7 +86,7 @@ class RewardConfig:
     mt_weight: float = 0.0
     format_weight: float = 0.0
     language_weight: float = 0.0
-    pooling: str = "last"          # embedder pooling: last | mean
+    pooling: str = "auto"          # auto (the embedder's 1_Pooling/config.json, else last) | last | mean
     translate_max_new_tokens: int = 64
 
     def uses_embedder(self) -> bool:
@@ -100,8 +102,8 @@ class RunConfig:
     out_dir: str = "runs/pbrl"
     steps: int = 40
     seed: int = 0
-    checkpoint_every: int = 10     # 0 = only at the end
-    eval_every: int = 10           # 0 = only at the end
+    checkpoint_every: int | None = 10  # off = only at the end
+    eval_every: int | None = 10        # off = only at the end
     resume: bool = False
     device: str = "auto"           # auto | cpu | cuda
 
@@ -122,6 +124,11 @@ class Config:
 def _coerce(value, kind, where: str):
     """TOML or command-line value -> the field's type (str from the command line, native from TOML)."""
     origin = typing.get_origin(kind)
+    if origin is types.UnionType:  # `X | None`: "off" (or "none") switches the setting off
+        if isinstance(value, str) and value.lower() in ("off", "none"):
+            return None
+        inner = next(k for k in typing.get_args(kind) if k is not type(None))
+        return _coerce(value, inner, f"{where} (or off)")
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -202,7 +209,8 @@ def validate(cfg: Config, world_size: int) -> None:
         (r.samples_per_prompt > 0 and r.max_new_tokens > 0,
          "rollout.samples_per_prompt and rollout.max_new_tokens must be > 0"),
         (r.temperature > 0, f"rollout.temperature must be > 0 for PPO rollouts, got {r.temperature}"),
-        (r.top_k >= 0 and 0 < r.top_p <= 1, "rollout.top_k must be >= 0 and rollout.top_p in (0, 1]"),
+        (r.top_k is None or r.top_k >= 1, f"rollout.top_k must be >= 1 or off, got {r.top_k}"),
+        (r.top_p is None or 0 < r.top_p <= 1, f"rollout.top_p must lie in (0, 1] or be off, got {r.top_p}"),
         (p.lr > 0 and p.critic_lr > 0, f"ppo.lr and ppo.critic_lr must be > 0, got {p.lr} and {p.critic_lr}"),
         (p.epochs > 0 and p.minibatches > 0 and p.micro_batch_size > 0,
          "ppo.epochs, ppo.minibatches and ppo.micro_batch_size must be > 0"),
@@ -213,9 +221,11 @@ def validate(cfg: Config, world_size: int) -> None:
         (p.warmup_steps >= 0 and p.weight_decay >= 0 and p.grad_clip > 0,
          "ppo.warmup_steps and weight_decay must be >= 0 and ppo.grad_clip > 0"),
         (0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must lie in [0, 1]"),
-        (p.eps_low > 0 and p.eps_high > 0 and p.value_clip >= 0, "ppo.eps_low, eps_high must be > 0, value_clip >= 0"),
-        (p.dual_clip == 0 or p.dual_clip > 1, f"ppo.dual_clip must be 0 (off) or > 1, got {p.dual_clip}"),
-        (p.kl_beta >= 0 and p.kl_target >= 0, "ppo.kl_beta and ppo.kl_target must be >= 0"),
+        (p.eps_low > 0 and p.eps_high > 0, "ppo.eps_low and ppo.eps_high must be > 0"),
+        (p.value_clip is None or p.value_clip > 0, f"ppo.value_clip must be > 0 or off, got {p.value_clip}"),
+        (p.dual_clip is None or p.dual_clip > 1, f"ppo.dual_clip must be > 1 or off, got {p.dual_clip}"),
+        (p.kl_beta >= 0, f"ppo.kl_beta must be >= 0, got {p.kl_beta}"),
+        (p.kl_target is None or p.kl_target > 0, f"ppo.kl_target must be > 0 or off, got {p.kl_target}"),
         (p.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator must be k1, k2 or k3, got {p.kl_estimator!r}"),
         (w.kind in ("exact_match", "agreement", "embedding", "mt", "hybrid"),
          f"reward.kind must be exact_match, agreement, embedding, mt or hybrid, got {w.kind!r}"),
@@ -223,21 +233,23 @@ def validate(cfg: Config, world_size: int) -> None:
          "reward weights must be >= 0"),
         (w.kind != "hybrid" or w.embedding_weight + w.agreement_weight + w.mt_weight + w.format_weight
          + w.language_weight > 0, "reward.kind=hybrid needs at least one positive weight"),
-        (w.pooling in ("last", "mean"), f"reward.pooling must be last or mean, got {w.pooling!r}"),
+        (w.pooling in ("auto", "last", "mean"), f"reward.pooling must be auto, last or mean, got {w.pooling!r}"),
         (bool(cfg.models.embedder) or not w.uses_embedder(),
          f"reward.kind={w.kind} compares embeddings: set models.embedder"),
         (bool(cfg.models.translator) or not w.uses_translator(),
          f"reward.kind={w.kind} translates responses: set models.translator"),
-        (run.steps > 0 and run.checkpoint_every >= 0 and run.eval_every >= 0,
-         "run.steps must be > 0, run.checkpoint_every and run.eval_every >= 0"),
+        (run.steps > 0, f"run.steps must be > 0, got {run.steps}"),
+        (run.checkpoint_every is None or run.checkpoint_every > 0,
+         f"run.checkpoint_every must be > 0 or off, got {run.checkpoint_every}"),
+        (run.eval_every is None or run.eval_every > 0, f"run.eval_every must be > 0 or off, got {run.eval_every}"),
         (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {run.device!r}"),
         (run.device != "cuda" or torch.cuda.is_available(),
          f"run.device = cuda, but CUDA is not available here (torch {torch.__version__}, "
          f"torch.cuda.is_available() is False); use run.device auto or cpu"),
-        (cfg.data.eval_limit >= 0, f"data.eval_limit must be >= 0 (0 = every problem), got {cfg.data.eval_limit}"),
+        (cfg.data.eval_limit is None or cfg.data.eval_limit > 0,
+         f"data.eval_limit must be > 0 or off (every problem), got {cfg.data.eval_limit}"),
         (cfg.models.dtype in ("auto", "float32", "bfloat16"),
          f"models.dtype must be auto, float32 or bfloat16, got {cfg.models.dtype!r}"),
-        (cfg.data.task == "mgsm", f"data.task must be 'mgsm' (MGSM-layout problems), got {cfg.data.task!r}"),
         (bool(cfg.data.langs), "data.langs must name at least one language"),
     ]
     for ok, message in checks:

@@ -152,6 +152,13 @@ def prompt(problem: Problem) -> str:
     return mmlu_prompt(problem) if problem.choices else mgsm_prompt(problem)
 
 
+def encode_prompt(tokenizer, problem: Problem, chat: bool = True) -> list[int]:
+    """A problem's prompt as token ids: the user turn of the tokenizer's chat template (or the plain text), the one
+    encoding that rollouts, eval, the pivot and the toy warm start share."""
+    text = prompt(problem)
+    return tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
+
+
 def mmlu_prompt(problem: Problem) -> str:
     """The question, its options as 'A. ...' lines, then the language's step-by-step answer prefix; the model is
     expected to end with the answer phrase and a letter."""
@@ -174,6 +181,22 @@ def mgsm_prompt(problem: Problem) -> str:
 def resolve_dataset(path_or_id: str | Path) -> Path:
     """A local directory or file as is; 'org/name' is a hub dataset, fetched with huggingface_hub (its data files)."""
     return resolve(path_or_id, repo_type="dataset", allow_patterns=("*.tsv", "*.jsonl", "*.json"))
+
+
+def load_problems(task: str, path_or_id, langs: list[str], limit: int | None = None) -> list[Problem]:
+    """The first `limit` problems (all when None) of each language of a task (mgsm, gsm8k or mmlu_prox), language
+    after language."""
+    if task == "mgsm":
+        by_lang = load_mgsm(path_or_id, langs)
+    elif task == "mmlu_prox":
+        by_lang = load_mmlu_prox(path_or_id, langs)
+    elif task == "gsm8k":
+        if langs != ["en"]:
+            raise ValueError(f"gsm8k is English only; got languages {','.join(langs)}")
+        by_lang = {"en": load_gsm8k(path_or_id)}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected mgsm, gsm8k or mmlu_prox")
+    return [p for lang in langs for p in by_lang[lang][:limit]]
 
 
 def _gold(raw, where: str) -> str:

@@ -110,6 +110,30 @@ def barrier() -> None:
         dist.barrier()
 
 
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state with unsharded tensors on the CPU (complete on rank 0); a collective."""
+    if not is_distributed():
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+
+
+def load_full_state(model: torch.nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None,
+                    optimizer_state: dict | None = None) -> None:
+    """Load unsharded parameters (and optimizer state) into a model that may be sharded; a collective."""
+    if not is_distributed():
+        model.load_state_dict(state)
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unsharded parameters on the CPU, complete on rank 0 (other ranks may get an empty dict); a collective:
     every rank must call it."""

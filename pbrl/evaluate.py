@@ -4,15 +4,10 @@ from __future__ import annotations
 import sys
 import time
 
-from pbrl.data import Problem, extract_choice, extract_number, is_correct, prompt
+from pbrl.data import Problem, encode_prompt, extract_choice, extract_number, is_correct, prompt
 from pbrl.model import Transformer
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
-
-
-def encode_prompt(tokenizer: Tokenizer, problem: Problem, chat: bool = True) -> list[int]:
-    text = prompt(problem)
-    return tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], batch_size: int = 16,

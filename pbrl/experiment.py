@@ -21,6 +21,7 @@ from pbrl import distributed as dist
 from pbrl.cli import positive_int
 from pbrl.config import Config
 from pbrl.evaluate import format_table
+from pbrl.toy import use_world
 from pbrl.trainer import Trainer
 
 DEFAULT_OUT = "runs/toy"
@@ -40,11 +41,11 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, lo
         cfg = Config()
         cfg.reward.kind = reward["kind"]
         cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, seed, eval_every
-        cfg.run.checkpoint_every = 0
+        cfg.run.checkpoint_every = None
         cfg.run.out_dir = str(out / name.lower().replace(" + ", "-").replace(" ", "-"))
         cfg.data.pivot_cache = str(out / "pivot.jsonl")  # the pivot answers once for all runs
         log(f"== {name} ==")
-        history = Trainer(cfg, log=log).run()
+        history = Trainer(use_world(cfg, log=log), log=log).run()
         accuracy = [h for h in history if any(k.startswith("acc/") for k in h)]
         results["warm start"] = results["warm start"] or _acc(accuracy[0])
         results[name] = _acc(accuracy[-1])

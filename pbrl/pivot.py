@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pbrl.checkpoint import load_pretrained
 from pbrl.cli import positive_int, run_main
-from pbrl.data import Problem, extract_number, load_mgsm, mgsm_prompt
+from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
 from pbrl.distributed import resolve_device
 from pbrl.files import parse_jsonl_line, read_text
 from pbrl.model import Transformer
@@ -90,7 +90,7 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        prompts = [tokenizer.encode_chat([{"role": "user", "content": mgsm_prompt(p)}]) for p in batch]
+        prompts = [encode_prompt(tokenizer, p) for p in batch]
         completions = generate(model, prompts, max_new_tokens, stop_ids=tokenizer.stop_ids,
                                pad_id=tokenizer.pad_id or 0)
         with out.open("a", encoding="utf-8") as f:

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import kernels
+from pbrl.checkpoint import load_pretrained
 from pbrl.data import extract_number, has_answer_phrase, language
-from pbrl.model import Transformer
+from pbrl.files import read_json, resolve
+from pbrl.model import Transformer, pad_rows
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
 
@@ -113,6 +116,21 @@ class LanguageConsistency:
         return {"reward": score, self.name: score}
 
 
+POOLING_DIR = "1_Pooling"  # sentence-transformers' pooling settings, shipped with e.g. Qwen3-Embedding
+
+
+def checkpoint_pooling(directory: Path) -> str:
+    """The pooling an embedding checkpoint asks for in 1_Pooling/config.json ('last' when it says nothing)."""
+    file = directory / POOLING_DIR / "config.json"
+    if not file.is_file():
+        return "last"
+    chosen = [key for key, on in read_json(file).items() if key.startswith("pooling_mode_") and on]
+    modes = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
+    if len(chosen) != 1 or chosen[0] not in modes:
+        raise ValueError(f"{file}: pbrl pools by last token or mean, one of them; this asks for {chosen}")
+    return modes[chosen[0]]
+
+
 class Embedder:
     """Sentence embeddings from a decoder model loaded with pbrl's Transformer (e.g. Qwen3-Embedding-0.6B).
 
@@ -127,9 +145,12 @@ class Embedder:
         self.append_eos, self.batch_size = append_eos, batch_size
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, **kwargs) -> "Embedder":
-        from pbrl.checkpoint import load_pretrained
-        return cls(*load_pretrained(path_or_id, dtype=dtype, device=device), **kwargs)
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, pooling: str = "auto", **kwargs) -> "Embedder":
+        """pooling 'auto': what the checkpoint's 1_Pooling/config.json asks for, else 'last'."""
+        model, tokenizer = load_pretrained(path_or_id, dtype=dtype, device=device)
+        if pooling == "auto":
+            pooling = checkpoint_pooling(resolve(path_or_id))
+        return cls(model, tokenizer, pooling=pooling, **kwargs)
 
     def encode_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -150,11 +171,7 @@ class Embedder:
             longest = max(len(ids) for ids in batch)
             if longest > context:
                 raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of {context} tokens")
-            ids = torch.zeros(len(batch), longest, dtype=torch.long)
-            mask = torch.zeros(len(batch), longest, dtype=torch.bool)
-            for i, row in enumerate(batch):  # left padding: every row's last token is at -1
-                ids[i, longest - len(row):] = torch.tensor(row)
-                mask[i, longest - len(row):] = True
+            ids, mask = pad_rows(batch, side="left")  # every row's last token is at -1
             ids, mask = ids.to(device), mask.to(device)
             hidden = self.model.hidden_states(ids, attention_mask=mask).float()
             pooled = hidden[:, -1] if self.pooling == "last" else \
@@ -209,6 +226,35 @@ class Translator:
         return out
 
 
+LEXICON_FILE = "lexicon.json"
+
+
+class LexiconTranslator:
+    """Word-by-word translation into English through a lexicon {lang: {word (lowercase): English word}}; numbers
+    and symbols pass through and unknown words are dropped. A dictionary baseline, and the toy world's translator."""
+    _WORD = re.compile(r"\w+|[^\w\s]")
+
+    def __init__(self, words: dict[str, dict[str, str]]):
+        self.words = words
+
+    def __call__(self, texts: list[str], langs: list[str]) -> list[str]:
+        out = []
+        for text, lang in zip(texts, langs):
+            table = self.words.get(lang, {})
+            kept = [table.get(t.lower(), t if not t.isalpha() or lang == "en" else "")
+                    for t in self._WORD.findall(text)]
+            out.append(" ".join(w for w in kept if w))
+        return out
+
+
+def load_translator(path_or_id, dtype=None, device=None, max_new_tokens: int = 512):
+    """A directory with lexicon.json is a LexiconTranslator; anything else an instruct model (Translator)."""
+    lexicon = Path(path_or_id) / LEXICON_FILE
+    if lexicon.is_file():
+        return LexiconTranslator(read_json(lexicon))
+    return Translator(*load_pretrained(path_or_id, dtype=dtype, device=device), max_new_tokens=max_new_tokens)
+
+
 class MTReward:
     """Machine-translation reward: translate the response into English, then max(0, cosine) of its embedding with
     the reference's. English responses are compared as they are."""
@@ -248,3 +294,24 @@ class HybridReward:
             out.update({k: v for k, v in parts.items() if k != "reward"})
         out["reward"] = total
         return out
+
+
+def build_reward(cfg, embedder: str, translator: str, dtype=None, device=None):
+    """The reward a RewardConfig (pbrl/config.py) names; models are loaded only for the components it uses, and one
+    embedder serves both the embedding and the MT components."""
+    if cfg.kind == "exact_match":
+        return ExactMatch()
+    if cfg.kind == "agreement":
+        return AnswerAgreement()
+    shared = Embedder.from_pretrained(embedder, dtype=dtype, device=device, pooling=cfg.pooling) \
+        if cfg.uses_embedder() else None
+
+    def mt():
+        return MTReward(load_translator(translator, dtype, device, cfg.translate_max_new_tokens), shared)
+    if cfg.kind == "embedding":
+        return EmbeddingReward(shared)
+    if cfg.kind == "mt":
+        return mt()
+    parts = [(cfg.embedding_weight, lambda: EmbeddingReward(shared)), (cfg.agreement_weight, AnswerAgreement),
+             (cfg.mt_weight, mt), (cfg.format_weight, FormatReward), (cfg.language_weight, LanguageConsistency)]
+    return HybridReward([(weight, make()) for weight, make in parts if weight > 0])

@@ -13,45 +13,31 @@ Artifacts, built from a seed and cached under .cache/pbrl/toy-{seed}/ (a rerun r
                 the pivot (prompted in English).
   embedder/     averaged aligned word vectors, the classic cross-lingual sentence embedding: every word of the
                 toy lexicon maps to its concept's vector in every language; a 0-layer pbrl Transformer whose
-                embedding table holds them, read with mean pooling.
-  translator    word-by-word through the lexicon (LexiconTranslator), for the MT reward.
-Also here: the tiny random model that `python -m pbrl.generate` uses when given no --model.
+                embedding table holds them, with a 1_Pooling/config.json that asks for mean pooling.
+  translator/   lexicon.json, for a word-by-word translation into English (rewards.LexiconTranslator).
+A config value 'toy' names these artifacts (use_world resolves it); past that, a toy run takes the same path through
+the code as a run on real checkpoints.
 """
 from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import models, normalizers, pre_tokenizers
 
+from pbrl import distributed as dist
 from pbrl.checkpoint import save_model
-from pbrl.data import Problem, mgsm_prompt
-from pbrl.model import ModelArgs, Transformer
-from pbrl.tokenizer import Tokenizer, save_tokenizer
+from pbrl.config import TOY, Config, validate
+from pbrl.data import Problem, encode_prompt, mgsm_prompt
+from pbrl.model import ModelArgs, Transformer, pad_rows, random_llama
+from pbrl.rewards import LEXICON_FILE, POOLING_DIR
+from pbrl.tokenizer import Tokenizer, chat_tokenizer, save_tokenizer, train_bpe
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                  "<|im_start|>", "<|im_end|>"]
 VERSION = "toy-v5"  # bump when the world's generator changes, so cached artifacts are rebuilt
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> HFTokenizer:
-    """Byte-level BPE (any text encodes, nothing is <unk>) with Llama 3 and ChatML special tokens."""
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def chat_tokenizer(tok: HFTokenizer) -> Tokenizer:
-    return Tokenizer(tok, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|endoftext|>"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,55 +126,52 @@ def lexicon() -> dict[str, dict[str, str]]:
     return out
 
 
-_WORD = re.compile(r"\w+|[^\w\s]")
-
-
-class LexiconTranslator:
-    """Word-by-word translation into English through the toy lexicon; numbers and symbols pass through and
-    unknown words are dropped. Same interface as rewards.Translator."""
-
-    def __init__(self, words: dict[str, dict[str, str]]):
-        self.words = words
-
-    def __call__(self, texts: list[str], langs: list[str]) -> list[str]:
-        out = []
-        for text, lang in zip(texts, langs):
-            table = self.words.get(lang, {})
-            kept = [table.get(t.lower(), t if not t.isalpha() or lang == "en" else "") for t in _WORD.findall(text)]
-            out.append(" ".join(w for w in kept if w))
-        return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Building the artifacts
 # ---------------------------------------------------------------------------------------------------------------
-class ToyWorld:
-    def __init__(self, root: Path):
-        self.root = root
+def artifacts(root: Path) -> dict[str, Path]:
+    """Config key -> the toy artifact it names when set to 'toy': ordinary HF directories, MGSM-layout data
+    directories and a lexicon translator directory, read by the same code as any real model or data set."""
+    warm = root / "warmstart"
+    return {"models.policy": warm, "models.critic": warm, "models.reference": warm, "models.pivot": warm,
+            "models.embedder": root / "embedder", "models.translator": root / "translator",
+            "data.path": root / "data" / "train", "data.eval_path": root / "data" / "eval"}
 
-    def path_for(self, role: str) -> Path:
-        if role in ("policy", "critic", "reference", "pivot"):
-            return self.root / "warmstart"
-        if role == "embedder":
-            return self.root / "embedder"
-        raise ValueError(f"the toy world has no {role!r} model (its translator is the lexicon)")
 
-    def data_dir(self, split: str) -> Path:
-        return self.root / "data" / split
+def use_world(cfg: Config, log=print) -> Config:
+    """cfg with every model or data path that says 'toy' replaced by the toy world of cfg.run.seed, which rank 0
+    builds first (minutes, once: it is cached) while the other ranks wait. The config is validated before that,
+    so a mistake in it is found in seconds."""
+    validate(cfg, dist.init()[1])
+    unused = {"models.embedder": not cfg.reward.uses_embedder(), "models.translator": not cfg.reward.uses_translator()}
+    keys = [key for key in artifacts(Path()) if _get(cfg, key) == TOY and not unused.get(key)]
+    if not keys:
+        return cfg
+    if dist.init()[0] == 0:
+        build_world(cfg.run.seed, log=log)
+    dist.barrier()
+    paths = artifacts(build_world(cfg.run.seed, log=lambda *a: None))  # cached by now
+    for key in keys:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, str(paths[key]))
+    return cfg
 
-    def translator(self) -> LexiconTranslator:
-        return LexiconTranslator(json.loads((self.root / "lexicon.json").read_text(encoding="utf-8")))
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 100, sft_steps: int = 1200,
-                width: int = 128, layers: int = 4, log=print) -> ToyWorld:
-    """Build (or reuse) every toy artifact for this seed; width and layers size the warm-start model."""
+                width: int = 128, layers: int = 4, log=print) -> Path:
+    """Build (or reuse) every toy artifact for this seed under `root` (returned); width and layers size the
+    warm-start model."""
     root = Path(root or f".cache/pbrl/toy-{seed}")
     marker = root / "complete.json"
     settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, "sft_steps": sft_steps,
                 "width": width, "layers": layers}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return ToyWorld(root)
+        return root
     t0 = time.perf_counter()
     rng = random.Random(seed)
     problems = make_problems(n_train + n_eval, rng)
@@ -198,13 +181,15 @@ def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 100,
         for lang in LANGS:
             (d / f"mgsm_{lang}.tsv").write_text("".join(f"{render(p, lang)}\t{answer(p)}\n" for p in part),
                                                 encoding="utf-8")
-    (root / "lexicon.json").write_text(json.dumps(lexicon(), ensure_ascii=False, indent=1), encoding="utf-8")
+    (root / "translator").mkdir(parents=True, exist_ok=True)
+    (root / "translator" / LEXICON_FILE).write_text(json.dumps(lexicon(), ensure_ascii=False, indent=1),
+                                                    encoding="utf-8")
     build_embedder(root / "embedder", seed)
     log(f"toy world: {n_train} train and {n_eval} eval problems in {', '.join(LANGS)}; training the warm start")
     train_warmstart(root, problems[:n_train], seed, sft_steps, width, layers, log)
     marker.write_text(json.dumps(settings))
     log(f"toy world built in {time.perf_counter() - t0:.0f}s under {root}")
-    return ToyWorld(root)
+    return root
 
 
 def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
@@ -239,6 +224,8 @@ def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
         model.embed_tokens.weight.copy_(torch.stack(vectors))
     save_tokenizer(Tokenizer(tok, {}), out)
     save_model(model, out)
+    (out / POOLING_DIR).mkdir(exist_ok=True)  # the sentence-transformers convention: this embedder mean-pools
+    (out / POOLING_DIR / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
 
 
 SEEN_VERBS = ("buys", "loses")  # the only verbs with solved target-language examples in the warm start
@@ -260,8 +247,7 @@ def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
                 if p["verb"] not in SEEN_VERBS or seen[lang] >= SOLVED_PER_LANGUAGE:
                     continue
                 seen[lang] += 1
-            problem = Problem(f"toy-{i}", lang, render(p, lang), str(answer(p)))
-            prompt_ids = tok.encode_chat([{"role": "user", "content": mgsm_prompt(problem)}])
+            prompt_ids = encode_prompt(tok, Problem(f"toy-{i}", lang, render(p, lang), str(answer(p))))
             solved.append((prompt_ids + tok.encode(" " + solution(p["a"], op, p["b"], lang)) + [tok.eos_id],
                            len(prompt_ids)))
         for lang in LANGS[1:]:
@@ -273,8 +259,8 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     texts = [render(p, lang) for p in problems for lang in LANGS] + \
         [solution(p["a"], VERBS[p["verb"]][0], p["b"], lang) for p in problems for lang in LANGS] + \
         [mgsm_prompt(Problem("x", lang, "q", "0")) for lang in LANGS]
-    tok = chat_tokenizer(train_tokenizer(texts, vocab_size=700))
-    model = random_llama(tok, width, layers, seed)
+    tok = chat_tokenizer(train_bpe(texts, vocab_size=700))
+    model = random_llama(tok.vocab_size, width, layers, seed, tok.token_id("<|begin_of_text|>"), tok.eos_id)
     # Solutions and questions come in separate batches (similar lengths, little padding), questions every 4th.
     pools = sft_examples(problems, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -283,14 +269,10 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     for step in range(steps):
         pool = pools[step % 4 == 3]
         batch = [pool[i] for i in torch.randint(0, len(pool), (64,), generator=g).tolist()]
-        length = max(len(ids) for ids, _ in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        loss_mask = torch.zeros(len(batch), length, dtype=torch.bool)
-        att = torch.zeros(len(batch), length, dtype=torch.bool)
-        for i, (row, start) in enumerate(batch):
-            ids[i, :len(row)] = torch.tensor(row)
-            att[i, :len(row)] = True
-            loss_mask[i, max(start, 1):len(row)] = True
+        ids, att = pad_rows([row for row, _ in batch], side="right")
+        loss_mask = att.clone()
+        for i, (_, start) in enumerate(batch):
+            loss_mask[i, :max(start, 1)] = False
         for group in opt.param_groups:  # linear decay to 10%
             group["lr"] = 3e-3 * (1 - 0.9 * step / steps)
         logp, _ = model(ids[:, :-1], attention_mask=att[:, :-1], output="logprobs", labels=ids[:, 1:],
@@ -305,30 +287,3 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     out = root / "warmstart"
     save_tokenizer(tok, out)
     save_model(model.eval(), out)
-
-
-def random_llama(tok: Tokenizer, width: int, layers: int, seed: int) -> Transformer:
-    """A small Llama-config model of pbrl's own code: N(0, 0.02) weights, unit norms, tied embeddings."""
-    args = ModelArgs(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=3 * width,
-                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4,
-                     rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=True,
-                     bos_token_id=tok.token_id("<|begin_of_text|>"), eos_token_id=tok.eos_id)
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    for name, param in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(param, std=0.02)
-    return model
-
-
-def build_random_model(out_dir, seed: int = 0) -> Path:
-    """A ~1M-parameter random Llama 3 model with a small tokenizer, as a HF directory (cached)."""
-    out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
-        return out
-    texts = [render(p, lang) for p in make_problems(50, random.Random(0)) for lang in LANGS]
-    tok = chat_tokenizer(train_tokenizer(texts, vocab_size=512))
-    save_tokenizer(tok, out)
-    save_model(random_llama(tok, 128, 4, seed), out)
-    return out
-

@@ -42,5 +42,6 @@ def test_accuracy_and_table():
 
 
 def test_gsm8k_is_english_only():
+    from pbrl.data import load_problems
     with pytest.raises(ValueError, match="gsm8k is English only"):
-        eval_cli.load_problems("gsm8k", "x", ["de"], None)
+        load_problems("gsm8k", "x", ["de"], None)

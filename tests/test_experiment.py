@@ -21,10 +21,10 @@ def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "build_world", lambda seed, log=None: world)
     cfg = Config()
     cfg.reward.kind = "hybrid"  # no gold labels: 0.5 embedding + 0.5 agreement with the English pivot
-    cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every = 20, 20, 0
+    cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every = 20, 20, None
     cfg.run.out_dir = str(tmp_path / "run")
-    trainer = Trainer(cfg, log=lambda *a: None)
-    fixed = trainer.train[::8]  # a fixed set of training prompts, all target languages
+    trainer = Trainer(toy.use_world(cfg), log=lambda *a: None)
+    fixed = trainer.train_problems[::8]  # a fixed set of training prompts, all target languages
 
     def greedy_reward() -> float:
         """Mean reward of greedy answers on the fixed prompts: the training reward without sampling noise."""

@@ -6,7 +6,7 @@ import torch
 import kernels
 from pbrl import toy
 from pbrl.data import extract_number
-from pbrl.rewards import Embedder, EmbeddingReward, MTReward, Sample
+from pbrl.rewards import Embedder, EmbeddingReward, LexiconTranslator, MTReward, Sample
 
 
 def test_problems_are_parallel_and_answers_follow_the_verb():
@@ -22,7 +22,7 @@ def test_problems_are_parallel_and_answers_follow_the_verb():
 
 
 def test_lexicon_translator_maps_target_sentences_to_english_words():
-    translate = toy.LexiconTranslator(toy.lexicon())
+    translate = LexiconTranslator(toy.lexicon())
     assert translate(["7 - 3 = 4. Die Antwort lautet 4."], ["de"]) == ["7 - 3 = 4 . the answer is 4 ."]
     assert translate(["Anna verschenkt 3."], ["de"]) == ["Anna gives 3 ."]
     assert translate(["Jibu ni 9"], ["sw"]) == ["answer is 9"]
@@ -31,7 +31,8 @@ def test_lexicon_translator_maps_target_sentences_to_english_words():
 
 def test_aligned_embedder_is_cross_lingual(tmp_path):
     toy.build_embedder(tmp_path, seed=0)
-    embedder = Embedder.from_pretrained(tmp_path, pooling="mean", append_eos=False)
+    embedder = Embedder.from_pretrained(tmp_path)
+    assert embedder.pooling == "mean"  # the checkpoint's own 1_Pooling/config.json says so
     english = "12 - 5 = 7. The answer is 7."
     same = ["12 - 5 = 7. Die Antwort lautet 7.", "12 - 5 = 7. La réponse est 7.", "12 - 5 = 7. Jibu ni 7."]
     wrong = ["12 + 5 = 17. Die Antwort lautet 17.", "12 - 5 = 6. La réponse est 6."]
@@ -44,6 +45,37 @@ def test_aligned_embedder_is_cross_lingual(tmp_path):
     assert pair[0, 1] > 0.99 and pair[0, 2] < 0.9
     reward = EmbeddingReward(embedder)([Sample("de", s, english) for s in same + wrong])["reward"]
     assert reward[:3].min() > reward[3:].max()
-    mt = MTReward(toy.LexiconTranslator(toy.lexicon()), embedder)([Sample("sw", same[2], english),
+    mt = MTReward(LexiconTranslator(toy.lexicon()), embedder)([Sample("sw", same[2], english),
                                                                    Sample("sw", "", english)])["reward"]
     assert mt[0] > 0.99 and mt[1] == 0
+
+
+def test_use_world_turns_toy_values_into_ordinary_paths(tmp_path, monkeypatch):
+    from pbrl.config import Config
+    built = []
+    monkeypatch.setattr(toy, "build_world", lambda seed, log=None: built.append(seed) or tmp_path)
+    cfg = Config()
+    cfg.models.critic, cfg.data.eval_path, cfg.run.seed = "org/critic", "", 3
+    cfg = toy.use_world(cfg, log=lambda *a: None)
+    assert cfg.models.policy == str(tmp_path / "warmstart") and cfg.models.critic == "org/critic"
+    assert cfg.models.embedder == str(tmp_path / "embedder") and cfg.data.path == str(tmp_path / "data" / "train")
+    assert cfg.models.translator == "toy"  # the default hybrid reward translates nothing: not resolved, not built
+    assert cfg.data.eval_path == "" and built and set(built) == {3}
+
+
+def test_translator_and_pooling_come_from_the_artifact_directories(tmp_path):
+    import json
+
+    from pbrl.rewards import checkpoint_pooling, load_translator
+    (tmp_path / "lexicon.json").write_text(json.dumps({"de": {"hat": "has"}}))
+    assert load_translator(tmp_path)(["Anna hat 3"], ["de"]) == ["has 3"]
+    assert checkpoint_pooling(tmp_path) == "last"  # nothing said: decoder embedders pool the last token
+    (tmp_path / "1_Pooling").mkdir()
+    for settings, expected in (({"pooling_mode_lasttoken": True}, "last"),
+                               ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean")):
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
+        assert checkpoint_pooling(tmp_path) == expected
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    import pytest
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json: pbrl pools by last token or mean"):
+        checkpoint_pooling(tmp_path)

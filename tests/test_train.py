@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import save_hf_model
+from pbrl.checkpoint import latest_checkpoint
 from pbrl.config import Config, load_config, validate
 from pbrl.trainer import Trainer
 
@@ -41,7 +42,7 @@ def overrides(world, out, **extra):
             "data.pivot_cache": world / "pivot.jsonl", "data.eval_path": "", "reward.kind": "agreement",
             "rollout.prompts_per_step": 4, "rollout.samples_per_prompt": 2, "rollout.max_new_tokens": 6,
             "ppo.micro_batch_size": 4, "ppo.epochs": 2, "ppo.lr": 1e-3, "ppo.critic_lr": 1e-3,
-            "ppo.entropy_coef": 0.01, "run.steps": 2, "run.out_dir": out, "run.checkpoint_every": 0, **extra}
+            "ppo.entropy_coef": 0.01, "run.steps": 2, "run.out_dir": out, "run.checkpoint_every": "off", **extra}
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
@@ -95,7 +96,7 @@ def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
     ckpts = tmp_path / "b" / "checkpoints"
     (ckpts / "step_000003.tmp").mkdir()  # a checkpoint a crash left half-written
     resumed = Trainer(load_config(None, args + ["--run.resume", "true"]), log=lambda *a: None)
-    assert resumed.step == 2 and resumed.latest_checkpoint().name == "step_000002"
+    assert resumed.step == 2 and latest_checkpoint(tmp_path / "b").name == "step_000002"
     resumed.run()
     got = metrics(tmp_path / "b")
     assert [m["step"] for m in got] == [1, 2, 3, 4]
@@ -131,9 +132,11 @@ def test_batch_must_divide_by_world_size():
 
 def test_toml_file_and_overrides(tmp_path):
     file = tmp_path / "c.toml"
-    file.write_text('[ppo]\nlr = 3e-5\nepochs = 3\n[data]\nlangs = ["sw"]\n')
-    cfg = load_config(str(file), ["--ppo.epochs", "4"])
+    file.write_text('[ppo]\nlr = 3e-5\nepochs = 3\nvalue_clip = "off"\ndual_clip = 2\n[data]\nlangs = ["sw"]\n')
+    cfg = load_config(str(file), ["--ppo.epochs", "4", "--run.eval_every", "off", "--rollout.top_p", "0.9"])
     assert cfg.ppo.lr == 3e-5 and cfg.ppo.epochs == 4 and cfg.data.langs == ["sw"]
+    assert cfg.ppo.value_clip is None and cfg.ppo.dual_clip == 2.0 and cfg.run.eval_every is None
+    assert cfg.rollout.top_p == 0.9 and cfg.rollout.top_k is None  # off by default
     file.write_text('[ppo]\nlr = "fast"\n')
     with pytest.raises(ValueError, match="c.toml: ppo.lr: expected a number, got 'fast'"):
         load_config(str(file))
@@ -149,12 +152,12 @@ def test_pivot_cache_missing_ids_fails_before_any_model_loads(world, tmp_path, m
 
 def no_model_loads(monkeypatch):
     import pbrl.checkpoint
-    import pbrl.model
+    import pbrl.trainer
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
-    monkeypatch.setattr(pbrl.checkpoint, "load_model", refuse)
-    monkeypatch.setattr(pbrl.model.Transformer, "from_pretrained", refuse)
+    for module in (pbrl.checkpoint, pbrl.trainer):
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def test_an_earlier_run_is_refused_before_any_model_loads(world, tmp_path, monkeypatch):
@@ -216,7 +219,11 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_metrics(world, tm
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--data.eval_limit", "-1"], r"data.eval_limit must be >= 0 \(0 = every problem\), got -1"),
+    (["--data.eval_limit", "-1"], r"data.eval_limit must be > 0 or off \(every problem\), got -1"),
+    (["--data.eval_limit", "0"], r"data.eval_limit must be > 0 or off \(every problem\), got 0"),
+    (["--rollout.top_k", "0"], r"rollout.top_k must be >= 1 or off, got 0"),
+    (["--ppo.dual_clip", "1"], r"ppo.dual_clip must be > 1 or off, got 1.0"),
+    (["--run.checkpoint_every", "soon"], r"run.checkpoint_every \(or off\): expected an integer, got 'soon'"),
     (["--run.device", "cuda"], r"run.device = cuda, but CUDA is not available here"),
 ])
 def test_more_config_errors(args, message):

@@ -1,0 +1,141 @@
+"""The pieces of one PPO iteration, each alone: problem choice per step and rank, sequence seeds, packing,
+scoring, response log-probs and values at the right positions, the LR schedule, padding, the metrics."""
+import math
+
+import pytest
+import torch
+
+from pbrl import ppo, rollout
+from pbrl.data import Problem
+from pbrl.model import ModelArgs, Transformer, pad_rows
+from pbrl.rewards import AnswerAgreement, ExactMatch
+from pbrl.sampler import Completions
+
+PROBLEMS = [Problem(f"mgsm-{i}", "de", f"Frage {i}", str(i)) for i in range(10)]
+
+
+def test_each_step_takes_the_next_problems_of_a_seeded_permutation_per_pass():
+    steps = [rollout.problems_for_step(PROBLEMS, step, 4, seed=7, rank=0, world=1) for step in range(5)]
+    first_pass = [p.id for s in steps[:2] for p in s] + [p.id for p in steps[2][:2]]
+    assert sorted(first_pass) == sorted(p.id for p in PROBLEMS)  # 10 problems: steps 0, 1 and half of 2
+    second_pass = [p.id for p in steps[2][2:]] + [p.id for s in steps[3:] for p in s]
+    assert len(set(second_pass)) == len(second_pass) == 10 and second_pass != first_pass  # a new permutation
+    assert steps == [rollout.problems_for_step(PROBLEMS, s, 4, seed=7, rank=0, world=1) for s in range(5)]
+    assert steps != [rollout.problems_for_step(PROBLEMS, s, 4, seed=8, rank=0, world=1) for s in range(5)]
+
+
+def test_ranks_split_a_step_into_disjoint_slices_that_add_up_to_one_process():
+    for step in range(4):
+        whole = rollout.problems_for_step(PROBLEMS, step, 4, seed=0, rank=0, world=1)
+        parts = [rollout.problems_for_step(PROBLEMS, step, 4, seed=0, rank=r, world=2) for r in range(2)]
+        assert parts[0] + parts[1] == whole and len(parts[0]) == 2
+    with pytest.raises(ValueError, match="4 problems per step do not split over 3 ranks"):
+        rollout.problems_for_step(PROBLEMS, 0, 4, seed=0, rank=0, world=3)
+
+
+def test_sequence_seed_depends_on_every_part_and_not_on_position():
+    p, q = PROBLEMS[0], Problem("mgsm-0", "fr", "Question 0", "0")
+    seeds = {rollout.sequence_seed(0, 1, p, 0), rollout.sequence_seed(1, 1, p, 0), rollout.sequence_seed(0, 2, p, 0),
+             rollout.sequence_seed(0, 1, p, 1), rollout.sequence_seed(0, 1, q, 0)}
+    assert len(seeds) == 5  # seed, step, problem id + language and sample index all matter
+    assert rollout.sequence_seed(0, 1, p, 0) == rollout.sequence_seed(0, 1, p, 0)
+
+
+def test_pad_rows_left_and_right():
+    ids, mask = pad_rows([[5, 6, 7], [8]], side="left", pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[True] * 3, [False, False, True]]
+    ids, mask = pad_rows([[5, 6, 7], [8]], side="right", length=4, pad_id=9)
+    assert ids.tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]] and mask.tolist() == [[True] * 3 + [False],
+                                                                             [True] + [False] * 3]
+    with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
+        pad_rows([[1]], side="middle")
+
+
+def test_pack_puts_prompts_left_and_responses_right():
+    completions = Completions(tokens=torch.tensor([[11, 12, 2], [13, 2, 2]]), lengths=torch.tensor([3, 1]),
+                              finished=torch.tensor([True, False]), logprobs=None)
+    ids, mask, response_mask = rollout.pack([[1, 2], [3, 4, 5]], completions)
+    # pad id 2 after row 1's single token is not a response token, and is written as 0
+    assert ids.tolist() == [[0, 1, 2, 11, 12, 2], [3, 4, 5, 13, 0, 0]]
+    assert mask.tolist() == [[False, True, True, True, True, True], [True, True, True, True, False, False]]
+    assert response_mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_score_pairs_each_sample_with_its_problem_and_reference():
+    problems = PROBLEMS[:2]
+    texts = ["Die Antwort lautet 0.", "Die Antwort lautet 5.", "1", "Die Antwort lautet 1."]
+    references = {"mgsm-0": "The answer is 0.", "mgsm-1": "The answer is 7."}  # the pivot got mgsm-1 wrong
+    samples, rewards = rollout.score(AnswerAgreement(), problems, texts, references, samples_per_prompt=2)
+    assert [(s.lang, s.reference, s.gold) for s in samples][1:3] == [("de", "The answer is 0.", "0"),
+                                                                     ("de", "The answer is 7.", "1")]
+    assert rewards["reward"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert rollout.score(ExactMatch(), problems, texts, references, 2)[1]["reward"].tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    return Transformer(args, value_head=True).eval()
+
+
+def test_response_logprobs_and_values_read_the_positions_before_each_response_token(tiny):
+    """Oracle: log_softmax of the full logits at position P + t - 1, gathered at response token t."""
+    prompts, responses = [[3, 4, 5], [6]], [[7, 8], [9, 10, 11]]
+    completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
+                              torch.tensor([True, False]), None)
+    ids, mask, response_mask = rollout.pack(prompts, completions)
+    with torch.no_grad():
+        logp, entropy = rollout.response_logprobs(tiny, ids, mask, response_mask, temperature=1.5)
+        values = rollout.response_values(tiny, ids, mask, response_mask)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            alone = torch.tensor([prompt + response])
+            log_softmax = (tiny(alone)[0] / 1.5).log_softmax(-1)
+            full_values = tiny(alone, output="values")[0]
+            for t, token in enumerate(response):
+                position = len(prompt) + t - 1
+                assert logp[i, t] == pytest.approx(log_softmax[position, token].item(), abs=1e-5)
+                probs = log_softmax[position].exp()
+                assert entropy[i, t] == pytest.approx(-(probs * log_softmax[position]).sum().item(), abs=1e-5)
+                assert values[i, t] == pytest.approx(full_values[position].item(), abs=1e-5)
+            assert logp[i, len(response):].eq(0).all()  # padding slots carry nothing
+
+
+@pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (14, 0.1), (20, 0.1),
+                                           (9, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))])
+def test_lr_schedule_cosine(step, expected):
+    assert ppo.lr_factor(step, warmup_steps=4, schedule="cosine", total_steps=14) == pytest.approx(expected)
+
+
+def test_lr_schedule_constant():
+    assert [ppo.lr_factor(s, 2, "constant", 10) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_rollout_metrics_over_two_ranks_equal_one_process():
+    g = torch.Generator().manual_seed(0)
+    b, t = 4, 5
+    mask = torch.rand(b, t, generator=g) > 0.3
+    exp = rollout.Experience(*(torch.zeros(b, 2),) * 2, mask, *(torch.randn(b, t, generator=g) for _ in range(7)))
+    samples = [type("S", (), {"lang": lang})() for lang in ("de", "de", "fr", "fr")]
+    rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]), "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    whole = rollout.rollout_metrics(samples, rewards, exp, lambda x: x, lambda o: [o])
+    assert whole["reward/de"] == 0.5 and whole["reward/fr"] == 0.5 and whole["agreement"] == 0.5
+    assert whole["response_tokens"] == mask.sum().item()
+    assert whole["response_length"] == mask.sum().item() / 4
+
+    halves = [slice(0, 2), slice(2, 4)]
+
+    def local(h):
+        return exp.rows(torch.arange(4)[h]), samples[h], {k: v[h] for k, v in rewards.items()}
+    captured = {}
+    for i, h in enumerate(halves):  # record what each 'rank' sends into its collectives
+        sent = captured[i] = []
+        e, s, r = local(h)
+        rollout.rollout_metrics(s, r, e, lambda x, sent=sent: sent.append(x) or x, lambda o, sent=sent:
+                                sent.append(o) or [o])
+    e, s, r = local(halves[0])
+    theirs = iter(captured[1])
+    split = rollout.rollout_metrics(s, r, e, lambda x: x + next(theirs), lambda o: [o, next(theirs)])
+    for key, value in whole.items():
+        assert split[key] == pytest.approx(value, abs=1e-6), key
