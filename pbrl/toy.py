@@ -37,7 +37,7 @@ from pbrl.model import ModelArgs, Transformer, pad_rows, random_llama
 from pbrl.rewards import LEXICON_FILE, POOLING_DIR
 from pbrl.tokenizer import Tokenizer, chat_tokenizer, save_tokenizer, train_bpe
 
-VERSION = "toy-v5"  # bump when the world's generator changes, so cached artifacts are rebuilt
+VERSION = "toy-v6"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------------------
