@@ -31,6 +31,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--max-new-tokens", type=positive_int, default=512)
     ap.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
+    ap.add_argument("--enable-thinking", action="store_true",
+                    help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     ap.add_argument("--out", default="runs/eval")
@@ -48,6 +50,7 @@ def main(argv=None):
     for path in args.model:
         model, tokenizer = load_pretrained(path, dtype=getattr(torch, args.dtype) if args.dtype else None,
                                            device=device)
+        tokenizer.template_args["enable_thinking"] = args.enable_thinking
         records = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens,
                            chat=not args.no_chat, label=f"{path}: ")
         samples += [{"model": path, **r} for r in records]

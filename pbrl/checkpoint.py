@@ -142,9 +142,9 @@ def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, backbone: boo
 
 
 def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30,
-               state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory. `state` overrides
-    model.state_dict() (an FSDP model's gathered full state dict).
+               state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory, in `dtype` (None:
+    as stored). `state` overrides model.state_dict() (an FSDP model's gathered full state dict).
 
     Shards above max_shard_bytes, with an index. Files are written under a temporary name and renamed, so a
     crash never leaves a directory that looks complete."""
@@ -152,6 +152,8 @@ def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: in
     out.mkdir(parents=True, exist_ok=True)
     backbone = model.lm_head is None
     state = hf_state_dict(model.state_dict() if state is None else state, model.args, backbone)
+    if dtype is not None:
+        state = {name: tensor.to(dtype) for name, tensor in state.items()}
     dtype = next(iter(state.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0

@@ -29,7 +29,10 @@ class ModelsConfig:
     pivot: str = ""            # writes missing pivot references; "" = the policy
     embedder: str = TOY        # embedding model of the semantic rewards
     translator: str = TOY      # translator of the MT reward
-    dtype: str = "auto"        # auto: bfloat16 on CUDA, float32 on CPU
+    enable_thinking: bool = False  # chat templates that read it (Qwen3): reasoning blocks in policy and pivot turns
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    dtype: str = "auto"        # compute dtype (auto: bfloat16 on CUDA, float32 on CPU); trainable weights and
+    #                            optimizer states are fp32 whatever it says; frozen models are stored in it
 
 
 @dataclass

@@ -9,18 +9,23 @@ import torch
 import torch.distributed as dist
 
 
-def init() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU. Calling it
-    again returns the same."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+def init(one_rank_group: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU. Outside
+    torchrun, one_rank_group starts a process group of one rank anyway, so that FSDP2 (and with it the
+    mixed-precision recipe) runs in a single process exactly as on N ranks. Calling it again returns the same."""
+    torchrun = "RANK" in os.environ
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if not (torchrun or one_rank_group or is_distributed()):
+        return 0, 1, device
     if not is_distributed():
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+        if torchrun:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -48,13 +53,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """FSDP2: fully_shard each transformer block, then the root (embeddings, final norm, heads). On CUDA,
-    parameters are all-gathered in bf16 and gradients reduced in fp32; on CPU (gloo, tests) everything is fp32."""
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: fully_shard each transformer block, then the root (embeddings, final norm, heads). compute_dtype
+    (e.g. bf16 over a trainable model's fp32 parameters) is the dtype parameters are all-gathered and computed in,
+    while the sharded parameters and the optimizer states keep theirs (fp32 masters) and gradients are reduced in
+    fp32; None computes in the stored dtype (frozen models, fp32 runs)."""
     if not is_distributed():
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype is not None \
         else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=mp)

@@ -49,6 +49,8 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
+    ap.add_argument("--enable-thinking", action="store_true",
+                    help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
 
@@ -57,6 +59,7 @@ def main(argv=None):
         path = build_random_model(Path(".cache/pbrl/random-llama-v2"))
         print(f"[no --model given: using the tiny random model in {path}; expect noise]")
     model, tokenizer = load_pretrained(path, dtype=DTYPES.get(args.dtype), device=resolve_device(args.device))
+    tokenizer.template_args["enable_thinking"] = args.enable_thinking
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     prompt = tokenizer.encode_chat(messages)

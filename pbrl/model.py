@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import kernels
@@ -298,6 +299,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if lm_head else None
         self.value_head = nn.Linear(args.hidden_size, 1) if value_head else None
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        # Recompute each block's activations in backward instead of keeping them (training memory for one
+        # block's recomputation; gradients are unchanged).
+        self.activation_checkpointing = False
         self.tie_weights()
 
     def tie_weights(self):
@@ -365,8 +369,12 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         x = self.embed_tokens(input_ids)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, start)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, start)
         return self.norm(x)
 
 

@@ -129,11 +129,14 @@ def main(argv=None):
     ap.add_argument("--limit", type=positive_int, help="only the first N problems")
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--max-new-tokens", type=positive_int, default=512)
+    ap.add_argument("--enable-thinking", action="store_true",
+                    help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = ap.parse_args(argv)
     problems = load_mgsm(args.data, ["en"])["en"][:args.limit]
     check_questions(read_references(args.out), problems, args.out)  # before the model loads
     model, tokenizer = load_pretrained(args.model, device=resolve_device(args.device))
+    tokenizer.template_args["enable_thinking"] = args.enable_thinking
     write_references(model, tokenizer, problems, args.out, args.batch_size, args.max_new_tokens,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
 

@@ -44,6 +44,9 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # some configs hold named templates; use the default one
             self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
         self.template_source = source  # where the template came from, for error messages
+        # Extra variables for the template. Qwen3's templates think by default; reasoning tokens would eat the
+        # generation budgets of rollouts, the pivot and translation, so pbrl turns thinking off unless asked.
+        self.template_args = {"enable_thinking": False}
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         pad = _token_text(cfg.get("pad_token"))
@@ -116,7 +119,7 @@ class Tokenizer:
         if self.chat_template:
             return _render(self.chat_template, self.template_source, messages=messages,
                            add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-                           eos_token=self.eos_token or "", tools=None, documents=None)
+                           eos_token=self.eos_token or "", tools=None, documents=None, **self.template_args)
         if self.token_id("<|start_header_id|>") is not None:
             return _llama3(messages, add_generation_prompt, self.bos_token or "<|begin_of_text|>")
         if self.token_id("<|im_start|>") is not None:

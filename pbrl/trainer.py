@@ -48,10 +48,14 @@ def timed(timings: dict, name: str):
 class Trainer:
     def __init__(self, cfg: Config, log=print):
         self.cfg = cfg
-        self.rank, self.world, device = dist.init()
+        # Precision: trainable models (actor, critic) keep fp32 parameters and optimizer states; forward and
+        # backward run in the compute dtype through FSDP2's mixed precision, in a single process too (a
+        # one-rank process group). Frozen models are stored in the compute dtype.
+        cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
+        self.dtype = DTYPES.get(cfg.models.dtype, torch.bfloat16 if cuda else torch.float32)
+        self.rank, self.world, device = dist.init(one_rank_group=self.dtype != torch.float32)
         validate(cfg, self.world)
         self.device = device if cfg.run.device == "auto" else torch.device(cfg.run.device)
-        self.dtype = DTYPES.get(cfg.models.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.run.out_dir)
         pivot_cache = Path(cfg.data.pivot_cache or self.out / "pivot.jsonl")
@@ -66,22 +70,23 @@ class Trainer:
         self.references = match_references(pivot_cache, english) if pivot_cache.is_file() else None
         critic, reference = models.critic or models.policy, models.reference or models.policy
         self.policy_dir, self.tokenizer = check_pretrained(models.policy)
+        self.tokenizer.template_args["enable_thinking"] = models.enable_thinking
         for path in (critic, reference):  # they read the policy's token ids
             check_pretrained(path, self.tokenizer)
 
-        self.actor = self.load(models.policy)
         if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, on rank 0
             if self.rank == 0:
-                pivot, pivot_tokenizer = load_pretrained(models.pivot, self.dtype, self.device) if models.pivot \
-                    else (self.actor, self.tokenizer)
+                pivot, pivot_tokenizer = load_pretrained(models.pivot or models.policy, self.dtype, self.device)
+                pivot_tokenizer.template_args["enable_thinking"] = models.enable_thinking
                 write_references(pivot, pivot_tokenizer, english, pivot_cache, batch_size=64,
                                  max_new_tokens=cfg.rollout.max_new_tokens, log=self.log)
+                del pivot
             dist.barrier()
             self.references = match_references(pivot_cache, english)
-        self.critic = self.load(critic, value_head=True)
-        self.reference = self.load(reference).requires_grad_(False).eval()
-        for model in (self.actor, self.critic, self.reference):
-            dist.shard(model, self.device)
+        compute = None if self.dtype == torch.float32 else self.dtype
+        self.actor = dist.shard(self.load(models.policy, torch.float32), compute)
+        self.critic = dist.shard(self.load(critic, torch.float32, value_head=True), compute)
+        self.reference = dist.shard(self.load(reference, self.dtype).requires_grad_(False).eval())
         self.reward_fn = build_reward(cfg.reward, models.embedder, models.translator, self.dtype, self.device)
         p = cfg.ppo
         self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=p.lr, weight_decay=p.weight_decay)
@@ -92,8 +97,10 @@ class Trainer:
         if cfg.run.resume:
             self.resume()
 
-    def load(self, path: str, value_head: bool = False):
-        return load_model(path, dtype=self.dtype, device=self.device, value_head=value_head).train()
+    def load(self, path: str, dtype: torch.dtype, value_head: bool = False):
+        model = load_model(path, dtype=dtype, device=self.device, value_head=value_head).train()
+        model.activation_checkpointing = self.cfg.models.activation_checkpointing
+        return model
 
     # ------------------------------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:
@@ -261,7 +268,7 @@ class Trainer:
         if self.step == cfg.run.steps:
             state = dist.full_state_dict(self.actor)
             if self.rank == 0:
-                save_model(self.actor, self.out / "final", source_dir=self.policy_dir, state=state)
+                save_model(self.actor, self.out / "final", source_dir=self.policy_dir, state=state, dtype=self.dtype)
                 self.log(f"final policy: {self.out / 'final'}")
         return history
 

@@ -4,7 +4,7 @@ import torch
 
 from conftest import save_hf_model
 from pbrl.checkpoint import load_model
-from pbrl.model import ModelArgs
+from pbrl.model import ModelArgs, Transformer
 
 CASES = {
     "llama3-gqa-untied": ("llama", {}),
@@ -115,3 +115,30 @@ def test_fused_logprobs_output_matches_log_softmax_of_logits(llama_dir):
     assert model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="output must be"):
         model(x, output="probs")
+
+
+@pytest.mark.parametrize("output", ["logprobs", "values"])
+def test_activation_checkpointing_gives_identical_gradients(output):
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64, qk_norm=True)
+    model = Transformer(args, value_head=True)
+    ids = torch.randint(0, 64, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, :4] = False  # left padding in one row
+    grads = []
+    for on in (False, True):
+        model.activation_checkpointing = on
+        model.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = model(ids, attention_mask=mask, output=output, labels=ids.roll(-1, 1), label_mask=mask) \
+                if output == "logprobs" else model(ids, attention_mask=mask, output=output)
+        loss = out[0].sum() + out[1].sum() if output == "logprobs" else out.sum()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[-1]["saved"] = sum(saved)
+    assert grads[1].pop("saved") < grads[0].pop("saved") / 2  # far fewer activations kept for backward
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name

@@ -160,3 +160,24 @@ def test_tokenizer_larger_than_the_model_is_refused():
     with pytest.raises(ValueError, match=rf"m: the tokenizer has {tok.vocab_size} tokens but the model embeds only "
                                          rf"{tok.vocab_size - 1}"):
         tok.check_fits(tok.vocab_size - 1, "m")
+
+
+# The shape of Qwen3's generation prompt: an empty reasoning block when thinking is switched off.
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def test_thinking_is_off_unless_asked():
+    messages = CONVERSATIONS["no-system"]
+    oracle = transformers_tokenizer(THINKING_TEMPLATE, eos="<|im_end|>")
+    ours = Tokenizer(build_tokenizer(), {"chat_template": THINKING_TEMPLATE})
+    off = ours.apply_chat_template(messages)
+    assert off.endswith("<think>\n\n</think>\n\n")
+    assert off == oracle.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=False)
+    ours.template_args["enable_thinking"] = True
+    assert ours.apply_chat_template(messages) == oracle.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
