@@ -218,6 +218,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+        """mask: None when no key is padding (causal attention, or a single query that sees every slot), else a
+        boolean [B, 1, T, S] (see attention_mask_4d)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
@@ -230,7 +232,18 @@ class Attention(nn.Module):
             cache.k[self.layer][:, :, start:start + t] = k
             cache.v[self.layer][:, :, start:start + t] = v
             k, v = cache.k[self.layer][:, :, :start + t], cache.v[self.layer][:, :, :start + t]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        gqa = self.n_kv != self.n_heads
+        # Each case in the form a fused kernel accepts (on CUDA): flash attention takes GQA but no mask; the
+        # memory-efficient kernel takes a mask but not GQA, so K/V heads are repeated (far smaller than the
+        # [B, H, T, S] fp32 scores the math fallback would hold); one decoding query is small on any kernel.
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        elif t > 1:
+            if gqa:
+                k, v = (z.repeat_interleave(self.n_heads // self.n_kv, dim=1) for z in (k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -363,8 +376,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"attention_mask must be [B, start + T] = {[b, start + t]}, got {list(valid.shape)}")
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        # One query with no padding sees every slot: no mask needed, which keeps decoding on the fast kernels.
-        mask = None if (t == 1 and attention_mask is None) else attention_mask_4d(valid, t)
+        # No mask without padding: causal attention over the new tokens (start must then be 0), or one query that
+        # sees every slot. The check costs one host sync per forward.
+        padded = attention_mask is not None and not bool(valid.all())
+        mask = attention_mask_4d(valid, t) if padded or (t > 1 and start > 0) else None
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         x = self.embed_tokens(input_ids)

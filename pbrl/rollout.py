@@ -83,28 +83,39 @@ def score(reward_fn, problems: list[Problem], texts: list[str], references: dict
 
 
 def _shifted(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
-    """Inputs without the last token, and where their predictions are response tokens."""
+    """The columns these rows use (prompt padding that every row has, and response slots after the longest
+    response, are dropped: attention and compute grow with length), then inputs without their last token and
+    their labels (the next tokens), and where those are response tokens. Returns (inputs, attention, labels,
+    label_mask, P, T used)."""
+    used = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
     p = input_ids.shape[1] - response_mask.shape[1]
-    inputs, attention = input_ids[:, :-1], attention_mask[:, :-1]
-    label_mask = torch.zeros_like(inputs, dtype=torch.bool)
-    label_mask[:, p - 1:] = response_mask
-    return inputs, attention, label_mask, p
+    first = int(attention_mask[:, :p].any(0).int().argmax())  # the first column some prompt uses
+    input_ids, attention_mask = input_ids[:, first:p + used], attention_mask[:, first:p + used]
+    p -= first
+    label_mask = torch.zeros_like(input_ids[:, :-1], dtype=torch.bool)
+    label_mask[:, p - 1:] = response_mask[:, :used]
+    return input_ids[:, :-1], attention_mask[:, :-1], input_ids[:, 1:], label_mask, p, used
+
+
+def _full_width(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, response_mask.shape[1] - x.shape[1]))
 
 
 def response_logprobs(model: Transformer, input_ids, attention_mask, response_mask,
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(response token) and the policy's entropy at each response position, [B, T] each, under
-    softmax(logits / temperature) (the sampling distribution), through the fused log-prob kernel."""
-    inputs, attention, label_mask, p = _shifted(input_ids, attention_mask, response_mask)
-    logp, entropy = model(inputs, attention_mask=attention, output="logprobs", labels=input_ids[:, 1:],
-                          label_mask=label_mask, temperature=temperature)
-    return logp[:, p - 1:], entropy[:, p - 1:]
+    """log pi(response token) and the policy's entropy at each response position, [B, T] each (0 after a
+    response), under softmax(logits / temperature) (the sampling distribution), through the fused log-prob kernel."""
+    inputs, attention, labels, label_mask, p, _ = _shifted(input_ids, attention_mask, response_mask)
+    logp, entropy = model(inputs, attention_mask=attention, output="logprobs", labels=labels, label_mask=label_mask,
+                          temperature=temperature)
+    return _full_width(logp[:, p - 1:], response_mask), _full_width(entropy[:, p - 1:], response_mask)
 
 
 def response_values(model: Transformer, input_ids, attention_mask, response_mask) -> torch.Tensor:
-    """The critic's value before each response token, [B, T]."""
-    inputs, attention, _, p = _shifted(input_ids, attention_mask, response_mask)
-    return model(inputs, attention_mask=attention, output="values")[:, p - 1:]
+    """The critic's value before each response token, [B, T] (0 after a response)."""
+    inputs, attention, _, _, p, used = _shifted(input_ids, attention_mask, response_mask)
+    values = model(inputs, attention_mask=attention, output="values")[:, p - 1:]
+    return _full_width(torch.where(response_mask[:, :used], values, 0.0), response_mask)
 
 
 def actor_loss(actor, exp: Experience, num_tokens, cfg, temperature: float):

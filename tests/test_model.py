@@ -142,3 +142,36 @@ def test_activation_checkpointing_gives_identical_gradients(output):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_attention_uses_no_mask_without_padding_and_no_gqa_with_a_mask(monkeypatch):
+    """What each SDPA call gets decides the CUDA kernel: flash needs no mask, the memory-efficient kernel no GQA.
+    Outputs stay those of the fully masked reference."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    model = Transformer(args).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    calls, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+        calls.append((attn_mask is not None, is_causal, enable_gqa, k.shape[1] == q.shape[1]))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        plain = model(ids)
+        assert set(calls) == {(False, True, True, False)}  # causal, GQA, no mask: flash on CUDA
+        calls.clear()
+        full = torch.ones(2, 7, dtype=torch.bool)
+        assert torch.allclose(model(ids, attention_mask=full), plain, atol=1e-6)  # all-true mask: still no mask
+        assert set(calls) == {(False, True, True, False)}
+        calls.clear()
+        padded = full.clone()
+        padded[1, :3] = False
+        out = model(ids, attention_mask=padded)
+        assert set(calls) == {(True, False, False, True)}  # a mask, K/V heads repeated: memory-efficient kernel
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
+    with torch.no_grad():
+        alone = model(ids[1:, 3:])  # the padded row on its own
+    assert torch.allclose(out[1, 3:], alone[0], atol=1e-5) and torch.allclose(out[0], plain[0], atol=1e-5)

@@ -139,3 +139,24 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     split = rollout.rollout_metrics(s, r, e, lambda x: x + next(theirs), lambda o: [o, next(theirs)])
     for key, value in whole.items():
         assert split[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_columns_no_row_uses_are_trimmed_without_changing_the_results(tiny):
+    completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
+                              torch.tensor([True, False]), None)
+    ids, mask, response_mask = rollout.pack([[3, 4, 5], [6]], completions)
+    wide = (torch.cat([torch.zeros(2, 2, dtype=ids.dtype), ids, torch.zeros(2, 3, dtype=ids.dtype)], 1),
+            torch.cat([torch.zeros(2, 2, dtype=torch.bool), mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
+            torch.cat([response_mask, torch.zeros(2, 3, dtype=torch.bool)], 1))
+    widths = []
+    hook = tiny.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    with torch.no_grad():
+        logp, entropy = rollout.response_logprobs(tiny, ids, mask, response_mask, temperature=1.0)
+        wide_logp, wide_entropy = rollout.response_logprobs(tiny, *wide, temperature=1.0)
+        values, wide_values = (rollout.response_values(tiny, *x) for x in ((ids, mask, response_mask), wide))
+    hook.remove()
+    assert widths == [ids.shape[1] - 1] * 4  # the model saw the same trimmed columns both times
+    for narrow, broad in ((logp, wide_logp), (entropy, wide_entropy), (values, wide_values)):
+        assert broad.shape == (2, 6) and broad[:, 3:].eq(0).all()
+        assert torch.allclose(broad[:, :3], narrow, atol=1e-6)
+    assert values[0, 2] == 0  # past a response: 0, like the log-probs
