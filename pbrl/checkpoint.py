@@ -57,8 +57,15 @@ def _open(file: Path):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_head: bool = False) -> Transformer:
-    """Build a Transformer from a HF checkpoint. dtype None keeps each tensor's stored dtype."""
+@torch.no_grad()
+def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_head: bool = False,
+               shard=None) -> Transformer:
+    """Build a Transformer from a HF checkpoint. dtype None keeps each tensor's stored dtype.
+
+    shard: None loads the whole model into this process. Otherwise a function that shards a model (e.g.
+    distributed.shard with its precision): the model is built on the meta device and sharded first, then each rank
+    reads only its own rows of every tensor from the safetensors files (FSDP2 splits dim 0 as torch.chunk does), so
+    no rank ever holds the whole model, nor the whole of any tensor."""
     directory = resolve(path_or_id)
     args = load_args(directory)
     files = weight_files(directory)
@@ -72,8 +79,8 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     expected = dict(model.state_dict())
     if args.tie_word_embeddings and has_lm_head:
         expected.pop("lm_head.weight")
-    if value_head and "value_head.weight" not in files:
-        # A fresh critic head: zero output at start, so early value targets are not noise.
+    fresh_head = value_head and "value_head.weight" not in files
+    if fresh_head:  # a fresh critic head: zero output at start, so early value targets are not noise
         for name in ("value_head.weight", "value_head.bias"):
             expected.pop(name)
     to_ours = {name: name.removeprefix("model.") for name in files}
@@ -84,6 +91,15 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
         raise KeyError(f"{directory}: checkpoint does not match the {args.model_type} architecture of config.json; "
                        f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                        f"unexpected tensors {sorted(unexpected)[:10]}")
+    if shard is not None:
+        if dtype is not None:
+            model.to(dtype)
+        shard(model)
+        model.to_empty(device=device if device is not None else "cpu")
+        params = dict(model.named_parameters())
+        if fresh_head:
+            for name in ("value_head.weight", "value_head.bias"):
+                params[name].to_local().zero_()
     state = {}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -93,22 +109,38 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
         with _open(file) as f:
             for name in names:
                 ours = to_ours[name]
+                shape = list(f.get_slice(name).get_shape())
+                if shape != list(expected[ours].shape):
+                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
+                                     f"{list(expected[ours].shape)}")
                 try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
+                    if shard is None:
+                        tensor = f.get_tensor(name)
+                        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    else:
+                        local = params[ours].to_local()
+                        start, stop = shard_rows(shape[0], params[ours].device_mesh)
+                        local.copy_(f.get_slice(name)[start:stop])
+                except Exception as e:  # safetensors' own errors for truncated data
                     raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
-                if tensor.shape != expected[ours].shape:
-                    raise ValueError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, "
-                                     f"config.json implies {list(expected[ours].shape)}")
-                state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-    if value_head and "value_head.weight" not in state:
-        ref = state["embed_tokens.weight"]
-        state["value_head.weight"] = torch.zeros(1, args.hidden_size, dtype=ref.dtype, device=ref.device)
-        state["value_head.bias"] = torch.zeros(1, dtype=ref.dtype, device=ref.device)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if shard is None:
+        if fresh_head:
+            ref = state["embed_tokens.weight"]
+            state["value_head.weight"] = torch.zeros(1, args.hidden_size, dtype=ref.dtype, device=ref.device)
+            state["value_head.bias"] = torch.zeros(1, dtype=ref.dtype, device=ref.device)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
     model.inv_freq = rope_inv_freq(args).to(device)  # buffers built on the meta device hold no data
     return model.eval()
+
+
+def shard_rows(rows: int, mesh) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 that this rank holds under FSDP2's Shard(0), which splits as torch.chunk:
+    ceil(rows / world) rows per rank, the last ranks possibly fewer or none."""
+    world, rank = mesh.size(), mesh.get_local_rank()
+    per_rank = -(-rows // world)
+    start = min(rank * per_rank, rows)
+    return start, min(start + per_rank, rows)
 
 
 def load_pretrained(path_or_id, dtype: torch.dtype | None = None, device=None,

@@ -84,9 +84,9 @@ class Trainer:
             dist.barrier()
             self.references = match_references(pivot_cache, english)
         compute = None if self.dtype == torch.float32 else self.dtype
-        self.actor = dist.shard(self.load(models.policy, torch.float32), compute)
-        self.critic = dist.shard(self.load(critic, torch.float32, value_head=True), compute)
-        self.reference = dist.shard(self.load(reference, self.dtype).requires_grad_(False).eval())
+        self.actor = self.load(models.policy, torch.float32, compute)
+        self.critic = self.load(critic, torch.float32, compute, value_head=True)
+        self.reference = self.load(reference, self.dtype).requires_grad_(False).eval()
         self.reward_fn = build_reward(cfg.reward, models.embedder, models.translator, self.dtype, self.device)
         p = cfg.ppo
         self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=p.lr, weight_decay=p.weight_decay)
@@ -97,8 +97,11 @@ class Trainer:
         if cfg.run.resume:
             self.resume()
 
-    def load(self, path: str, dtype: torch.dtype, value_head: bool = False):
-        model = load_model(path, dtype=dtype, device=self.device, value_head=value_head).train()
+    def load(self, path: str, dtype: torch.dtype, compute_dtype: torch.dtype | None = None, value_head: bool = False):
+        """Stored in dtype, computed in compute_dtype; with several ranks (or mixed precision) built sharded, each
+        rank reading only its part of the checkpoint."""
+        shard = (lambda model: dist.shard(model, compute_dtype)) if dist.is_distributed() else None
+        model = load_model(path, dtype=dtype, device=self.device, value_head=value_head, shard=shard).train()
         model.activation_checkpointing = self.cfg.models.activation_checkpointing
         return model
 

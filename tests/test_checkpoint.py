@@ -204,3 +204,27 @@ def test_backbone_saves_with_bare_names_that_transformers_reads(tmp_path):
         assert again.lm_head is None
         assert (hf(X).last_hidden_state - full.hidden_states(X)).abs().max() <= 1e-4
         assert torch.equal(again.hidden_states(X), full.hidden_states(X))
+
+
+def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
+    """Under torchrun with 2 ranks: the sharded load equals a full load, and no read ever returned more than half
+    (rounded up) of a tensor's rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    save_hf_model(tmp_path / "m", "qwen3", tie_word_embeddings=True, vocab_size=321)  # odd rows: uneven shards
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29536", str(root / "tests" / "scripts" / "sharded_load.py"),
+                           str(tmp_path / "m"), str(out)], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    full = load_model(tmp_path / "m", dtype=torch.float32, value_head=True).state_dict()
+    assert set(result["state"]) == set(full)
+    for name, value in result["state"].items():
+        assert torch.equal(torch.tensor(value), full[name]), name
+    largest_tensor = full["embed_tokens.weight"].numel()  # 321 x 64
+    assert result["largest_read"] == 161 * 64 < largest_tensor  # rank 0's 161 of the 321 embedding rows
