@@ -343,7 +343,7 @@ class Transformer(nn.Module):
         if output == "values":
             if self.value_head is None:
                 raise RuntimeError("this model has no value head; load it with value_head=True")
-            return self.value_head(h).squeeze(-1).float()
+            return self.value_head(h).squeeze(-1).to(torch.float32, copy=True)  # not a view of FSDP's output
         if self.lm_head is None:
             raise RuntimeError("this model has no LM head (a bare backbone such as an embedding model); "
                                "use output='hidden'")

@@ -146,9 +146,11 @@ def rollout_metrics(samples, rewards: dict[str, torch.Tensor], exp: Experience, 
     mask = exp.response_mask
     per_sample = [{"lang": s.lang, **{k: float(v[i]) for k, v in rewards.items()}} for i, s in enumerate(samples)]
     everything = [x for part in gather(per_sample) for x in part]
-    mismatch, tokens = reduce(torch.stack([ppo.masked_sum((exp.sampler_logprobs - exp.old_logprobs).abs(), mask),
-                                           mask.sum().float()])).tolist()
+    mismatch, tokens, sequence_tokens = reduce(torch.stack([
+        ppo.masked_sum((exp.sampler_logprobs - exp.old_logprobs).abs(), mask), mask.sum().float(),
+        exp.attention_mask.sum().float()])).tolist()
     metrics = {"logprob_mismatch": mismatch / max(tokens, 1.0), "response_tokens": tokens,
+               "sequence_tokens": sequence_tokens,
                "response_length": tokens / len(everything),
                "explained_variance": float(ppo.explained_variance(exp.values, exp.returns, mask, reduce=reduce))}
     for key in rewards:

@@ -110,3 +110,19 @@ def test_eval_checks_every_model_before_evaluating_any_and_keeps_old_outputs(cha
         eval_cli.main(["--model", str(chat_world / "model"), "--model", str(tmp_path / "missing"),
                        "--data", str(chat_world / "data"), "--out", str(out)])
     assert evaluated == [] and (out / "samples.jsonl").read_text() == "earlier results\n"
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    """benchmarks/gpu_check.py at tiny size on the CPU: every check runs end to end, so the script cannot rot
+    between the sessions that have a GPU. (Kernels take their PyTorch path here; tests/test_kernels.py covers
+    Triton.)"""
+    out = tmp_path / "gpu.md"
+    env_interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--steps", 2, "--out", out)
+    finally:
+        if env_interpret is not None:
+            os.environ["TRITON_INTERPRET"] = env_interpret
+    text = out.read_text()
+    assert "| linear_token_logprobs grad weight | bfloat16 | pytorch |" in text and "| False |" not in text
+    assert "update cosine" in text and '"update_tflops"' in text and '"steps": 2' in text

@@ -1,0 +1,220 @@
+"""The CUDA-only checks, in one command that needs no download and writes a report.
+
+    python benchmarks/gpu_check.py                           # one CUDA GPU, ~1B random model: writes docs/gpu.md
+    python benchmarks/gpu_check.py --size tiny --device cpu --out /tmp/gpu.md   # the dry run the tests make
+
+  1. kernels     each Triton kernel (fwd and bwd) against its fp32 PyTorch reference, fp32 and bf16 inputs
+  2. attention   which SDPA backend each attention form of the model gets (the math fallback is not allowed for
+                 training or prefill: flash without padding, memory-efficient with it)
+  3. precision   one AdamW step with bf16 compute over fp32 masters against the same step in fp32
+  4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation checkpointing) on a
+                 random model in Llama-3.2-1B's shapes: seconds per phase, the update's model-FLOPs utilisation, peak
+                 memory
+Random weights in real shapes only: throughput and memory are what they would be for the real model, text is noise.
+"""
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+from kernels.dispatch import use_triton  # noqa: E402
+from pbrl import distributed as dist  # noqa: E402
+from pbrl.checkpoint import save_model  # noqa: E402
+from pbrl.config import load_config  # noqa: E402
+from pbrl.model import ModelArgs, Transformer  # noqa: E402
+from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe  # noqa: E402
+
+SIZES = {  # Llama-3.2-1B's shapes (vocab cut to what the test tokenizer needs is not allowed: keep it real)
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+               max_position_embeddings=4096, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True),
+}
+# Dense bf16 tensor-core peak of the GPUs this is likely to meet (vendor datasheets, SXM parts).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def check_kernels(device: torch.device) -> list[dict]:
+    """Max abs error of each kernel (through kernels' dispatch: Triton on CUDA) against the fp32 reference."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        n, h, v = 64, 256, 32000
+        hidden = (torch.randn(n, h, generator=g) * 0.5).to(device, dtype).requires_grad_()
+        weight = (torch.randn(v, h, generator=g) * 0.05).to(device, dtype).requires_grad_()
+        labels = torch.randint(0, v, (n,), generator=g).to(device)
+        logp, entropy = kernels.linear_token_logprobs(hidden, weight, labels, 0.7, return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+        ours = (logp.detach(), entropy.detach(), hidden.grad, weight.grad)
+        path = "triton" if use_triton(hidden) else "pytorch"
+        h32, w32 = (x.detach().float().requires_grad_() for x in (hidden, weight))
+        ref_logp, ref_entropy = reference.linear_token_logprobs_ref(h32, w32, labels, 0.7)
+        (ref_logp.sum() + ref_entropy.sum()).backward()
+        for name, a, b in zip(("logprobs", "entropy", "grad hidden", "grad weight"), ours,
+                              (ref_logp.detach(), ref_entropy.detach(), h32.grad, w32.grad)):
+            rows.append({"kernel": f"linear_token_logprobs {name}", "dtype": str(dtype)[6:], "path": path,
+                         "max_abs_err": float((a.float() - b).abs().max()), "scale": float(b.abs().max())})
+        a, b = (torch.randn(300, 1024, generator=g).to(device, dtype) for _ in range(2))
+        for name, ours, ref in (("cosine_similarity", kernels.cosine_similarity(a, b),
+                                 reference.cosine_similarity_ref(a.float(), b.float())),
+                                ("pairwise_cosine_similarity", kernels.pairwise_cosine_similarity(a, b[:40]),
+                                 reference.pairwise_cosine_similarity_ref(a.float(), b[:40].float()))):
+            rows.append({"kernel": name, "dtype": str(dtype)[6:], "path": path,
+                         "max_abs_err": float((ours - ref).abs().max()), "scale": 1.0})
+    for row in rows:  # tolerances: bf16 inputs are rounded to 8 bits of mantissa before the fp32 maths
+        row["ok"] = row["max_abs_err"] <= (1e-3 if row["dtype"] == "float32" else 3e-2) * max(row["scale"], 1.0)
+    return rows
+
+
+def check_attention(model: Transformer, device: torch.device) -> list[dict]:
+    """Run each attention form with the math backend switched off: a form no fused kernel takes raises."""
+    if device.type != "cuda":
+        return [{"form": "all", "fused": "n/a (CPU: PyTorch picks its CPU kernels)"}]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    ids = torch.randint(0, model.args.vocab_size, (2, 256), device=device)
+    padded = torch.ones(2, 256, dtype=torch.bool, device=device)
+    padded[1, :100] = False
+    rows = []
+    for form, mask in (("training/prefill, no padding", None), ("training/prefill, left padding", padded)):
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel([backend]), torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                    model(ids, attention_mask=mask, output="hidden")
+                rows.append({"form": form, "fused": backend.name})
+                break
+            except RuntimeError:
+                continue
+        else:
+            rows.append({"form": form, "fused": "NONE: the math fallback would run"})
+    return rows
+
+
+def check_precision(args: ModelArgs, device: torch.device) -> dict:
+    """One AdamW step of a mean log-prob loss, fp32 vs bf16 compute over fp32 masters (FSDP2 mixed precision in a
+    one-rank process group, as the trainer runs it): the two updates should point the same way, with similar size."""
+    dist.init(one_rank_group=True)
+    torch.manual_seed(0)
+    base = Transformer(args).to(device)
+    ids = torch.randint(0, args.vocab_size, (4, 128), device=device)
+    updates = {}
+    for name, compute in (("fp32", None), ("bf16", torch.bfloat16)):
+        model = Transformer(args).to(device)
+        model.load_state_dict(base.state_dict())
+        dist.shard(model, compute)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        logp = model(ids[:, :-1], output="logprobs", labels=ids[:, 1:])[0]
+        (-logp.mean()).backward()
+        opt.step()
+        state = dist.full_state_dict(model)
+        updates[name] = torch.cat([(state[k].float().cpu() - base.state_dict()[k].float().cpu()).flatten()
+                                   for k in state])
+    a, b = updates["fp32"], updates["bf16"]
+    cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    ratio = float(b.norm() / a.norm())
+    return {"update_cosine": cosine, "update_norm_ratio": ratio, "ok": cosine > 0.9 and 0.8 < ratio < 1.25}
+
+
+def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path) -> dict:
+    """A few PPO iterations of the real Trainer on a random model in these shapes (agreement reward: no other
+    model needed; the pivot cache is written from the problems' own answers)."""
+    from pbrl import toy
+    from pbrl.trainer import Trainer
+    problems = toy.make_problems(64, __import__("random").Random(0))
+    tokenizer = chat_tokenizer(train_bpe([toy.render(p, lang) for p in problems for lang in toy.LANGS], 400))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**{**args.__dict__, "bos_token_id": tokenizer.token_id("<|begin_of_text|>"),
+                                     "eos_token_id": tokenizer.eos_id}))
+    save_model(model, work / "model", dtype=torch.bfloat16)
+    save_tokenizer(tokenizer, work / "model")
+    del model
+    (work / "data").mkdir()
+    for lang in ("en", "de"):
+        (work / "data" / f"mgsm_{lang}.tsv").write_text(
+            "".join(f"{toy.render(p, lang)}\t{toy.answer(p)}\n" for p in problems), encoding="utf-8")
+    (work / "pivot.jsonl").write_text("".join(json.dumps({"id": f"mgsm-{i}", "question": toy.render(p, "en"),
+                                                          "reference": f"The answer is {toy.answer(p)}."}) + "\n"
+                                              for i, p in enumerate(problems)))
+    small = args.hidden_size < 1024
+    settings = {"models.policy": work / "model", "models.dtype": "bfloat16" if device.type == "cuda" else "float32",
+                "models.activation_checkpointing": "true", "data.path": work / "data", "data.langs": "de",
+                "data.pivot_cache": work / "pivot.jsonl", "data.eval_path": "", "reward.kind": "agreement",
+                "rollout.prompts_per_step": 4 if small else 16, "rollout.samples_per_prompt": 4,
+                "rollout.max_new_tokens": 16 if small else 256, "ppo.micro_batch_size": 8, "run.steps": steps,
+                "run.out_dir": work / "run", "run.checkpoint_every": "off"}
+    cfg = load_config(None, [x for key, value in settings.items() for x in (f"--{key}", str(value))])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(cfg, log=lambda *a: None)
+    history = trainer.run()
+    params = sum(p.numel() for p in trainer.actor.parameters())
+    last = history[-1]
+    # Update FLOPs: per trained token, 6 per parameter (forward + backward) plus 2 for the forward that activation
+    # checkpointing recomputes, for actor and critic (the same size but for the LM head), per PPO epoch; attention's
+    # own FLOPs are left out (small at these lengths).
+    flops = 2 * 8 * params * last["sequence_tokens"] * cfg.ppo.epochs
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return {"params": params, "steps": steps, "phases": {k[5:]: round(v, 3) for k, v in last.items()
+                                                         if k.startswith("time/")},
+            "seconds_per_step": round(last["seconds"], 3), "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
+            "update_tflops": round(flops / last["time/update"] / 1e12, 2),
+            "update_mfu": None if peak is None else round(flops / last["time/update"] / peak, 3),
+            "reward": last["reward"], "device": name}
+
+
+def report(env: dict, kernel_rows, attention_rows, precision, training) -> str:
+    lines = ["# GPU check", "", f"`{env['command']}` on {env['device']} (torch {env['torch']}, triton "
+             f"{env['triton']}), {env['date']}, {env['seconds']:.0f} s.", "", "## Kernels vs fp32 references", "",
+             "| kernel | dtype | ran | max abs error | ok |", "|---|---|---|---|---|"]
+    lines += [f"| {r['kernel']} | {r['dtype']} | {r['path']} | {r['max_abs_err']:.2e} | {r['ok']} |"
+              for r in kernel_rows]
+    lines += ["", "## Attention backend (math fallback switched off)", "", "| form | fused kernel |", "|---|---|"]
+    lines += [f"| {r['form']} | {r['fused']} |" for r in attention_rows]
+    lines += ["", "## bf16 compute over fp32 masters vs fp32, one AdamW step", "",
+              f"update cosine {precision['update_cosine']:.4f}, norm ratio {precision['update_norm_ratio']:.3f}, "
+              f"ok {precision['ok']}", "", "## PPO iterations (Trainer, FSDP2, one device)", "",
+              "```json", json.dumps(training, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="1b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"))
+    args = ap.parse_args(argv)
+    device = dist.resolve_device(args.device)
+    t0 = time.perf_counter()
+    model_args = ModelArgs(**SIZES[args.size])
+    kernel_rows = check_kernels(device)
+    print(f"kernels: {sum(r['ok'] for r in kernel_rows)}/{len(kernel_rows)} within tolerance", flush=True)
+    attention_rows = check_attention(Transformer(model_args).to(device).eval(), device)
+    print(f"attention: {attention_rows}", flush=True)
+    precision = check_precision(ModelArgs(**SIZES["tiny"]), device)
+    print(f"precision: {precision}", flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        training = check_training(model_args, device, args.steps, Path(work))
+    print(f"training: {training}", flush=True)
+    import triton
+    env = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "device": training["device"], "torch": torch.__version__, "triton": triton.__version__,
+           "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(report(env, kernel_rows, attention_rows, precision, training))
+    print(f"wrote {args.out}")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
