@@ -57,6 +57,9 @@ class RolloutConfig:
 
 @dataclass
 class PPOConfig:
+    advantage: str = "gae"         # gae (a critic) | grpo | rloo (critic-free: baselines from the prompt's samples)
+    group_std: bool = True         # grpo: divide by the group's std (false: Dr. GRPO)
+    kl_in_loss: bool = False       # KL to the reference as a k3 loss term (as GRPO) instead of a per-token reward
     epochs: int = 2                # passes over each iteration's rollouts
     minibatches: int = 1           # optimizer steps per epoch
     micro_batch_size: int = 16     # sequences per forward/backward on one rank
@@ -230,6 +233,11 @@ def validate(cfg: Config, world_size: int) -> None:
         (p.kl_beta >= 0, f"ppo.kl_beta must be >= 0, got {p.kl_beta}"),
         (p.kl_target is None or p.kl_target > 0, f"ppo.kl_target must be > 0 or off, got {p.kl_target}"),
         (p.kl_estimator in ("k1", "k2", "k3"), f"ppo.kl_estimator must be k1, k2 or k3, got {p.kl_estimator!r}"),
+        (p.advantage in ("gae", "grpo", "rloo"), f"ppo.advantage must be gae, grpo or rloo, got {p.advantage!r}"),
+        (p.advantage == "gae" or r.samples_per_prompt >= 2,
+         f"ppo.advantage={p.advantage} compares the samples of a prompt: rollout.samples_per_prompt must be >= 2"),
+        (p.advantage == "gae" or not cfg.models.critic,
+         f"ppo.advantage={p.advantage} trains no critic, but models.critic is set"),
         (w.kind in ("exact_match", "agreement", "embedding", "mt", "hybrid"),
          f"reward.kind must be exact_match, agreement, embedding, mt or hybrid, got {w.kind!r}"),
         (min(w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight, w.language_weight) >= 0,

@@ -8,6 +8,7 @@ Every run starts from the same warm start and goes through the real training loo
   PB-RLSVR embedding          cosine of aligned-word-vector embeddings of response and English pivot reference
   PB-RLSVR MT                 the response translated into English (lexicon), then the same cosine
   PB-RLSVR hybrid             0.5 embedding + 0.5 agreement of the final answers with the pivot's
+  PB-RLSVR hybrid, GRPO       the same reward, critic-free: each response against its prompt's other samples
 Writes runs/toy/results.json, results.md (per-language accuracy) and curves.svg (reward and accuracy per step).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ RUNS = {
     "PB-RLSVR embedding": {"kind": "embedding"},
     "PB-RLSVR MT": {"kind": "mt"},
     "PB-RLSVR hybrid": {"kind": "hybrid"},
+    "PB-RLSVR hybrid, GRPO": {"kind": "hybrid", "advantage": "grpo"},
 }
 
 
@@ -40,9 +42,10 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, lo
     for name, reward in RUNS.items():
         cfg = Config()
         cfg.reward.kind = reward["kind"]
+        cfg.ppo.advantage = reward.get("advantage", "gae")
         cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, seed, eval_every
         cfg.run.checkpoint_every = None
-        cfg.run.out_dir = str(out / name.lower().replace(" + ", "-").replace(" ", "-"))
+        cfg.run.out_dir = str(out / name.lower().replace(" + ", "-").replace(",", "").replace(" ", "-"))
         cfg.data.pivot_cache = str(out / "pivot.jsonl")  # the pivot answers once for all runs
         log(f"== {name} ==")
         history = Trainer(use_world(cfg, log=log), log=log).run()

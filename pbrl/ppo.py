@@ -5,9 +5,9 @@ ignores the values at masked positions. Losses are sums over tokens divided by `
 tokens in the *global* batch (all micro-batches on all ranks): summing the micro-batch losses then gives exactly the
 full-batch token mean, however the batch is split.
 
-References: GAE, Schulman et al. 2016 (eq. 16); clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip,
-Ye et al. 2020; KL estimators k1/k2/k3, Schulman 2020 ("Approximating KL divergence"); adaptive KL coefficient,
-Ziegler et al. 2019.
+References: GAE, Schulman et al. 2016 (eq. 16); group-relative (GRPO), Shao et al. 2024; leave-one-out (RLOO),
+Ahmadian et al. 2024; clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip, Ye et al. 2020; KL estimators
+k1/k2/k3, Schulman 2020 ("Approximating KL divergence"); adaptive KL coefficient, Ziegler et al. 2019.
 """
 from __future__ import annotations
 
@@ -92,6 +92,40 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_adv = torch.where(m, adv, next_adv)
     returns = torch.where(mask, advantages + values, 0.0)
     return advantages, returns
+
+
+def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample, the size of its group and the sum of `values` over it; [B] each."""
+    _, index = torch.unique(groups, return_inverse=True)
+    size = torch.zeros(int(index.max()) + 1, dtype=values.dtype, device=values.device)
+    size.index_add_(0, index, torch.ones_like(values))
+    total = torch.zeros_like(size).index_add_(0, index, values)
+    if bool((size < 2).any()):
+        raise ValueError("every group needs at least 2 samples (rollout.samples_per_prompt >= 2): a group of one "
+                         "has no baseline")
+    return size[index], total[index]
+
+
+def grpo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, scale_by_std: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024, outcome supervision): A_i = (r_i - mean_g) / (std_g + eps)
+    over the samples of i's group g (unbiased std), the same on every response token. scale_by_std=False keeps
+    r_i - mean_g (Dr. GRPO, Liu et al. 2025: the std division favours groups whose scores barely differ).
+    scores [B], groups [B] (samples of one prompt share an id), mask [B, T] -> advantages [B, T], 0 where masked."""
+    size, total = _group_sums(scores, groups)
+    advantage = scores - total / size
+    if scale_by_std:
+        squares = _group_sums(advantage ** 2, groups)[1]
+        advantage = advantage / ((squares / (size - 1)).sqrt() + eps)
+    return torch.where(mask.bool(), advantage[:, None], 0.0)
+
+
+def rloo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = r_i - mean_{j in g, j != i} r_j, the baseline being the
+    other samples of the same prompt, so it does not depend on r_i (unbiased). Shapes as grpo_advantages."""
+    size, total = _group_sums(scores, groups)
+    advantage = scores - (total - scores) / (size - 1)
+    return torch.where(mask.bool(), advantage[:, None], 0.0)
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:

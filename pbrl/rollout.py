@@ -1,7 +1,7 @@
 """The pieces of one PPO iteration, each testable alone: which problems a step samples, how each sequence's sampling
 noise is seeded, how prompts and completions pack into sequences, how responses are scored, the forward passes that
 read log-probs and values back at the response positions, the loss of one micro-batch for the actor and for the
-critic, and the iteration's metrics.
+critic, the advantages of each estimator, and the iteration's metrics.
 
 A sequence is its prompt, left padded, then its response, right padded: input_ids [B, P + T]. Tensors over
 responses are [B, T], aligned with the response tokens; the prediction of response token t is made at position
@@ -82,6 +82,24 @@ def score(reward_fn, problems: list[Problem], texts: list[str], references: dict
     return samples, reward_fn(samples)
 
 
+def advantages(cfg, scores: torch.Tensor, kl: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+               groups: torch.Tensor, kl_beta: float, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, T] by the estimator a PPOConfig names. gae: the score on each response's last token
+    and -kl_beta * KL on every token, GAE over the critic's values, optionally whitened over all ranks (reduce).
+    grpo / rloo: the score minus kl_beta * the response's summed KL (as verl folds a per-token KL into the sequence
+    reward) against the other samples of its group; no returns (there is no critic). With cfg.kl_in_loss the KL
+    stays out of the reward (the actor's loss holds it)."""
+    beta = 0.0 if cfg.kl_in_loss else kl_beta
+    if cfg.advantage == "gae":
+        token_rewards = ppo.per_token_rewards(scores, kl, mask, beta)
+        advantage, returns = ppo.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+        return (ppo.whiten(advantage, mask, reduce=reduce) if cfg.whiten_advantages else advantage), returns
+    sequence = scores - beta * ppo.masked_sum(kl, mask, dim=1)
+    advantage = ppo.grpo_advantages(sequence, groups, mask, cfg.group_std) if cfg.advantage == "grpo" \
+        else ppo.rloo_advantages(sequence, groups, mask)
+    return advantage, torch.zeros_like(advantage)
+
+
 def _shifted(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
     """The columns these rows use (prompt padding that every row has, and response slots after the longest
     response, are dropped: attention and compute grow with length), then inputs without their last token and
@@ -118,21 +136,26 @@ def response_values(model: Transformer, input_ids, attention_mask, response_mask
     return _full_width(torch.where(response_mask[:, :used], values, 0.0), response_mask)
 
 
-def actor_loss(actor, exp: Experience, num_tokens, cfg, temperature: float):
-    """The clipped surrogate (minus the entropy bonus) of one micro-batch, as its share of the global token mean;
-    returns (loss, sums of its statistics)."""
-    logp, entropy = response_logprobs(actor, exp.input_ids, exp.attention_mask, exp.response_mask,
-                                              temperature)
-    out = ppo.policy_loss(logp, exp.old_logprobs, exp.advantages, exp.response_mask, num_tokens, cfg.eps_low,
-                          cfg.eps_high, cfg.dual_clip)
-    entropy_sum = ppo.masked_sum(entropy, exp.response_mask)
-    tokens = exp.response_mask.sum()
+def actor_loss(actor, exp: Experience, num_tokens, cfg, temperature: float, kl_beta: float):
+    """The clipped surrogate (minus the entropy bonus, plus kl_beta * k3 KL to the reference when cfg.kl_in_loss)
+    of one micro-batch, as its share of the global token mean; returns (loss, sums of its statistics)."""
+    mask = exp.response_mask
+    logp, entropy = response_logprobs(actor, exp.input_ids, exp.attention_mask, mask, temperature)
+    out = ppo.policy_loss(logp, exp.old_logprobs, exp.advantages, mask, num_tokens, cfg.eps_low, cfg.eps_high,
+                          cfg.dual_clip)
+    entropy_sum = ppo.masked_sum(entropy, mask)
+    tokens = mask.sum()
     stats = {"policy_loss": out.loss.detach(), "entropy": entropy_sum.detach(), "clipfrac": out.clipfrac * tokens,
              "approx_kl": out.approx_kl * tokens, "tokens": tokens}
-    return out.loss - cfg.entropy_coef * entropy_sum / num_tokens, stats
+    loss = out.loss - cfg.entropy_coef * entropy_sum / num_tokens
+    if cfg.kl_in_loss:
+        kl_sum = ppo.masked_sum(ppo.kl_estimate(logp, exp.ref_logprobs, "k3"), mask)
+        stats["kl_loss"] = kl_sum.detach()
+        loss = loss + kl_beta * kl_sum / num_tokens
+    return loss, stats
 
 
-def critic_loss(critic, exp: Experience, num_tokens, cfg, temperature: float):
+def critic_loss(critic, exp: Experience, num_tokens, cfg, temperature: float, kl_beta: float):
     """The clipped value loss of one micro-batch; returns (loss, sums of its statistics)."""
     values = response_values(critic, exp.input_ids, exp.attention_mask, exp.response_mask)
     out = ppo.value_loss(values, exp.values, exp.returns, exp.response_mask, num_tokens, cfg.value_clip)
@@ -140,9 +163,11 @@ def critic_loss(critic, exp: Experience, num_tokens, cfg, temperature: float):
 
 
 
-def rollout_metrics(samples, rewards: dict[str, torch.Tensor], exp: Experience, reduce, gather) -> dict:
-    """Reward per component and language, response length, critic fit and the sampler/trainer log-prob mismatch,
-    over all ranks: reduce sums tensors and gather collects objects across ranks (identities in one process)."""
+def rollout_metrics(samples, rewards: dict[str, torch.Tensor], exp: Experience, reduce, gather,
+                    critic: bool = True) -> dict:
+    """Reward per component and language, response length, the critic's fit (when there is one) and the
+    sampler/trainer log-prob mismatch, over all ranks: reduce sums tensors and gather collects objects across ranks
+    (identities in one process)."""
     mask = exp.response_mask
     per_sample = [{"lang": s.lang, **{k: float(v[i]) for k, v in rewards.items()}} for i, s in enumerate(samples)]
     everything = [x for part in gather(per_sample) for x in part]
@@ -150,9 +175,9 @@ def rollout_metrics(samples, rewards: dict[str, torch.Tensor], exp: Experience, 
         ppo.masked_sum((exp.sampler_logprobs - exp.old_logprobs).abs(), mask), mask.sum().float(),
         exp.attention_mask.sum().float()])).tolist()
     metrics = {"logprob_mismatch": mismatch / max(tokens, 1.0), "response_tokens": tokens,
-               "sequence_tokens": sequence_tokens,
-               "response_length": tokens / len(everything),
-               "explained_variance": float(ppo.explained_variance(exp.values, exp.returns, mask, reduce=reduce))}
+               "sequence_tokens": sequence_tokens, "response_length": tokens / len(everything)}
+    if critic:
+        metrics["explained_variance"] = float(ppo.explained_variance(exp.values, exp.returns, mask, reduce=reduce))
     for key in rewards:
         metrics[key] = sum(x[key] for x in everything) / len(everything)
     for lang in sorted({x["lang"] for x in everything}):

@@ -5,7 +5,8 @@ One iteration (`Trainer.train_step`), each phase named and timed as verl does:
   2. rollout     n samples per problem with the KV-cached sampler, the actor's parameters gathered once
   3. reward      the configured reward, against the pivot's English reference of the same problem id
   4. forward     old log-probs (actor), reference log-probs and values (critic) over prompt + response
-  5. advantages  per-token rewards (the score on the last token, -beta KL on every token), GAE, whitening
+  5. advantages  per-token rewards (the score on the last token, -beta KL on every token), GAE, whitening; or,
+                 without a critic (ppo.advantage grpo | rloo), each response against the other samples of its prompt
   6. update      PPO epochs over minibatches of micro-batches: actor, then critic; AdamW, clipping, LR schedule
   7. metrics     one line on stdout, one JSON line in {out_dir}/metrics.jsonl (rank 0)
 
@@ -68,10 +69,11 @@ class Trainer:
             if data.eval_path else []
         english = load_problems("mgsm", data.path, ["en"])
         self.references = match_references(pivot_cache, english) if pivot_cache.is_file() else None
-        critic, reference = models.critic or models.policy, models.reference or models.policy
+        critic = (models.critic or models.policy) if cfg.ppo.advantage == "gae" else None
+        reference = models.reference or models.policy
         self.policy_dir, self.tokenizer = check_pretrained(models.policy)
         self.tokenizer.template_args["enable_thinking"] = models.enable_thinking
-        for path in (critic, reference):  # they read the policy's token ids
+        for path in filter(None, (critic, reference)):  # they read the policy's token ids
             check_pretrained(path, self.tokenizer)
 
         if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, on rank 0
@@ -85,13 +87,16 @@ class Trainer:
             self.references = match_references(pivot_cache, english)
         compute = None if self.dtype == torch.float32 else self.dtype
         self.actor = self.load(models.policy, torch.float32, compute)
-        self.critic = self.load(critic, torch.float32, compute, value_head=True)
+        self.critic = self.load(critic, torch.float32, compute, value_head=True) if critic else None
         self.reference = self.load(reference, self.dtype).requires_grad_(False).eval()
         self.reward_fn = build_reward(cfg.reward, models.embedder, models.translator, self.dtype, self.device)
         p = cfg.ppo
-        self.actor_opt = torch.optim.AdamW(self.actor.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        self.critic_opt = torch.optim.AdamW([q for q in self.critic.parameters() if q.requires_grad],
-                                            lr=p.critic_lr, weight_decay=p.weight_decay)
+        # The trained models, each with its optimizer and learning rate: what the update steps and checkpoints hold.
+        self.trained = {"actor": (self.actor, torch.optim.AdamW(self.actor.parameters(), lr=p.lr,
+                                                                weight_decay=p.weight_decay), p.lr)}
+        if self.critic is not None:
+            self.trained["critic"] = (self.critic, torch.optim.AdamW(self.critic.parameters(), lr=p.critic_lr,
+                                                                     weight_decay=p.weight_decay), p.critic_lr)
         self.kl = ppo.AdaptiveKLController(p.kl_beta, p.kl_target, p.kl_horizon)
         self.step = 0
         if cfg.run.resume:
@@ -110,7 +115,7 @@ class Trainer:
         cfg, r, p = self.cfg, self.cfg.rollout, self.cfg.ppo
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        for opt, lr in ((self.actor_opt, p.lr), (self.critic_opt, p.critic_lr)):
+        for _, opt, lr in self.trained.values():
             for group in opt.param_groups:
                 group["lr"] = lr * ppo.lr_factor(self.step, p.warmup_steps, p.schedule, cfg.run.steps)
         # 1. sample
@@ -146,15 +151,16 @@ class Trainer:
             with timed(timings, "ref_logprobs"):
                 ref = self.in_micro_batches(
                     lambda *x: rollout.response_logprobs(self.reference, *x, r.temperature)[0], *seqs)
-            with timed(timings, "values"):
-                values = self.in_micro_batches(lambda *x: rollout.response_values(self.critic, *x), *seqs)
+            values = torch.zeros_like(old)
+            if self.critic is not None:
+                with timed(timings, "values"):
+                    values = self.in_micro_batches(lambda *x: rollout.response_values(self.critic, *x), *seqs)
             # 5. advantages
             with timed(timings, "advantages"):
                 kl = ppo.kl_estimate(old, ref, p.kl_estimator)
-                token_rewards = ppo.per_token_rewards(scores, kl, response_mask, self.kl.beta)
-                advantages, returns = ppo.gae(token_rewards, values, response_mask, p.gamma, p.lam)
-                if p.whiten_advantages:
-                    advantages = ppo.whiten(advantages, response_mask, reduce=dist.all_reduce_sum)
+                groups = torch.arange(len(problems), device=self.device).repeat_interleave(r.samples_per_prompt)
+                advantages, returns = rollout.advantages(p, scores, kl, values, response_mask, groups, self.kl.beta,
+                                                         dist.all_reduce_sum)
         exp = rollout.Experience(ids, mask, response_mask, completions.logprobs.to(self.device), old, ref, values,
                                  kl, advantages, returns)
         # 6. update
@@ -165,13 +171,14 @@ class Trainer:
                                                           response_mask.sum().float()])).tolist()
         self.kl.update(kl_sum / max(tokens, 1.0), r.prompts_per_step * r.samples_per_prompt)
         metrics = {"step": self.step + 1, "kl": kl_sum / max(tokens, 1.0), **stats,
-                   **rollout.rollout_metrics(samples, rewards, exp, dist.all_reduce_sum, dist.all_gather_objects)}
+                   **rollout.rollout_metrics(samples, rewards, exp, dist.all_reduce_sum, dist.all_gather_objects,
+                                             critic=self.critic is not None)}
         metrics["seconds"] = time.perf_counter() - start
         metrics["tokens_per_s"] = metrics["response_tokens"] / metrics["seconds"]
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics["peak_memory_mb"] = (torch.cuda.max_memory_allocated() if self.device.type == "cuda" else
                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-        metrics["lr"], metrics["kl_beta"] = self.actor_opt.param_groups[0]["lr"], self.kl.beta
+        metrics["lr"], metrics["kl_beta"] = self.trained["actor"][1].param_groups[0]["lr"], self.kl.beta
         return metrics
 
     def in_micro_batches(self, forward, *tensors) -> torch.Tensor:
@@ -182,20 +189,20 @@ class Trainer:
     def update(self, exp: rollout.Experience) -> dict[str, float]:
         """PPO epochs over minibatches; each minibatch's loss is normalised by its token count over all ranks."""
         p = self.cfg.ppo
-        sums = {k: torch.zeros((), device=self.device) for k in
-                ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "value_clipfrac", "tokens")}
+        losses = {"actor": rollout.actor_loss, "critic": rollout.critic_loss}
+        sums: dict[str, torch.Tensor] = {}
         grad_norms = []
         for _ in range(p.epochs):
             for rows in torch.arange(len(exp.input_ids), device=self.device).chunk(p.minibatches):
                 num_tokens = dist.all_reduce_sum(exp.response_mask[rows].sum().float())
-                grad_norms.append(self.optimize(self.actor, self.actor_opt, rollout.actor_loss, exp, rows, num_tokens,
-                                                sums))
-                self.optimize(self.critic, self.critic_opt, rollout.critic_loss, exp, rows, num_tokens, sums)
+                for name, (model, optimizer, _) in self.trained.items():
+                    norm = self.optimize(model, optimizer, losses[name], exp, rows, num_tokens, sums)
+                    grad_norms += [norm] if name == "actor" else []
         s = dict(zip(sums, dist.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
         passes, tokens = p.epochs * p.minibatches, max(s["tokens"], 1.0)
-        return {"policy_loss": s["policy_loss"] / passes, "value_loss": s["value_loss"] / passes,
-                **{k: s[k] / tokens for k in ("entropy", "clipfrac", "approx_kl", "value_clipfrac")},
-                "grad_norm": sum(grad_norms) / len(grad_norms)}
+        return {**{k: s[k] / passes for k in ("policy_loss", "value_loss") if k in s},
+                **{k: s[k] / tokens for k in ("entropy", "clipfrac", "approx_kl", "value_clipfrac", "kl_loss")
+                   if k in s}, "grad_norm": sum(grad_norms) / len(grad_norms)}
 
     def optimize(self, model, optimizer, loss_fn, exp, rows, num_tokens, sums) -> float:
         """One optimizer step on a minibatch, accumulating micro-batch gradients; returns the gradient norm."""
@@ -203,9 +210,9 @@ class Trainer:
         size = self.cfg.ppo.micro_batch_size
         for i in range(0, len(rows), size):
             loss, stats = loss_fn(model, exp.rows(rows[i:i + size]), num_tokens, self.cfg.ppo,
-                                  self.cfg.rollout.temperature)
+                                  self.cfg.rollout.temperature, self.kl.beta)
             for key, value in stats.items():
-                sums[key] += value
+                sums[key] = sums.get(key, 0.0) + value
             loss.backward()
         norm = torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.requires_grad],
                                               self.cfg.ppo.grad_clip)
@@ -228,8 +235,8 @@ class Trainer:
         if ckpt is None:
             self.log(f"resume: no checkpoint under {self.out / 'checkpoints'}; starting from step 0")
             return
-        state = load_training_checkpoint(ckpt, {"actor": self.actor, "critic": self.critic},
-                                         {"actor": self.actor_opt, "critic": self.critic_opt}, self.cfg.run.steps)
+        state = load_training_checkpoint(ckpt, {k: m for k, (m, _, _) in self.trained.items()},
+                                         {k: opt for k, (_, opt, _) in self.trained.items()}, self.cfg.run.steps)
         self.step, self.kl.beta = state["step"], state["kl_beta"]
         torch.set_rng_state(state["torch_rng"])
         self.log(f"resumed from {ckpt} at step {self.step}" + (" (the run is complete: nothing to train)"
@@ -264,8 +271,8 @@ class Trainer:
                 metrics.update(self.evaluate())
             history.append(self.log_metrics(metrics))
             if last or (cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0):
-                save_training_checkpoint(self.out, self.step, {"actor": self.actor, "critic": self.critic},
-                                         {"actor": self.actor_opt, "critic": self.critic_opt},
+                save_training_checkpoint(self.out, self.step, {k: m for k, (m, _, _) in self.trained.items()},
+                                         {k: opt for k, (_, opt, _) in self.trained.items()},
                                          {"step": self.step, "kl_beta": self.kl.beta,
                                           "torch_rng": torch.get_rng_state()}, source_dir=self.policy_dir)
         if self.step == cfg.run.steps:

@@ -211,3 +211,46 @@ def test_whitening_and_explained_variance_across_ranks_equal_one_process():
             got = fn(mine, lambda t: t + next(theirs))
             expected = whole[mine] if whole.dim() else whole
             assert torch.allclose(got, expected, atol=1e-6)
+
+
+MASK2 = torch.tensor([[True, True, False], [True, False, False], [True, True, True], [True, True, False]])
+
+
+def test_grpo_hand_derived():
+    """One group of 4 scores [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 1/sqrt(3), so the
+    advantages are +-0.5 * sqrt(3); without the std division (Dr. GRPO) +-0.5."""
+    scores, groups = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long)
+    adv = ppo.grpo_advantages(scores, groups, MASK2, eps=0.0)
+    expected = torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 * 3 ** 0.5
+    assert torch.allclose(adv, torch.where(MASK2, expected[:, None], 0.0))
+    assert torch.allclose(ppo.grpo_advantages(scores, groups, MASK2, scale_by_std=False),
+                          torch.where(MASK2, torch.tensor([0.5, -0.5, -0.5, 0.5])[:, None], 0.0))
+
+
+def test_rloo_baseline_leaves_the_sample_out():
+    """Groups [3, 1, 2] and [4]: for 3 the baseline is mean(1, 2) = 1.5, for 1 it is 2.5, for 2 it is 2."""
+    scores, groups = torch.tensor([3.0, 1.0, 5.0, 2.0, 7.0]), torch.tensor([0, 0, 9, 0, 9])
+    mask = torch.ones(5, 2, dtype=torch.bool)
+    adv = ppo.rloo_advantages(scores, groups, mask)
+    assert torch.allclose(adv[:, 0], torch.tensor([1.5, -1.5, -2.0, 0.0, 2.0]))
+    assert torch.equal(adv[:, 0], adv[:, 1])  # the same advantage on every token
+
+
+@pytest.mark.parametrize("fn", [ppo.rloo_advantages, ppo.grpo_advantages])
+def test_group_estimators_equal_scores_zero_and_groups_of_one(fn):
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    assert fn(torch.full((4,), 0.7), torch.tensor([0, 0, 1, 1]), mask).abs().max() == 0
+    with pytest.raises(ValueError, match="every group needs at least 2 samples"):
+        fn(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]), mask[:3])
+
+
+@pytest.mark.parametrize("fn", [ppo.rloo_advantages, ppo.grpo_advantages])
+def test_group_estimators_on_two_ranks_equal_one_process(fn):
+    """A prompt's samples stay on one rank, so each rank's advantages are the whole batch's rows."""
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(12, generator=g)
+    groups = torch.arange(4).repeat_interleave(3)
+    mask = torch.rand(12, 5, generator=g) > 0.2
+    whole = fn(scores, groups, mask)
+    halves = [fn(scores[rows], groups[rows], mask[rows]) for rows in (slice(0, 6), slice(6, 12))]
+    assert torch.equal(torch.cat(halves), whole)

@@ -160,3 +160,25 @@ def test_columns_no_row_uses_are_trimmed_without_changing_the_results(tiny):
         assert broad.shape == (2, 6) and broad[:, 3:].eq(0).all()
         assert torch.allclose(broad[:, :3], narrow, atol=1e-6)
     assert values[0, 2] == 0  # past a response: 0, like the log-probs
+
+
+def test_advantages_by_estimator_and_where_the_kl_goes():
+    from pbrl.config import PPOConfig
+    g = torch.Generator().manual_seed(2)
+    scores, kl, values = torch.rand(4, generator=g), torch.rand(4, 3, generator=g) * 0.1, torch.rand(4, 3, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    groups = torch.tensor([0, 0, 1, 1])
+    cfg = PPOConfig(whiten_advantages=False)
+    adv, returns = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
+    expected = ppo.gae(ppo.per_token_rewards(scores, kl, mask, 0.5), values, mask, cfg.gamma, cfg.lam)
+    assert torch.equal(adv, expected[0]) and torch.equal(returns, expected[1])
+    cfg = PPOConfig(advantage="rloo")
+    adv, returns = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
+    sequence = scores - 0.5 * (kl * mask).sum(1)  # the response's summed KL folded into its score
+    assert torch.allclose(adv[:, 0], torch.stack([sequence[0] - sequence[1], sequence[1] - sequence[0],
+                                                  sequence[2] - sequence[3], sequence[3] - sequence[2]]))
+    assert returns.eq(0).all()
+    cfg = PPOConfig(advantage="grpo", group_std=False, kl_in_loss=True)  # the KL is the loss's, not the reward's
+    adv, _ = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
+    assert torch.allclose(adv[:, 0], torch.stack([scores[0] - scores[:2].mean(), scores[1] - scores[:2].mean(),
+                                                  scores[2] - scores[2:].mean(), scores[3] - scores[2:].mean()]))

@@ -107,7 +107,7 @@ def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--ppo.lr", "-1"], "ppo.lr and ppo.critic_lr must be > 0"),
-    (["--ppo.lrate", "1"], "unknown key ppo.lrate; \\[ppo\\] has epochs"),
+    (["--ppo.lrate", "1"], "unknown key ppo.lrate; \\[ppo\\] has advantage, group_std"),
     (["--rollout.prompts_per_step", "many"], "rollout.prompts_per_step: expected an integer, got 'many'"),
     (["--optim.lr", "1"], "unknown section \\[optim\\]"),
     (["--ppo.whiten_advantages", "maybe"], "expected true or false"),
@@ -277,3 +277,35 @@ def test_two_processes_match_one_under_bf16_compute(world, tmp_path):
     w1, w2 = load_file(one / ckpt), load_file(two / ckpt)
     apart = sum(((w1[n] - w2[n]) ** 2).sum().item() for n in w1) ** 0.5
     assert apart < 0.05 * moved, (apart, moved)
+
+
+@pytest.mark.parametrize("advantage,kl_in_loss", [("grpo", "false"), ("rloo", "true")])
+def test_critic_free_runs_train_no_critic(world, tmp_path, advantage, kl_in_loss):
+    out = tmp_path / "run"
+    trainer = Trainer(load_config(None, overrides(world, out, **{
+        "ppo.advantage": advantage, "ppo.kl_in_loss": kl_in_loss, "run.checkpoint_every": 2})), log=lambda *a: None)
+    assert trainer.critic is None and set(trainer.trained) == {"actor"}
+    history = trainer.run()
+    assert not any(k in m for m in history for k in ("value_loss", "value_clipfrac", "explained_variance",
+                                                      "time/values"))
+    assert all(("kl_loss" in m) == (kl_in_loss == "true") for m in history)
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000002").iterdir()) == \
+        ["actor", "optimizer.pt", "trainer.pt"]
+    assert set(torch.load(out / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=True)) == {"actor"}
+    start = load_file(world / "policy" / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    assert any(not torch.equal(start[n], final[n]) for n in final)  # the actor learned from group baselines
+    resumed = Trainer(load_config(None, overrides(world, out, **{
+        "ppo.advantage": advantage, "ppo.kl_in_loss": kl_in_loss, "run.resume": "true"})), log=lambda *a: None)
+    assert resumed.step == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ppo.advantage", "ppo"], r"ppo.advantage must be gae, grpo or rloo, got 'ppo'"),
+    (["--ppo.advantage", "grpo", "--rollout.samples_per_prompt", "1"],
+     r"ppo.advantage=grpo compares the samples of a prompt: rollout.samples_per_prompt must be >= 2"),
+    (["--ppo.advantage", "rloo", "--models.critic", "/tmp"], r"ppo.advantage=rloo trains no critic"),
+])
+def test_critic_free_config_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(None, args), world_size=1)
