@@ -70,6 +70,11 @@ def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_pa
     assert steps == [0, 1, 2]
     saved = json.loads((run_dir / "final" / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == REAL_TEMPLATE  # the final policy keeps its template
+    before = (run_dir / "metrics.jsonl").read_text()
+    done = run("train.py", "--models.policy", model, "--data.path", data, "--data.langs", "de", "--data.pivot_cache",
+               refs, "--data.eval_path", "", "--reward.kind", "agreement", "--run.out_dir", run_dir, expect=2)
+    assert done.stderr.startswith(f"error: run.out_dir {run_dir} already holds a run") and "Traceback" not in done.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before
 
 
 def test_bad_input_ends_with_one_line_not_a_traceback(chat_world, tmp_path):
