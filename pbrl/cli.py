@@ -2,9 +2,8 @@
 bad input.
 
 pbrl's checks raise ValueError, FileNotFoundError, FileExistsError or KeyError with a message that names the file,
-key or line. An
-entry point run through `run_main` prints that message as one line on stderr and exits with status 2 (argparse's
-status for bad usage) instead of a traceback; PBRL_TRACEBACK=1 shows the traceback as well.
+key or line. An entry point run through `run_main` prints that message as one line on stderr and exits with status
+2 (argparse's status for bad usage) instead of a traceback; PBRL_TRACEBACK=1 shows the traceback as well.
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_pa
     before = (run_dir / "metrics.jsonl").read_text()
     done = run("train.py", "--models.policy", model, "--data.path", data, "--data.langs", "de", "--data.pivot_cache",
                refs, "--data.eval_path", "", "--reward.kind", "agreement", "--run.out_dir", run_dir, expect=2)
-    assert done.stderr.startswith(f"error: run.out_dir {run_dir} already holds a run") and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: run.out_dir {run_dir} already holds a run")
+    assert "Traceback" not in done.stderr
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
