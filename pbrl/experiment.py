@@ -97,8 +97,10 @@ def svg_curves(curves: dict[str, list[dict]], width: int = 360, height: int = 22
                           for s, v in pts)
             parts.append(f'<polyline points="{xy}" fill="none" stroke="{colors[i % len(colors)]}" '
                          f'stroke-width="1.5"/>')
+    step = (2 * width - 40) // max(len(curves), 1)  # the legend shares the figure's width
     for i, name in enumerate(curves):
-        parts.append(f'<text x="{40 + i * 170}" y="{height + 55}" fill="{colors[i % len(colors)]}">{name}</text>')
+        parts.append(f'<text x="{40 + i * step}" y="{height + 55}" fill="{colors[i % len(colors)]}" '
+                     f'font-size="10">{name}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 
