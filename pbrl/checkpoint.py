@@ -134,10 +134,12 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     return model.eval()
 
 
-def shard_rows(rows: int, mesh) -> tuple[int, int]:
-    """The rows [start, stop) of dim 0 that this rank holds under FSDP2's Shard(0), which splits as torch.chunk:
-    ceil(rows / world) rows per rank, the last ranks possibly fewer or none."""
-    world, rank = mesh.size(), mesh.get_local_rank()
+def shard_rows(rows: int, mesh=None, world: int = 1, rank: int = 0) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 that a rank holds under FSDP2's Shard(0), which splits as torch.chunk:
+    ceil(rows / world) rows per rank, the last ranks possibly fewer or none. `mesh` (a DeviceMesh) gives world and
+    rank when set."""
+    if mesh is not None:
+        world, rank = mesh.size(), mesh.get_local_rank()
     per_rank = -(-rows // world)
     start = min(rank * per_rank, rows)
     return start, min(start + per_rank, rows)

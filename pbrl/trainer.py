@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from pbrl import distributed as dist
-from pbrl import ppo, rollout
+from pbrl import memory, ppo, rollout
 from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, latest_checkpoint, load_model,
                              load_pretrained, load_training_checkpoint, save_model, save_training_checkpoint)
 from pbrl.config import Config, validate
@@ -75,6 +75,10 @@ class Trainer:
         self.tokenizer.template_args["enable_thinking"] = models.enable_thinking
         for path in filter(None, (critic, reference)):  # they read the policy's token ids
             check_pretrained(path, self.tokenizer)
+        if self.device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
+            longest = max(len(encode_prompt(self.tokenizer, problem)) for problem in self.train_problems)
+            memory.check_fits(memory.plan(cfg, self.world, longest),
+                              torch.cuda.get_device_properties(self.device).total_memory)
 
         if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, on rank 0
             if self.rank == 0:

@@ -228,3 +228,6 @@ def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
         assert torch.equal(torch.tensor(value), full[name]), name
     largest_tensor = full["embed_tokens.weight"].numel()  # 321 x 64
     assert result["largest_read"] == 161 * 64 < largest_tensor  # rank 0's 161 of the 321 embedding rows
+    from pbrl.memory import model_args, parameter_shapes, shard_bytes  # the planner's exact term, 2 ranks
+    shapes = parameter_shapes(model_args(str(tmp_path / "m")), value_head=True)
+    assert result["rank0_parameter_bytes"] == shard_bytes(shapes, 2, 4)

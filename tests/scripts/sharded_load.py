@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_checkpoint.py: load a checkpoint sharded, record the largest tensor slice any
-read returned, gather the full state and write both (rank 0) to the JSON file named by argv[2]."""
+read returned and rank 0's parameter bytes, gather the full state and write them (rank 0) to the JSON file named by
+argv[2]."""
 import json
 import sys
 
@@ -53,8 +54,9 @@ import pbrl.checkpoint  # noqa: E402
 pbrl.checkpoint.safe_open = Probe
 rank, world, _ = dist.init()
 model = load_model(sys.argv[1], dtype=torch.float32, value_head=True, shard=dist.shard)
+local_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
 state = dist.full_state_dict(model)
 if rank == 0:
-    json.dump({"largest_read": max(largest), "state": {k: v.tolist() for k, v in state.items()}},
-              open(sys.argv[2], "w"))
+    json.dump({"largest_read": max(largest), "state": {k: v.tolist() for k, v in state.items()},
+               "rank0_parameter_bytes": local_bytes}, open(sys.argv[2], "w"))
 dist.shutdown()

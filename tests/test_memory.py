@@ -1,0 +1,70 @@
+"""The memory planner: exact terms against the real tensors of a small model, the activation estimate against
+the bytes autograd actually saves, and the command line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_hf_model
+from pbrl import memory
+from pbrl.checkpoint import load_model
+from pbrl.model import ModelArgs, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_gradient_and_adamw_terms_are_exact(tmp_path, tied):
+    save_hf_model(tmp_path, "qwen3", tie_word_embeddings=tied)
+    model = load_model(tmp_path, dtype=torch.float32, value_head=True).train()
+    shapes = memory.parameter_shapes(memory.model_args(str(tmp_path)), value_head=True)
+    params = list(model.parameters())
+    assert memory.shard_bytes(shapes, 1, 4) == sum(p.numel() * p.element_size() for p in params)
+    ids = torch.randint(0, 320, (2, 9))
+    (model(ids, output="values").sum() + model(ids).float().sum()).backward()
+    assert memory.shard_bytes(shapes, 1, 4) == sum(p.grad.numel() * p.grad.element_size() for p in params)
+    opt = torch.optim.AdamW(params)
+    opt.step()
+    states = [t for s in opt.state.values() for t in s.values()]
+    assert memory.shard_bytes(shapes, 1, 8) + 4 * len(shapes) == sum(t.numel() * t.element_size() for t in states)
+
+
+def saved_bytes(model, ids) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids[:, :-1], output="logprobs", labels=ids[:, 1:])
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("layers", [2, 4])
+def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(checkpointing, layers):
+    args = ModelArgs(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = Transformer(args).train()
+    model.activation_checkpointing = checkpointing
+    ids = torch.randint(0, 256, (3, 97))
+    measured = saved_bytes(model, ids)
+    estimated = memory.activation_bytes(args, 3 * 96, 4, checkpointing)
+    assert 0.8 < estimated / measured < 1.25, (estimated, measured)
+
+
+def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_path):
+    save_hf_model(tmp_path / "m", "llama")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "pbrl.memory", "--gpus", "2", "--models.policy", str(tmp_path / "m"),
+            "--reward.kind", "agreement", "--data.path", str(tmp_path), "--data.eval_path", ""]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "actor AdamW states" in done.stdout and "peak (" in done.stdout and "critic" in done.stdout
+    done = subprocess.run(args + ["--ppo.advantage", "grpo", "--gpu-memory", "0.001"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "critic" not in done.stdout  # critic-free: no critic terms
+    assert done.stderr.startswith("error: the run does not fit: its peak") and "actor AdamW states" in done.stderr
