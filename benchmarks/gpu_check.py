@@ -9,7 +9,7 @@
   3. precision   one AdamW step with bf16 compute over fp32 masters against the same step in fp32
   4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation checkpointing) on a
                  random model in Llama-3.2-1B's shapes: seconds per phase, the update's model-FLOPs utilisation, peak
-                 memory
+                 memory against pbrl.memory's plan (on CUDA; the CPU's peak is the process's RSS)
 Random weights in real shapes only: throughput and memory are what they would be for the real model, text is noise.
 """
 import argparse
@@ -29,7 +29,9 @@ from kernels import reference  # noqa: E402
 from kernels.dispatch import use_triton  # noqa: E402
 from pbrl import distributed as dist  # noqa: E402
 from pbrl.checkpoint import save_model  # noqa: E402
+from pbrl import memory  # noqa: E402
 from pbrl.config import load_config  # noqa: E402
+from pbrl.data import encode_prompt  # noqa: E402
 from pbrl.model import ModelArgs, Transformer  # noqa: E402
 from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe  # noqa: E402
 
@@ -155,6 +157,8 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, log=lambda *a: None)
+    longest = max(len(encode_prompt(trainer.tokenizer, p)) for p in trainer.train_problems)
+    predicted = memory.plan(cfg, 1, longest)
     history = trainer.run()
     params = sum(p.numel() for p in trainer.actor.parameters())
     last = history[-1]
@@ -167,6 +171,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     return {"params": params, "steps": steps, "phases": {k[5:]: round(v, 3) for k, v in last.items()
                                                          if k.startswith("time/")},
             "seconds_per_step": round(last["seconds"], 3), "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
+            "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
             "update_tflops": round(flops / last["time/update"] / 1e12, 2),
             "update_mfu": None if peak is None else round(flops / last["time/update"] / peak, 3),
             "reward": last["reward"], "device": name}

@@ -132,3 +132,4 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     text = out.read_text()
     assert "| linear_token_logprobs grad weight | bfloat16 | pytorch |" in text and "| False |" not in text
     assert "update cosine" in text and '"update_tflops"' in text and '"steps": 2' in text
+    assert '"planned_peak_gb"' in text
