@@ -10,7 +10,7 @@ Every term is in bytes on rank 0, which holds the most: FSDP2 gives each rank ce
              block that activation checkpointing recomputes;
              the actor gathered in the compute dtype, the KV cache and the sampling logits during rollout; the
              pivot's weights and KV cache on rank 0 while it writes missing references (before the rest loads)
-The peak is the largest of the three phases: pivot, rollout, update.
+The peak is the largest of the phases: pivot, rollout, reward (when an instruct model translates), update.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pbrl.checkpoint import load_args, shard_rows
 from pbrl.config import Config, load_config, validate
 from pbrl.files import is_hub_id, read_json, resolve
 from pbrl.model import ModelArgs, Transformer
-from pbrl.rewards import LEXICON_FILE
+from pbrl.rewards import LEXICON_FILE, TRANSLATE_BATCH_SIZE
 
 GB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -124,9 +124,15 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     if cfg.reward.uses_embedder():
         out.terms["embedder (whole)"] = full_bytes(parameter_shapes(model_args(m.embedder)), compute)
         rewards.append("embedder (whole)")
-    if cfg.reward.uses_translator() and not (Path(m.translator) / LEXICON_FILE).is_file():
-        out.terms["translator (whole)"] = full_bytes(parameter_shapes(model_args(m.translator)), compute)
+    translating = cfg.reward.uses_translator() and not (Path(m.translator) / LEXICON_FILE).is_file()
+    if translating:
+        translator = model_args(m.translator)
+        out.terms["translator (whole)"] = full_bytes(parameter_shapes(translator), compute)
         rewards.append("translator (whole)")
+        # One batch of translations: the instruction (~64 tokens), the response, the translation.
+        out.terms["reward: translator KV cache"] = 2 * translator.num_hidden_layers * TRANSLATE_BATCH_SIZE * \
+            (64 + r.max_new_tokens + cfg.reward.translate_max_new_tokens) * translator.num_key_value_heads * \
+            translator.head_dim * compute
     rows = r.prompts_per_step // gpus * r.samples_per_prompt
     length = prompt_tokens + r.max_new_tokens
     out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
@@ -146,6 +152,8 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     out.phases = {"pivot": ["pivot on rank 0 (whole)", "pivot KV cache (64 prompts)"],
                   "rollout": resident + [t for t in out.terms if t.startswith("rollout")],
                   "update": resident + [t for t in out.terms if t.startswith("update")]}
+    if translating:
+        out.phases["reward"] = resident + ["reward: translator KV cache"]
     return out
 
 

@@ -206,10 +206,14 @@ TRANSLATE_PROMPT = ("Translate the following {language} text into English. Keep 
                     "translation only.\n\n{text}")
 
 
+TRANSLATE_BATCH_SIZE = 16  # responses translated at once (the memory planner counts this batch's KV cache)
+
+
 class Translator:
     """Translates into English with an instruct model through pbrl's own sampler (greedy, chat-formatted)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_new_tokens: int = 512, batch_size: int = 16,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_new_tokens: int = 512,
+                 batch_size: int = TRANSLATE_BATCH_SIZE,
                  prompt: str = TRANSLATE_PROMPT):
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size

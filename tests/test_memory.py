@@ -68,3 +68,20 @@ def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_pat
                           capture_output=True, text=True)
     assert done.returncode == 2 and "critic" not in done.stdout  # critic-free: no critic terms
     assert done.stderr.startswith("error: the run does not fit: its peak") and "actor AdamW states" in done.stderr
+
+
+def test_an_instruct_translator_adds_a_reward_phase_and_a_lexicon_does_not(tmp_path):
+    from pbrl.config import load_config
+    save_hf_model(tmp_path / "m", "llama")
+    (tmp_path / "lexicon").mkdir()
+    (tmp_path / "lexicon" / "lexicon.json").write_text("{}")
+    for translator, expected in ((tmp_path / "m", True), (tmp_path / "lexicon", False)):
+        cfg = load_config(None, ["--models.policy", str(tmp_path / "m"), "--models.embedder", str(tmp_path / "m"),
+                                 "--models.translator", str(translator), "--reward.kind", "mt"])
+        plan = memory.plan(cfg, 2, 100)
+        assert ("reward" in plan.phases) == expected and ("translator (whole)" in plan.terms) == expected
+        if expected:  # the translator's KV cache for one batch of TRANSLATE_BATCH_SIZE responses
+            args = memory.model_args(str(translator))
+            tokens = 64 + cfg.rollout.max_new_tokens + cfg.reward.translate_max_new_tokens
+            assert plan.terms["reward: translator KV cache"] == 2 * args.num_hidden_layers * 16 * tokens * \
+                args.num_key_value_heads * args.head_dim * 2  # 'auto' plans for CUDA: bf16
