@@ -109,7 +109,8 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
         with _open(file) as f:
             for name in names:
                 ours = to_ours[name]
-                shape = list(f.get_slice(name).get_shape())
+                view = f.get_slice(name)  # reads only the header until indexed
+                shape = list(view.get_shape())
                 if shape != list(expected[ours].shape):
                     raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
                                      f"{list(expected[ours].shape)}")
@@ -120,7 +121,7 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
                     else:
                         local = params[ours].to_local()
                         start, stop = shard_rows(shape[0], params[ours].device_mesh)
-                        local.copy_(f.get_slice(name)[start:stop])
+                        local.copy_(view[start:stop])
                 except Exception as e:  # safetensors' own errors for truncated data
                     raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
     if shard is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from pbrl.checkpoint import load_args, shard_rows
 from pbrl.config import Config, load_config, validate
 from pbrl.files import is_hub_id, read_json, resolve
 from pbrl.model import ModelArgs, Transformer
+from pbrl.pivot import PIVOT_BATCH_SIZE
 from pbrl.rewards import LEXICON_FILE, TRANSLATE_BATCH_SIZE
 
 GB = 2**30
@@ -50,12 +50,20 @@ def parameter_shapes(args: ModelArgs, value_head: bool = False) -> list[torch.Si
 
 def shard_bytes(shapes: list[torch.Size], world: int, itemsize: int) -> int:
     """Bytes of rank 0's shards: ceil(rows / world) rows of each tensor."""
-    return sum((lambda start, stop: (stop - start) * math.prod(s[1:]))(*shard_rows(s[0], world=world)) * itemsize
-               for s in shapes)
+    total = 0
+    for shape in shapes:
+        start, stop = shard_rows(shape[0], world=world)
+        total += (stop - start) * math.prod(shape[1:])
+    return total * itemsize
 
 
 def full_bytes(shapes: list[torch.Size], itemsize: int) -> int:
     return sum(math.prod(s) for s in shapes) * itemsize
+
+
+def kv_cache_bytes(args: ModelArgs, rows: int, tokens: int, itemsize: int) -> int:
+    """The sampler's preallocated cache: keys and values of every layer for rows x tokens slots."""
+    return 2 * args.num_hidden_layers * rows * tokens * args.num_key_value_heads * args.head_dim * itemsize
 
 
 def _block_values(args: ModelArgs) -> int:
@@ -130,14 +138,12 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         out.terms["translator (whole)"] = full_bytes(parameter_shapes(translator), compute)
         rewards.append("translator (whole)")
         # One batch of translations: the instruction (~64 tokens), the response, the translation.
-        out.terms["reward: translator KV cache"] = 2 * translator.num_hidden_layers * TRANSLATE_BATCH_SIZE * \
-            (64 + r.max_new_tokens + cfg.reward.translate_max_new_tokens) * translator.num_key_value_heads * \
-            translator.head_dim * compute
+        out.terms["reward: translator KV cache"] = kv_cache_bytes(
+            translator, TRANSLATE_BATCH_SIZE, 64 + r.max_new_tokens + cfg.reward.translate_max_new_tokens, compute)
     rows = r.prompts_per_step // gpus * r.samples_per_prompt
     length = prompt_tokens + r.max_new_tokens
     out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
-    out.terms["rollout: KV cache"] = 2 * actor.num_hidden_layers * rows * length * actor.num_key_value_heads * \
-        actor.head_dim * compute
+    out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, length, compute)
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
     tokens = p.micro_batch_size * length
     out.terms["update: activations kept, one micro-batch"] = activation_bytes(actor, tokens, compute,
@@ -146,10 +152,9 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
                                                                                  m.activation_checkpointing)
     pivot = model_args(m.pivot or m.policy)
     out.terms["pivot on rank 0 (whole)"] = full_bytes(parameter_shapes(pivot), compute)
-    out.terms["pivot KV cache (64 prompts)"] = 2 * pivot.num_hidden_layers * 64 * length * \
-        pivot.num_key_value_heads * pivot.head_dim * compute
+    out.terms["pivot KV cache"] = kv_cache_bytes(pivot, PIVOT_BATCH_SIZE, length, compute)
     resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference"))] + rewards
-    out.phases = {"pivot": ["pivot on rank 0 (whole)", "pivot KV cache (64 prompts)"],
+    out.phases = {"pivot": ["pivot on rank 0 (whole)", "pivot KV cache"],
                   "rollout": resident + [t for t in out.terms if t.startswith("rollout")],
                   "update": resident + [t for t in out.terms if t.startswith("update")]}
     if translating:

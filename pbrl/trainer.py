@@ -32,7 +32,7 @@ from pbrl.config import Config, validate
 from pbrl.data import encode_prompt, load_problems
 from pbrl.evaluate import accuracy_by_language, evaluate
 from pbrl.files import read_text
-from pbrl.pivot import match_references, write_references
+from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
 from pbrl.rewards import build_reward
 from pbrl.sampler import generate
 
@@ -84,7 +84,7 @@ class Trainer:
             if self.rank == 0:
                 pivot, pivot_tokenizer = load_pretrained(models.pivot or models.policy, self.dtype, self.device)
                 pivot_tokenizer.template_args["enable_thinking"] = models.enable_thinking
-                write_references(pivot, pivot_tokenizer, english, pivot_cache, batch_size=64,
+                write_references(pivot, pivot_tokenizer, english, pivot_cache, batch_size=PIVOT_BATCH_SIZE,
                                  max_new_tokens=cfg.rollout.max_new_tokens, log=self.log)
                 del pivot
             dist.barrier()
