@@ -217,7 +217,7 @@ def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
     save_hf_model(tmp_path / "m", "qwen3", tie_word_embeddings=True, vocab_size=321)  # odd rows: uneven shards
     out = tmp_path / "out.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_port=29536", str(root / "tests" / "scripts" / "sharded_load.py"),
+                           "--standalone", str(root / "tests" / "scripts" / "sharded_load.py"),
                            str(tmp_path / "m"), str(out)], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-3000:]

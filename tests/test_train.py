@@ -59,7 +59,7 @@ def test_two_processes_match_one(world, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "train.py", *overrides(world, one)], cwd=ROOT, env=env, check=True,
                    capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                            "train.py", *overrides(world, two)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     m1, m2 = metrics(one), metrics(two)
@@ -265,7 +265,7 @@ def test_two_processes_match_one_under_bf16_compute(world, tmp_path):
     done = subprocess.run([sys.executable, "train.py", *overrides(world, one, **args)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                            "train.py", *overrides(world, two, **args)], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
