@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pbrl import distributed as dist
+from pbrl.cli import run_main
 from pbrl.files import read_json, resolve, write_atomic
 from pbrl.model import ModelArgs, Transformer, rope_inv_freq
 from pbrl.tokenizer import Tokenizer
@@ -164,57 +167,72 @@ def check_pretrained(path_or_id, tokenizer: Tokenizer | None = None) -> tuple[Pa
     return directory, tokenizer
 
 
+def hf_name(name: str, args: ModelArgs, backbone: bool = False) -> str | None:
+    """pbrl name -> HF name; None for a tied LM head, which is not stored (HF convention; safetensors forbids
+    aliases). A backbone (no LM head, e.g. an embedder) keeps bare names, as HF's `LlamaModel`/`Qwen3Model` do."""
+    if name == "lm_head.weight" and args.tie_word_embeddings:
+        return None
+    return name if backbone or name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, backbone: bool = False) -> dict[str, torch.Tensor]:
-    """pbrl names -> HF names; a tied LM head is not stored (HF convention; safetensors forbids aliases). A
-    backbone (no LM head, e.g. an embedder) keeps bare names, as HF's `LlamaModel`/`Qwen3Model` do."""
-    out = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue
-        hf = name if backbone or name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
-        out[hf] = tensor.detach().contiguous().cpu()
-    return out
+    """pbrl state dict -> the tensors a HF directory stores, under HF names, contiguous on the CPU."""
+    return {hf_name(name, args, backbone): tensor.detach().contiguous().cpu() for name, tensor in state.items()
+            if hf_name(name, args, backbone) is not None}
 
 
 def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30,
                state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory, in `dtype` (None:
-    as stored). `state` overrides model.state_dict() (an FSDP model's gathered full state dict).
-
-    Shards above max_shard_bytes, with an index. Files are written under a temporary name and renamed, so a
-    crash never leaves a directory that looks complete."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    backbone = model.lm_head is None
-    state = hf_state_dict(model.state_dict() if state is None else state, model.args, backbone)
-    if dtype is not None:
-        state = {name: tensor.to(dtype) for name, tensor in state.items()}
-    dtype = next(iter(state.values())).dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    as stored), in shards of at most max_shard_bytes. `state` overrides model.state_dict() (an FSDP model's
+    gathered full state dict)."""
+    state = model.state_dict() if state is None else state
+    shards: list[list[str]] = [[]]
     size = 0
     for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.numel() * (tensor.element_size() if dtype is None else dtype.itemsize)
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
-    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+    return write_hf_model(out_dir, model.args, model.lm_head is None, shards,
+                          lambda names: {n: state[n] for n in names}, dtype, source_dir)
+
+
+def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[str]],
+                   load: Callable[[list[str]], dict[str, torch.Tensor]], dtype: torch.dtype | None = None,
+                   source_dir=None) -> Path:
+    """Write a HF model directory one shard at a time: `shards` lists the pbrl parameter names of each file, and
+    `load(names)` returns their tensors only when that file is written, so host memory holds one shard (a streamed
+    export). One file is model.safetensors; more get an index. Every file is written under a temporary name and
+    renamed, config.json last: a crash never leaves a directory that looks complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [out / "config.json", out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    names = [SINGLE_FILE] if len(shards) == 1 else \
+    shards = [kept for names in shards if (kept := [n for n in names if hf_name(n, args, backbone) is not None])]
+    files = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        write_atomic(out / name, lambda p, s=shard: save_file(s, str(p), metadata={"format": "pt"}))
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": {t: n for n, s in zip(names, shards) for t in s}}
+    weight_map, total, stored = {}, 0, dtype
+    for file, names in zip(files, shards):
+        tensors = hf_state_dict(load(names), args, backbone)
+        if dtype is not None:
+            tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
+        stored = stored or next(iter(tensors.values())).dtype
+        write_atomic(out / file, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
-    config = model.args.to_hf_config(dtype, backbone)
-    write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     if source_dir is not None and Path(source_dir).resolve() != out.resolve():
         for side in SIDE_FILES:
             if (Path(source_dir) / side).is_file():
                 shutil.copyfile(Path(source_dir) / side, out / side)
+    config = args.to_hf_config(stored, backbone)
+    write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
 
 
@@ -269,24 +287,54 @@ def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
     return lock
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Training checkpoints: torch.distributed.checkpoint (DCP), each rank writing and reading its own shards
+# ---------------------------------------------------------------------------------------------------------------
+TRAINER_FILE = "trainer.pt"
+# DCP warns on every save or load outside a process group that it assumes one process: here that is the intent.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def sharded_state(models: dict[str, Transformer], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """{name: {"model": parameters, "optim": optimizer state}} as this rank holds them: DTensor shards of a sharded
+    model, plain tensors otherwise. DCP saves and loads it in place; keys flatten to e.g. `actor.model.norm.weight`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {name: {"model": get_model_state_dict(model),
+                   **({"optim": get_optimizer_state_dict(model, optimizers[name])} if name in optimizers else {})}
+            for name, model in models.items()}
+
+
 def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer],
                              optimizers: dict[str, torch.optim.Optimizer], trainer_state: dict,
-                             source_dir=None) -> Path:
-    """{out}/checkpoints/step_N: each model as an HF directory (safetensors, with source_dir's tokenizer files),
-    optimizer.pt with every optimizer's state and trainer.pt with `trainer_state`, through torch.save of tensors and
-    plain containers (loaded with weights_only=True). The full states are gathered on rank 0, which writes them to
-    step_N.tmp and renames it once complete: a crash never leaves a directory that looks done. A collective."""
+                             source_dir=None, keep: int | None = None) -> Path:
+    """{out}/checkpoints/step_N, a DCP checkpoint: every rank writes its own shards of the models and optimizer
+    states (no rank gathers another's); rank 0 adds the DCP metadata, trainer.pt (`trainer_state`: tensors and
+    plain containers) and, per model, a name/ directory with its config.json (and source_dir's tokenizer files for
+    the actor) so that `export` can write it as a HF model. Written as step_N.tmp and renamed once complete, so a
+    crash never leaves a directory that looks done; then all but the newest `keep` (None: all) are deleted. A
+    collective."""
+    import torch.distributed.checkpoint as dcp
+    rank = dist.init()[0]
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    states = {name: dist.full_state_dict(model) for name, model in models.items()}
-    optimizer_states = {name: dist.full_optimizer_state(models[name], opt) for name, opt in optimizers.items()}
-    if dist.init()[0] == 0:
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp)
+    if rank == 0:
+        torch.save({**trainer_state, "world_size": dist.init()[1]}, tmp / TRAINER_FILE)
         for name, model in models.items():
-            save_model(model, tmp / name, source_dir=source_dir, state=states[name])
-        torch.save(optimizer_states, tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer.pt")
+            config = model.args.to_hf_config(next(model.parameters()).dtype, model.lm_head is None)
+            (tmp / name).mkdir()
+            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
+            if name == "actor" and source_dir is not None:
+                for side in SIDE_FILES:
+                    if (Path(source_dir) / side).is_file():
+                        shutil.copyfile(Path(source_dir) / side, tmp / name / side)
         os.replace(tmp, final)
+        done = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+        for old in done[:-keep] if keep else []:
+            shutil.rmtree(old)
     dist.barrier()
     return final
 
@@ -298,21 +346,84 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer], optimizers: dict[str, torch.optim.Optimizer],
                              max_step: int) -> dict:
-    """Restore what save_training_checkpoint wrote into the (possibly sharded) models and optimizers; returns the
+    """Restore what save_training_checkpoint wrote into the (possibly sharded) models and optimizers, on any number
+    of ranks: DCP reshards, and each rank reads only the stored chunks that overlap its own shards. Returns the
     trainer state. A checkpoint past max_step (run.steps) is an error before any weight is read. A collective."""
-    trainer_state = load_state(ckpt / "trainer.pt")
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    trainer_state = load_state(ckpt / TRAINER_FILE)
     if trainer_state["step"] > max_step:
         raise ValueError(f"run.steps = {max_step} is below the step of the checkpoint to resume, {ckpt} "
                          f"(step {trainer_state['step']}); raise run.steps to continue the run")
-    optimizer_states = load_state(ckpt / "optimizer.pt")
+    stored = {key.split(".")[0] for key in checkpoint_metadata(ckpt).state_dict_metadata}
+    if set(models) - stored:
+        raise ValueError(f"{ckpt} holds {', '.join(sorted(stored))} but this run trains "
+                         f"{', '.join(sorted(models))}: resume with the run's own ppo.advantage")
+    state = sharded_state(models, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers each rank's failure (a truncated shard,
+        # an unpickling error) into a CheckpointException, a BaseException
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+        detail = ": ".join([type(cause).__name__, *str(cause).splitlines()[:1]])[:300]
+        raise ValueError(f"{ckpt}: the checkpoint cannot be read ({detail}); it is damaged: delete it to resume "
+                         f"from the one before") from None
     for name, model in models.items():
-        saved = load_model(ckpt / name, dtype=next(model.parameters()).dtype, value_head=model.value_head is not None)
-        dist.load_full_state(model, saved.state_dict(), optimizers.get(name), optimizer_states.get(name))
+        set_model_state_dict(model, state[name]["model"])
+        if name in optimizers:
+            set_optimizer_state_dict(model, optimizers[name], state[name]["optim"])
     return trainer_state
 
 
+def checkpoint_metadata(ckpt: Path):
+    """The DCP metadata of a training checkpoint: every stored key with its full size and dtype."""
+    from torch.distributed.checkpoint import FileSystemReader
+    if not (Path(ckpt) / ".metadata").is_file():
+        raise FileNotFoundError(f"{ckpt}: no DCP .metadata; expected a training checkpoint "
+                                f"(RUN/checkpoints/step_N), or the checkpoint is incomplete")
+    return FileSystemReader(str(ckpt)).read_metadata()
+
+
+def read_checkpoint_tensors(ckpt: Path, model: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full tensors of one model of a training checkpoint (all of them, or `names`), read in this process alone
+    (no collective): only these tensors' bytes are read and held."""
+    import torch.distributed.checkpoint as dcp
+    meta = checkpoint_metadata(ckpt).state_dict_metadata
+    prefix = f"{model}.model."
+    names = read_checkpoint_names(ckpt, model) if names is None else names
+    state = {prefix + n: torch.empty(meta[prefix + n].size, dtype=meta[prefix + n].properties.dtype) for n in names}
+    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    return {n: state[prefix + n] for n in names}
+
+
+def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None) -> Path:
+    """Write one model of a training checkpoint as a HF model directory in `dtype` (None: as stored), streamed: one
+    file per transformer block (plus one for the embeddings and one for the rest), each read from the checkpoint
+    only when it is written, so peak host memory is about one block (or the embedding matrix), not the model."""
+    ckpt = Path(ckpt)
+    names = read_checkpoint_names(ckpt, model)
+    args = load_args(ckpt / model)
+    blocks = [[n for n in names if n.startswith(f"layers.{i}.")] for i in range(args.num_hidden_layers)]
+    first = [n for n in names if n.startswith("embed_tokens.")]
+    rest = [n for n in names if n not in first and not n.startswith("layers.")]
+    backbone = "lm_head.weight" not in names
+    return write_hf_model(out, args, backbone, [first, *blocks, rest],
+                          lambda group: read_checkpoint_tensors(ckpt, model, group), dtype, ckpt / model)
+
+
+def read_checkpoint_names(ckpt: Path, model: str) -> list[str]:
+    """The parameter names of one model of a training checkpoint."""
+    prefix = f"{model}.model."
+    keys = checkpoint_metadata(ckpt).state_dict_metadata
+    names = [key.removeprefix(prefix) for key in keys if key.startswith(prefix)]
+    if not names:
+        held = sorted({key.split(".")[0] for key in keys})
+        raise KeyError(f"{ckpt} holds no model {model!r}; it holds {', '.join(held)}")
+    return names
+
+
 def load_state(path: Path) -> dict:
-    """A training-state file (optimizer.pt, trainer.pt): tensors and plain containers only (weights_only)."""
+    """trainer.pt: tensors and plain containers only (weights_only)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the checkpoint {path.parent} is incomplete: delete it to resume "
                                 f"from the one before")
@@ -321,3 +432,24 @@ def load_state(path: Path) -> dict:
     except Exception as e:  # torch raises RuntimeError, pickle or zip errors for a truncated or corrupt file
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
                          f"checkpoint {path.parent} is damaged: delete it to resume from the one before") from None
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(
+        description="Convert a training checkpoint (RUN/checkpoints/step_N) into a HF model directory, one "
+                    "transformer block at a time.",
+        usage="python -m pbrl.checkpoint export CHECKPOINT OUT [--model actor] [--dtype bfloat16]")
+    ap.add_argument("command", choices=["export"])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--model", default="actor", help="which trained model: actor (the policy) or critic")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="the exported weights' dtype (default: as trained, fp32 masters)")
+    args = ap.parse_args(argv)
+    out = export(args.checkpoint, args.out, args.model, getattr(torch, args.dtype) if args.dtype else None)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -109,6 +109,8 @@ class RunConfig:
     steps: int = 40
     seed: int = 0
     checkpoint_every: int | None = 10  # off = only at the end
+    keep_checkpoints: int | None = 3   # the newest N checkpoints are kept; off = all
+    timeout_minutes: float = 60.0      # process-group timeout: the longest any rank may wait in a collective
     eval_every: int | None = 10        # off = only at the end
     resume: bool = False
     device: str = "auto"           # auto | cpu | cuda
@@ -252,6 +254,9 @@ def validate(cfg: Config, world_size: int) -> None:
         (run.steps > 0, f"run.steps must be > 0, got {run.steps}"),
         (run.checkpoint_every is None or run.checkpoint_every > 0,
          f"run.checkpoint_every must be > 0 or off, got {run.checkpoint_every}"),
+        (run.keep_checkpoints is None or run.keep_checkpoints > 0,
+         f"run.keep_checkpoints must be > 0 or off (keep all), got {run.keep_checkpoints}"),
+        (run.timeout_minutes > 0, f"run.timeout_minutes must be > 0, got {run.timeout_minutes}"),
         (run.eval_every is None or run.eval_every > 0, f"run.eval_every must be > 0 or off, got {run.eval_every}"),
         (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {run.device!r}"),
         (run.device != "cuda" or torch.cuda.is_available(),

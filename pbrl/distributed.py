@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def init(one_rank_group: bool = False) -> tuple[int, int, torch.device]:
+def init(one_rank_group: bool = False, timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU. Outside
     torchrun, one_rank_group starts a process group of one rank anyway, so that FSDP2 (and with it the
-    mixed-precision recipe) runs in a single process exactly as on N ranks. Calling it again returns the same."""
+    mixed-precision recipe) runs in a single process exactly as on N ranks. timeout_minutes bounds how long a rank
+    waits in any collective (None: torch's default, 10 minutes for NCCL). Calling it again returns the same."""
     torchrun = "RANK" in os.environ
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -20,12 +22,13 @@ def init(one_rank_group: bool = False) -> tuple[int, int, torch.device]:
         return 0, 1, device
     if not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if torchrun:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -49,7 +52,10 @@ def is_distributed() -> bool:
 
 
 def shutdown() -> None:
+    """Barrier, then tear down: a rank that destroys its gloo group while a peer is still working (rank 0 writing
+    results) can abort with "terminate called without an active exception"."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -115,30 +121,6 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state with unsharded tensors on the CPU (complete on rank 0); a collective."""
-    if not is_distributed():
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                               cpu_offload=True))
-
-
-def load_full_state(model: torch.nn.Module, state: dict, optimizer: torch.optim.Optimizer | None = None,
-                    optimizer_state: dict | None = None) -> None:
-    """Load unsharded parameters (and optimizer state) into a model that may be sharded; a collective."""
-    if not is_distributed():
-        model.load_state_dict(state)
-        if optimizer is not None:
-            optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ Every term is in bytes on rank 0, which holds the most: FSDP2 gives each rank ce
   estimated  activations of one micro-batch (what autograd keeps, per token and layer, from the shapes) and the
              block that activation checkpointing recomputes;
              the actor gathered in the compute dtype, the KV cache and the sampling logits during rollout; the
-             pivot's weights and KV cache on rank 0 while it writes missing references (before the rest loads)
+             pivot's weights and KV cache on every rank while they write missing references (before the rest loads)
 The peak is the largest of the phases: pivot, rollout, reward (when an instruct model translates), update.
 """
 from __future__ import annotations
@@ -151,10 +151,10 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     out.terms["update: recomputed block, logits block"] = transient_update_bytes(actor, tokens, compute,
                                                                                  m.activation_checkpointing)
     pivot = model_args(m.pivot or m.policy)
-    out.terms["pivot on rank 0 (whole)"] = full_bytes(parameter_shapes(pivot), compute)
+    out.terms["pivot, whole on every rank"] = full_bytes(parameter_shapes(pivot), compute)
     out.terms["pivot KV cache"] = kv_cache_bytes(pivot, PIVOT_BATCH_SIZE, length, compute)
     resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference"))] + rewards
-    out.phases = {"pivot": ["pivot on rank 0 (whole)", "pivot KV cache"],
+    out.phases = {"pivot": ["pivot, whole on every rank", "pivot KV cache"],
                   "rollout": resident + [t for t in out.terms if t.startswith("rollout")],
                   "update": resident + [t for t in out.terms if t.startswith("update")]}
     if translating:

@@ -1,6 +1,7 @@
 """The pivot's English references: generate once, cache as JSONL, match to target-language problems by id.
 
     python -m pbrl.pivot --model PATH_OR_ID --data DIR_OR_HUB_ID --out refs.jsonl [--limit N] [--batch-size 16]
+    torchrun --nproc_per_node=8 -m pbrl.pivot ...     (each rank answers its share of the problems)
 
 Each line is {"id", "question", "reference", "answer"}. The English question is what ties a reference to its
 problem: a cache written for other problems (another data set, an edited file) is refused, naming the first id
@@ -19,7 +20,7 @@ from pathlib import Path
 from pbrl.checkpoint import load_pretrained
 from pbrl.cli import positive_int, run_main
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
-from pbrl.distributed import resolve_device
+from pbrl import distributed as dist
 from pbrl.files import parse_jsonl_line, read_text
 from pbrl.model import Transformer
 from pbrl.sampler import generate
@@ -80,30 +81,67 @@ def match_references(path, problems: list[Problem]) -> dict[str, str]:
 def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], out, batch_size: int = 16,
                      max_new_tokens: int = 512, log=print) -> int:
     """Generate references for the problems the cache at `out` lacks (greedy, chat-formatted, native CoT prompt);
-    returns how many were written."""
+    returns how many this rank wrote. Under several ranks (a collective) each rank takes every world-th missing
+    problem and appends to its own part file, `out`.rank{r}; the parts are merged into `out` at the end, and any
+    parts a crashed run left (whatever its number of ranks) at the start, so a rerun resumes where it stopped."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    rank, world, _ = dist.init()
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _merge_parts(out, problems)
+    dist.barrier()
     done = read_references(out)
     check_questions(done, problems, out)
-    _end_last_line(out)
     todo = [p for p in problems if p.id not in done]
-    log(f"pivot: {len(problems) - len(todo)} of {len(problems)} references cached, {len(todo)} to generate")
+    log(f"pivot: {len(problems) - len(todo)} of {len(problems)} references cached, {len(todo)} to generate"
+        + (f" on {world} ranks" if world > 1 else ""))
+    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    mine = todo[rank::world]
     t0 = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
+    for start in range(0, len(mine), batch_size):
+        batch = mine[start:start + batch_size]
         prompts = [encode_prompt(tokenizer, p) for p in batch]
         completions = generate(model, prompts, max_new_tokens, stop_ids=tokenizer.stop_ids,
                                pad_id=tokenizer.pad_id or 0)
-        with out.open("a", encoding="utf-8") as f:
-            for problem, ids in zip(batch, completions.as_lists()):
-                text = tokenizer.decode(ids)
-                f.write(json.dumps({"id": problem.id, "question": problem.question, "reference": text,
-                                    "answer": extract_number(text)}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        texts = [tokenizer.decode(ids) for ids in completions.as_lists()]
+        _append(part, [{"id": problem.id, "question": problem.question, "reference": text,
+                        "answer": extract_number(text)} for problem, text in zip(batch, texts)])
         n = start + len(batch)
-        log(f"pivot: {n}/{len(todo)} written ({n / (time.perf_counter() - t0):.2f} problems/s)")
-    return len(todo)
+        log(f"pivot: {n}/{len(mine)} written" + (f" by rank {rank}" if world > 1 else "")
+            + f" ({n / (time.perf_counter() - t0):.2f} problems/s)")
+    dist.barrier()
+    if rank == 0:
+        _merge_parts(out, problems)
+    dist.barrier()
+    return len(mine)
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    """Append records as JSON lines and flush them to disk: a crash loses at most the batch in flight."""
+    _end_last_line(path)
+    with path.open("a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _merge_parts(out: Path, problems: list[Problem]) -> None:
+    """Append the records of every part file (out.rank*) that `out` lacks, in the problems' order, then delete the
+    parts."""
+    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
+    if not parts:
+        return
+    done = read_references(out)
+    found = {}
+    for part in parts:
+        records = read_references(part)
+        check_questions(records, problems, part)
+        found.update({k: v for k, v in records.items() if k not in done})
+    order = {p.id: i for i, p in enumerate(problems)}
+    _append(out, sorted(found.values(), key=lambda r: order.get(r["id"], len(order))))
+    for part in parts:
+        part.unlink()
 
 
 def _end_last_line(path: Path) -> None:
@@ -136,10 +174,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     problems = load_mgsm(args.data, ["en"])["en"][:args.limit]
     check_questions(read_references(args.out), problems, args.out)  # before the model loads
-    model, tokenizer = load_pretrained(args.model, device=resolve_device(args.device))
+    device = dist.resolve_device(args.device)
+    _, _, local = dist.init()  # under torchrun: one process group, each rank on its own GPU (LOCAL_RANK)
+    model, tokenizer = load_pretrained(args.model, device=local if args.device == "auto" else device)
     tokenizer.template_args["enable_thinking"] = args.enable_thinking
     write_references(model, tokenizer, problems, args.out, args.batch_size, args.max_new_tokens,
                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ pbrl/rollout.py, the maths in pbrl/ppo.py, checkpoints in pbrl/checkpoint.py.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from contextlib import contextmanager
@@ -26,8 +27,8 @@ import torch
 
 from pbrl import distributed as dist
 from pbrl import memory, ppo, rollout
-from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, latest_checkpoint, load_model,
-                             load_pretrained, load_training_checkpoint, save_model, save_training_checkpoint)
+from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, export, latest_checkpoint, load_model,
+                             load_pretrained, load_training_checkpoint, save_training_checkpoint)
 from pbrl.config import Config, validate
 from pbrl.data import encode_prompt, load_problems
 from pbrl.evaluate import accuracy_by_language, evaluate
@@ -54,8 +55,9 @@ class Trainer:
         # one-rank process group). Frozen models are stored in the compute dtype.
         cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
         self.dtype = DTYPES.get(cfg.models.dtype, torch.bfloat16 if cuda else torch.float32)
-        self.rank, self.world, device = dist.init(one_rank_group=self.dtype != torch.float32)
-        validate(cfg, self.world)
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.rank, self.world, device = dist.init(one_rank_group=self.dtype != torch.float32,
+                                                  timeout_minutes=cfg.run.timeout_minutes)
         self.device = device if cfg.run.device == "auto" else torch.device(cfg.run.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.run.out_dir)
@@ -80,14 +82,12 @@ class Trainer:
             memory.check_fits(memory.plan(cfg, self.world, longest),
                               torch.cuda.get_device_properties(self.device).total_memory)
 
-        if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, on rank 0
-            if self.rank == 0:
-                pivot, pivot_tokenizer = load_pretrained(models.pivot or models.policy, self.dtype, self.device)
-                pivot_tokenizer.template_args["enable_thinking"] = models.enable_thinking
-                write_references(pivot, pivot_tokenizer, english, pivot_cache, batch_size=PIVOT_BATCH_SIZE,
-                                 max_new_tokens=cfg.rollout.max_new_tokens, log=self.log)
-                del pivot
-            dist.barrier()
+        if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, every rank
+            pivot, pivot_tokenizer = load_pretrained(models.pivot or models.policy, self.dtype, self.device)
+            pivot_tokenizer.template_args["enable_thinking"] = models.enable_thinking
+            write_references(pivot, pivot_tokenizer, english, pivot_cache, batch_size=PIVOT_BATCH_SIZE,
+                             max_new_tokens=cfg.rollout.max_new_tokens, log=self.log)
+            del pivot
             self.references = match_references(pivot_cache, english)
         compute = None if self.dtype == torch.float32 else self.dtype
         self.actor = self.load(models.policy, torch.float32, compute)
@@ -278,12 +278,15 @@ class Trainer:
                 save_training_checkpoint(self.out, self.step, {k: m for k, (m, _, _) in self.trained.items()},
                                          {k: opt for k, (_, opt, _) in self.trained.items()},
                                          {"step": self.step, "kl_beta": self.kl.beta,
-                                          "torch_rng": torch.get_rng_state()}, source_dir=self.policy_dir)
-        if self.step == cfg.run.steps:
-            state = dist.full_state_dict(self.actor)
+                                          "torch_rng": torch.get_rng_state()}, source_dir=self.policy_dir,
+                                         keep=cfg.run.keep_checkpoints)
+        if self.step == cfg.run.steps:  # the last step's checkpoint, streamed into a HF directory
             if self.rank == 0:
-                save_model(self.actor, self.out / "final", source_dir=self.policy_dir, state=state, dtype=self.dtype)
+                ckpt = latest_checkpoint(self.out)
+                self.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
+                export(ckpt, self.out / "final", "actor", self.dtype)
                 self.log(f"final policy: {self.out / 'final'}")
+            dist.barrier()
         return history
 
     def log_metrics(self, metrics: dict) -> dict:

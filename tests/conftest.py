@@ -91,3 +91,11 @@ def save_hf_model(directory, family: str = "llama", seed: int = 0, chat_template
 def llama_dir(tmp_path):
     save_hf_model(tmp_path, "llama")
     return tmp_path
+
+
+def hf_tensors(directory) -> dict:
+    """Every tensor of a HF model directory (one safetensors file or shards), by HF name."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import save_hf_model
-from pbrl.checkpoint import latest_checkpoint
+from conftest import hf_tensors, save_hf_model
+from pbrl.checkpoint import checkpoint_metadata, latest_checkpoint, read_checkpoint_tensors
 from pbrl.config import Config, load_config, validate
 from pbrl.trainer import Trainer
 
@@ -69,11 +68,11 @@ def test_two_processes_match_one(world, tmp_path):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         for key in STABLE:  # statistics of a different batch layout: float noise relative to their size
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
-    w1, w2 = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    w1, w2 = hf_tensors(one / "final"), hf_tensors(two / "final")
     assert w1.keys() == w2.keys()
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name
-    start = load_file(world / "policy" / "model.safetensors")
+    start = hf_tensors(world / "policy")
     assert any(not torch.equal(start[n], w1[n]) for n in w1)  # training moved the weights
 
 
@@ -189,8 +188,9 @@ def test_pivot_cache_inside_a_new_out_dir_is_not_an_earlier_run(world, tmp_path)
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:500]),
-     r"optimizer.pt: cannot be read .*the checkpoint .*step_000002 is damaged"),
+    (lambda d: (d / "__0_0.distcp").write_bytes((d / "__0_0.distcp").read_bytes()[:5000]),
+     r"step_000002: the checkpoint cannot be read .*it is damaged: delete it"),
+    (lambda d: (d / ".metadata").unlink(), r"step_000002: no DCP .metadata; .* or the checkpoint is incomplete"),
     (lambda d: (d / "trainer.pt").unlink(), r"trainer.pt: missing; the checkpoint .*step_000002 is incomplete"),
 ])
 def test_damaged_checkpoint_names_its_file(world, tmp_path, damage, message):
@@ -233,9 +233,14 @@ def test_more_config_errors(args, message):
         validate(load_config(None, args), world_size=1)
 
 
+def trained_actor(out) -> dict[str, torch.Tensor]:
+    """The actor of the step-2 training checkpoint, by pbrl name."""
+    return read_checkpoint_tensors(out / "checkpoints" / "step_000002", "actor")
+
+
 def distance_from_start(world, out) -> float:
-    start = load_file(world / "policy" / "model.safetensors")
-    trained = load_file(out / "checkpoints" / "step_000002" / "actor" / "model.safetensors")
+    start = {k.removeprefix("model."): v for k, v in hf_tensors(world / "policy").items()}
+    trained = trained_actor(out)
     assert all(t.dtype == torch.float32 for t in trained.values())  # the training checkpoint holds fp32 masters
     return sum(((trained[n] - start[n].float()) ** 2).sum().item() for n in start) ** 0.5
 
@@ -253,7 +258,7 @@ def test_bf16_compute_keeps_fp32_masters_and_moves_the_weights_like_fp32(world, 
         assert done.returncode == 0, done.stderr[-3000:]
         runs[dtype] = distance_from_start(world, out)
     assert runs["float32"] > 0 and runs["bfloat16"] == pytest.approx(runs["float32"], rel=0.1), runs
-    exported = load_file(tmp_path / "bfloat16" / "final" / "model.safetensors")
+    exported = hf_tensors(tmp_path / "bfloat16" / "final")
     assert all(t.dtype == torch.bfloat16 for t in exported.values())  # the HF export is in the compute dtype
 
 
@@ -273,8 +278,7 @@ def test_two_processes_match_one_under_bf16_compute(world, tmp_path):
         for key in ("reward", "policy_loss", "value_loss", "entropy", "kl"):
             assert a[key] == pytest.approx(b[key], rel=0.05, abs=2e-3), key
     moved = distance_from_start(world, one)
-    ckpt = "checkpoints/step_000002/actor/model.safetensors"
-    w1, w2 = load_file(one / ckpt), load_file(two / ckpt)
+    w1, w2 = trained_actor(one), trained_actor(two)
     apart = sum(((w1[n] - w2[n]) ** 2).sum().item() for n in w1) ** 0.5
     assert apart < 0.05 * moved, (apart, moved)
 
@@ -289,11 +293,10 @@ def test_critic_free_runs_train_no_critic(world, tmp_path, advantage, kl_in_loss
     assert not any(k in m for m in history for k in ("value_loss", "value_clipfrac", "explained_variance",
                                                       "time/values"))
     assert all(("kl_loss" in m) == (kl_in_loss == "true") for m in history)
-    assert sorted(p.name for p in (out / "checkpoints" / "step_000002").iterdir()) == \
-        ["actor", "optimizer.pt", "trainer.pt"]
-    assert set(torch.load(out / "checkpoints" / "step_000002" / "optimizer.pt", weights_only=True)) == {"actor"}
-    start = load_file(world / "policy" / "model.safetensors")
-    final = load_file(out / "final" / "model.safetensors")
+    ckpt = out / "checkpoints" / "step_000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "actor", "trainer.pt"]
+    assert {key.split(".")[0] for key in checkpoint_metadata(ckpt).state_dict_metadata} == {"actor"}
+    start, final = hf_tensors(world / "policy"), hf_tensors(out / "final")
     assert any(not torch.equal(start[n], final[n]) for n in final)  # the actor learned from group baselines
     resumed = Trainer(load_config(None, overrides(world, out, **{
         "ppo.advantage": advantage, "ppo.kl_in_loss": kl_in_loss, "run.resume": "true"})), log=lambda *a: None)
