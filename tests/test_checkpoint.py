@@ -231,3 +231,92 @@ def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
     from pbrl.memory import model_args, parameter_shapes, shard_bytes  # the planner's exact term, 2 ranks
     shapes = parameter_shapes(model_args(str(tmp_path / "m")), value_head=True)
     assert result["rank0_parameter_bytes"] == shard_bytes(shapes, 2, 4)
+
+
+def torchrun(script, *args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(root / "tests" / "scripts" / script), *map(str, args)], cwd=root, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sharded_checkpoint_never_materialises_a_whole_tensor(tmp_path):
+    """2 ranks save and load a DCP checkpoint of a sharded actor and critic with their AdamW states: nothing is
+    gathered, every tensor read from disk is at most one rank's rows, each rank's shard file holds about half the
+    bytes, and the fresh models and optimizers equal the saved ones shard for shard."""
+    save_hf_model(tmp_path / "m", "qwen3", tie_word_embeddings=True, vocab_size=321)
+    torchrun("dcp_probe.py", tmp_path / "m", tmp_path / "report.json", tmp_path / "run")
+    reports = json.loads((tmp_path / "report.json").read_text())
+    for report in reports:
+        assert report["same"] and report["full_tensor"] == report["redistribute"] == report["float_gathers"] == 0
+        assert 0 < report["largest_read"] <= 161 * 64 < 321 * 64  # half the embedding rows, rounded up
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
+    sizes = [(ckpt / f"__{rank}_0.distcp").stat().st_size for rank in range(2)]
+    assert all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
+
+
+def test_export_streams_one_block_at_a_time_and_transformers_reads_it(tmp_path, monkeypatch):
+    """A training checkpoint of a 6-layer model, exported to bf16: every read from the checkpoint is one file's worth
+    (the embeddings, one block, or the rest), and transformers' model of the export gives the trained logits."""
+    import pbrl.checkpoint as ckpt_module
+    from transformers import AutoModelForCausalLM
+    save_hf_model(tmp_path / "src", "llama", num_hidden_layers=6)
+    model = load_model(tmp_path / "src", dtype=torch.float32)
+    ckpt = ckpt_module.save_training_checkpoint(tmp_path / "run", 3, {"actor": model},
+                                                {"actor": torch.optim.AdamW(model.parameters())},
+                                                {"step": 3}, source_dir=tmp_path / "src")
+    real_read, reads = ckpt_module.read_checkpoint_tensors, []
+
+    def measured(*args, **kwargs):
+        tensors = real_read(*args, **kwargs)
+        reads.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return tensors
+    monkeypatch.setattr(ckpt_module, "read_checkpoint_tensors", measured)
+    ckpt_module.export(ckpt, tmp_path / "hf", dtype=torch.bfloat16)
+    state = model.state_dict()
+    block = sum(t.numel() * 4 for n, t in state.items() if n.startswith("layers.0."))
+    embedding = state["embed_tokens.weight"].numel() * 4
+    assert len(reads) == 6 + 2 and max(reads) == max(block, embedding) < sum(reads) / 4
+    exported = load_file(tmp_path / "hf" / "model-00002-of-00008.safetensors")
+    assert all(name.startswith("model.layers.0.") and t.dtype == torch.bfloat16 for name, t in exported.items())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ours = load_model(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(hf(X).logits, hf(X).logits) and (hf(X).logits - ours(X)).abs().max() <= 1e-4
+        rounded = Transformer(model.args)
+        rounded.load_state_dict({k: v.bfloat16().float() for k, v in state.items()})
+        assert torch.equal(ours(X), rounded(X))  # the export is the trained weights, rounded to bf16
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_export_command_peak_memory_is_about_one_block(tmp_path):
+    """`python -m pbrl.checkpoint export` in a fresh process on a 150 MB checkpoint: the process's peak resident
+    memory grows by far less than the model while exporting (a gathered export would add the whole model)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    save_hf_model(tmp_path / "src", "llama", hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                  num_key_value_heads=4, num_hidden_layers=16)
+    model = load_model(tmp_path / "src", dtype=torch.float32)
+    from pbrl.checkpoint import save_training_checkpoint
+    ckpt = save_training_checkpoint(tmp_path / "run", 1, {"actor": model}, {}, {"step": 1})
+    model_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
+    block_bytes = sum(t.numel() * 4 for n, t in model.state_dict().items() if n.startswith("layers.0."))
+    # VmHWM is this process's peak resident memory (ru_maxrss would carry over the forking pytest's).
+    script = ("import re, torch.distributed.checkpoint; from pbrl.checkpoint import main; "
+              "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read())[1]); "
+              "before = kib('VmRSS'); "
+              f"main(['export', {str(ckpt)!r}, {str(tmp_path / 'hf')!r}]); "
+              "print((kib('VmHWM') - before) * 1024)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    extra = int(done.stdout.split()[-1])
+    assert extra < 4 * block_bytes < model_bytes / 3, (extra, block_bytes, model_bytes)
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) == 18

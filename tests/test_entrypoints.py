@@ -70,6 +70,13 @@ def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_pa
     assert steps == [0, 1, 2]
     saved = json.loads((run_dir / "final" / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == REAL_TEMPLATE  # the final policy keeps its template
+    exported = tmp_path / "exported"
+    done = run("pbrl.checkpoint", "export", run_dir / "checkpoints" / "step_000002", exported, "--dtype", "bfloat16")
+    assert done.stdout.strip() == f"wrote {exported}"
+    assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (exported / "tokenizer_config.json").read_text() == (run_dir / "final" / "tokenizer_config.json").read_text()
+    done = run("pbrl.checkpoint", "export", run_dir / "checkpoints", exported, expect=2)
+    assert done.stderr.startswith("error: ") and "no DCP .metadata; expected a training checkpoint" in done.stderr
     before = (run_dir / "metrics.jsonl").read_text()
     done = run("train.py", "--models.policy", model, "--data.path", data, "--data.langs", "de", "--data.pivot_cache",
                refs, "--data.eval_path", "", "--reward.kind", "agreement", "--run.out_dir", run_dir, expect=2)

@@ -107,3 +107,42 @@ def test_cli_on_fixture_data(tmp_path, pivot_model, capsys):
     assert [r["id"] for r in records] == ["mgsm-0", "mgsm-1", "mgsm-2"]
     assert set(records[0]) == {"id", "question", "reference", "answer"}
     assert "3/3 written" in capsys.readouterr().err
+
+
+def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
+    """`torchrun --nproc_per_node=2 -m pbrl.pivot`: each rank answers its share (2 ids of mgsm-0..4 are already
+    cached), the parts are merged into the one cache, in problem order, equal to a single process's greedy answers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    model_dir, model, tok = pivot_model
+    root = Path(__file__).resolve().parents[1]
+    single = tmp_path / "single.jsonl"
+    pivot.write_references(model, tok, PROBLEMS, single, batch_size=2, max_new_tokens=6, log=lambda m: None)
+    (tmp_path / "mgsm_en.tsv").write_text("".join(f"{p.question}\t{p.answer}\n" for p in PROBLEMS))
+    out = tmp_path / "refs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines(single) if r["id"] in ("mgsm-1", "mgsm-3")))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
+                           "pbrl.pivot", "--model", str(model_dir), "--data", str(tmp_path), "--out", str(out),
+                           "--batch-size", "2", "--max-new-tokens", "6"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 to generate on 2 ranks" in done.stderr and "2/2 written by rank 0" in done.stderr
+    assert "1/1 written by rank 1" in done.stderr
+    assert [r["id"] for r in lines(out)] == ["mgsm-1", "mgsm-3", "mgsm-0", "mgsm-2", "mgsm-4"]
+    assert sorted(lines(out), key=lambda r: r["id"]) == lines(single)
+    assert not list(tmp_path.glob("refs.jsonl.rank*"))
+
+
+def test_parts_a_crashed_multi_rank_run_left_are_merged_first(tmp_path, pivot_model):
+    """A 3-rank run died after its ranks wrote parts; a 1-process rerun merges them and generates the rest only."""
+    _, model, tok = pivot_model
+    out = tmp_path / "refs.jsonl"
+    out.write_text(record(0) + "\n")
+    (tmp_path / "refs.jsonl.rank1").write_text(record(1) + "\n" + record(4) + "\n")
+    (tmp_path / "refs.jsonl.rank2").write_text(record(2) + "\n" + '{"id": "mgsm-3", "ques')  # torn by the crash
+    assert pivot.write_references(model, tok, PROBLEMS, out, max_new_tokens=3, log=lambda m: None) == 1
+    assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1", "mgsm-2", "mgsm-4", "mgsm-3"]
+    assert [r["reference"] for r in lines(out)][:4] == [f"The answer is {i}." for i in (0, 1, 2, 4)]
+    assert not list(tmp_path.glob("refs.jsonl.rank*"))

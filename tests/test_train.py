@@ -1,6 +1,7 @@
 """train.py: configuration errors, 1 vs 2 processes (torchrun, gloo, FSDP2), kill-and-resume."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,21 +54,39 @@ STABLE = ("reward", "agreement", "kl", "policy_loss", "value_loss", "entropy", "
           "response_length", "explained_variance", "logprob_mismatch")
 
 
-def test_two_processes_match_one(world, tmp_path):
+def train(world, out, ranks: int, **extra):
+    """train.py in a fresh process, or under torchrun with 2 ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "train.py", *overrides(world, one)], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                           "train.py", *overrides(world, two)], cwd=ROOT, env=env, capture_output=True, text=True)
+    launch = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone"]
+    done = subprocess.run([*launch, "train.py", *overrides(world, out, **extra)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    m1, m2 = metrics(one), metrics(two)
-    assert len(m1) == len(m2) == 2
+
+
+@pytest.fixture(scope="module")
+def runs(world, tmp_path_factory):
+    """One 4-step run, checkpointed at steps 2 and 4, on 1 process and on 2 (torchrun, gloo, FSDP2)."""
+    root = tmp_path_factory.mktemp("runs")
+    for ranks, name in ((1, "one"), (2, "two")):
+        train(world, root / name, ranks, **{"run.steps": 4, "run.checkpoint_every": 2})
+    return root / "one", root / "two"
+
+
+def assert_same_run(m1, m2):
+    """The same run on another batch layout (number of ranks): equal up to float noise."""
+    assert [a["step"] for a in m1] == [b["step"] for b in m2]
     for a, b in zip(m1, m2):
         for key in ("policy_loss", "value_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         for key in STABLE:  # statistics of a different batch layout: float noise relative to their size
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+
+
+def test_two_processes_match_one(world, runs):
+    one, two = runs
+    assert len(metrics(one)) == 4
+    assert_same_run(metrics(one), metrics(two))
     w1, w2 = hf_tensors(one / "final"), hf_tensors(two / "final")
     assert w1.keys() == w2.keys()
     for name in w1:
@@ -76,29 +95,81 @@ def test_two_processes_match_one(world, tmp_path):
     assert any(not torch.equal(start[n], w1[n]) for n in w1)  # training moved the weights
 
 
+def killed_after_step_2(run, to):
+    """A copy of a finished run as a kill right after its step-2 checkpoint leaves it (later metrics kept: resume
+    must drop them)."""
+    shutil.copytree(run, to)
+    for later in ("checkpoints/step_000004", "final"):
+        shutil.rmtree(to / later)
+    return to
+
+
+def test_two_rank_run_resumed_on_two_ranks_continues_exactly(world, runs, tmp_path):
+    _, two = runs
+    out = killed_after_step_2(two, tmp_path / "b")
+    train(world, out, 2, **{"run.steps": 4, "run.checkpoint_every": 2, "run.resume": "true"})
+    for a, b in zip(metrics(two), metrics(out), strict=True):
+        for key in STABLE:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    w1, w2 = hf_tensors(two / "final"), hf_tensors(out / "final")
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+
+
+def test_checkpoints_reshard_between_one_and_two_ranks(world, runs, tmp_path):
+    """Resumed on 1 rank, the 2-rank step-2 checkpoint's parameters and AdamW states are restored exactly (read
+    back by DCP's own converter), and the run continues as the 1-rank run did; the 1-rank checkpoint resumed on 2
+    ranks continues it too."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    one, two = runs
+    out = killed_after_step_2(two, tmp_path / "two_to_one")
+    dcp_to_torch_save(out / "checkpoints" / "step_000002", tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    args = overrides(world, out, **{"run.steps": 4, "run.checkpoint_every": 2, "run.resume": "true"})
+    trainer = Trainer(load_config(None, args), log=lambda *a: None)
+    assert trainer.step == 2 and set(trainer.trained) == set(saved) == {"actor", "critic"}
+    for name, (model, optimizer, _) in trainer.trained.items():
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, saved[name]["model"][key]), (name, key)
+        state = optimizer.state_dict()["state"]
+        for i, (key, _) in enumerate(model.named_parameters()):
+            for moment in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(state[i][moment], saved[name]["optim"]["state"][key][moment]), (name, key)
+    trainer.run()
+    assert_same_run(metrics(one), metrics(out))
+
+    out = killed_after_step_2(one, tmp_path / "one_to_two")
+    train(world, out, 2, **{"run.steps": 4, "run.checkpoint_every": 2, "run.resume": "true"})
+    assert_same_run(metrics(one), metrics(out))
+
+
 def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
     straight = Trainer(load_config(None, overrides(world, tmp_path / "a", **{"run.steps": 4})), log=lambda *a: None)
     expected = straight.run()
 
-    args = overrides(world, tmp_path / "b", **{"run.steps": 4, "run.checkpoint_every": 2})
+    args = overrides(world, tmp_path / "b", **{"run.steps": 4, "run.checkpoint_every": 1})
     crashing = Trainer(load_config(None, args), log=lambda *a: None)
-    real_update = Trainer.update
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.api import CheckpointException
+    real_finish = FileSystemWriter.finish
 
-    def update_then_die(self, *a, **k):
-        if self.step == 2:  # iteration 3, after rollout and scoring, before the update finishes
+    def die_at_step_3(self, *a, **k):  # the shards of step 3 are written, its metadata is not
+        if "step_000003" in str(self.path):
             raise KeyboardInterrupt("killed")
-        return real_update(self, *a, **k)
-    monkeypatch.setattr(Trainer, "update", update_then_die)
-    with pytest.raises(KeyboardInterrupt):
+        return real_finish(self, *a, **k)
+    monkeypatch.setattr(FileSystemWriter, "finish", die_at_step_3)
+    with pytest.raises(CheckpointException, match="killed"):  # DCP wraps the death of a rank
         crashing.run()
-    monkeypatch.setattr(Trainer, "update", real_update)
+    monkeypatch.setattr(FileSystemWriter, "finish", real_finish)
     ckpts = tmp_path / "b" / "checkpoints"
-    (ckpts / "step_000003.tmp").mkdir()  # a checkpoint a crash left half-written
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000001", "step_000002", "step_000003.tmp"]
+    assert any((ckpts / "step_000003.tmp").glob("*.distcp"))
     resumed = Trainer(load_config(None, args + ["--run.resume", "true"]), log=lambda *a: None)
     assert resumed.step == 2 and latest_checkpoint(tmp_path / "b").name == "step_000002"
     resumed.run()
     got = metrics(tmp_path / "b")
     assert [m["step"] for m in got] == [1, 2, 3, 4]
+    # the newest run.keep_checkpoints (3) remain; the torn step_000003.tmp was replaced by the complete step 3
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000002", "step_000003", "step_000004"]
     for a, b in zip(expected, got):
         for key in STABLE:
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
@@ -224,6 +295,8 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_metrics(world, tm
     (["--rollout.top_k", "0"], r"rollout.top_k must be >= 1 or off, got 0"),
     (["--ppo.dual_clip", "1"], r"ppo.dual_clip must be > 1 or off, got 1.0"),
     (["--run.checkpoint_every", "soon"], r"run.checkpoint_every \(or off\): expected an integer, got 'soon'"),
+    (["--run.keep_checkpoints", "0"], r"run.keep_checkpoints must be > 0 or off \(keep all\), got 0"),
+    (["--run.timeout_minutes", "0"], r"run.timeout_minutes must be > 0, got 0.0"),
     (["--run.device", "cuda"], r"run.device = cuda, but CUDA is not available here"),
 ])
 def test_more_config_errors(args, message):
