@@ -2,6 +2,10 @@
 
 Key convention: pbrl's parameter names are HF's without the leading `model.`; `lm_head.weight` has no prefix in
 either. A bare backbone checkpoint (e.g. Qwen3-Embedding: `Qwen3Model`, no LM head) has no `model.` prefix at all.
+
+Training checkpoints are PyTorch DCP directories (each rank its shards); any of them becomes a HF directory with
+
+    python -m pbrl.checkpoint export RUN/checkpoints/step_N OUT [--model actor|critic] [--dtype bfloat16]
 """
 from __future__ import annotations
 
