@@ -9,7 +9,8 @@
   3. precision   one AdamW step with bf16 compute over fp32 masters against the same step in fp32
   4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation checkpointing) on a
                  random model in Llama-3.2-1B's shapes: seconds per phase, the update's model-FLOPs utilisation, peak
-                 memory against pbrl.memory's plan (on CUDA; the CPU's peak is the process's RSS)
+                 memory against pbrl.memory's plan (on CUDA; the CPU's peak is the process's RSS); then the time to
+                 save, load and export (bf16, streamed) its DCP checkpoint
 Random weights in real shapes only: throughput and memory are what they would be for the real model, text is noise.
 """
 import argparse
@@ -28,12 +29,13 @@ import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.dispatch import use_triton  # noqa: E402
 from pbrl import distributed as dist  # noqa: E402
-from pbrl.checkpoint import save_model  # noqa: E402
+from pbrl.checkpoint import export, load_training_checkpoint, save_model, save_training_checkpoint  # noqa: E402
 from pbrl import memory  # noqa: E402
 from pbrl.config import load_config  # noqa: E402
 from pbrl.data import encode_prompt  # noqa: E402
 from pbrl.model import ModelArgs, Transformer  # noqa: E402
 from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe  # noqa: E402
+from pbrl.trainer import timed  # noqa: E402
 
 SIZES = {  # Llama-3.2-1B's shapes (vocab cut to what the test tokenizer needs is not allowed: keep it real)
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -161,6 +163,17 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     predicted = memory.plan(cfg, 1, longest)
     history = trainer.run()
     params = sum(p.numel() for p in trainer.actor.parameters())
+    models = {k: m for k, (m, _, _) in trainer.trained.items()}
+    optimizers = {k: opt for k, (_, opt, _) in trainer.trained.items()}
+    timings = {}
+    with timed(timings, "save_s"):
+        ckpt = save_training_checkpoint(work / "run", steps + 1, models, optimizers, {"step": steps + 1})
+    with timed(timings, "load_s"):
+        load_training_checkpoint(ckpt, models, optimizers, steps + 1)
+    with timed(timings, "export_bf16_s"):
+        export(ckpt, work / "export", "actor", torch.bfloat16)
+    checkpoint = {"gb": round(sum(f.stat().st_size for f in ckpt.glob("*.distcp")) / 1e9, 2),
+                  **{k: round(v, 2) for k, v in timings.items()}}
     last = history[-1]
     # Update FLOPs: per trained token, 6 per parameter (forward + backward) plus 2 for the forward that activation
     # checkpointing recomputes, for actor and critic (the same size but for the LM head), per PPO epoch; attention's
@@ -174,7 +187,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
             "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
             "update_tflops": round(flops / last["time/update"] / 1e12, 2),
             "update_mfu": None if peak is None else round(flops / last["time/update"] / peak, 3),
-            "reward": last["reward"], "device": name}
+            "reward": last["reward"], "checkpoint (DCP: actor, critic, AdamW)": checkpoint, "device": name}
 
 
 def report(env: dict, kernel_rows, attention_rows, precision, training) -> str:
