@@ -220,9 +220,65 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     kernels_compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
-    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel", "_unit_rows_kernel"):
+    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel", "_unit_rows_kernel",
+                 "_sample_kernel"):
         for arch in ("sm_80", "sm_90"):
             assert {(name, arch, "fp32"), (name, arch, "bf16")} <= kernels_compiled
     assert {("_pairwise_dot_kernel", "sm_80", "fp32"), ("_pairwise_dot_kernel", "sm_90", "fp32")} <= kernels_compiled
     for r in rows:
         assert r["local"] == 0 and 0 < r["reg"] <= 255, r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: the Triton kernel (interpreter) against its PyTorch specification, and the specification against softmax
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab", [7, 4099, 50_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
+def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
+    from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    logits = (torch.randn(6, vocab, generator=gen(vocab)) * 3).to(dtype)
+    keys = row_keys(torch.tensor([0, 1, 2, -5, 2**40 + 3, 123456789]), 17)
+    tokens, logp = sample_tokens(logits, temperature, keys)
+    ref_tokens, ref_logp = sample_tokens_ref(logits, temperature, keys)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(logp, ref_logp, atol=1e-5, rtol=0)
+    exact = (logits.double() / (temperature or 1.0)).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert torch.allclose(logp.double(), exact, atol=1e-5, rtol=0)  # and against fp64
+    if temperature == 0:
+        assert torch.equal(tokens, logits.float().argmax(-1))
+
+
+def test_sampling_kernel_ignores_masked_tokens():
+    from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    logits = torch.full((3, 5000), float("-inf"))
+    logits[:, 4500] = 1.0
+    logits[1, 10] = 0.0   # the first block holds one finite logit, the others none
+    tokens, logp = sample_tokens(logits, 1.0, row_keys(torch.arange(3), 0))
+    assert set(tokens.tolist()) <= {10, 4500} and torch.equal(tokens, sample_tokens_ref(
+        logits, 1.0, row_keys(torch.arange(3), 0))[0])
+    assert torch.isfinite(logp).all() and logp[0] == 0 and logp[2] == 0
+
+
+def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * len(tokens)
+    observed = torch.bincount(tokens, minlength=len(probs)).double()
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_counter_based_noise_draws_from_softmax():
+    """Pearson's chi-square of 60,000 draws on a 6-token vocabulary, over rows (seeds) and over decoding steps of
+    one seed: 5 degrees of freedom, below 20.5 with probability 0.999 for an exact sampler. The kernel takes the
+    same draws (first 300 rows)."""
+    from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0])
+    n = 60_000
+    for temperature in (1.0, 0.6):
+        probs = (logits.double() / temperature).softmax(-1)
+        by_seed = row_keys(torch.arange(n) * 2654435761, 0)
+        by_step = torch.cat([row_keys(torch.tensor([42]), step) for step in range(n)])
+        for keys in (by_seed, by_step):
+            tokens, _ = sample_tokens_ref(logits.expand(n, 6), temperature, keys)
+            assert chi_square(tokens, probs) < 20.5
+        assert torch.equal(sample_tokens(logits.expand(300, 6), temperature, by_seed[:300])[0],
+                           sample_tokens_ref(logits.expand(300, 6), temperature, by_seed[:300])[0])

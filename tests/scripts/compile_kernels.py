@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 
 import kernels.cosine as cosine
 import kernels.logprobs as logprobs
+import kernels.sampling as sampling
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "the interpreter replaces @triton.jit functions: unset it"
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -34,6 +35,11 @@ def cases(dtype: str):
             "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "grad_ptr": x,
             "grad_stride": "i64", "V": "i32", "inv_temp": "fp32", "WITH_ENTROPY": "constexpr",
             "BLOCK_V": "constexpr"}, {"WITH_ENTROPY": with_entropy, "BLOCK_V": 4096}
+    for sample in (True, False):
+        yield sampling._sample_kernel, {
+            "logits_ptr": x, "stride": "i64", "keys_ptr": "*i64", "tokens_ptr": "*i64", "logp_ptr": "*fp32",
+            "V": "i32", "inv_temp": "fp32", "SAMPLE": "constexpr", "BLOCK_V": "constexpr"}, \
+            {"SAMPLE": sample, "BLOCK_V": 4096}
     yield cosine._cosine_rows_kernel, {
         "a_ptr": x, "a_stride": "i64", "b_ptr": x, "b_stride": "i64", "out_ptr": "*fp32", "D": "i32",
         "BLOCK_D": "constexpr"}, {"BLOCK_D": 1024}
