@@ -1,10 +1,18 @@
-"""Tokens/s of pbrl's KV-cached sampler vs transformers' generate() on the same random ~110M Llama model.
+"""Decoding speed of pbrl's sampler against transformers' generate() and against the memory-bandwidth roofline, and a
+rollout-shaped run with and without compaction of finished rows, in one run on one random ~110M Llama.
 
-    python benchmarks/sampler.py [--device cpu|cuda] [--dtype float32|bfloat16] [--new-tokens 64] [--repeats 3]
+    python benchmarks/sampler.py [--device cpu|cuda] [--dtype float32|bfloat16] [--batch-sizes 1,8,64]
 
-Greedy, no eos (every row generates exactly --new-tokens), prompts of different lengths (left padded in both).
-Checks that both produce identical tokens, prints a table and the speed ratio, and appends it to
-benchmarks/sampler.csv. Requires transformers (requirements-test.txt).
+1. greedy decoding, no stop token (every row makes --new-tokens), prompts of different lengths (left padded in
+   both): tokens/s of pbrl eager, pbrl compiled (--compile, default on CUDA only: on the CPU compiling costs minutes
+   of warm-up), transformers; the greedy tokens must be identical.
+2. the roofline: a decoding step reads every weight once (the LM head included, the embedding matrix not), so batch-1
+   decoding cannot beat read bandwidth / weight bytes tokens/s; the bandwidth is measured here, in the same run, as
+   the best of several reductions over a buffer far larger than the caches.
+3. a rollout: --prompts prompts x --samples samples at temperature 1, up to --rollout-tokens tokens, 1 in 80 tokens a
+   stop token (lengths spread geometrically around ~80 tokens, as chains of thought of very different lengths),
+   with compaction (pbrl's default) and without (SYNC_EVERY beyond the length: every row decodes to the end).
+Requires transformers (requirements-test.txt). Appends its rows to benchmarks/sampler.csv.
 """
 import argparse
 import sys
@@ -15,14 +23,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pbrl.sampler as sampler  # noqa: E402
 from benchmarks.results import append_csv  # noqa: E402
 from pbrl.checkpoint import load_model  # noqa: E402
 
-from pbrl.sampler import generate  # noqa: E402
 
-
-def timed(fn, device, repeats):
-    fn()  # warm-up
+def best_time(fn, device, repeats):
+    out = fn()  # warm-up (and compilation)
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
@@ -35,14 +42,27 @@ def timed(fn, device, repeats):
     return best, out
 
 
+def read_bandwidth(device: str) -> float:
+    """Bytes/s of the best of several full reductions over a 1 GiB fp32 buffer."""
+    x = torch.ones(2**28, device=device)
+    seconds, _ = best_time(lambda: x.sum(), device, 5)
+    return x.numel() * 4 / seconds
+
+
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--batch-sizes", default="1,8,64")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time compile=True (default: on CUDA only)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--rollout-tokens", type=int, default=256)
     args = ap.parse_args()
+    compile_too = args.device.startswith("cuda") if args.compile is None else args.compile
     from transformers import LlamaConfig, LlamaForCausalLM
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -50,14 +70,17 @@ def main():
                          num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=False)
     hf = LlamaForCausalLM(config).eval()
-    params = sum(p.numel() for p in hf.parameters())
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_model(d, dtype=dtype, device=args.device)
     hf = hf.to(device=args.device, dtype=dtype)
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in ours.named_parameters() if "embed" not in name)
+    bandwidth = read_bandwidth(args.device)
+    roofline = bandwidth / weight_bytes
+    print(f"model: random Llama, {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters, {args.device} "
+          f"{args.dtype}, {torch.get_num_threads()} threads; {weight_bytes / 1e6:.0f} MB of weights read per step, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s measured: roofline {roofline:.1f} decoding steps/s")
     rows = []
-    print(f"model: random Llama, {params / 1e6:.0f}M parameters, {args.device} {args.dtype}, "
-          f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens, greedy")
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
@@ -66,24 +89,50 @@ def main():
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=args.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
 
-        def run_ours():
-            return generate(ours, prompts, args.new_tokens).tokens
-
         def run_hf():
             with torch.inference_mode():
                 out = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
             return out[:, width:].cpu()
 
-        t_ours, tok_ours = timed(run_ours, args.device, args.repeats)
-        t_hf, tok_hf = timed(run_hf, args.device, args.repeats)
-        same = torch.equal(tok_ours, tok_hf)
+        t_hf, tok_hf = best_time(run_hf, args.device, args.repeats)
         n = batch * args.new_tokens
-        rows.append(dict(device=args.device, dtype=args.dtype, batch=batch, new_tokens=args.new_tokens,
-                         pbrl_tok_s=round(n / t_ours, 1), hf_tok_s=round(n / t_hf, 1),
-                         ratio=round(t_hf / t_ours, 2), identical=same))
-        print(f"batch {batch}: pbrl {n / t_ours:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
-              f"ratio {t_hf / t_ours:.2f}x   identical outputs: {same}")
+        for mode in ("eager", "compiled") if compile_too else ("eager",):
+            t, tok = best_time(lambda: sampler.generate(ours, prompts, args.new_tokens,
+                                                        compile=mode == "compiled").tokens, args.device, args.repeats)
+            same = torch.equal(tok, tok_hf)
+            steps_per_s = args.new_tokens / t
+            rows.append(dict(device=args.device, dtype=args.dtype, run=f"greedy {mode}", batch=batch,
+                             pbrl_tok_s=round(n / t, 1), hf_tok_s=round(n / t_hf, 1), vs_hf=round(t_hf / t, 2),
+                             of_roofline=round(steps_per_s / roofline, 2), identical=same))
+            print(f"batch {batch:>3} {mode:>8}: pbrl {n / t:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
+                  f"{t_hf / t:.2f}x   {steps_per_s / roofline:.2f} of the roofline's steps/s   identical: {same}")
+
+    # A rollout: n samples per prompt, temperature 1, lengths spread by a stop set of 1 in 80 tokens.
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
+               for n in torch.randint(100, 200, (args.prompts,), generator=g)]
+    stop_ids = list(range(7, 32000, 80))
+    timings = {}
+    real_sync = sampler.SYNC_EVERY
+    for name, sync in (("compaction", real_sync), ("no compaction", args.rollout_tokens + 1)):
+        sampler.SYNC_EVERY = sync
+        timings[name], out = best_time(lambda: sampler.generate(
+            ours, prompts, args.rollout_tokens, temperature=1.0, n=args.samples, seed=0, stop_ids=stop_ids),
+            args.device, max(1, args.repeats - 1))
+        timings[name + " tokens"] = out.as_lists()
+    sampler.SYNC_EVERY = real_sync
+    same = timings["compaction tokens"] == timings["no compaction tokens"]
+    lengths = out.lengths.float()
+    generated = int(out.lengths.sum())
+    speedup = timings["no compaction"] / timings["compaction"]
+    print(f"rollout {args.prompts} prompts x {args.samples} samples, temperature 1, lengths mean "
+          f"{lengths.mean():.0f} min {lengths.min():.0f} max {lengths.max():.0f} (cap {args.rollout_tokens}): "
+          f"{generated / timings['compaction']:.1f} tok/s with compaction, "
+          f"{generated / timings['no compaction']:.1f} without: {speedup:.2f}x; identical samples: {same}")
+    rows.append(dict(device=args.device, dtype=args.dtype, run="rollout, compaction vs none",
+                     batch=args.prompts * args.samples, pbrl_tok_s=round(generated / timings["compaction"], 1),
+                     hf_tok_s="", vs_hf="", of_roofline="", identical=same))
     print(f"appended to {append_csv('sampler.csv', rows)}")
 
 

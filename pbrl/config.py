@@ -53,6 +53,7 @@ class RolloutConfig:
     temperature: float = 1.5       # the toy warm start is near-deterministic at 1.0: explore more
     top_k: int | None = None
     top_p: float | None = None
+    compile: bool = False          # the decoding step through torch.compile (CUDA graphs on CUDA): see gpu_check
 
 
 @dataclass

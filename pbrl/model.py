@@ -192,7 +192,8 @@ class KVCache:
     """Preallocated keys and values for every layer: k[layer], v[layer] are [B, kv_heads, max_len, D].
 
     Slots are written in order; `forward(..., cache=c, start=s)` writes the T new tokens at slots s..s+T-1 and
-    attends over slots 0..s+T-1."""
+    attends over slots 0..s+T-1. With `start` a 1-element tensor (one token per row), it writes that slot and
+    attends over all max_len slots under the caller's validity mask: the static shapes of a compiled step."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
@@ -228,7 +229,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        if cache is not None:
+        if isinstance(start, torch.Tensor):  # a static decoding step: write slot `start`, attend over every slot
+            cache.k[self.layer].index_copy_(2, start, k)
+            cache.v[self.layer].index_copy_(2, start, v)
+            k, v = cache.k[self.layer], cache.v[self.layer]
+        elif cache is not None:
             cache.k[self.layer][:, :, start:start + t] = k
             cache.v[self.layer][:, :, start:start + t] = v
             k, v = cache.k[self.layer][:, :, :start + t], cache.v[self.layer][:, :, :start + t]
@@ -336,7 +341,8 @@ class Transformer(nn.Module):
 
         attention_mask [B, start + T] (1 = real token, 0 = padding) covers the cached slots and the new ones;
         None means no padding. position_ids [B, T] default to the count of real tokens before each slot, so
-        left-padded rows get RoPE positions 0, 1, ... from their first real token. cache/start: see KVCache."""
+        left-padded rows get RoPE positions 0, 1, ... from their first real token. cache/start: see KVCache; a
+        tensor `start` is a static decoding step (see _backbone)."""
         h = self._backbone(input_ids, attention_mask, position_ids, cache, start)
         if output == "hidden":
             return h
@@ -368,18 +374,24 @@ class Transformer(nn.Module):
 
     def _backbone(self, input_ids, attention_mask, position_ids, cache, start) -> torch.Tensor:
         b, t = input_ids.shape
-        if attention_mask is None:
+        if isinstance(start, torch.Tensor):
+            # A static decoding step (pbrl.sampler.decode_step): one token per row written at cache slot `start`
+            # (a 1-element tensor), attention over all of the cache's slots with attention_mask [B, max_len] marking
+            # the valid ones, positions given: no shape depends on the step and nothing syncs with the host.
+            mask, valid = attention_mask[:, None, None, :], None
+        elif attention_mask is None:
             valid = torch.ones(b, start + t, dtype=torch.bool, device=input_ids.device)
         else:
             valid = attention_mask.bool()
             if valid.shape != (b, start + t):
                 raise ValueError(f"attention_mask must be [B, start + T] = {[b, start + t]}, got {list(valid.shape)}")
-        if position_ids is None:
-            position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-        # No mask without padding: causal attention over the new tokens (start must then be 0), or one query that
-        # sees every slot. The check costs one host sync per forward.
-        padded = attention_mask is not None and not bool(valid.all())
-        mask = attention_mask_4d(valid, t) if padded or (t > 1 and start > 0) else None
+        if valid is not None:
+            if position_ids is None:
+                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
+            # No mask without padding: causal attention over the new tokens (start must then be 0), or one query
+            # that sees every slot. The check costs one host sync per forward.
+            padded = attention_mask is not None and not bool(valid.all())
+            mask = attention_mask_4d(valid, t) if padded or (t > 1 and start > 0) else None
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         x = self.embed_tokens(input_ids)

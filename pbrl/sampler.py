@@ -3,6 +3,13 @@
 Prompts of different lengths share a batch by left padding: every row's last prompt token sits in the same slot,
 so each decoding step writes one slot for all rows. Padding slots are hidden by the attention mask and each row
 counts its RoPE positions from its own first real token, so a row's output does not depend on its neighbours.
+
+The decoding step has static shapes (gpt-fast's design): it attends over every slot of the cache under a per-row
+validity mask, with the slot and the positions as tensors, so on CUDA it can run as one CUDA graph
+(`compile=True`: torch.compile, mode reduce-overhead). Sampling is one kernel per step (kernels.sample_tokens:
+Gumbel-max with noise hashed from each row's seed and the step, so a row's sample does not depend on the batch).
+The host looks at the batch only every SYNC_EVERY steps: to stop when every row has finished, and to drop finished
+rows once they are the majority (the batch shrinks to the next power of two, a handful of shapes to compile).
 """
 from __future__ import annotations
 
@@ -10,7 +17,12 @@ from typing import NamedTuple
 
 import torch
 
+import kernels
 from pbrl.model import KVCache, Transformer, pad_rows
+
+SYNC_EVERY = 8  # decoding steps between the host's looks at which rows have finished
+# What compile=True passes to torch.compile (tests switch the backend to check that the step is one graph).
+COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 
 
 class Completions(NamedTuple):
@@ -25,40 +37,58 @@ class Completions(NamedTuple):
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax). Sampling is Gumbel-max,
-    argmax(logits / T + Gumbel noise), which draws exactly from softmax(logits / T) and lets each row take its
-    noise from its own generator (a list of B): a row's sample then does not depend on the rest of the batch."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
+                keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V], keys [B] (kernels.row_keys of each row's seed and the step) -> (token ids [B], their
+    log-probs [B] under softmax(logits / temperature), untruncated). temperature 0 is greedy. Without top-k/top-p
+    one fused kernel; with them, the same noise added to the truncated logits in PyTorch."""
+    if temperature == 0 or (top_k is None and top_p is None):
+        return kernels.sample_tokens(logits, temperature, keys)
+    x = logits.float() / temperature
+    kept = x
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
+        kept = kept.masked_fill(x < kth, float("-inf"))
     if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        sorted_x, order = kept.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(-1)
         # Drop a token when the tokens ranked above it already hold top_p of the mass; the best token always stays.
-        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    if isinstance(generator, (list, tuple)):
-        u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generator])
-    else:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device)
-    return (logits - torch.log(-torch.log(u))).argmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        kept = kept.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    tokens = (kept + kernels.gumbel_noise(keys, x.shape[-1])).argmax(-1)
+    return tokens, x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+                valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """ids [B] at RoPE positions [B], written to cache slot `slot` [1]; valid [B, max_len] marks the slots each
+    row may attend to (slot included) -> next-token logits [B, V]. Every shape is fixed for the whole generation."""
+    return model(ids[:, None], attention_mask=valid, position_ids=positions[:, None], cache=cache, start=slot)[:, -1]
+
+
+def row_seeds(n_rows: int, seed: int | None, seeds) -> torch.Tensor:
+    """[N] int64: the given per-row seeds, or N seeds derived from `seed`, or drawn from torch's global RNG."""
+    if seeds is not None:
+        seeds = torch.as_tensor(seeds, dtype=torch.int64).flatten()
+        if len(seeds) != n_rows:
+            raise ValueError(f"one seed per row: need len(prompts) * n = {n_rows}, got {len(seeds)}")
+        return seeds
+    if seed is None:
+        return torch.randint(-2**63, 2**63 - 1, (n_rows,), dtype=torch.int64)
+    return kernels.row_keys(torch.arange(n_rows), seed) * 2**32 + kernels.row_keys(torch.full((n_rows,), seed), n_rows)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, n: int = 1, stop_ids=(), pad_id: int = 0,
-             seed: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-             return_logprobs: bool = False) -> Completions:
+             seed: int | None = None, seeds=None, return_logprobs: bool = False,
+             compile: bool = False) -> Completions:
     """Sample up to max_new_tokens after each prompt (token ids), n samples per prompt.
 
-    generator: one for the batch, or one per row (len(prompts) * n, row i*n + j = sample j of prompt i) for
-    samples that do not depend on how rows are batched. Sampling log-probs are those of the tempered, untruncated
-    distribution (temperature 0: the raw one), the same quantity a trainer recomputes with a full forward pass;
-    top-k/top-p only change which token is drawn.
+    seeds: one per row (len(prompts) * n, row i*n + j = sample j of prompt i), for samples that do not depend on
+    how rows are batched; else `seed` derives them, else they are drawn from torch's RNG. Sampling log-probs are
+    those of the tempered, untruncated distribution (temperature 0: the raw one), the same quantity a trainer
+    recomputes with a full forward pass; top-k/top-p only change which token is drawn. compile=True runs the
+    decoding step through torch.compile (COMPILE_OPTIONS: CUDA graphs on CUDA).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and every prompt needs at least one token")
@@ -77,44 +107,56 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             raise ValueError(f"prompt {i} holds token id {min(p) if min(p) < 0 else max(p)} outside the "
                              f"model's vocabulary [0, {vocab})")
     device = model.embed_tokens.weight.device
-    if isinstance(generator, (list, tuple)) and len(generator) != len(prompts) * n:
-        raise ValueError(f"one generator per row: need len(prompts) * n = {len(prompts) * n}, got {len(generator)}")
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
     rows = [p for p in prompts for _ in range(n)]
+    seeds = row_seeds(len(rows), seed, seeds).to(device)
+    step_fn = torch.compile(decode_step, **COMPILE_OPTIONS) if compile else decode_step
+
+    # The cache and the validity mask span prompt + max_new_tokens slots (rounded up to 128 when compiling, so that
+    # calls with other prompt lengths reuse the compiled graph). A generated slot becomes valid when it is written.
     b, p_len = len(rows), longest
+    length = p_len + max_new_tokens
+    length = -(-length // 128) * 128 if compile else length
     input_ids, prompt_mask = pad_rows(rows, side="left")  # padding slots hold id 0: masked, never attended to
-    # Generated slots are real tokens (a finished row's are never read).
-    valid = torch.cat([prompt_mask, torch.ones(b, max_new_tokens, dtype=torch.bool)], dim=1)
-    input_ids, valid = input_ids.to(device), valid.to(device)
+    valid = torch.zeros(b, length, dtype=torch.bool, device=device)
+    valid[:, :p_len] = prompt_mask.to(device)
     positions = torch.tensor([len(p) for p in rows], device=device)  # position of each row's next token
-    cache = KVCache(model.args, b, p_len + max_new_tokens, model.embed_tokens.weight.dtype, device)
+    cache = KVCache(model.args, b, length, model.embed_tokens.weight.dtype, device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b, max_new_tokens, device=device) if return_logprobs else None
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(b, max_new_tokens, device=device)
     lengths = torch.zeros(b, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    live = torch.arange(b, device=device)  # the output row of each row still in the batch
+    done = finished.clone()                # per batch row
 
-    hidden = model.hidden_states(input_ids, attention_mask=valid[:, :p_len], cache=cache)
+    hidden = model.hidden_states(input_ids.to(device), attention_mask=valid[:, :p_len], cache=cache)
     logits = model.lm_head(hidden[:, -1])  # only the last position's logits are needed
-    step = 0
+    slot = torch.tensor([p_len], device=device)
     for step in range(max_new_tokens):
-        # Finished rows keep decoding (a batch moves in lockstep) but record pad_id; their slots are never read.
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-        tokens[:, step] = torch.where(done, pad_id, next_ids)
-        if logprobs is not None:
-            lp = (logits.float() / (temperature or 1.0)).log_softmax(-1).gather(-1, next_ids[:, None]).squeeze(-1)
-            logprobs[:, step] = torch.where(done, 0.0, lp)
-        lengths += (~done).long()
+        # Finished rows keep decoding until the next look (or ride along as padding of a compacted batch); they
+        # record nothing.
+        next_ids, lp = sample_next(logits, temperature, top_k, top_p, kernels.row_keys(seeds, step))
+        tokens[live, step] = torch.where(done, pad_id, next_ids)
+        logprobs[live, step] = torch.where(done, 0.0, lp)
+        lengths[live] += (~done).long()
         done |= torch.isin(next_ids, stop)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        finished[live] = done
+        if step == max_new_tokens - 1:
             break
-        slot = p_len + step
-        hidden = model.hidden_states(next_ids[:, None], attention_mask=valid[:, :slot + 1],
-                                     position_ids=(positions + step)[:, None], cache=cache, start=slot)
-        logits = model.lm_head(hidden[:, -1])
-    width = step + 1
-    return Completions(tokens[:, :width].cpu(), lengths.cpu(), done.cpu(),
-                       None if logprobs is None else logprobs[:, :width].cpu())
+        if (step + 1) % SYNC_EVERY == 0:
+            alive = int((~done).sum())
+            if alive == 0:
+                break
+            size = 1 << (alive - 1).bit_length()  # the next power of two
+            if size < len(live):  # keep the live rows (and finished ones to fill the size), drop the rest
+                keep = torch.argsort(done.int(), stable=True)[:size]
+                live, done, seeds, next_ids, positions, valid = (
+                    t[keep] for t in (live, done, seeds, next_ids, positions, valid))
+                cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
+        valid.index_fill_(1, slot, True)
+        logits = step_fn(model, next_ids, positions + step, slot, valid, cache)
+        slot += 1
+    width = int(lengths.max())
+    return Completions(tokens[:, :width].cpu(), lengths.cpu(), finished.cpu(),
+                       logprobs[:, :width].cpu() if return_logprobs else None)

@@ -128,15 +128,14 @@ class Trainer:
         # 2. rollout
         with timed(timings, "rollout"):
             prompts = [encode_prompt(self.tokenizer, problem) for problem in problems]
-            generators = [torch.Generator(device=self.device).manual_seed(
-                rollout.sequence_seed(cfg.run.seed, self.step, problem, j))
-                for problem in problems for j in range(r.samples_per_prompt)]
+            seeds = [rollout.sequence_seed(cfg.run.seed, self.step, problem, j)
+                     for problem in problems for j in range(r.samples_per_prompt)]
             self.actor.eval()
             with dist.gathered(self.actor):
                 completions = generate(self.actor, prompts, r.max_new_tokens, temperature=r.temperature,
                                        top_k=r.top_k, top_p=r.top_p, n=r.samples_per_prompt,
                                        stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id or 0,
-                                       generator=generators, return_logprobs=True)
+                                       seeds=seeds, return_logprobs=True, compile=r.compile)
             self.actor.train()
         with torch.no_grad():
             # 3. reward

@@ -7,7 +7,26 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest
 import torch
 
+import kernels.sampling
 from pbrl.tokenizer import train_bpe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env() -> dict:
+    """The environment of an entry point a test runs in a fresh process: as a CPU user's, kernels on their PyTorch
+    paths (no TRITON_INTERPRET: tests/test_kernels.py runs the Triton kernels), one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def sampling_in_pytorch(request, monkeypatch):
+    """Decoding calls the sampling kernel once per step, and the interpreter takes ~5 ms per row for it: tests
+    sample through the kernel's PyTorch specification (what a CPU runs), except those marked `triton_sampling`
+    (the kernel's own tests and one end-to-end sampler test), which run the Triton kernel in the interpreter."""
+    if "triton_sampling" not in request.keywords:
+        monkeypatch.setattr(kernels.sampling, "use_triton", lambda t: t.is_cuda)
 
 CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
           "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant", "system",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_hf_model
+from conftest import save_hf_model, subprocess_env
 from pbrl.checkpoint import INDEX_FILE, load_model, save_model
 from pbrl.model import Transformer
 
@@ -209,7 +209,6 @@ def test_backbone_saves_with_bare_names_that_transformers_reads(tmp_path):
 def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
     """Under torchrun with 2 ranks: the sharded load equals a full load, and no read ever returned more than half
     (rounded up) of a tensor's rows."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -219,7 +218,7 @@ def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--standalone", str(root / "tests" / "scripts" / "sharded_load.py"),
                            str(tmp_path / "m"), str(out)], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+                          env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     full = load_model(tmp_path / "m", dtype=torch.float32, value_head=True).state_dict()
@@ -234,14 +233,13 @@ def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
 
 
 def torchrun(script, *args):
-    import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                            str(root / "tests" / "scripts" / script), *map(str, args)], cwd=root, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+                          text=True, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
 

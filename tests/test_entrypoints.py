@@ -2,7 +2,6 @@
 that only transformers happens to make cannot hide a crash), on a tiny random checkpoint that carries a real-world
 chat template (default system prompt, loop.last, raise_exception)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import eval as eval_cli
-from conftest import REAL_TEMPLATE, save_hf_model
+from conftest import REAL_TEMPLATE, save_hf_model, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs a module (-m style) or a script with transformers made unimportable.
@@ -23,8 +22,7 @@ QUESTIONS = {"en": "Tom has {a} pears and gets {b} more. How many pears does he 
 
 
 def run(target: str, *args, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", RUNNER, target, *map(str, args)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-c", RUNNER, target, *map(str, args)], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == expect, f"{target} exited {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done
@@ -130,12 +128,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     between the sessions that have a GPU. (Kernels take their PyTorch path here; tests/test_kernels.py covers
     Triton.)"""
     out = tmp_path / "gpu.md"
-    env_interpret = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--steps", 2, "--out", out)
-    finally:
-        if env_interpret is not None:
-            os.environ["TRITON_INTERPRET"] = env_interpret
+    run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--steps", 2, "--out", out)
     text = out.read_text()
     assert "| linear_token_logprobs grad weight | bfloat16 | pytorch |" in text and "| False |" not in text
     assert "update cosine" in text and '"update_tflops"' in text and '"steps": 2' in text

@@ -232,11 +232,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling: the Triton kernel (interpreter) against its PyTorch specification, and the specification against softmax
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.triton_sampling
 @pytest.mark.parametrize("vocab", [7, 4099, 50_000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
 def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
     from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    assert kernels.sampling.use_triton(torch.empty(1))  # the interpreter runs the kernel here
     logits = (torch.randn(6, vocab, generator=gen(vocab)) * 3).to(dtype)
     keys = row_keys(torch.tensor([0, 1, 2, -5, 2**40 + 3, 123456789]), 17)
     tokens, logp = sample_tokens(logits, temperature, keys)
@@ -249,6 +251,7 @@ def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
         assert torch.equal(tokens, logits.float().argmax(-1))
 
 
+@pytest.mark.triton_sampling
 def test_sampling_kernel_ignores_masked_tokens():
     from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
     logits = torch.full((3, 5000), float("-inf"))
@@ -266,6 +269,7 @@ def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((observed - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.triton_sampling
 def test_counter_based_noise_draws_from_softmax():
     """Pearson's chi-square of 60,000 draws on a 6-token vocabulary, over rows (seeds) and over decoding steps of
     one seed: 5 degrees of freedom, below 20.5 with probability 0.999 for an exact sampler. The kernel takes the
@@ -276,7 +280,7 @@ def test_counter_based_noise_draws_from_softmax():
     for temperature in (1.0, 0.6):
         probs = (logits.double() / temperature).softmax(-1)
         by_seed = row_keys(torch.arange(n) * 2654435761, 0)
-        by_step = torch.cat([row_keys(torch.tensor([42]), step) for step in range(n)])
+        by_step = row_keys(torch.full((n,), 42), torch.arange(n))
         for keys in (by_seed, by_step):
             tokens, _ = sample_tokens_ref(logits.expand(n, 6), temperature, keys)
             assert chi_square(tokens, probs) < 20.5

@@ -1,6 +1,5 @@
 """The memory planner: exact terms against the real tensors of a small model, the activation estimate against
 the bytes autograd actually saves, and the command line."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_hf_model
+from conftest import save_hf_model, subprocess_env
 from pbrl import memory
 from pbrl.checkpoint import load_model
 from pbrl.model import ModelArgs, Transformer
@@ -58,7 +57,7 @@ def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(checkpo
 
 def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_path):
     save_hf_model(tmp_path / "m", "llama")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     args = [sys.executable, "-m", "pbrl.memory", "--gpus", "2", "--models.policy", str(tmp_path / "m"),
             "--reward.kind", "agreement", "--data.path", str(tmp_path), "--data.eval_path", ""]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 import pbrl.pivot as pivot
-from conftest import save_hf_model
+from conftest import save_hf_model, subprocess_env
 from pbrl.checkpoint import load_model
 from pbrl.data import Problem
 from pbrl.tokenizer import Tokenizer
@@ -112,7 +112,6 @@ def test_cli_on_fixture_data(tmp_path, pivot_model, capsys):
 def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
     """`torchrun --nproc_per_node=2 -m pbrl.pivot`: each rank answers its share (2 ids of mgsm-0..4 are already
     cached), the parts are merged into the one cache, in problem order, equal to a single process's greedy answers."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -126,7 +125,7 @@ def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
                            "pbrl.pivot", "--model", str(model_dir), "--data", str(tmp_path), "--out", str(out),
                            "--batch-size", "2", "--max-new-tokens", "6"], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)})
+                          env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 to generate on 2 ranks" in done.stderr and "2/2 written by rank 0" in done.stderr
     assert "1/1 written by rank 1" in done.stderr

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import kernels
+
 from pbrl.checkpoint import load_model
 from pbrl.sampler import generate, sample_next
 
@@ -24,6 +26,7 @@ def greedy_by_full_forward(model, prompt, steps):
     return ids[len(prompt):]
 
 
+@pytest.mark.triton_sampling
 def test_greedy_cache_equals_full_forward_argmax(model):
     out = generate(model, PROMPTS[:1], max_new_tokens=12)
     assert out.as_lists()[0] == greedy_by_full_forward(model, PROMPTS[0], 12)
@@ -74,15 +77,20 @@ def test_sampling_logprobs_equal_full_forward_logprobs(model, temperature):
         assert (out.logprobs[i] <= 0).all()
 
 
+def draws(logits, top_k, top_p, n):
+    keys = kernels.row_keys(torch.arange(n), 0)
+    return set(sample_next(logits.expand(n, -1), 1.0, top_k, top_p, keys)[0].tolist())
+
+
 def test_top_k_and_top_p_truncate():
     logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    k1 = {int(sample_next(logits, 1.0, 1, None, g)) for _ in range(50)}
-    k2 = {int(sample_next(logits, 1.0, 2, None, g)) for _ in range(200)}
-    # softmax: p0 ~ 0.50, p1 ~ 0.45, rest ~ 0.05. top_p=0.5 keeps token 0 only; 0.9 keeps tokens 0 and 1.
-    p_small = {int(sample_next(logits, 1.0, None, 0.4, g)) for _ in range(50)}
-    p_mid = {int(sample_next(logits, 1.0, None, 0.9, g)) for _ in range(300)}
-    assert k1 == {0} and k2 == {0, 1} and p_small == {0} and p_mid == {0, 1}
+    # softmax: p0 ~ 0.50, p1 ~ 0.45, rest ~ 0.05. top_p=0.4 keeps token 0 only; 0.9 keeps tokens 0 and 1.
+    assert draws(logits, 1, None, 50) == {0} and draws(logits, 2, None, 200) == {0, 1}
+    assert draws(logits, None, 0.4, 50) == {0} and draws(logits, None, 0.9, 300) == {0, 1}
+    assert draws(logits, None, None, 300) == {0, 1, 2, 3}
+    # the log-prob is the untruncated one's, whatever was cut
+    tokens, logp = sample_next(logits, 1.0, 1, None, kernels.row_keys(torch.tensor([0]), 0))
+    assert torch.allclose(logp, logits.log_softmax(-1)[0, :1])
 
 
 def test_prompt_longer_than_context_is_an_error(model):
@@ -96,19 +104,71 @@ def test_empty_prompt_is_an_error(model):
         generate(model, [[1, 2], []], max_new_tokens=4)
 
 
-def test_per_row_generators_make_samples_independent_of_the_batch(model):
-    def gens(seeds):
-        return [torch.Generator().manual_seed(s) for s in seeds]
-    batch = generate(model, PROMPTS, 12, temperature=1.0, n=2, generator=gens([10, 11, 20, 21, 30, 31]))
-    alone = generate(model, PROMPTS[1:2], 12, temperature=1.0, n=2, generator=gens([20, 21]))
+@pytest.mark.triton_sampling  # the Triton kernel, in the interpreter
+def test_per_row_seeds_make_samples_independent_of_the_batch(model):
+    batch = generate(model, PROMPTS, 12, temperature=1.0, n=2, seeds=[10, 11, 20, 21, 30, 31])
+    alone = generate(model, PROMPTS[1:2], 12, temperature=1.0, n=2, seeds=[20, 21])
     assert batch.as_lists()[2:4] == alone.as_lists()
-    with pytest.raises(ValueError, match="one generator per row"):
-        generate(model, PROMPTS, 4, temperature=1.0, generator=gens([1, 2]))
+    with pytest.raises(ValueError, match="one seed per row: need len\\(prompts\\) \\* n = 3, got 2"):
+        generate(model, PROMPTS, 4, temperature=1.0, seeds=[1, 2])
 
 
-def test_gumbel_sampling_matches_the_softmax_distribution():
-    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]])
-    g = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample_next(logits, 1.0, None, None, g) for _ in range(20000)])
-    freq = torch.bincount(draws.flatten(), minlength=4).float() / 20000
-    assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.015)
+def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
+    """Rows that stop early leave the batch (looked at every 2 steps here): every row's tokens and log-probs equal
+    the same generation without compaction (SYNC_EVERY beyond the length) and the row generated alone."""
+    import pbrl.sampler as sampler
+    prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62], [7, 7, 7, 7, 7]]
+    seeds = list(range(100, 112))
+    free = generate(model, prompts, 12, temperature=1.0, n=2, seeds=seeds).as_lists()
+    stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
+    kwargs = dict(temperature=1.0, n=2, seeds=seeds, stop_ids=stops, return_logprobs=True)
+    monkeypatch.setattr(sampler, "SYNC_EVERY", 100)
+    whole = generate(model, prompts, 12, **kwargs)
+    monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
+    batch_sizes = []
+    real_step = sampler.decode_step
+    monkeypatch.setattr(sampler, "decode_step", lambda model, ids, *a: batch_sizes.append(len(ids)) or
+                        real_step(model, ids, *a))
+    compacted = generate(model, prompts, 12, **kwargs)
+    assert compacted.as_lists() == whole.as_lists() and torch.equal(compacted.lengths, whole.lengths)
+    assert torch.equal(compacted.finished, whole.finished)
+    assert torch.allclose(compacted.logprobs, whole.logprobs, atol=1e-6)
+    assert batch_sizes[0] == 12 and min(batch_sizes) < 8  # the batch did shrink
+    assert sorted(whole.lengths.tolist())[0] < 4 and whole.finished.sum() >= 8
+    for i in (0, 5, 11):
+        alone = generate(model, [prompts[i // 2]], 12, **{**kwargs, "n": 1, "seeds": [100 + i]})
+        assert alone.as_lists()[0] == whole.as_lists()[i]
+
+
+def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, monkeypatch):
+    """compile=True with fullgraph=True (AOT autograd tracing instead of inductor code generation, to keep the test
+    fast): a graph break is an error; greedy and sampled tokens equal the eager step's."""
+    import pbrl.sampler as sampler
+    torch._dynamo.reset()
+    monkeypatch.setattr(sampler, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
+    monkeypatch.setattr(sampler, "SYNC_EVERY", 3)
+    for kwargs in (dict(), dict(temperature=1.0, n=2, seed=5, stop_ids=[17, 40])):
+        eager = generate(model, PROMPTS, 10, return_logprobs=True, **kwargs)
+        compiled = generate(model, PROMPTS, 10, return_logprobs=True, compile=True, **kwargs)
+        assert compiled.as_lists() == eager.as_lists()
+        assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-5)
+
+
+def test_the_host_looks_at_the_batch_once_every_sync_every_steps(model):
+    """Host syncs (tensor -> Python scalar: .item(), bool(), int()) during 40 decoding steps: one per SYNC_EVERY
+    steps, plus the prefill's padding check and the final width."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import pbrl.sampler as sampler
+
+    class CountSyncs(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountSyncs.syncs += 1
+            return func(*args, **(kwargs or {}))
+    with CountSyncs():
+        out = generate(model, PROMPTS, 40, temperature=1.0, seed=0)
+    assert out.tokens.shape[1] == 40
+    assert CountSyncs.syncs <= 40 // sampler.SYNC_EVERY + 2, CountSyncs.syncs
