@@ -2,7 +2,7 @@
 
     sample_tokens(logits [B, V], temperature, keys [B]) -> (tokens [B] long, logprobs [B] fp32)
     gumbel_noise(keys [B], V) -> [B, V] fp32        the noise sample_tokens adds (PyTorch paths: top-k, top-p)
-    row_keys(seeds [B], step) -> keys [B]           one 32-bit key per row and decoding step
+    row_keys(seeds [B], step) -> keys [B] int32     one 32-bit key per row and decoding step
 
 Gumbel-max: argmax_j (x_j + g_j) with x = logits / T and g_j = -log(-log u_j), u_j uniform in (0, 1), is an exact
 draw from softmax(x). The noise is counter-based: u_j is a hash of (the row's key, j), and the key a hash of (the
@@ -19,28 +19,26 @@ import torch
 
 from kernels.dispatch import tl, triton, use_triton
 
-MASK32 = 0xFFFFFFFF
-
-
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The hash on int64 tensors holding uint32 values (the Triton kernel computes it on uint32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
+    """The hash on int32 tensors holding the bits of uint32 values: multiplication wraps as uint32's does, and the
+    right shifts are made logical by masking the copies of the sign bit an arithmetic shift brings in."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * (0x846CA68B - 2**32)  # the uint32 constant's bits as an int32
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def row_keys(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-    """seeds [B] int64 (any value), step (an int or a 0-dim tensor) -> keys [B] int64 in [0, 2^32)."""
-    step = torch.as_tensor(step, dtype=torch.int64, device=seeds.device)
-    return mix32(mix32((seeds & MASK32) ^ mix32(step & MASK32)) ^ ((seeds >> 32) & MASK32))
+    """seeds [B] int64 (any value), step (an int, or a tensor broadcasting with seeds) -> keys [B] int32."""
+    step = torch.as_tensor(step, device=seeds.device).to(torch.int32)
+    return mix32(mix32(seeds.to(torch.int32) ^ mix32(step)) ^ (seeds >> 32).to(torch.int32))
 
 
 def gumbel_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     """keys [B] -> g [B, V] fp32: the Gumbel noise of token j of each row."""
-    h = mix32(torch.arange(vocab, device=keys.device)[None] ^ keys[:, None])
-    u = ((h >> 8).float() + 0.5) * (1.0 / 16777216)
+    h = mix32(torch.arange(vocab, dtype=torch.int32, device=keys.device)[None] ^ keys[:, None])
+    u = (((h >> 8) & 0xFFFFFF).float() + 0.5) * (1.0 / 16777216)
     return -torch.log(-torch.log(u))
 
 
@@ -65,7 +63,7 @@ if triton is not None:
                        BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
-        key = tl.load(keys_ptr + row).to(tl.uint32)
+        key = tl.load(keys_ptr + row).to(tl.uint32, bitcast=True)
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.zeros((), tl.float32)
         best = tl.full((), float("-inf"), tl.float32)   # the best x + g so far, its token and its x
@@ -97,7 +95,7 @@ if triton is not None:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, keys: torch.Tensor):
-    """logits [B, V] (any float dtype), temperature >= 0, keys [B] int64 from row_keys (unused when greedy) ->
+    """logits [B, V] (any float dtype), temperature >= 0, keys [B] int32 from row_keys (unused when greedy) ->
     (tokens [B] int64, logprobs [B] fp32)."""
     if logits.dim() != 2 or keys.shape != logits.shape[:1]:
         raise ValueError(f"sample_tokens needs logits [B, V] and keys [B]; got {list(logits.shape)} and "

@@ -9,7 +9,8 @@ validity mask, with the slot and the positions as tensors, so on CUDA it can run
 (`compile=True`: torch.compile, mode reduce-overhead). Sampling is one kernel per step (kernels.sample_tokens:
 Gumbel-max with noise hashed from each row's seed and the step, so a row's sample does not depend on the batch).
 The host looks at the batch only every SYNC_EVERY steps: to stop when every row has finished, and to drop finished
-rows once they are the majority (the batch shrinks to the next power of two, a handful of shapes to compile).
+rows (the batch shrinks to the next of BATCH_SIZES, a handful of shapes to compile). The n samples of a prompt share
+its prefill.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import kernels
 from pbrl.model import KVCache, Transformer, pad_rows
 
 SYNC_EVERY = 8  # decoding steps between the host's looks at which rows have finished
+# The sizes a batch shrinks to as its rows finish (two per octave: few shapes to compile, little waste).
+BATCH_SIZES = sorted({1} | {c << k for k in range(16) for c in (2, 3)})  # 1, 2, 3, 4, 6, 8, 12, 16, ...
 # What compile=True passes to torch.compile (tests switch the backend to check that the step is one graph).
 COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 
@@ -74,7 +77,7 @@ def row_seeds(n_rows: int, seed: int | None, seeds) -> torch.Tensor:
         return seeds
     if seed is None:
         return torch.randint(-2**63, 2**63 - 1, (n_rows,), dtype=torch.int64)
-    return kernels.row_keys(torch.arange(n_rows), seed) * 2**32 + kernels.row_keys(torch.full((n_rows,), seed), n_rows)
+    return (seed % 2**31) * 2**32 + torch.arange(n_rows)  # row r of a seeded call: (seed, r) in one int64
 
 
 @torch.inference_mode()
@@ -116,11 +119,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     b, p_len = len(rows), longest
     length = p_len + max_new_tokens
     length = -(-length // 128) * 128 if compile else length
-    input_ids, prompt_mask = pad_rows(rows, side="left")  # padding slots hold id 0: masked, never attended to
+    input_ids, prompt_mask = pad_rows(prompts, side="left")  # padding slots hold id 0: masked, never attended to
     valid = torch.zeros(b, length, dtype=torch.bool, device=device)
-    valid[:, :p_len] = prompt_mask.to(device)
+    valid[:, :p_len] = prompt_mask.repeat_interleave(n, 0).to(device)
     positions = torch.tensor([len(p) for p in rows], device=device)  # position of each row's next token
-    cache = KVCache(model.args, b, length, model.embed_tokens.weight.dtype, device)
+    cache = KVCache(model.args, len(prompts), length, model.embed_tokens.weight.dtype, device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
     tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -130,8 +133,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     live = torch.arange(b, device=device)  # the output row of each row still in the batch
     done = finished.clone()                # per batch row
 
-    hidden = model.hidden_states(input_ids.to(device), attention_mask=valid[:, :p_len], cache=cache)
-    logits = model.lm_head(hidden[:, -1])  # only the last position's logits are needed
+    # Prefill each prompt once, then give each of its n samples a copy of its cache.
+    hidden = model.hidden_states(input_ids.to(device), attention_mask=prompt_mask.to(device), cache=cache)
+    logits = model.lm_head(hidden[:, -1]).repeat_interleave(n, 0)  # only the last position's logits are needed
+    if n > 1:
+        cache.k, cache.v = [k.repeat_interleave(n, 0) for k in cache.k], [v.repeat_interleave(n, 0) for v in cache.v]
     slot = torch.tensor([p_len], device=device)
     for step in range(max_new_tokens):
         # Finished rows keep decoding until the next look (or ride along as padding of a compacted batch); they
@@ -148,7 +154,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             alive = int((~done).sum())
             if alive == 0:
                 break
-            size = 1 << (alive - 1).bit_length()  # the next power of two
+            size = next(s for s in BATCH_SIZES if s >= alive) if alive <= BATCH_SIZES[-1] else len(live)
             if size < len(live):  # keep the live rows (and finished ones to fill the size), drop the rest
                 keep = torch.argsort(done.int(), stable=True)[:size]
                 live, done, seeds, next_ids, positions, valid = (

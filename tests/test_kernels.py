@@ -286,3 +286,27 @@ def test_counter_based_noise_draws_from_softmax():
             assert chi_square(tokens, probs) < 20.5
         assert torch.equal(sample_tokens(logits.expand(300, 6), temperature, by_seed[:300])[0],
                            sample_tokens_ref(logits.expand(300, 6), temperature, by_seed[:300])[0])
+
+
+def test_noise_hash_equals_a_plain_python_uint32_hash():
+    """The int32 emulation of the uint32 hash (wrapping multiplies, masked shifts) against Python integers."""
+    import math
+
+    from kernels.sampling import gumbel_noise, row_keys
+
+    def mix(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    seeds = [0, 1, -1, 2**40 + 3, -(2**62) + 12345, 2**63 - 1]
+    keys = row_keys(torch.tensor(seeds), 77)
+    for seed, key in zip(seeds, keys.tolist()):
+        expected = mix(mix((seed & 0xFFFFFFFF) ^ mix(77)) ^ ((seed >> 32) & 0xFFFFFFFF))
+        assert key & 0xFFFFFFFF == expected
+    noise = gumbel_noise(keys, 5000)
+    for row, key in enumerate(keys.tolist()):
+        for token in (0, 1, 777, 4999):
+            u = ((mix(token ^ (key & 0xFFFFFFFF)) >> 8) + 0.5) / 2**24
+            assert noise[row, token].item() == pytest.approx(-math.log(-math.log(u)), rel=1e-5)  # fp32 logs

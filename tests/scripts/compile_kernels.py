@@ -37,7 +37,7 @@ def cases(dtype: str):
             "BLOCK_V": "constexpr"}, {"WITH_ENTROPY": with_entropy, "BLOCK_V": 4096}
     for sample in (True, False):
         yield sampling._sample_kernel, {
-            "logits_ptr": x, "stride": "i64", "keys_ptr": "*i64", "tokens_ptr": "*i64", "logp_ptr": "*fp32",
+            "logits_ptr": x, "stride": "i64", "keys_ptr": "*i32", "tokens_ptr": "*i64", "logp_ptr": "*fp32",
             "V": "i32", "inv_temp": "fp32", "SAMPLE": "constexpr", "BLOCK_V": "constexpr"}, \
             {"SAMPLE": sample, "BLOCK_V": 4096}
     yield cosine._cosine_rows_kernel, {
