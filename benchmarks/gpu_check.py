@@ -6,6 +6,8 @@
   1. kernels     each Triton kernel (fwd and bwd) against its fp32 PyTorch reference, fp32 and bf16 inputs
   2. attention   which SDPA backend each attention form of the model gets (the math fallback is not allowed for
                  training or prefill: flash without padding, memory-efficient with it)
+     decoding    greedy tokens/s at batch 1, 64, 256, eager and compiled (CUDA graphs; identical tokens checked),
+                 against the read-bandwidth roofline measured in the same run
   3. precision   one AdamW step with bf16 compute over fp32 masters against the same step in fp32
   4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation checkpointing) on a
                  random model in Llama-3.2-1B's shapes: seconds per phase, the update's model-FLOPs utilisation, peak
@@ -28,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.dispatch import use_triton  # noqa: E402
+from kernels.sampling import sample_tokens_ref  # noqa: E402
+from pbrl import sampler  # noqa: E402
 from pbrl import distributed as dist  # noqa: E402
 from pbrl.checkpoint import export, load_training_checkpoint, save_model, save_training_checkpoint  # noqa: E402
 from pbrl import memory  # noqa: E402
@@ -75,6 +79,15 @@ def check_kernels(device: torch.device) -> list[dict]:
                                  reference.pairwise_cosine_similarity_ref(a.float(), b[:40].float()))):
             rows.append({"kernel": name, "dtype": str(dtype)[6:], "path": path,
                          "max_abs_err": float((ours - ref).abs().max()), "scale": 1.0})
+        logits = (torch.randn(64, 32000, generator=g) * 3).to(device, dtype)
+        keys = kernels.row_keys(torch.arange(64, device=device), 5)
+        for temperature in (0.0, 1.0):
+            tokens, logp = kernels.sample_tokens(logits, temperature, keys)
+            ref_tokens, ref_logp = sample_tokens_ref(logits, temperature, keys)
+            same = bool(torch.equal(tokens, ref_tokens))
+            rows.append({"kernel": f"sample_tokens T={temperature:g} log-prob" + ("" if same else ", TOKENS DIFFER"),
+                         "dtype": str(dtype)[6:], "path": path, "scale": 1.0,
+                         "max_abs_err": float((logp - ref_logp).abs().max()) if same else float("inf")})
     for row in rows:  # tolerances: bf16 inputs are rounded to 8 bits of mantissa before the fp32 maths
         row["ok"] = row["max_abs_err"] <= (1e-3 if row["dtype"] == "float32" else 3e-2) * max(row["scale"], 1.0)
     return rows
@@ -100,6 +113,48 @@ def check_attention(model: Transformer, device: torch.device) -> list[dict]:
                 continue
         else:
             rows.append({"form": form, "fused": "NONE: the math fallback would run"})
+    return rows
+
+
+def check_decoding(args: ModelArgs, device: torch.device, batches: list[int], new_tokens: int = 128) -> list[dict]:
+    """Greedy decoding of the random model in bf16, eager and compiled (CUDA graphs): tokens/s per batch size, the
+    compiled tokens checked against the eager ones, and the decoding steps/s against the read-bandwidth roofline
+    (the weights read once per step / the bandwidth of a full reduction over 1 GiB, measured here)."""
+    torch.manual_seed(0)
+    model = Transformer(args).to(device, torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                       if "embed" not in name or args.tie_word_embeddings)  # a tied LM head reads the embeddings
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds(fn):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+    buffer = torch.ones(2**29, dtype=torch.bfloat16, device=device)
+    bandwidth = buffer.numel() * 2 / min(seconds(buffer.sum)[0] for _ in range(5))
+    roofline = bandwidth / weight_bytes
+    rows = []
+    for batch in batches:
+        g = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(0, args.vocab_size, (int(n),), generator=g).tolist()
+                   for n in torch.randint(32, 64, (batch,), generator=g)]
+        eager = None
+        for mode in ("eager", "compiled") if device.type == "cuda" else ("eager",):  # CUDA graphs: CUDA only
+            run = lambda: sampler.generate(model, prompts, new_tokens, compile=mode == "compiled").tokens  # noqa: E731
+            warmup, _ = seconds(run)
+            t, tokens = min((seconds(run) for _ in range(3)), key=lambda r: r[0])
+            eager = tokens if mode == "eager" else eager
+            rows.append({"batch": batch, "mode": mode, "tok_s": round(batch * new_tokens / t, 1),
+                         "of_roofline": round(new_tokens / t / roofline, 3), "warmup_s": round(warmup, 1),
+                         "identical_to_eager": bool(torch.equal(tokens, eager))})
+            print(f"decoding: {rows[-1]}", flush=True)
+    for row in rows:
+        row["bandwidth_gb_s"], row["weights_gb"] = round(bandwidth / 1e9, 1), round(weight_bytes / 1e9, 2)
     return rows
 
 
@@ -190,7 +245,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
             "reward": last["reward"], "checkpoint (DCP: actor, critic, AdamW)": checkpoint, "device": name}
 
 
-def report(env: dict, kernel_rows, attention_rows, precision, training) -> str:
+def report(env: dict, kernel_rows, attention_rows, decoding_rows, precision, training) -> str:
     lines = ["# GPU check", "", f"`{env['command']}` on {env['device']} (torch {env['torch']}, triton "
              f"{env['triton']}), {env['date']}, {env['seconds']:.0f} s.", "", "## Kernels vs fp32 references", "",
              "| kernel | dtype | ran | max abs error | ok |", "|---|---|---|---|---|"]
@@ -198,6 +253,14 @@ def report(env: dict, kernel_rows, attention_rows, precision, training) -> str:
               for r in kernel_rows]
     lines += ["", "## Attention backend (math fallback switched off)", "", "| form | fused kernel |", "|---|---|"]
     lines += [f"| {r['form']} | {r['fused']} |" for r in attention_rows]
+    lines += ["", "## Greedy decoding, bf16, eager vs compiled (CUDA graphs)", "",
+              "| batch | mode | tokens/s | of roofline | first call (s) | identical to eager |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['mode']} | {r['tok_s']} | {r['of_roofline']} | {r['warmup_s']} | "
+              f"{r['identical_to_eager']} |" for r in decoding_rows]
+    if decoding_rows:
+        lines += ["", f"Roofline: {decoding_rows[0]['weights_gb']} GB of weights per step at a measured "
+                      f"{decoding_rows[0]['bandwidth_gb_s']} GB/s."]
     lines += ["", "## bf16 compute over fp32 masters vs fp32, one AdamW step", "",
               f"update cosine {precision['update_cosine']:.4f}, norm ratio {precision['update_norm_ratio']:.3f}, "
               f"ok {precision['ok']}", "", "## PPO iterations (Trainer, FSDP2, one device)", "",
@@ -210,6 +273,7 @@ def main(argv=None):
     ap.add_argument("--size", choices=SIZES, default="1b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--decode-batches", default="1,64,256", help="batch sizes of the decoding check")
     ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"))
     args = ap.parse_args(argv)
     device = dist.resolve_device(args.device)
@@ -219,6 +283,7 @@ def main(argv=None):
     print(f"kernels: {sum(r['ok'] for r in kernel_rows)}/{len(kernel_rows)} within tolerance", flush=True)
     attention_rows = check_attention(Transformer(model_args).to(device).eval(), device)
     print(f"attention: {attention_rows}", flush=True)
+    decoding_rows = check_decoding(model_args, device, [int(b) for b in args.decode_batches.split(",")])
     precision = check_precision(ModelArgs(**SIZES["tiny"]), device)
     print(f"precision: {precision}", flush=True)
     with tempfile.TemporaryDirectory() as work:
@@ -229,7 +294,7 @@ def main(argv=None):
            "device": training["device"], "torch": torch.__version__, "triton": triton.__version__,
            "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report(env, kernel_rows, attention_rows, precision, training))
+    Path(args.out).write_text(report(env, kernel_rows, attention_rows, decoding_rows, precision, training))
     print(f"wrote {args.out}")
     dist.shutdown()
 
