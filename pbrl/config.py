@@ -115,6 +115,10 @@ class RunConfig:
     eval_every: int | None = 10        # off = only at the end
     resume: bool = False
     device: str = "auto"           # auto | cpu | cuda
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # any of jsonl (always on), tensorboard, wandb
+    name: str = ""                 # the run's name in W&B (default: out_dir's name)
+    wandb_project: str = "pbrl"
+    wandb_mode: str = "online"     # online | offline (no network: `wandb sync` later)
 
 
 @dataclass
@@ -258,6 +262,9 @@ def validate(cfg: Config, world_size: int) -> None:
         (run.keep_checkpoints is None or run.keep_checkpoints > 0,
          f"run.keep_checkpoints must be > 0 or off (keep all), got {run.keep_checkpoints}"),
         (run.timeout_minutes > 0, f"run.timeout_minutes must be > 0, got {run.timeout_minutes}"),
+        (set(run.loggers) <= {"jsonl", "tensorboard", "wandb"},
+         f"run.loggers may hold jsonl, tensorboard and wandb, got {','.join(run.loggers)}"),
+        (run.wandb_mode in ("online", "offline"), f"run.wandb_mode must be online or offline, got {run.wandb_mode!r}"),
         (run.eval_every is None or run.eval_every > 0, f"run.eval_every must be > 0 or off, got {run.eval_every}"),
         (run.device in ("auto", "cpu", "cuda"), f"run.device must be auto, cpu or cuda, got {run.device!r}"),
         (run.device != "cuda" or torch.cuda.is_available(),
@@ -272,6 +279,10 @@ def validate(cfg: Config, world_size: int) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    import importlib.util
+    for logger, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if logger in run.loggers and importlib.util.find_spec(package) is None:
+            raise ValueError(f"run.loggers includes {logger}, which is not installed: pip install {package}")
     from pbrl.data import language
     for code in cfg.data.langs + cfg.data.eval_langs:
         language(code)

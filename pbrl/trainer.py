@@ -33,6 +33,7 @@ from pbrl.config import Config, validate
 from pbrl.data import encode_prompt, load_problems
 from pbrl.evaluate import accuracy_by_language, evaluate
 from pbrl.files import read_text
+from pbrl.loggers import Loggers
 from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
 from pbrl.rewards import build_reward
 from pbrl.sampler import generate
@@ -103,6 +104,7 @@ class Trainer:
                                                                      weight_decay=p.weight_decay), p.critic_lr)
         self.kl = ppo.AdaptiveKLController(p.kl_beta, p.kl_target, p.kl_horizon)
         self.step = 0
+        self.loggers = None  # opened by run(), on rank 0
         if cfg.run.resume:
             self.resume()
 
@@ -251,6 +253,8 @@ class Trainer:
         try:
             return self._run(steps)
         finally:
+            if self.loggers is not None:
+                self.loggers.close()
             if self.lock is not None:
                 self.lock.close()
 
@@ -263,6 +267,9 @@ class Trainer:
             if metrics_file.is_file():  # only when resuming: the steps after the checkpoint are redone
                 kept = [line for line in read_text(metrics_file).splitlines() if json.loads(line)["step"] <= self.step]
                 metrics_file.write_text("".join(line + "\n" for line in kept))
+            r = cfg.run
+            self.loggers = Loggers(self.out, r.loggers, r.name or self.out.name, cfg.to_dict(), r.wandb_project,
+                                   r.wandb_mode)
         history = []
         if self.step == 0 and self.eval_problems:
             history.append(self.log_metrics({"step": 0, **self.evaluate()}))
@@ -290,8 +297,7 @@ class Trainer:
 
     def log_metrics(self, metrics: dict) -> dict:
         if self.rank == 0:
-            with (self.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            self.loggers.log(metrics)
             shown = [f"step {metrics['step']:>4}/{self.cfg.run.steps}"]
             for key, fmt in (("reward", ".3f"), ("kl", ".4f"), ("clipfrac", ".3f"), ("entropy", ".3f"),
                              ("value_loss", ".4f"), ("response_length", ".1f"), ("seconds", ".2f")):

@@ -387,3 +387,68 @@ def test_critic_free_runs_train_no_critic(world, tmp_path, advantage, kl_in_loss
 def test_critic_free_config_errors(args, message):
     with pytest.raises(ValueError, match=message):
         validate(load_config(None, args), world_size=1)
+
+
+def test_tensorboard_and_wandb_get_every_scalar(world, tmp_path, monkeypatch):
+    """A 2-step run with every logger: TensorBoard's own reader finds each metrics.jsonl value under its grouped
+    name at its step, and so does W&B's offline run file (no network), read back record by record."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pbrl.loggers import scalar_name
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    Trainer(load_config(None, overrides(world, out, **{"run.loggers": "jsonl,tensorboard,wandb",
+                                                       "run.wandb_mode": "offline"})), log=lambda *a: None).run()
+    logged = metrics(out)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    names = {scalar_name(k) for m in logged for k in m if k != "step"}
+    assert {"reward/mean", "reward/agreement", "reward/de", "ppo/kl", "ppo/entropy", "time/rollout",
+            "perf/tokens_per_s"} <= names == set(events.Tags()["scalars"])
+    for m in logged:
+        for key, value in m.items():
+            if key != "step":
+                [event] = [e for e in events.Scalars(scalar_name(key)) if e.step == m["step"]]
+                assert event.value == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history = {row["_step"]: row for row in wandb_history(run_file)}
+    for m in logged:
+        for key, value in m.items():
+            if key != "step":
+                assert history[m["step"]][scalar_name(key)] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def wandb_history(path) -> list[dict]:
+    """The logged rows of an offline W&B run file: after a 7-byte header, a LevelDB log (32 KiB blocks of records
+    with a 7-byte header: crc32, little-endian length, type 1 full / 2 first / 3 middle / 4 last) of W&B's protobuf
+    Records, of which the `history` ones hold the rows."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+    data, pos, chunks, rows = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (kind == 0 and length == 0):  # a block's zero-filled tail
+            pos += left
+            continue
+        chunks += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_a_logger_that_is_not_installed_names_its_package(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="run.loggers includes wandb, which is not installed: pip install wandb"):
+        validate(load_config(None, ["--run.loggers", "jsonl,wandb"]), world_size=1)
+    with pytest.raises(ValueError, match="run.loggers may hold jsonl, tensorboard and wandb, got jsonl,mlflow"):
+        validate(load_config(None, ["--run.loggers", "jsonl,mlflow"]), world_size=1)
