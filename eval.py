@@ -52,7 +52,7 @@ def main(argv=None):
                                            device=device)
         tokenizer.template_args["enable_thinking"] = args.enable_thinking
         records = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens,
-                           chat=not args.no_chat, label=f"{path}: ")
+                           chat=not args.no_chat, label=str(path))
         samples += [{"model": path, **r} for r in records]
         scores[path] = accuracy_by_language(records)
         del model

@@ -1,5 +1,5 @@
-"""What the command-line entry points share: argument types that reject impossible values, and one way to end on
-bad input.
+"""What the command-line entry points share: argument types that reject impossible values, one way to end on bad
+input, and progress with rate and ETA on long work.
 
 pbrl's checks raise ValueError, FileNotFoundError, FileExistsError or KeyError with a message that names the file,
 key or line. An entry point run through `run_main` prints that message as one line on stderr and exits with status
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def positive_int(text: str) -> int:
@@ -31,3 +32,41 @@ def run_main(main, argv=None) -> None:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
+
+
+class Progress:
+    """Progress of `total` units of work on stderr, with rate and ETA: tqdm's bar in a terminal; elsewhere (CI logs,
+    redirected output) a plain line at most every `every` seconds and at the end, so logs stay readable. Silent when
+    not `enabled` (ranks other than 0). Call update(n) as work completes, close() at the end (or use `with`)."""
+
+    def __init__(self, total: int, desc: str, unit: str = " it", enabled: bool = True, every: float = 10.0):
+        from tqdm import tqdm
+        self.total, self.desc, self.unit, self.enabled, self.every = total, desc, unit, enabled, every
+        self.n, self.start, self.shown = 0, time.monotonic(), float("-inf")
+        self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) \
+            if enabled and sys.stderr.isatty() else None
+        self.format = tqdm.format_meter
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.shown >= self.every or self.n >= self.total):
+            self.shown = now
+            print(self.format(self.n, self.total, now - self.start, prefix=self.desc, unit=self.unit,
+                              bar_format=PLAIN_FORMAT), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,9 +1,7 @@
 """Per-language accuracy: batched greedy generation through pbrl's sampler, extraction shared with the rewards."""
 from __future__ import annotations
 
-import sys
-import time
-
+from pbrl.cli import Progress
 from pbrl.data import Problem, encode_prompt, extract_choice, extract_number, is_correct, prompt
 from pbrl.model import Transformer
 from pbrl.sampler import generate
@@ -11,13 +9,14 @@ from pbrl.tokenizer import Tokenizer
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], batch_size: int = 16,
-             max_new_tokens: int = 512, chat: bool = True, label: str = "", progress: bool = True) -> list[dict]:
+             max_new_tokens: int = 512, chat: bool = True, label: str = "eval", progress: bool = True) -> list[dict]:
     """One record per problem: id, lang, prompt, response, extracted answer, gold, correct. Problems are sorted by
-    prompt length into batches (less padding); records come back in the input order."""
+    prompt length into batches (less padding); records come back in the input order. Progress goes to stderr under
+    `label`."""
     encoded = [encode_prompt(tokenizer, p, chat) for p in problems]
     order = sorted(range(len(problems)), key=lambda i: len(encoded[i]))
     records: list[dict | None] = [None] * len(problems)
-    t0 = time.perf_counter()
+    bar = Progress(len(problems), label, " problems", enabled=progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         out = generate(model, [encoded[i] for i in idx], max_new_tokens, stop_ids=tokenizer.stop_ids,
@@ -27,10 +26,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], 
             extracted = extract_choice(response) if p.choices else extract_number(response)
             records[i] = {"id": p.id, "lang": p.lang, "prompt": prompt(p), "response": response,
                           "extracted": extracted, "gold": p.answer, "correct": is_correct(p, response)}
-        if progress:
-            done = start + len(idx)
-            print(f"\r{label}{done}/{len(problems)} problems, {done / (time.perf_counter() - t0):.1f}/s",
-                  end="\n" if done == len(problems) else "", file=sys.stderr, flush=True)
+        bar.update(len(idx))
+    bar.close()
     return records
 
 

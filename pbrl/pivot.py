@@ -14,11 +14,10 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from pbrl.checkpoint import load_pretrained
-from pbrl.cli import positive_int, run_main
+from pbrl.cli import Progress, positive_int, run_main
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
 from pbrl import distributed as dist
 from pbrl.files import parse_jsonl_line, read_text
@@ -97,7 +96,8 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
         + (f" on {world} ranks" if world > 1 else ""))
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
     mine = todo[rank::world]
-    t0 = time.perf_counter()
+    bar = Progress(len(mine), "pivot" if world == 1 else f"pivot (rank 0's share of {world})", " problems",
+                   enabled=rank == 0)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
         prompts = [encode_prompt(tokenizer, p) for p in batch]
@@ -106,9 +106,8 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
         texts = [tokenizer.decode(ids) for ids in completions.as_lists()]
         _append(part, [{"id": problem.id, "question": problem.question, "reference": text,
                         "answer": extract_number(text)} for problem, text in zip(batch, texts)])
-        n = start + len(batch)
-        log(f"pivot: {n}/{len(mine)} written" + (f" by rank {rank}" if world > 1 else "")
-            + f" ({n / (time.perf_counter() - t0):.2f} problems/s)")
+        bar.update(len(batch))
+    bar.close()
     dist.barrier()
     if rank == 0:
         _merge_parts(out, problems)

@@ -31,6 +31,7 @@ from tokenizers import models, normalizers, pre_tokenizers
 
 from pbrl import distributed as dist
 from pbrl.checkpoint import save_model
+from pbrl.cli import Progress
 from pbrl.config import TOY, Config, validate
 from pbrl.data import Problem, encode_prompt, mgsm_prompt
 from pbrl.model import ModelArgs, Transformer, pad_rows, random_llama
@@ -266,6 +267,7 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    bar = Progress(steps, "toy warm start", " steps")
     for step in range(steps):
         pool = pools[step % 4 == 3]
         batch = [pool[i] for i in torch.randint(0, len(pool), (64,), generator=g).tolist()]
@@ -282,8 +284,10 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        bar.update()
         if (step + 1) % 200 == 0 or step + 1 == steps:
             log(f"  warm start step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+    bar.close()
     out = root / "warmstart"
     save_tokenizer(tok, out)
     save_model(model.eval(), out)

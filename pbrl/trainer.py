@@ -29,6 +29,7 @@ from pbrl import distributed as dist
 from pbrl import memory, ppo, rollout
 from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, export, latest_checkpoint, load_model,
                              load_pretrained, load_training_checkpoint, save_training_checkpoint)
+from pbrl.cli import Progress
 from pbrl.config import Config, validate
 from pbrl.data import encode_prompt, load_problems
 from pbrl.evaluate import accuracy_by_language, evaluate
@@ -273,9 +274,11 @@ class Trainer:
         history = []
         if self.step == 0 and self.eval_problems:
             history.append(self.log_metrics({"step": 0, **self.evaluate()}))
+        bar = Progress(end - self.step, "train", " steps", enabled=self.rank == 0)
         while self.step < end:
             metrics = self.train_step()
             self.step += 1
+            bar.update()
             last = self.step == cfg.run.steps
             if self.eval_problems and (last or (cfg.run.eval_every and self.step % cfg.run.eval_every == 0)):
                 metrics.update(self.evaluate())
@@ -286,6 +289,7 @@ class Trainer:
                                          {"step": self.step, "kl_beta": self.kl.beta,
                                           "torch_rng": torch.get_rng_state()}, source_dir=self.policy_dir,
                                          keep=cfg.run.keep_checkpoints)
+        bar.close()
         if self.step == cfg.run.steps:  # the last step's checkpoint, streamed into a HF directory
             if self.rank == 0:
                 ckpt = latest_checkpoint(self.out)

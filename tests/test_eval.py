@@ -29,7 +29,7 @@ def test_eval_end_to_end(tmp_path, capsys):
             rows = [s for s in samples if s["model"] == model and s["lang"] == lang]
             assert scores[model][lang] == 100 * sum(s["correct"] for s in rows) / len(rows)
         assert scores[model]["avg"] == (scores[model]["de"] + scores[model]["sw"]) / 2
-    assert "| avg (non-en) |" in printed.out and "a: 6/6 problems" in printed.err and "b: 6/6 problems" in printed.err
+    assert "| avg (non-en) |" in printed.out and "a: 6/6 (100%)" in printed.err and "b: 6/6 (100%)" in printed.err
 
 
 def test_accuracy_and_table():

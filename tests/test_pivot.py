@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -106,7 +107,7 @@ def test_cli_on_fixture_data(tmp_path, pivot_model, capsys):
     records = lines(tmp_path / "r.jsonl")
     assert [r["id"] for r in records] == ["mgsm-0", "mgsm-1", "mgsm-2"]
     assert set(records[0]) == {"id", "question", "reference", "answer"}
-    assert "3/3 written" in capsys.readouterr().err
+    assert re.search(r"^pivot: 3/3 \(100%\) \[\d\d:\d\d<00:00, [\d.]+ problems/s\]$", capsys.readouterr().err, re.M)
 
 
 def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
@@ -127,8 +128,8 @@ def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
                            "--batch-size", "2", "--max-new-tokens", "6"], cwd=root, capture_output=True, text=True,
                           env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3 to generate on 2 ranks" in done.stderr and "2/2 written by rank 0" in done.stderr
-    assert "1/1 written by rank 1" in done.stderr
+    assert "3 to generate on 2 ranks" in done.stderr and "pivot (rank 0's share of 2): 2/2 (100%)" in done.stderr
+    assert "1/1" not in done.stderr  # rank 1 works silently
     assert [r["id"] for r in lines(out)] == ["mgsm-1", "mgsm-3", "mgsm-0", "mgsm-2", "mgsm-4"]
     assert sorted(lines(out), key=lambda r: r["id"]) == lines(single)
     assert not list(tmp_path.glob("refs.jsonl.rank*"))
