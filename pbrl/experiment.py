@@ -22,6 +22,7 @@ from pbrl import distributed as dist
 from pbrl.cli import positive_int
 from pbrl.config import Config
 from pbrl.evaluate import format_table
+from pbrl.plot import svg_panels
 from pbrl.toy import use_world
 from pbrl.trainer import Trainer
 
@@ -52,8 +53,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, lo
         accuracy = [h for h in history if any(k.startswith("acc/") for k in h)]
         results["warm start"] = results["warm start"] or _acc(accuracy[0])
         results[name] = _acc(accuracy[-1])
-        curves[name] = [{"step": h["step"], "reward": h.get("reward"),
-                         "avg": h.get("acc/avg")} for h in history]
+        curves[name] = [{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}} for h in history]
     table = format_table(results)
     summary = {"steps": steps, "seed": seed, "seconds": time.perf_counter() - t0, "accuracy": results,
                "curves": curves}
@@ -62,7 +62,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, lo
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(f"Per-language accuracy (%), {steps} PPO iterations per run, seed {seed}.\n\n"
                                     f"{table}\n")
-    (out / "curves.svg").write_text(svg_curves(curves))
+    (out / "curves.svg").write_text(svg_panels(curves, ["reward", "acc/avg"], columns=2, width=380))
     log(table)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.svg'} "
         f"({summary['seconds']:.0f}s in all)")
@@ -71,38 +71,6 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, lo
 
 def _acc(metrics: dict) -> dict[str, float]:
     return {k.removeprefix("acc/"): v for k, v in metrics.items() if k.startswith("acc/")}
-
-
-def svg_curves(curves: dict[str, list[dict]], width: int = 360, height: int = 220) -> str:
-    """Two panels, mean reward and average target-language accuracy per step, one line per run."""
-    colors = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#7b5ea7"]
-    panels = [("mean reward", "reward"), ("target-language accuracy (%)", "avg")]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width + 40}" height="{height + 70}" '
-             f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
-    for p, (title, key) in enumerate(panels):
-        x0, y0 = 40 + p * (width + 10), 20
-        points = {n: [(c["step"], c[key]) for c in cs if c.get(key) is not None] for n, cs in curves.items()}
-        values = [v for pts in points.values() for _, v in pts] or [0.0, 1.0]
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1
-        steps = max((s for pts in points.values() for s, _ in pts), default=1) or 1
-        parts.append(f'<text x="{x0}" y="{y0 - 6}">{title}</text>')
-        parts.append(f'<rect x="{x0}" y="{y0}" width="{width - 40}" height="{height - 40}" fill="none" '
-                     f'stroke="#999"/>')
-        parts.append(f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end">{hi:.2g}</text>')
-        parts.append(f'<text x="{x0 - 4}" y="{y0 + height - 40}" text-anchor="end">{lo:.2g}</text>')
-        parts.append(f'<text x="{x0 + width - 40}" y="{y0 + height - 26}" text-anchor="end">step {steps}</text>')
-        for i, (name, pts) in enumerate(points.items()):
-            xy = " ".join(f"{x0 + (width - 40) * s / steps:.1f},{y0 + (height - 40) * (1 - (v - lo) / (hi - lo)):.1f}"
-                          for s, v in pts)
-            parts.append(f'<polyline points="{xy}" fill="none" stroke="{colors[i % len(colors)]}" '
-                         f'stroke-width="1.5"/>')
-    step = (2 * width - 40) // max(len(curves), 1)  # the legend shares the figure's width
-    for i, name in enumerate(curves):
-        parts.append(f'<text x="{40 + i * step}" y="{height + 55}" fill="{colors[i % len(colors)]}" '
-                     f'font-size="10">{name}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
 
 
 def main(argv=None) -> None:

@@ -68,6 +68,9 @@ def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_pa
     assert steps == [0, 1, 2]
     saved = json.loads((run_dir / "final" / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == REAL_TEMPLATE  # the final policy keeps its template
+    done = run("pbrl.plot", run_dir, "--out", tmp_path / "run.svg")
+    assert done.stdout.startswith(f"wrote {tmp_path / 'run.svg'} (1 runs")
+    assert "<polyline" in (tmp_path / "run.svg").read_text()
     exported = tmp_path / "exported"
     done = run("pbrl.checkpoint", "export", run_dir / "checkpoints" / "step_000002", exported, "--dtype", "bfloat16")
     assert done.stdout.strip() == f"wrote {exported}"

@@ -1,0 +1,95 @@
+"""Plots of training runs as a standalone SVG (no plotting library): one panel per metric, one line per run.
+
+    python -m pbrl.plot RUN_DIR [RUN_DIR ...] --out runs.svg [--metrics reward,kl,entropy,response_length,acc/avg]
+
+Each RUN_DIR is a run.out_dir (its metrics.jsonl is read); a metric a run never logged is left out of its panel, and
+a panel no run logged is dropped. The toy experiment draws its curves with the same function.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from html import escape
+from pathlib import Path
+
+from pbrl.cli import run_main
+from pbrl.files import read_text
+
+PANELS = {"reward": "mean reward", "kl": "KL to the reference", "entropy": "entropy (nats/token)",
+          "response_length": "response length (tokens)", "acc/avg": "target-language accuracy (%)"}
+COLORS = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#7b5ea7", "#3d3d3d", "#e07a5f", "#00a6a6"]
+
+
+def read_run(run_dir) -> list[dict]:
+    """The metrics.jsonl rows of a run directory, one per logged step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; expected a run directory (run.out_dir)")
+    rows = []
+    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
+    return rows
+
+
+def svg_panels(runs: dict[str, list[dict]], metrics: list[str], columns: int = 3, width: int = 320,
+               height: int = 210) -> str:
+    """runs: name -> rows with a "step" and the metrics -> an SVG of one panel per metric (with min/max and last
+    step marked), laid out in `columns`, and a legend of the runs."""
+    series = {m: {name: [(r["step"], r[m]) for r in rows if isinstance(r.get(m), (int, float))]
+                  for name, rows in runs.items()} for m in metrics}
+    series = {m: s for m, s in series.items() if any(s.values())}
+    rows_of_panels = -(-len(series) // columns) or 1
+    legend_y = rows_of_panels * (height + 20) + 20
+    total_w = columns * (width + 60) + 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_w}" height="{legend_y + 16 * len(runs) + 10}" '
+             f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
+    for p, (metric, lines) in enumerate(series.items()):
+        x0, y0 = 60 + (p % columns) * (width + 60), 24 + (p // columns) * (height + 20)
+        w, h = width - 30, height - 40
+        values = [v for pts in lines.values() for _, v in pts]
+        steps = [s for pts in lines.values() for s, _ in pts]
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + (abs(lo) or 1.0)
+        first, last = min(steps), max(steps)
+        span = (last - first) or 1
+        parts += [f'<text x="{x0}" y="{y0 - 8}" font-weight="bold">{escape(PANELS.get(metric, metric))}</text>',
+                  f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#999"/>',
+                  f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end">{hi:.3g}</text>',
+                  f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{lo:.3g}</text>',
+                  f'<text x="{x0}" y="{y0 + h + 14}">step {first}</text>',
+                  f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">step {last}</text>']
+        for i, (name, pts) in enumerate(lines.items()):
+            xy = " ".join(f"{x0 + w * (s - first) / span:.1f},{y0 + h * (1 - (v - lo) / (hi - lo)):.1f}"
+                          for s, v in pts)
+            color = COLORS[i % len(COLORS)]
+            if len(pts) == 1:
+                x, y = xy.split(",")
+                parts.append(f'<circle cx="{x}" cy="{y}" r="2.5" fill="{color}"/>')
+            elif pts:
+                parts.append(f'<polyline points="{xy}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+    for i, name in enumerate(runs):
+        y = legend_y + 16 * i
+        parts += [f'<rect x="60" y="{y - 6}" width="18" height="4" fill="{COLORS[i % len(COLORS)]}"/>',
+                  f'<text x="84" y="{y}">{escape(name)}</text>']
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories (run.out_dir)")
+    ap.add_argument("--out", required=True, help="the SVG file to write")
+    ap.add_argument("--metrics", default=",".join(PANELS), help="metrics.jsonl keys, one panel each")
+    args = ap.parse_args(argv)
+    runs = {str(d): read_run(d) for d in args.runs}
+    metrics = [m for m in args.metrics.split(",") if m]
+    Path(args.out).write_text(svg_panels(runs, metrics))
+    print(f"wrote {args.out} ({len(runs)} runs, metrics {', '.join(metrics)})")
+
+
+if __name__ == "__main__":
+    run_main(main)
