@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from pbrl.cli import run_main
 from pbrl.files import read_jsonl, read_text, resolve
 
 
@@ -116,6 +118,11 @@ def extract_number(response: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def written_numbers(text: str) -> list[str]:
+    """Every number written in a text (digits of any script), in canonical form."""
+    return [n for n in map(normalize_number, _NUMBER.findall(ascii_digits(text))) if n is not None]
+
+
 def has_answer_phrase(response: str, lang: str) -> bool:
     """The response states its final answer with the language's phrase followed by a number."""
     phrase = re.escape(language(lang).phrase)
@@ -180,7 +187,7 @@ def mgsm_prompt(problem: Problem) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 def resolve_dataset(path_or_id: str | Path) -> Path:
     """A local directory or file as is; 'org/name' is a hub dataset, fetched with huggingface_hub (its data files)."""
-    return resolve(path_or_id, repo_type="dataset", allow_patterns=("*.tsv", "*.jsonl", "*.json"))
+    return resolve(path_or_id, repo_type="dataset", allow_patterns=("*.tsv", "*.jsonl", "*.json", "*.parquet"))
 
 
 def load_problems(task: str, path_or_id, langs: list[str], limit: int | None = None) -> list[Problem]:
@@ -242,15 +249,17 @@ def _read_mgsm_tsv(file: Path, lang: str) -> list[Problem]:
 
 
 def load_gsm8k(path_or_id, split: str = "test") -> list[Problem]:
-    """GSM8K (English) from `{split}.jsonl` (question, answer with the final number after '####'), a JSONL file
-    given directly, or the hub dataset's files. Ids 'gsm8k-{split}-k'."""
+    """GSM8K (English) from `{split}.jsonl` or `{split}*.parquet` (question, answer with the final number after
+    '####'), a file given directly, or the hub dataset's files (openai/gsm8k: main/{split}-*.parquet, which needs
+    pyarrow). Ids 'gsm8k-{split}-k'."""
     root = resolve_dataset(path_or_id)
-    candidates = [root] if root.is_file() else [root / f"{split}.jsonl", *sorted(root.rglob(f"{split}*.jsonl"))]
+    candidates = [root] if root.is_file() else [root / f"{split}.jsonl", *sorted(root.rglob(f"{split}*.jsonl")),
+                                                *sorted(root.rglob(f"{split}*.parquet"))]
     file = next((c for c in candidates if c.is_file()), None)
     if file is None:
-        raise FileNotFoundError(f"{root}: no {split}.jsonl")
+        raise FileNotFoundError(f"{root}: no {split}.jsonl or {split}*.parquet")
     problems = []
-    for i, row in enumerate(read_jsonl(file, required=("question", "answer"))):
+    for i, row in enumerate(_read_rows(file, required=("question", "answer"))):
         if "####" not in row["answer"]:
             raise ValueError(f"{file}: row {i + 1}: answer has no '#### <number>' final line")
         solution, final = row["answer"].rsplit("####", 1)
@@ -308,3 +317,17 @@ def _read_rows(file: Path, required: tuple[str, ...]) -> list[dict]:
         if missing:
             raise ValueError(f"{file}: row {i + 1}: missing field(s) {missing}")
     return rows
+
+
+def main(argv=None) -> None:
+    """`python -m pbrl.data translate ...`: see pbrl/translation.py."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] != "translate":
+        raise ValueError("usage: python -m pbrl.data translate --model TRANSLATOR --source openai/gsm8k --split train "
+                         "--langs de,fr --out DIR (python -m pbrl.data translate --help for more)")
+    from pbrl.translation import main as translate
+    translate(argv[1:])
+
+
+if __name__ == "__main__":
+    run_main(main)

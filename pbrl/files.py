@@ -76,3 +76,53 @@ def write_atomic(path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Append-only record caches (pivot references, translations): one JSON object per line with a unique "id", written
+# one batch at a time and flushed, so a crash loses at most the batch in flight and a rerun resumes.
+# ---------------------------------------------------------------------------------------------------------------
+def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
+    """id -> record of a cache. A last line without its newline is kept when it is a complete record and ignored
+    when it is not (a crash mid-write). A repeated id is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    lines = read_text(path).split("\n")
+    records, first_line = {}, {}
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        if line_no == len(lines):  # no newline after it: complete, or torn by a crash
+            try:
+                record = parse_jsonl_line(line, where, fields)
+            except ValueError:
+                continue
+        else:
+            record = parse_jsonl_line(line, where, fields)
+        if record["id"] in records:
+            raise ValueError(f"{where}: id {record['id']!r} repeats line {first_line[record['id']]}; a cache holds "
+                             f"one record per id")
+        records[record["id"]], first_line[record["id"]] = record, line_no
+    return records
+
+
+def append_records(path, records: list[dict], fields: tuple[str, ...]) -> None:
+    """Append records as JSON lines and flush them to disk. A last line without its newline first gets one when it
+    is a complete record (read_records kept it), and is cut when it is not (the write a crash interrupted)."""
+    path = Path(path)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            try:
+                parse_jsonl_line(data[cut:].decode("utf-8", errors="replace"), str(path), fields)
+                path.write_bytes(data + b"\n")
+            except ValueError:
+                path.write_bytes(data[:cut])
+    with path.open("a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -11,8 +11,6 @@ most the batch in flight; a rerun skips the ids already written (a torn last lin
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from pbrl.checkpoint import load_pretrained
 from pbrl.cli import Progress, positive_int, run_main
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
 from pbrl import distributed as dist
-from pbrl.files import parse_jsonl_line, read_text
+from pbrl.files import append_records, read_records
 from pbrl.model import Transformer
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
@@ -30,30 +28,8 @@ PIVOT_BATCH_SIZE = 64  # problems per generate() call when the trainer writes mi
 
 
 def read_references(path) -> dict[str, dict]:
-    """id -> record of a pivot cache. A last line without its newline is kept when it is a complete record and
-    ignored when it is not (a crash mid-write). A repeated id is an error."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    text = read_text(path)
-    lines = text.split("\n")
-    records, first_line = {}, {}
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        if line_no == len(lines):  # no newline after it: complete, or torn by a crash
-            try:
-                record = parse_jsonl_line(line, where, FIELDS)
-            except ValueError:
-                continue
-        else:
-            record = parse_jsonl_line(line, where, FIELDS)
-        if record["id"] in records:
-            raise ValueError(f"{where}: id {record['id']!r} repeats line {first_line[record['id']]}; a cache holds "
-                             f"one reference per problem")
-        records[record["id"]], first_line[record["id"]] = record, line_no
-    return records
+    """id -> record of a pivot cache (a torn last line is ignored; a repeated id is an error)."""
+    return read_records(path, FIELDS)
 
 
 def check_questions(records: dict[str, dict], problems: list[Problem], path) -> None:
@@ -104,8 +80,8 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
         completions = generate(model, prompts, max_new_tokens, stop_ids=tokenizer.stop_ids,
                                pad_id=tokenizer.pad_id or 0)
         texts = [tokenizer.decode(ids) for ids in completions.as_lists()]
-        _append(part, [{"id": problem.id, "question": problem.question, "reference": text,
-                        "answer": extract_number(text)} for problem, text in zip(batch, texts)])
+        append_records(part, [{"id": problem.id, "question": problem.question, "reference": text,
+                        "answer": extract_number(text)} for problem, text in zip(batch, texts)], FIELDS)
         bar.update(len(batch))
     bar.close()
     dist.barrier()
@@ -113,16 +89,6 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
         _merge_parts(out, problems)
     dist.barrier()
     return len(mine)
-
-
-def _append(path: Path, records: list[dict]) -> None:
-    """Append records as JSON lines and flush them to disk: a crash loses at most the batch in flight."""
-    _end_last_line(path)
-    with path.open("a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _merge_parts(out: Path, problems: list[Problem]) -> None:
@@ -138,25 +104,9 @@ def _merge_parts(out: Path, problems: list[Problem]) -> None:
         check_questions(records, problems, part)
         found.update({k: v for k, v in records.items() if k not in done})
     order = {p.id: i for i, p in enumerate(problems)}
-    _append(out, sorted(found.values(), key=lambda r: order.get(r["id"], len(order))))
+    append_records(out, sorted(found.values(), key=lambda r: order.get(r["id"], len(order))), FIELDS)
     for part in parts:
         part.unlink()
-
-
-def _end_last_line(path: Path) -> None:
-    """Before appending: a last line without its newline gets one when it is a complete record (read_references
-    kept it), and is cut when it is not (the write a crash interrupted)."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    cut = data.rfind(b"\n") + 1
-    try:
-        parse_jsonl_line(data[cut:].decode("utf-8", errors="replace"), str(path), FIELDS)
-        path.write_bytes(data + b"\n")
-    except ValueError:
-        path.write_bytes(data[:cut])
 
 
 def main(argv=None):

@@ -218,14 +218,18 @@ class Translator:
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
-    def __call__(self, texts: list[str], langs: list[str]) -> list[str]:
+    def __call__(self, texts: list[str], langs: list[str], temperature: float = 0.0,
+                 seed: int | None = None) -> list[str]:
+        """The prompt's {language} is each text's language (its source, for the default prompt). Greedy unless a
+        temperature is given."""
         out = []
         for start in range(0, len(texts), self.batch_size):
             prompts = [self.tokenizer.encode_chat([{"role": "user", "content": self.prompt.format(
                 language=language(lang).name, text=text)}])
                 for text, lang in zip(texts[start:start + self.batch_size], langs[start:start + self.batch_size])]
             done = generate(self.model, prompts, self.max_new_tokens, stop_ids=self.tokenizer.stop_ids,
-                            pad_id=self.tokenizer.pad_id or 0)
+                            pad_id=self.tokenizer.pad_id or 0, temperature=temperature,
+                            seed=None if seed is None else seed + start)
             out += [self.tokenizer.decode(ids) for ids in done.as_lists()]
         return out
 
@@ -241,7 +245,9 @@ class LexiconTranslator:
     def __init__(self, words: dict[str, dict[str, str]]):
         self.words = words
 
-    def __call__(self, texts: list[str], langs: list[str]) -> list[str]:
+    def __call__(self, texts: list[str], langs: list[str], temperature: float = 0.0,
+                 seed: int | None = None) -> list[str]:
+        """Deterministic: temperature and seed are accepted and ignored (a retry gives the same words)."""
         out = []
         for text, lang in zip(texts, langs):
             table = self.words.get(lang, {})
@@ -251,12 +257,15 @@ class LexiconTranslator:
         return out
 
 
-def load_translator(path_or_id, dtype=None, device=None, max_new_tokens: int = 512):
-    """A directory with lexicon.json is a LexiconTranslator; anything else an instruct model (Translator)."""
+def load_translator(path_or_id, dtype=None, device=None, max_new_tokens: int = 512, prompt: str = TRANSLATE_PROMPT):
+    """A directory with lexicon.json is a LexiconTranslator (its table for a language maps that language's words:
+    into English for rewards, from English for `python -m pbrl.data translate`); anything else an instruct model
+    (Translator) prompted with `prompt`."""
     lexicon = Path(path_or_id) / LEXICON_FILE
     if lexicon.is_file():
         return LexiconTranslator(read_json(lexicon))
-    return Translator(*load_pretrained(path_or_id, dtype=dtype, device=device), max_new_tokens=max_new_tokens)
+    return Translator(*load_pretrained(path_or_id, dtype=dtype, device=device), max_new_tokens=max_new_tokens,
+                      prompt=prompt)
 
 
 class MTReward:
