@@ -1,6 +1,6 @@
 """Per-language accuracy of one or more checkpoints on MGSM, GSM8K or MMLU-ProX.
 
-    python eval.py --model PATH_OR_ID [--model PATH2 ...] --task mgsm --langs en,de,sw [--limit N]
+    python eval.py --model PATH_OR_ID [--model PATH2 ...] --task mgsm --langs en,de,sw [--limit N] [--num-fewshot 8]
 
 Prints a Markdown table (a column per model, a row per language, the average over non-English languages) and
 writes OUT/scores.json and OUT/samples.jsonl (every prompt, response, extracted answer and verdict).
@@ -13,7 +13,7 @@ import torch
 
 from pbrl.checkpoint import check_pretrained, load_pretrained
 from pbrl.cli import positive_int, run_main
-from pbrl.data import load_problems
+from pbrl.data import load_mgsm_exemplars, load_problems
 from pbrl.distributed import resolve_device
 from pbrl.evaluate import accuracy_by_language, evaluate, format_table
 from pbrl.files import write_atomic
@@ -31,6 +31,10 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--max-new-tokens", type=positive_int, default=512)
     ap.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
+    ap.add_argument("--num-fewshot", type=int, default=0,
+                    help="K solved exemplars in the problem's language before each question (mgsm; default 0)")
+    ap.add_argument("--fewshot-data", help="MGSM's native exemplars: a directory or hub dataset with a "
+                                           "*{lang}_train*.tsv per language (default: --data)")
     ap.add_argument("--enable-thinking", action="store_true",
                     help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
@@ -44,6 +48,11 @@ def main(argv=None):
         raise ValueError(f"--model names the same checkpoint twice: {args.model}")
     langs = [code.strip() for code in args.langs.split(",") if code.strip()]
     problems = load_problems(args.task, args.data or DEFAULT_DATA[args.task], langs, args.limit)
+    if args.num_fewshot < 0 or (args.num_fewshot and args.task != "mgsm"):
+        raise ValueError(f"--num-fewshot must be >= 0, and is for --task mgsm; got {args.num_fewshot} for "
+                         f"{args.task}")
+    shots = load_mgsm_exemplars(args.fewshot_data or args.data or DEFAULT_DATA["mgsm"], langs, args.num_fewshot) \
+        if args.num_fewshot else None
     for path in args.model:
         check_pretrained(path)
     scores, samples = {}, []
@@ -52,7 +61,7 @@ def main(argv=None):
                                            device=device)
         tokenizer.template_args["enable_thinking"] = args.enable_thinking
         records = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens,
-                           chat=not args.no_chat, label=str(path))
+                           chat=not args.no_chat, label=str(path), shots=shots)
         samples += [{"model": path, **r} for r in records]
         scores[path] = accuracy_by_language(records)
         del model

@@ -159,11 +159,40 @@ def prompt(problem: Problem) -> str:
     return mmlu_prompt(problem) if problem.choices else mgsm_prompt(problem)
 
 
-def encode_prompt(tokenizer, problem: Problem, chat: bool = True) -> list[int]:
+def encode_prompt(tokenizer, problem: Problem, chat: bool = True, shots: list[tuple[str, str]] = ()) -> list[int]:
     """A problem's prompt as token ids: the user turn of the tokenizer's chat template (or the plain text), the one
-    encoding that rollouts, eval, the pivot and the toy warm start share."""
-    text = prompt(problem)
-    return tokenizer.encode_chat([{"role": "user", "content": text}]) if chat else tokenizer.encode(text)
+    encoding that rollouts, eval, the pivot and the toy warm start share. `shots`, (question, step-by-step solution)
+    exemplars in the problem's language, come first: as earlier user and assistant turns, or as solved prompts."""
+    f = language(problem.lang)
+    if chat:
+        turns = [m for q, solution in shots for m in ({"role": "user", "content": f"{f.question} {q}\n{f.answer}"},
+                                                      {"role": "assistant", "content": solution})]
+        return tokenizer.encode_chat(turns + [{"role": "user", "content": prompt(problem)}])
+    solved = "".join(f"{f.question} {q}\n{f.answer} {solution}\n\n" for q, solution in shots)
+    return tokenizer.encode(solved + prompt(problem))
+
+
+def load_mgsm_exemplars(path_or_id, langs: list[str], k: int) -> dict[str, list[tuple[str, str]]]:
+    """The first k of MGSM's native chain-of-thought exemplars per language, as (question, solution): a TSV per
+    language (`question<TAB>solution[<TAB>...]`, no header) named `*{lang}_train*.tsv` or `train/*{lang}.tsv`
+    under a directory or a hub dataset's files. A solution's leading step-by-step answer prefix is dropped (the
+    prompt writes it)."""
+    root = resolve_dataset(path_or_id)
+    out = {}
+    for lang in langs:
+        f = language(lang)
+        files = sorted({*root.rglob(f"*{lang}_train*.tsv"), *root.rglob(f"train/*{lang}.tsv")})
+        if len(files) != 1:
+            raise FileNotFoundError(f"{root}: expected one exemplar file for {lang} (*{lang}_train*.tsv or "
+                                    f"train/*{lang}.tsv), found {len(files)}: {[str(x) for x in files][:4]}")
+        rows = [line.split("\t") for line in read_text(files[0]).splitlines() if line.strip()]
+        bad = next((i for i, row in enumerate(rows, start=1) if len(row) < 2), None)
+        if bad is not None:
+            raise ValueError(f"{files[0]}:{bad}: expected question<TAB>solution")
+        if len(rows) < k:
+            raise ValueError(f"{files[0]}: {len(rows)} exemplars, fewer than the {k} asked for")
+        out[lang] = [(q.strip(), s.strip().removeprefix(f.answer).strip()) for q, s, *_ in rows[:k]]
+    return out
 
 
 def mmlu_prompt(problem: Problem) -> str:

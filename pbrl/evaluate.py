@@ -9,11 +9,12 @@ from pbrl.tokenizer import Tokenizer
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], batch_size: int = 16,
-             max_new_tokens: int = 512, chat: bool = True, label: str = "eval", progress: bool = True) -> list[dict]:
+             max_new_tokens: int = 512, chat: bool = True, label: str = "eval", progress: bool = True,
+             shots: dict[str, list[tuple[str, str]]] | None = None) -> list[dict]:
     """One record per problem: id, lang, prompt, response, extracted answer, gold, correct. Problems are sorted by
     prompt length into batches (less padding); records come back in the input order. Progress goes to stderr under
-    `label`."""
-    encoded = [encode_prompt(tokenizer, p, chat) for p in problems]
+    `label`. shots: per language, the exemplars that precede each prompt (few-shot)."""
+    encoded = [encode_prompt(tokenizer, p, chat, (shots or {}).get(p.lang, ())) for p in problems]
     order = sorted(range(len(problems)), key=lambda i: len(encoded[i]))
     records: list[dict | None] = [None] * len(problems)
     bar = Progress(len(problems), label, " problems", enabled=progress)

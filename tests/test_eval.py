@@ -45,3 +45,54 @@ def test_gsm8k_is_english_only():
     from pbrl.data import load_problems
     with pytest.raises(ValueError, match="gsm8k is English only"):
         load_problems("gsm8k", "x", ["de"], None)
+
+
+def exemplar_files(root):
+    from pbrl.data import language
+    (root / "exemplars").mkdir(parents=True)
+    for lang, solved in (("en", "Tom had {n} pens, so the answer is {n}."), ("de", "Tom hatte {n} Stifte, also {n}.")):
+        prefix = language(lang).answer
+        (root / "exemplars" / f"mgsm_{lang}_train.tsv").write_text("".join(
+            f"Q{lang}{n}: Tom has {n} pens.\t{prefix} {solved.format(n=n)}\t{n}\n" for n in (1, 2, 3)),
+            encoding="utf-8")
+
+
+def test_fewshot_prompts_put_native_exemplars_first(tmp_path):
+    """With a real chat template: the exemplars as earlier user/assistant turns, in the problem's language and
+    order, their answer prefix not doubled; without chat, as solved prompts."""
+    from conftest import REAL_TEMPLATE
+    from pbrl.data import Problem, encode_prompt, language, load_mgsm_exemplars
+    from pbrl.tokenizer import Tokenizer
+    save_hf_model(tmp_path / "m", "llama", chat_template=REAL_TEMPLATE)
+    tok = Tokenizer.from_pretrained(tmp_path / "m")
+    exemplar_files(tmp_path / "data")
+    shots = load_mgsm_exemplars(tmp_path / "data", ["de"], 2)
+    assert shots["de"] == [("Qde1: Tom has 1 pens.", "Tom hatte 1 Stifte, also 1."),
+                           ("Qde2: Tom has 2 pens.", "Tom hatte 2 Stifte, also 2.")]
+    problem = Problem("mgsm-0", "de", "Wie viel ist 2 + 2?", "4")
+    text = tok.decode(encode_prompt(tok, problem, chat=True, shots=shots["de"]), skip_special_tokens=False)
+    f = language("de")
+    order = [text.index(s) for s in ("Qde1", "also 1.", "Qde2", "also 2.", "Wie viel ist 2 + 2?")]
+    assert order == sorted(order) and text.count(f.answer) == 3  # two exemplar prompts and the question's
+    assert text.endswith(tok.decode(encode_prompt(tok, problem, chat=True), skip_special_tokens=False)
+                         .split("Wie viel ist 2 + 2?")[1])
+    plain = tok.decode(encode_prompt(tok, problem, chat=False, shots=shots["de"]))
+    assert plain.startswith(f"{f.question} Qde1: Tom has 1 pens.\n{f.answer} Tom hatte 1 Stifte, also 1.\n\n")
+
+
+def test_eval_fewshot_end_to_end_and_errors(tmp_path, capsys):
+    save_hf_model(tmp_path / "m", "qwen2", seed=1)
+    data = tmp_path / "mgsm"
+    data.mkdir()
+    for lang, q in (("en", "Janet has 3 apples."), ("de", "Janet hat 3 Äpfel.")):
+        (data / f"mgsm_{lang}.tsv").write_text(f"{q}\t3\n{q} Und 2?\t5\n", encoding="utf-8")
+    exemplar_files(data)
+    args = ["--model", str(tmp_path / "m"), "--data", str(data), "--langs", "en,de", "--max-new-tokens", "3",
+            "--out", str(tmp_path / "out")]
+    eval_cli.main(args + ["--num-fewshot", "3"])
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match=r"mgsm_en_train.tsv: 3 exemplars, fewer than the 4 asked for"):
+        eval_cli.main(args + ["--num-fewshot", "4"])
+    with pytest.raises(FileNotFoundError,
+                       match=r"m: expected one exemplar file for en \(\*en_train\*.tsv or train/\*en.tsv\), found 0"):
+        eval_cli.main(args + ["--num-fewshot", "1", "--fewshot-data", str(tmp_path / "m")])
