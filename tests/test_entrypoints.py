@@ -131,8 +131,10 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     between the sessions that have a GPU. (Kernels take their PyTorch path here; tests/test_kernels.py covers
     Triton.)"""
     out = tmp_path / "gpu.md"
-    run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--steps", 2, "--out", out)
+    run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--steps", 2, "--decode-batches", "1,4",
+        "--out", out)
     text = out.read_text()
     assert "| linear_token_logprobs grad weight | bfloat16 | pytorch |" in text and "| False |" not in text
     assert "update cosine" in text and '"update_tflops"' in text and '"steps": 2' in text
-    assert '"planned_peak_gb"' in text
+    assert '"planned_peak_gb"' in text and '"checkpoint (DCP: actor, critic, AdamW)"' in text
+    assert "| sample_tokens T=1 log-prob | bfloat16 | pytorch |" in text and "| 4 | eager |" in text
