@@ -34,7 +34,7 @@ def run_main(main, argv=None) -> None:
         sys.exit(2)
 
 
-PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}]"
+PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 
 
 class Progress:
