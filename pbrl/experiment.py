@@ -9,7 +9,8 @@ Every run starts from the same warm start and goes through the real training loo
   PB-RLSVR MT                 the response translated into English (lexicon), then the same cosine
   PB-RLSVR hybrid             0.5 embedding + 0.5 agreement of the final answers with the pivot's
   PB-RLSVR hybrid, GRPO       the same reward, critic-free: each response against its prompt's other samples
-Writes runs/toy/results.json, results.md (per-language accuracy) and curves.svg (reward and accuracy per step).
+Writes runs/toy/results.json, results.md (per-language accuracy, each arm's gain over the warm start with a 95%
+bootstrap interval) and curves.svg (reward and accuracy per step; with --seeds N, the mean and the seeds' range).
 """
 from __future__ import annotations
 
@@ -36,37 +37,96 @@ RUNS = {
 }
 
 
-def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, log=print) -> dict:
-    results = {"warm start": None}
-    curves = {}
+def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, seeds: int = 1, log=print) -> dict:
+    """Every arm of RUNS from the same warm start, once per RL seed (seed, seed + 1, ...); writes results.json
+    (every seed's accuracies and curves, each arm's gain with its 95% interval), results.md and curves.svg."""
+    accuracy = {name: {} for name in RUNS}   # arm -> seed -> {lang: accuracy}
+    curves = {name: [] for name in RUNS}     # arm -> one list of {step, reward, acc/avg} rows per seed
+    correct = {name: [] for name in RUNS}    # arm -> per seed: {lang: [bool per held-out problem]}
+    warm = None
     t0 = time.perf_counter()
     for name, reward in RUNS.items():
-        cfg = Config()
-        cfg.reward.kind = reward["kind"]
-        cfg.ppo.advantage = reward.get("advantage", "gae")
-        cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, seed, eval_every
-        cfg.run.checkpoint_every = None
-        cfg.run.out_dir = str(out / name.lower().replace(" + ", "-").replace(",", "").replace(" ", "-"))
-        cfg.data.pivot_cache = str(out / "pivot.jsonl")  # the pivot answers once for all runs
-        log(f"== {name} ==")
-        history = Trainer(use_world(cfg, log=log), log=log).run()
-        accuracy = [h for h in history if any(k.startswith("acc/") for k in h)]
-        results["warm start"] = results["warm start"] or _acc(accuracy[0])
-        results[name] = _acc(accuracy[-1])
-        curves[name] = [{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}} for h in history]
-    table = format_table(results)
-    summary = {"steps": steps, "seed": seed, "seconds": time.perf_counter() - t0, "accuracy": results,
-               "curves": curves}
+        for s in range(seed, seed + seeds):
+            cfg = Config()
+            cfg.reward.kind = reward["kind"]
+            cfg.ppo.advantage = reward.get("advantage", "gae")
+            cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, s, eval_every
+            cfg.run.checkpoint_every = None
+            slug = name.lower().replace(" + ", "-").replace(",", "").replace(" ", "-")
+            cfg.run.out_dir = str(out / slug / f"seed-{s}" if seeds > 1 else out / slug)
+            cfg.data.pivot_cache = str(out / "pivot.jsonl")  # the pivot answers once for all runs
+            log(f"== {name}" + (f", seed {s}" if seeds > 1 else "") + " ==")
+            trainer = Trainer(use_world(cfg, log=log), log=log)
+            history = trainer.run()
+            accuracy[name][s] = _acc([h for h in history if any(k.startswith("acc/") for k in h)][-1])
+            curves[name].append([{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}
+                                 for h in history])
+            correct[name].append(by_language(trainer.eval_records[steps]))
+            warm = warm or by_language(trainer.eval_records[0])
+    warm_acc = {lang: 100.0 * sum(v) / len(v) for lang, v in warm.items()}
+    warm_acc["avg"] = sum(a for lang, a in warm_acc.items() if lang != "en") / sum(lang != "en" for lang in warm)
+    gains = {name: gain_interval(warm, correct[name]) for name in RUNS}
+    means = {"warm start": warm_acc, **{name: {k: sum(a[k] for a in accuracy[name].values()) / seeds
+                                                for k in warm_acc} for name in RUNS}}
+    table = format_table(means)
+    lines = [f"| {name} | {g['mean']:+.1f} | [{g['low']:+.1f}, {g['high']:+.1f}] |" for name, g in gains.items()]
+    gain_table = "\n".join(["| arm | gain in avg (non-en) accuracy | 95% interval |", "|---|---|---|", *lines])
+    summary = {"steps": steps, "seeds": list(range(seed, seed + seeds)), "seconds": time.perf_counter() - t0,
+               "warm start": warm_acc, "accuracy": accuracy, "gain": gains, "curves": curves}
     if dist.init()[0] != 0:  # rank 0 writes the results
         return summary
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(f"Per-language accuracy (%), {steps} PPO iterations per run, seed {seed}.\n\n"
-                                    f"{table}\n")
-    (out / "curves.svg").write_text(svg_panels(curves, ["reward", "acc/avg"], columns=2, width=380))
+    (out / "results.md").write_text(
+        f"Per-language accuracy (%), {steps} PPO iterations per run, mean over seeds {summary['seeds']}.\n\n"
+        f"{table}\n\nGain over the warm start, 95% interval by bootstrap over held-out problems (paired with the "
+        f"warm start) and seeds.\n\n{gain_table}\n")
+    mean_curves = {name: mean_rows(runs) for name, runs in curves.items()}
+    (out / "curves.svg").write_text(svg_panels(mean_curves, ["reward", "acc/avg"], columns=2, width=380,
+                                               bands=curves if seeds > 1 else None))
     log(table)
+    log(gain_table)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.svg'} "
         f"({summary['seconds']:.0f}s in all)")
     return summary
+
+
+def by_language(records: list[dict]) -> dict[str, list[bool]]:
+    """Eval records -> per language, each problem's correctness in id order."""
+    out = {}
+    for r in sorted(records, key=lambda r: (r["lang"], int(r["id"].rsplit("-", 1)[-1]))):
+        out.setdefault(r["lang"], []).append(bool(r["correct"]))
+    return out
+
+
+def gain_interval(warm: dict[str, list[bool]], arm: list[dict[str, list[bool]]], n_boot: int = 4000,
+                  seed: int = 0) -> dict[str, float]:
+    """The gain (percentage points) of the average target-language accuracy over the warm start, its mean over the
+    arm's seeds and a 95% percentile-bootstrap interval: each replicate draws the held-out problems of each
+    language with replacement (the same draw for the warm start and every seed: the comparison is paired) and the
+    seeds with replacement."""
+    import numpy as np
+    langs = [lang for lang in warm if lang != "en"]
+    w = np.array([warm[lang] for lang in langs], dtype=float)                  # [L, P]
+    a = np.array([[s[lang] for lang in langs] for s in arm], dtype=float)     # [S, L, P]
+    rng = np.random.default_rng(seed)
+    n_langs, n_problems = w.shape
+    draws = []
+    for _ in range(n_boot):
+        problems = rng.integers(0, n_problems, (n_langs, n_problems))
+        seeds = rng.integers(0, len(arm), len(arm))
+        picked = np.take_along_axis(a[seeds], problems[None].repeat(len(seeds), 0), axis=2)
+        draws.append(100 * (picked.mean() - np.take_along_axis(w, problems, axis=1).mean()))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"mean": float(100 * (a.mean() - w.mean())), "low": float(low), "high": float(high)}
+
+
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """Per-seed rows of the same steps -> one row per step with each metric's mean over the seeds."""
+    out = []
+    for rows in zip(*runs):
+        keys = set.intersection(*(set(r) for r in rows)) - {"step"}
+        out.append({"step": rows[0]["step"], **{k: sum(r[k] for r in rows) / len(rows) for k in keys}})
+    return out
 
 
 def _acc(metrics: dict) -> dict[str, float]:
@@ -77,6 +137,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=positive_int, default=Config().run.steps)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=positive_int, default=1,
+                    help="RL seeds per arm (seed, seed + 1, ...), all from the same warm start; intervals need >= 3")
     ap.add_argument("--out", help=f"results directory, which must be empty or absent (default: {DEFAULT_OUT}, or "
                                   f"{DEFAULT_OUT}-2, -3, ... when it holds an earlier experiment)")
     args = ap.parse_args(argv)
@@ -87,7 +149,7 @@ def main(argv=None) -> None:
     out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, made before any rank writes
     out.mkdir(parents=True, exist_ok=True)
     try:
-        run_experiment(out, args.steps, args.seed)
+        run_experiment(out, args.steps, args.seed, seeds=args.seeds)
     finally:
         dist.shutdown()
 

@@ -35,13 +35,19 @@ def read_run(run_dir) -> list[dict]:
     return rows
 
 
+def points(rows: list[dict], metric: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
+
+
 def svg_panels(runs: dict[str, list[dict]], metrics: list[str], columns: int = 3, width: int = 320,
-               height: int = 210) -> str:
+               height: int = 210, bands: dict[str, list[list[dict]]] | None = None) -> str:
     """runs: name -> rows with a "step" and the metrics -> an SVG of one panel per metric (with min/max and last
-    step marked), laid out in `columns`, and a legend of the runs."""
-    series = {m: {name: [(r["step"], r[m]) for r in rows if isinstance(r.get(m), (int, float))]
-                  for name, rows in runs.items()} for m in metrics}
+    step marked), laid out in `columns`, and a legend of the runs. bands: name -> several runs' rows (seeds), whose
+    range at each step is shaded behind the run's line."""
+    series = {m: {name: points(rows, m) for name, rows in runs.items()} for m in metrics}
     series = {m: s for m, s in series.items() if any(s.values())}
+    ranges = {m: {name: [(step, min(vs), max(vs)) for step, vs in _by_step(
+        [points(rows, m) for rows in seeds]).items()] for name, seeds in (bands or {}).items()} for m in series}
     rows_of_panels = -(-len(series) // columns) or 1
     legend_y = rows_of_panels * (height + 20) + 20
     total_w = columns * (width + 60) + 30
@@ -50,7 +56,8 @@ def svg_panels(runs: dict[str, list[dict]], metrics: list[str], columns: int = 3
     for p, (metric, lines) in enumerate(series.items()):
         x0, y0 = 60 + (p % columns) * (width + 60), 24 + (p // columns) * (height + 20)
         w, h = width - 30, height - 40
-        values = [v for pts in lines.values() for _, v in pts]
+        values = [v for pts in lines.values() for _, v in pts] + \
+            [v for spans in ranges[metric].values() for _, lo, hi in spans for v in (lo, hi)]
         steps = [s for pts in lines.values() for s, _ in pts]
         lo, hi = min(values), max(values)
         hi = hi if hi > lo else lo + (abs(lo) or 1.0)
@@ -62,6 +69,12 @@ def svg_panels(runs: dict[str, list[dict]], metrics: list[str], columns: int = 3
                   f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{lo:.3g}</text>',
                   f'<text x="{x0}" y="{y0 + h + 14}">step {first}</text>',
                   f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end">step {last}</text>']
+        for i, (name, spans) in enumerate(ranges[metric].items()):
+            outline = [(step, top) for step, _, top in spans] + [(step, bottom) for step, bottom, _ in reversed(spans)]
+            xy = " ".join(f"{x0 + w * (st - first) / span:.1f},{y0 + h * (1 - (v - lo) / (hi - lo)):.1f}"
+                          for st, v in outline)
+            parts.append(f'<polygon points="{xy}" fill="{COLORS[i % len(COLORS)]}" fill-opacity="0.15" '
+                         f'stroke="none"/>')
         for i, (name, pts) in enumerate(lines.items()):
             xy = " ".join(f"{x0 + w * (s - first) / span:.1f},{y0 + h * (1 - (v - lo) / (hi - lo)):.1f}"
                           for s, v in pts)
@@ -77,6 +90,15 @@ def svg_panels(runs: dict[str, list[dict]], metrics: list[str], columns: int = 3
                   f'<text x="84" y="{y}">{escape(name)}</text>']
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _by_step(runs: list[list[tuple[int, float]]]) -> dict[int, list[float]]:
+    """Several runs' (step, value) points -> step -> the values logged at it, in step order."""
+    out: dict[int, list[float]] = {}
+    for pts in runs:
+        for step, value in pts:
+            out.setdefault(step, []).append(value)
+    return dict(sorted(out.items()))
 
 
 def main(argv=None) -> None:

@@ -106,6 +106,7 @@ class Trainer:
         self.kl = ppo.AdaptiveKLController(p.kl_beta, p.kl_target, p.kl_horizon)
         self.step = 0
         self.loggers = None  # opened by run(), on rank 0
+        self.eval_records: dict[int, list[dict]] = {}  # step -> every held-out problem's eval record
         if cfg.run.resume:
             self.resume()
 
@@ -233,8 +234,9 @@ class Trainer:
             records = evaluate(self.actor, self.tokenizer, self.eval_problems[self.rank::self.world], batch_size=64,
                                max_new_tokens=self.cfg.rollout.max_new_tokens, progress=False)
         self.actor.train()
-        return {f"acc/{k}": v for k, v in accuracy_by_language(
-            [r for part in dist.all_gather_objects(records) for r in part]).items()}
+        everyone = [r for part in dist.all_gather_objects(records) for r in part]
+        self.eval_records[self.step] = everyone
+        return {f"acc/{k}": v for k, v in accuracy_by_language(everyone).items()}
 
     def resume(self) -> None:
         ckpt = latest_checkpoint(self.out)

@@ -2,6 +2,8 @@
 A regression guard, not a timing: reward rises, target-language accuracy rises, English does not collapse."""
 import time
 
+import pytest
+
 import kernels.cosine
 import kernels.logprobs
 from pbrl import toy
@@ -60,3 +62,71 @@ def test_a_rerun_never_writes_into_earlier_results(tmp_path):
     assert fresh_dir(base) == tmp_path / "toy-3"
     with pytest.raises(FileExistsError, match=r"--out .*toy already holds results"):
         main(["--out", str(base)])
+
+
+def test_gain_interval_is_paired_over_problems_and_seeds():
+    from pbrl.experiment import gain_interval
+    wrong = {"en": [True] * 40, "de": [False] * 40, "sw": [False] * 40}
+    right = [{"en": [True] * 40, "de": [True] * 40, "sw": [True] * 40}] * 3
+    assert gain_interval(wrong, right) == {"mean": 100.0, "low": 100.0, "high": 100.0}  # every resample: +100
+    warm = {"en": [True] * 40, "de": [False] * 20 + [True] * 20, "sw": [False] * 40}
+    noisy = [{"en": [True] * 40, "de": [i % k == 0 for i in range(40)], "sw": [i % k == 1 for i in range(40)]}
+             for k in (2, 3, 4)]
+    g = gain_interval(warm, noisy)
+    exact = 100 * (sum(sum(s["de"]) + sum(s["sw"]) for s in noisy) / (3 * 80) - 20 / 80)
+    assert g["mean"] == pytest.approx(exact) and g["low"] < exact < g["high"] and g["high"] - g["low"] < 40
+
+
+def test_seeds_give_mean_rows_and_a_shaded_range():
+    import xml.etree.ElementTree as ET
+
+    from pbrl.experiment import mean_rows
+    from pbrl.plot import svg_panels
+    seeds = [[{"step": s, "reward": 0.1 * s + d} for s in range(4)] for d in (0.0, 0.2, 0.4)]
+    mean = mean_rows(seeds)
+    assert [round(r["reward"], 6) for r in mean] == [0.2, 0.3, 0.4, 0.5]
+    svg = ET.fromstring(svg_panels({"arm": mean}, ["reward"], bands={"arm": seeds}))
+    [band] = svg.iter("{http://www.w3.org/2000/svg}polygon")
+    assert len(band.get("points").split()) == 8  # the top edge forward, the bottom edge back
+
+
+def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path, monkeypatch):
+    """The experiment's bookkeeping with a stand-in trainer (the real loop is the quick test's): each arm runs once
+    per seed in its own directory with its own run.seed, results.json keeps every seed, results.md the intervals,
+    curves.svg a band per arm and panel."""
+    import json
+    import xml.etree.ElementTree as ET
+
+    import pbrl.experiment as experiment
+    runs = []
+
+    class StandIn:
+        def __init__(self, cfg, log=None):
+            self.cfg = cfg
+            runs.append((cfg.run.out_dir, cfg.run.seed, cfg.reward.kind))
+
+        def run(self):
+            s = self.cfg.run.seed
+            def right(k):  # eval records: the first k of 10 problems right in every language
+                return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k} for lang in ("en", "de", "sw")
+                        for i in range(10)]
+            self.eval_records = {0: right(3), 4: right(5 + s)}
+            return [{"step": 0, "acc/avg": 30.0, "acc/de": 30.0, "acc/sw": 30.0, "acc/en": 30.0}] + \
+                [{"step": t, "reward": 0.1 * t + s} for t in range(1, 4)] + \
+                [{"step": 4, "reward": 0.4 + s, "acc/avg": 50.0 + 10 * s, "acc/de": 50.0 + 10 * s,
+                  "acc/sw": 50.0 + 10 * s, "acc/en": 50.0 + 10 * s}]
+    monkeypatch.setattr(experiment, "Trainer", StandIn)
+    monkeypatch.setattr(experiment, "use_world", lambda cfg, log=None: cfg)
+    summary = experiment.run_experiment(tmp_path, steps=4, seed=0, seeds=3, log=lambda *a: None)
+    assert len(runs) == 3 * len(experiment.RUNS) and {seed for _, seed, _ in runs} == {0, 1, 2}
+    assert len({out for out, _, _ in runs}) == len(runs) and runs[1][0].endswith("ppo-gold-exact-match/seed-1")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    arm = "PB-RLSVR hybrid"
+    assert saved["accuracy"][arm] == {"0": {"avg": 50.0, "de": 50.0, "sw": 50.0, "en": 50.0},
+                                      "1": {"avg": 60.0, "de": 60.0, "sw": 60.0, "en": 60.0},
+                                      "2": {"avg": 70.0, "de": 70.0, "sw": 70.0, "en": 70.0}}
+    assert saved["warm start"]["avg"] == 30.0 and saved["gain"][arm]["mean"] == pytest.approx(30.0)  # 60 - 30
+    assert saved["gain"][arm]["low"] < 30.0 < saved["gain"][arm]["high"] and summary["seeds"] == [0, 1, 2]
+    assert f"| {arm} | +30.0 | [" in (tmp_path / "results.md").read_text()
+    svg = ET.parse(tmp_path / "curves.svg").getroot()
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}polygon"))) == 2 * len(experiment.RUNS)
