@@ -50,13 +50,15 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, se
             cfg = Config()
             cfg.reward.kind = reward["kind"]
             cfg.ppo.advantage = reward.get("advantage", "gae")
-            cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, s, eval_every
+            cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, seed, eval_every
             cfg.run.checkpoint_every = None
             slug = name.lower().replace(" + ", "-").replace(",", "").replace(" ", "-")
             cfg.run.out_dir = str(out / slug / f"seed-{s}" if seeds > 1 else out / slug)
             cfg.data.pivot_cache = str(out / "pivot.jsonl")  # the pivot answers once for all runs
             log(f"== {name}" + (f", seed {s}" if seeds > 1 else "") + " ==")
-            trainer = Trainer(use_world(cfg, log=log), log=log)
+            cfg = use_world(cfg, log=log)  # the world of `seed` (problems, warm start, reward models) for every run
+            cfg.run.seed = s               # the run's own seed: its sampling noise and problem order
+            trainer = Trainer(cfg, log=log)
             history = trainer.run()
             accuracy[name][s] = _acc([h for h in history if any(k.startswith("acc/") for k in h)][-1])
             curves[name].append([{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}

@@ -116,9 +116,11 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
                 [{"step": 4, "reward": 0.4 + s, "acc/avg": 50.0 + 10 * s, "acc/de": 50.0 + 10 * s,
                   "acc/sw": 50.0 + 10 * s, "acc/en": 50.0 + 10 * s}]
     monkeypatch.setattr(experiment, "Trainer", StandIn)
-    monkeypatch.setattr(experiment, "use_world", lambda cfg, log=None: cfg)
+    worlds = []
+    monkeypatch.setattr(experiment, "use_world", lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
     summary = experiment.run_experiment(tmp_path, steps=4, seed=0, seeds=3, log=lambda *a: None)
     assert len(runs) == 3 * len(experiment.RUNS) and {seed for _, seed, _ in runs} == {0, 1, 2}
+    assert set(worlds) == {0}  # every run from the same world and warm start: only the RL seed varies
     assert len({out for out, _, _ in runs}) == len(runs) and runs[1][0].endswith("ppo-gold-exact-match/seed-1")
     saved = json.loads((tmp_path / "results.json").read_text())
     arm = "PB-RLSVR hybrid"
