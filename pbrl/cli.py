@@ -1,9 +1,10 @@
 """What the command-line entry points share: argument types that reject impossible values, one way to end on bad
 input, and progress with rate and ETA on long work.
 
-pbrl's checks raise ValueError, FileNotFoundError, FileExistsError or KeyError with a message that names the file,
-key or line. An entry point run through `run_main` prints that message as one line on stderr and exits with status
-2 (argparse's status for bad usage) instead of a traceback; PBRL_TRACEBACK=1 shows the traceback as well.
+pbrl's checks raise ValueError, FileNotFoundError, FileExistsError, KeyError or ImportError (an optional package
+that is missing) with a message that names the file, key, line or package. An entry point run through `run_main`
+prints that message as one line on stderr and exits with status 2 (argparse's status for bad usage) instead of a
+traceback; PBRL_TRACEBACK=1 shows the traceback as well.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def positive_int(text: str) -> int:
 def run_main(main, argv=None) -> None:
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
         if os.environ.get("PBRL_TRACEBACK") == "1":
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

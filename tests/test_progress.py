@@ -1,4 +1,5 @@
-"""pbrl.cli.Progress: tqdm's bar in a terminal, plain lines with rate and ETA elsewhere, nothing when disabled."""
+"""pbrl.cli: Progress (tqdm's bar in a terminal, plain lines with rate and ETA elsewhere, nothing when disabled)
+and run_main's one-line errors."""
 import io
 import re
 
@@ -47,3 +48,18 @@ def test_disabled_progress_prints_nothing(capsys, monkeypatch):
     with Progress(3, "rank 1", enabled=False) as bar:
         bar.update(3)
     assert terminal.getvalue() == ""
+
+
+def test_a_missing_optional_package_ends_with_one_line(capsys):
+    """run_main turns an ImportError that names the package to install (parquet without pyarrow) into `error:`."""
+    import pytest
+
+    from pbrl.cli import run_main
+
+    def main(argv):
+        raise ImportError("x.parquet: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: x.parquet: reading parquet needs pyarrow (pip install pyarrow), "
+                                       "or convert it to JSONL\n")
