@@ -204,6 +204,15 @@ def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: in
                           lambda names: {n: state[n] for n in names}, dtype, source_dir)
 
 
+def copy_side_files(source_dir, out: Path) -> None:
+    """The tokenizer and generation files of a HF directory (SIDE_FILES that exist) into `out`."""
+    if Path(source_dir).resolve() == Path(out).resolve():
+        return
+    for side in SIDE_FILES:
+        if (Path(source_dir) / side).is_file():
+            shutil.copyfile(Path(source_dir) / side, Path(out) / side)
+
+
 def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[str]],
                    load: Callable[[list[str]], dict[str, torch.Tensor]], dtype: torch.dtype | None = None,
                    source_dir=None) -> Path:
@@ -231,10 +240,8 @@ def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[s
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
-    if source_dir is not None and Path(source_dir).resolve() != out.resolve():
-        for side in SIDE_FILES:
-            if (Path(source_dir) / side).is_file():
-                shutil.copyfile(Path(source_dir) / side, out / side)
+    if source_dir is not None:
+        copy_side_files(source_dir, out)
     config = args.to_hf_config(stored, backbone)
     write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
     return out
@@ -332,19 +339,21 @@ def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer
             (tmp / name).mkdir()
             (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
             if name == "actor" and source_dir is not None:
-                for side in SIDE_FILES:
-                    if (Path(source_dir) / side).is_file():
-                        shutil.copyfile(Path(source_dir) / side, tmp / name / side)
+                copy_side_files(source_dir, tmp / name)
         os.replace(tmp, final)
-        done = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-        for old in done[:-keep] if keep else []:
+        for old in finished_checkpoints(out)[:-keep] if keep else []:
             shutil.rmtree(old)
     dist.barrier()
     return final
 
 
+def finished_checkpoints(out: Path) -> list[Path]:
+    """{out}/checkpoints/step_N directories that were completed (not step_N.tmp), oldest first."""
+    return sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    done = finished_checkpoints(out)
     return done[-1] if done else None
 
 
