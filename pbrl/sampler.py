@@ -147,7 +147,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         logprobs[live, step] = torch.where(done, 0.0, lp)
         lengths[live] += (~done).long()
         done |= torch.isin(next_ids, stop)
-        finished[live] = done
         if step == max_new_tokens - 1:
             break
         if (step + 1) % SYNC_EVERY == 0:
@@ -156,6 +155,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 break
             size = next(s for s in BATCH_SIZES if s >= alive) if alive <= BATCH_SIZES[-1] else len(live)
             if size < len(live):  # keep the live rows (and finished ones to fill the size), drop the rest
+                finished[live] = done  # before the rows that leave are forgotten
                 keep = torch.argsort(done.int(), stable=True)[:size]
                 live, done, seeds, next_ids, positions, valid = (
                     t[keep] for t in (live, done, seeds, next_ids, positions, valid))
@@ -163,6 +163,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         valid.index_fill_(1, slot, True)
         logits = step_fn(model, next_ids, positions + step, slot, valid, cache)
         slot += 1
+    finished[live] = done
     width = int(lengths.max())
     return Completions(tokens[:, :width].cpu(), lengths.cpu(), finished.cpu(),
                        logprobs[:, :width].cpu() if return_logprobs else None)
