@@ -163,13 +163,12 @@ def encode_prompt(tokenizer, problem: Problem, chat: bool = True, shots: list[tu
     """A problem's prompt as token ids: the user turn of the tokenizer's chat template (or the plain text), the one
     encoding that rollouts, eval, the pivot and the toy warm start share. `shots`, (question, step-by-step solution)
     exemplars in the problem's language, come first: as earlier user and assistant turns, or as solved prompts."""
-    f = language(problem.lang)
+    asked = [(mgsm_prompt(Problem("", problem.lang, q, "")), solution) for q, solution in shots]
     if chat:
-        turns = [m for q, solution in shots for m in ({"role": "user", "content": f"{f.question} {q}\n{f.answer}"},
+        turns = [m for q, solution in asked for m in ({"role": "user", "content": q},
                                                       {"role": "assistant", "content": solution})]
         return tokenizer.encode_chat(turns + [{"role": "user", "content": prompt(problem)}])
-    solved = "".join(f"{f.question} {q}\n{f.answer} {solution}\n\n" for q, solution in shots)
-    return tokenizer.encode(solved + prompt(problem))
+    return tokenizer.encode("".join(f"{q} {solution}\n\n" for q, solution in asked) + prompt(problem))
 
 
 def load_mgsm_exemplars(path_or_id, langs: list[str], k: int) -> dict[str, list[tuple[str, str]]]:

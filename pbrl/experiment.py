@@ -22,7 +22,7 @@ from pathlib import Path
 from pbrl import distributed as dist
 from pbrl.cli import positive_int
 from pbrl.config import Config
-from pbrl.evaluate import format_table
+from pbrl.evaluate import accuracy_by_language, format_table
 from pbrl.plot import svg_panels
 from pbrl.toy import use_world
 from pbrl.trainer import Trainer
@@ -43,7 +43,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, se
     accuracy = {name: {} for name in RUNS}   # arm -> seed -> {lang: accuracy}
     curves = {name: [] for name in RUNS}     # arm -> one list of {step, reward, acc/avg} rows per seed
     correct = {name: [] for name in RUNS}    # arm -> per seed: {lang: [bool per held-out problem]}
-    warm = None
+    warm_records = None                      # the warm start's eval records (step 0: the same for every run)
     t0 = time.perf_counter()
     for name, reward in RUNS.items():
         for s in range(seed, seed + seeds):
@@ -64,9 +64,8 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 5, se
             curves[name].append([{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}
                                  for h in history])
             correct[name].append(by_language(trainer.eval_records[steps]))
-            warm = warm or by_language(trainer.eval_records[0])
-    warm_acc = {lang: 100.0 * sum(v) / len(v) for lang, v in warm.items()}
-    warm_acc["avg"] = sum(a for lang, a in warm_acc.items() if lang != "en") / sum(lang != "en" for lang in warm)
+            warm_records = warm_records or trainer.eval_records[0]
+    warm, warm_acc = by_language(warm_records), accuracy_by_language(warm_records)
     gains = {name: gain_interval(warm, correct[name]) for name in RUNS}
     means = {"warm start": warm_acc, **{name: {k: sum(a[k] for a in accuracy[name].values()) / seeds
                                                 for k in warm_acc} for name in RUNS}}

@@ -47,7 +47,7 @@ def translate_problems(translator, problems: list[Problem], langs: list[str], ou
     MGSM files. Returns per language the counts of kept, retried and dropped translations."""
     cache_dir = Path(out) / "translations"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    summary = {}
+    summary, translations = {}, {}
     for lang in langs:
         cache = cache_dir / f"{lang}.jsonl"
         done = read_records(cache, FIELDS)
@@ -71,14 +71,13 @@ def translate_problems(translator, problems: list[Problem], langs: list[str], ou
                         r.update(translation=t, attempts=2, numbers_kept=keeps_numbers(r["question"], t))
                 append_records(cache, records, FIELDS)
                 bar.update(len(batch))
-        done = read_records(cache, FIELDS)
+        translations[lang] = done = read_records(cache, FIELDS)
         counts = Counter()
         for p in problems:
             record = done[p.id]
             counts["kept" if record["numbers_kept"] else "dropped"] += 1
             counts["retried"] += record["attempts"] > 1
         summary[lang] = counts
-    translations = {lang: read_records(cache_dir / f"{lang}.jsonl", FIELDS) for lang in langs}
     kept = [p for p in problems if all(translations[lang][p.id]["numbers_kept"] for lang in langs)]
     write_atomic(Path(out) / "mgsm_en.tsv", lambda f: f.write_text(
         "".join(f"{one_line(p.question)}\t{p.answer}\n" for p in kept), encoding="utf-8"))
