@@ -21,9 +21,11 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -146,12 +148,14 @@ def check_decoding(args: ModelArgs, device: torch.device, batches: list[int], ne
         eager = None
         for mode in ("eager", "compiled") if device.type == "cuda" else ("eager",):  # CUDA graphs: CUDA only
             run = lambda: sampler.generate(model, prompts, new_tokens, compile=mode == "compiled").tokens  # noqa: E731
+            skips = counters["inductor"]["cudagraph_skips"]
             warmup, _ = seconds(run)
             t, tokens = min((seconds(run) for _ in range(3)), key=lambda r: r[0])
             eager = tokens if mode == "eager" else eager
             rows.append({"batch": batch, "mode": mode, "tok_s": round(batch * new_tokens / t, 1),
                          "of_roofline": round(new_tokens / t / roofline, 3), "warmup_s": round(warmup, 1),
-                         "identical_to_eager": bool(torch.equal(tokens, eager))})
+                         "identical_to_eager": bool(torch.equal(tokens, eager)),
+                         "cuda_graph_skips": counters["inductor"]["cudagraph_skips"] - skips})
             print(f"decoding: {rows[-1]}", flush=True)
     for row in rows:
         row["bandwidth_gb_s"], row["weights_gb"] = round(bandwidth / 1e9, 1), round(weight_bytes / 1e9, 2)
@@ -183,7 +187,7 @@ def check_precision(args: ModelArgs, device: torch.device) -> dict:
     return {"update_cosine": cosine, "update_norm_ratio": ratio, "ok": cosine > 0.9 and 0.8 < ratio < 1.25}
 
 
-def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path) -> dict:
+def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path) -> tuple[dict, object]:
     """A few PPO iterations of the real Trainer on a random model in these shapes (agreement reward: no other
     model needed; the pivot cache is written from the problems' own answers)."""
     from pbrl import toy
@@ -218,17 +222,6 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     predicted = memory.plan(cfg, 1, longest)
     history = trainer.run()
     params = sum(p.numel() for p in trainer.actor.parameters())
-    models = {k: m for k, (m, _, _) in trainer.trained.items()}
-    optimizers = {k: opt for k, (_, opt, _) in trainer.trained.items()}
-    timings = {}
-    with timed(timings, "save_s"):
-        ckpt = save_training_checkpoint(work / "run", steps + 1, models, optimizers, {"step": steps + 1})
-    with timed(timings, "load_s"):
-        load_training_checkpoint(ckpt, models, optimizers, steps + 1)
-    with timed(timings, "export_bf16_s"):
-        export(ckpt, work / "export", "actor", torch.bfloat16)
-    checkpoint = {"gb": round(sum(f.stat().st_size for f in ckpt.glob("*.distcp")) / 1e9, 2),
-                  **{k: round(v, 2) for k, v in timings.items()}}
     last = history[-1]
     # Update FLOPs: per trained token, 6 per parameter (forward + backward) plus 2 for the forward that activation
     # checkpointing recomputes, for actor and critic (the same size but for the LM head), per PPO epoch; attention's
@@ -242,29 +235,57 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
             "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
             "update_tflops": round(flops / last["time/update"] / 1e12, 2),
             "update_mfu": None if peak is None else round(flops / last["time/update"] / peak, 3),
-            "reward": last["reward"], "checkpoint (DCP: actor, critic, AdamW)": checkpoint, "device": name}
+            "reward": last["reward"], "device": name}, trainer
 
 
-def report(env: dict, kernel_rows, attention_rows, decoding_rows, precision, training) -> str:
+def check_checkpoint(trainer, work: Path) -> dict:
+    """Save, load and export (bf16, streamed) the trainer's DCP checkpoint: actor, critic and their AdamW states."""
+    models = {k: m for k, (m, _, _) in trainer.trained.items()}
+    optimizers = {k: opt for k, (_, opt, _) in trainer.trained.items()}
+    step = trainer.step + 1
+    timings = {}
+    with timed(timings, "save_s"):
+        ckpt = save_training_checkpoint(work / "run", step, models, optimizers, {"step": step})
+    with timed(timings, "load_s"):
+        load_training_checkpoint(ckpt, models, optimizers, step)
+    with timed(timings, "export_bf16_s"):
+        export(ckpt, work / "export", "actor", torch.bfloat16)
+    return {"gb": round(sum(f.stat().st_size for f in ckpt.glob("*.distcp")) / 1e9, 2),
+            **{k: round(v, 2) for k, v in timings.items()}}
+
+
+def report(env: dict, results: dict) -> str:
+    """The markdown report of what has run so far: a section that failed shows its error, one not reached says so."""
     lines = ["# GPU check", "", f"`{env['command']}` on {env['device']} (torch {env['torch']}, triton "
-             f"{env['triton']}), {env['date']}, {env['seconds']:.0f} s.", "", "## Kernels vs fp32 references", "",
-             "| kernel | dtype | ran | max abs error | ok |", "|---|---|---|---|---|"]
-    lines += [f"| {r['kernel']} | {r['dtype']} | {r['path']} | {r['max_abs_err']:.2e} | {r['ok']} |"
-              for r in kernel_rows]
-    lines += ["", "## Attention backend (math fallback switched off)", "", "| form | fused kernel |", "|---|---|"]
-    lines += [f"| {r['form']} | {r['fused']} |" for r in attention_rows]
-    lines += ["", "## Greedy decoding, bf16, eager vs compiled (CUDA graphs)", "",
-              "| batch | mode | tokens/s | of roofline | first call (s) | identical to eager |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['mode']} | {r['tok_s']} | {r['of_roofline']} | {r['warmup_s']} | "
-              f"{r['identical_to_eager']} |" for r in decoding_rows]
-    if decoding_rows:
-        lines += ["", f"Roofline: {decoding_rows[0]['weights_gb']} GB of weights per step at a measured "
-                      f"{decoding_rows[0]['bandwidth_gb_s']} GB/s."]
-    lines += ["", "## bf16 compute over fp32 masters vs fp32, one AdamW step", "",
-              f"update cosine {precision['update_cosine']:.4f}, norm ratio {precision['update_norm_ratio']:.3f}, "
-              f"ok {precision['ok']}", "", "## PPO iterations (Trainer, FSDP2, one device)", "",
-              "```json", json.dumps(training, indent=1), "```", ""]
+             f"{env['triton']}), {env['date']}, {env['seconds']:.0f} s so far.", ""]
+
+    def section(title, key, render):
+        lines.extend([f"## {title}", ""])
+        if key not in results:
+            lines.append("not reached (the run ended before this section)")
+        elif isinstance(results[key], str):
+            lines.extend(["FAILED:", "```", results[key], "```"])
+        else:
+            lines.extend(render(results[key]))
+        lines.append("")
+    section("Kernels vs fp32 references", "kernels", lambda rows: [
+        "| kernel | dtype | ran | max abs error | ok |", "|---|---|---|---|---|",
+        *(f"| {r['kernel']} | {r['dtype']} | {r['path']} | {r['max_abs_err']:.2e} | {r['ok']} |" for r in rows)])
+    section("Attention backend (math fallback switched off)", "attention", lambda rows: [
+        "| form | fused kernel |", "|---|---|", *(f"| {r['form']} | {r['fused']} |" for r in rows)])
+    section("bf16 compute over fp32 masters vs fp32, one AdamW step", "precision", lambda r: [
+        f"update cosine {r['update_cosine']:.4f}, norm ratio {r['update_norm_ratio']:.3f}, ok {r['ok']}"])
+    section("PPO iterations (Trainer, FSDP2, one device)", "training", lambda r: [
+        "```json", json.dumps(r, indent=1), "```"])
+    section("Greedy decoding, bf16, eager vs compiled (CUDA graphs)", "decoding", lambda rows: [
+        "| batch | mode | tokens/s | of roofline | first call (s) | identical to eager | CUDA-graph skips |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {r['batch']} | {r['mode']} | {r['tok_s']} | {r['of_roofline']} | {r['warmup_s']} | "
+          f"{r['identical_to_eager']} | {r['cuda_graph_skips']} |" for r in rows),
+        *(["", f"Roofline: {rows[0]['weights_gb']} GB of weights per step at a measured "
+               f"{rows[0]['bandwidth_gb_s']} GB/s."] if rows else [])])
+    section("Training checkpoint (DCP: actor, critic, AdamW) of the PPO run", "checkpoint", lambda r: [
+        "```json", json.dumps(r, indent=1), "```"])
     return "\n".join(lines)
 
 
@@ -276,27 +297,43 @@ def main(argv=None):
     ap.add_argument("--decode-batches", default="1,64,256", help="batch sizes of the decoding check")
     ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"))
     args = ap.parse_args(argv)
+    import triton
     device = dist.resolve_device(args.device)
     t0 = time.perf_counter()
     model_args = ModelArgs(**SIZES[args.size])
-    kernel_rows = check_kernels(device)
-    print(f"kernels: {sum(r['ok'] for r in kernel_rows)}/{len(kernel_rows)} within tolerance", flush=True)
-    attention_rows = check_attention(Transformer(model_args).to(device).eval(), device)
-    print(f"attention: {attention_rows}", flush=True)
-    decoding_rows = check_decoding(model_args, device, [int(b) for b in args.decode_batches.split(",")])
-    precision = check_precision(ModelArgs(**SIZES["tiny"]), device)
-    print(f"precision: {precision}", flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        training = check_training(model_args, device, args.steps, Path(work))
-    print(f"training: {training}", flush=True)
-    import triton
     env = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "device": training["device"], "torch": torch.__version__, "triton": triton.__version__,
-           "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t0}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(report(env, kernel_rows, attention_rows, decoding_rows, precision, training))
-    print(f"wrote {args.out}")
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
+    results = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def run(key, fn):
+        """Run one check; a failure is reported and the next check still runs. The report is rewritten after each
+        check, so a run cut short still leaves what it measured."""
+        try:
+            results[key] = fn()
+        except Exception:  # the report shows the error; the checks after it are still worth running
+            results[key] = traceback.format_exc(limit=-6)
+        print(f"{key}: {results[key]}", flush=True)
+        out.write_text(report({**env, "seconds": time.perf_counter() - t0}, results))
+
+    with tempfile.TemporaryDirectory() as work:
+        run("kernels", lambda: check_kernels(device))
+        run("attention", lambda: check_attention(Transformer(model_args).to(device).eval(), device))
+        run("precision", lambda: check_precision(ModelArgs(**SIZES["tiny"]), device))
+        trained = {}
+
+        def training():
+            result, trained["trainer"] = check_training(model_args, device, args.steps, Path(work))
+            return result
+        run("training", training)
+        run("decoding", lambda: check_decoding(model_args, device, [int(b) for b in args.decode_batches.split(",")]))
+        run("checkpoint", lambda: check_checkpoint(trained["trainer"], Path(work)))
+    print(f"wrote {out}")
     dist.shutdown()
+    if any(isinstance(r, str) for r in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,14 @@ def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, 
     return model(ids[:, None], attention_mask=valid, position_ids=positions[:, None], cache=cache, start=slot)[:, -1]
 
 
+def static_cache(cache: KVCache) -> None:
+    """Tell torch.compile that the cache tensors keep their addresses for the graph's lifetime: CUDA graphs may then
+    write them in place (the step's index_copy_); a graph that mutates any other input is run without CUDA graphs.
+    A new cache (each call, each compaction) makes the graph re-record once, not recompile."""
+    for t in cache.k + cache.v:
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
 def row_seeds(n_rows: int, seed: int | None, seeds) -> torch.Tensor:
     """[N] int64: the given per-row seeds, or N seeds derived from `seed`, or drawn from torch's global RNG."""
     if seeds is not None:
@@ -138,6 +146,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     logits = model.lm_head(hidden[:, -1]).repeat_interleave(n, 0)  # only the last position's logits are needed
     if n > 1:
         cache.k, cache.v = [k.repeat_interleave(n, 0) for k in cache.k], [v.repeat_interleave(n, 0) for v in cache.v]
+    if compile:
+        static_cache(cache)
     slot = torch.tensor([p_len], device=device)
     for step in range(max_new_tokens):
         # Finished rows keep decoding until the next look (or ride along as padding of a compacted batch); they
@@ -160,6 +170,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 live, done, seeds, next_ids, positions, valid = (
                     t[keep] for t in (live, done, seeds, next_ids, positions, valid))
                 cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
+                if compile:
+                    static_cache(cache)
         valid.index_fill_(1, slot, True)
         logits = step_fn(model, next_ids, positions + step, slot, valid, cache)
         slot += 1

@@ -136,5 +136,5 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     text = out.read_text()
     assert "| linear_token_logprobs grad weight | bfloat16 | pytorch |" in text and "| False |" not in text
     assert "update cosine" in text and '"update_tflops"' in text and '"steps": 2' in text
-    assert '"planned_peak_gb"' in text and '"checkpoint (DCP: actor, critic, AdamW)"' in text
+    assert '"planned_peak_gb"' in text and '"export_bf16_s"' in text and "FAILED" not in text
     assert "| sample_tokens T=1 log-prob | bfloat16 | pytorch |" in text and "| 4 | eager |" in text
