@@ -9,10 +9,11 @@
      decoding    greedy tokens/s at batch 1, 64, 256, eager and compiled (CUDA graphs; identical tokens checked),
                  against the read-bandwidth roofline measured in the same run
   3. precision   one AdamW step with bf16 compute over fp32 masters against the same step in fp32
-  4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation checkpointing) on a
-                 random model in Llama-3.2-1B's shapes: seconds per phase, the update's model-FLOPs utilisation, peak
-                 memory against pbrl.memory's plan (on CUDA; the CPU's peak is the process's RSS); then the time to
-                 save, load and export (bf16, streamed) its DCP checkpoint
+  4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation checkpointing,
+                 compiled blocks) on a random model in Llama-3.2-1B's shapes: seconds per phase, the update's
+                 model-FLOPs utilisation (also with eager blocks), peak memory against pbrl.memory's plan (on CUDA;
+                 the CPU's peak is the process's RSS)
+     checkpoint  the time to save, load and export (bf16, streamed) a DCP checkpoint of its actor
 Random weights in real shapes only: throughput and memory are what they would be for the real model, text is noise.
 """
 import argparse
@@ -189,14 +190,16 @@ def check_precision(args: ModelArgs, device: torch.device) -> dict:
 
 def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path) -> tuple[dict, object]:
     """A few PPO iterations of the real Trainer on a random model in these shapes (agreement reward: no other
-    model needed; the pivot cache is written from the problems' own answers)."""
+    model needed; the pivot cache is written from the problems' own answers), its blocks compiled (models.compile,
+    on CUDA); then two more iterations with the blocks run eagerly, for the compiler's gain."""
     from pbrl import toy
     from pbrl.trainer import Trainer
     problems = toy.make_problems(64, __import__("random").Random(0))
     tokenizer = chat_tokenizer(train_bpe([toy.render(p, lang) for p in problems for lang in toy.LANGS], 400))
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**{**args.__dict__, "bos_token_id": tokenizer.token_id("<|begin_of_text|>"),
-                                     "eos_token_id": tokenizer.eos_id}))
+    with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU time
+        model = Transformer(ModelArgs(**{**args.__dict__, "bos_token_id": tokenizer.token_id("<|begin_of_text|>"),
+                                         "eos_token_id": tokenizer.eos_id}))
     save_model(model, work / "model", dtype=torch.bfloat16)
     save_tokenizer(tokenizer, work / "model")
     del model
@@ -208,40 +211,54 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
                                                           "reference": f"The answer is {toy.answer(p)}."}) + "\n"
                                               for i, p in enumerate(problems)))
     small = args.hidden_size < 1024
-    settings = {"models.policy": work / "model", "models.dtype": "bfloat16" if device.type == "cuda" else "float32",
-                "models.activation_checkpointing": "true", "data.path": work / "data", "data.langs": "de",
-                "data.pivot_cache": work / "pivot.jsonl", "data.eval_path": "", "reward.kind": "agreement",
-                "rollout.prompts_per_step": 4 if small else 16, "rollout.samples_per_prompt": 4,
-                "rollout.max_new_tokens": 16 if small else 256, "ppo.micro_batch_size": 8, "run.steps": steps,
-                "run.out_dir": work / "run", "run.checkpoint_every": "off"}
+    cuda = device.type == "cuda"
+    settings = {"models.policy": work / "model", "models.dtype": "bfloat16" if cuda else "float32",
+                "models.activation_checkpointing": "true", "models.compile": str(cuda).lower(),
+                "data.path": work / "data", "data.langs": "de", "data.pivot_cache": work / "pivot.jsonl",
+                "data.eval_path": "", "reward.kind": "agreement", "rollout.prompts_per_step": 4 if small else 16,
+                "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 16 if small else 256,
+                "ppo.micro_batch_size": 16, "run.steps": steps, "run.out_dir": work / "run",
+                "run.checkpoint_every": "off"}
     cfg = load_config(None, [x for key, value in settings.items() for x in (f"--{key}", str(value))])
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, log=lambda *a: None)
     longest = max(len(encode_prompt(trainer.tokenizer, p)) for p in trainer.train_problems)
     predicted = memory.plan(cfg, 1, longest)
-    history = trainer.run()
-    params = sum(p.numel() for p in trainer.actor.parameters())
-    last = history[-1]
-    # Update FLOPs: per trained token, 6 per parameter (forward + backward) plus 2 for the forward that activation
-    # checkpointing recomputes, for actor and critic (the same size but for the LM head), per PPO epoch; attention's
-    # own FLOPs are left out (small at these lengths).
-    flops = 2 * 8 * params * last["sequence_tokens"] * cfg.ppo.epochs
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    last = trainer.run()[-1]
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    return {"params": params, "steps": steps, "phases": {k[5:]: round(v, 3) for k, v in last.items()
-                                                         if k.startswith("time/")},
-            "seconds_per_step": round(last["seconds"], 3), "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
-            "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
-            "update_tflops": round(flops / last["time/update"] / 1e12, 2),
-            "update_mfu": None if peak is None else round(flops / last["time/update"] / peak, 3),
-            "reward": last["reward"], "device": name}, trainer
+    # Update FLOPs per trained token: 6 per parameter that multiplies (forward + backward) plus 2 for the forward
+    # that activation checkpointing recomputes, per PPO epoch; the actor's tied embedding counts once (its LM
+    # head), the critic's not at all (a lookup; its head is one column). Attention's own FLOPs are left out.
+    params = sum(p.numel() for p in trainer.actor.parameters())
+    matmul_params = params + params - trainer.critic.embed_tokens.weight.numel()
+
+    def throughput(metrics):
+        flops = 8 * matmul_params * metrics["sequence_tokens"] * cfg.ppo.epochs
+        return {"update_s": round(metrics["time/update"], 3),
+                "update_tflops": round(flops / metrics["time/update"] / 1e12, 1),
+                "update_mfu": None if peak is None else round(flops / metrics["time/update"] / peak, 3)}
+    result = {"params": params, "steps": steps, "micro_batch": f"{cfg.ppo.micro_batch_size} sequences, "
+              f"{last['sequence_tokens'] / (cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt):.0f} "
+              "tokens each", "phases": {k[5:]: round(v, 3) for k, v in last.items() if k.startswith("time/")},
+              "seconds_per_step": round(last["seconds"], 3), "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
+              "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
+              "compiled_blocks": cuda, **throughput(last), "reward": last["reward"], "device": name}
+    if cuda:  # the same run, two more iterations with every block eager
+        for model in (trainer.actor, trainer.critic, trainer.reference):
+            for layer in model.layers:
+                layer.compiled_forward = None
+        eager = trainer.run(2)[-1]
+        result["eager_blocks"] = {**throughput(eager), "phases": {k[5:]: round(v, 3) for k, v in eager.items()
+                                                                   if k.startswith("time/")}}
+    return result, trainer
 
 
 def check_checkpoint(trainer, work: Path) -> dict:
-    """Save, load and export (bf16, streamed) the trainer's DCP checkpoint: actor, critic and their AdamW states."""
-    models = {k: m for k, (m, _, _) in trainer.trained.items()}
-    optimizers = {k: opt for k, (_, opt, _) in trainer.trained.items()}
+    """Save, load and export (bf16, streamed) a DCP checkpoint of the trainer's actor and its AdamW state (fp32:
+    16 bytes per parameter; the critic's would double what the GPU machine's disk must hold)."""
+    models, optimizers = {"actor": trainer.trained["actor"][0]}, {"actor": trainer.trained["actor"][1]}
     step = trainer.step + 1
     timings = {}
     with timed(timings, "save_s"):
@@ -284,7 +301,7 @@ def report(env: dict, results: dict) -> str:
           f"{r['identical_to_eager']} | {r['cuda_graph_skips']} |" for r in rows),
         *(["", f"Roofline: {rows[0]['weights_gb']} GB of weights per step at a measured "
                f"{rows[0]['bandwidth_gb_s']} GB/s."] if rows else [])])
-    section("Training checkpoint (DCP: actor, critic, AdamW) of the PPO run", "checkpoint", lambda r: [
+    section("Training checkpoint (DCP: actor and its AdamW state) of the PPO run", "checkpoint", lambda r: [
         "```json", json.dumps(r, indent=1), "```"])
     return "\n".join(lines)
 

@@ -31,6 +31,7 @@ class ModelsConfig:
     translator: str = TOY      # translator of the MT reward
     enable_thinking: bool = False  # chat templates that read it (Qwen3): reasoning blocks in policy and pivot turns
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    compile: bool = False      # torch.compile each block of the trained and scored models (fused kernels; CUDA)
     dtype: str = "auto"        # compute dtype (auto: bfloat16 on CUDA, float32 on CPU); trainable weights and
     #                            optimizer states are fp32 whatever it says; frozen models are stored in it
 

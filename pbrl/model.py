@@ -218,8 +218,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
-        """mask: None when no key is padding (causal attention, or a single query that sees every slot), else a
-        boolean [B, 1, T, S] (see attention_mask_4d)."""
+        """mask: None when causal attention is exact (no padding before a real token; or a single query that
+        sees every slot), else a boolean [B, 1, T, S] (see attention_mask_4d)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
@@ -241,7 +241,8 @@ class Attention(nn.Module):
         # memory-efficient kernel takes a mask but not GQA, so K/V heads are repeated (far smaller than the
         # [B, H, T, S] fp32 scores the math fallback would hold); one decoding query is small on any kernel.
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+            causal = True if t > 1 else False  # a plain bool also when t is symbolic (compiled, dynamic shapes)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         elif t > 1:
             if gqa:
                 k, v = (z.repeat_interleave(self.n_heads // self.n_kv, dim=1) for z in (k, v))
@@ -269,10 +270,20 @@ class Block(nn.Module):
         self.self_attn = Attention(args, layer)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
+        self.compiled_forward = None  # set by Transformer.compile_blocks
 
     def forward(self, x, cos, sin, mask, cache, start):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # The compiled body runs inside this module's call, so FSDP's hooks around it (gather, free, reduce) and
+        # activation checkpointing work unchanged.
+        if self.compiled_forward is not None and cache is None:
+            return self.compiled_forward(self, x, cos, sin, mask)
+        return block_forward(self, x, cos, sin, mask, cache, start)
+
+
+def block_forward(block: Block, x, cos, sin, mask, cache=None, start=0):
+    """One pre-norm transformer block: x [B, T, H] -> [B, T, H]."""
+    x = x + block.self_attn(block.input_layernorm(x), cos, sin, mask, cache, start)
+    return x + block.mlp(block.post_attention_layernorm(x))
 
 
 def pad_rows(rows: list[list[int]], side: str = "left", length: int | None = None,
@@ -320,6 +331,14 @@ class Transformer(nn.Module):
         # block's recomputation; gradients are unchanged).
         self.activation_checkpointing = False
         self.tie_weights()
+
+    def compile_blocks(self, **options) -> None:
+        """Run every block's forward without a KV cache (training, scoring, prefill-free passes) through one
+        torch.compile of block_forward (dynamic shapes: any batch and length; the blocks share the compiled code):
+        norms, RoPE and the MLP's activation fuse into few kernels. Decoding is compiled separately (pbrl.sampler)."""
+        compiled = torch.compile(block_forward, dynamic=True, **options)
+        for layer in self.layers:
+            layer.compiled_forward = compiled
 
     def tie_weights(self):
         if self.lm_head is not None and self.args.tie_word_embeddings:
@@ -387,10 +406,12 @@ class Transformer(nn.Module):
         if valid is not None:
             if position_ids is None:
                 position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-            # No mask without padding: causal attention over the new tokens (start must then be 0), or one query
-            # that sees every slot. The check costs one host sync per forward.
-            padded = attention_mask is not None and not bool(valid.all())
-            mask = attention_mask_4d(valid, t) if padded or (t > 1 and start > 0) else None
+            # No mask where causal attention alone is exact: no padding before any real token (none at all, or
+            # right padding: a real query only sees earlier slots, all real) and the new tokens start at slot 0;
+            # or one query that sees every slot. Then the fused kernels run (flash attention on CUDA, GQA
+            # included). The check costs one host sync per forward.
+            pad_before_token = attention_mask is not None and bool((valid[:, 1:] & ~valid[:, :-1]).any())
+            mask = attention_mask_4d(valid, t) if pad_before_token or (t > 1 and start > 0) else None
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         x = self.embed_tokens(input_ids)

@@ -100,22 +100,30 @@ def advantages(cfg, scores: torch.Tensor, kl: torch.Tensor, values: torch.Tensor
     return advantage, torch.zeros_like(advantage)
 
 
-def _shifted(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
-    """The columns these rows use (prompt padding that every row has, and response slots after the longest
-    response, are dropped: attention and compute grow with length), then inputs without their last token and
-    their labels (the next tokens), and where those are response tokens. Returns (inputs, attention, labels,
-    label_mask, P, T used)."""
-    used = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
-    p = input_ids.shape[1] - response_mask.shape[1]
-    first = int(attention_mask[:, :p].any(0).int().argmax())  # the first column some prompt uses
-    input_ids, attention_mask = input_ids[:, first:p + used], attention_mask[:, first:p + used]
-    p -= first
-    label_mask = torch.zeros_like(input_ids[:, :-1], dtype=torch.bool)
-    label_mask[:, p - 1:] = response_mask[:, :used]
-    return input_ids[:, :-1], attention_mask[:, :-1], input_ids[:, 1:], label_mask, p, used
+def _packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+    """Each row's prompt and response moved to the start of the row (right padding only: causal attention is then
+    exact without a mask, so the fused attention kernels run), trimmed to the longest row; then the inputs without
+    their last token, their labels (the next tokens), and where those are response tokens. Returns (inputs,
+    attention, labels, label_mask, at): at [B, U] indexes each row's outputs at its U response positions (U = the
+    longest response), for `_responses`."""
+    b, p = input_ids.shape[0], input_ids.shape[1] - response_mask.shape[1]
+    prompt_len = attention_mask[:, :p].sum(1)
+    lengths = prompt_len + response_mask.sum(1)
+    width = int(lengths.max())
+    slots = torch.arange(width, device=input_ids.device)[None]
+    cols = (slots + p - prompt_len[:, None]).clamp(max=input_ids.shape[1] - 1)  # [B, width] source columns
+    real = slots < lengths[:, None]
+    ids = torch.where(real, input_ids.gather(1, cols), 0)
+    is_response = torch.cat([torch.zeros(b, p, dtype=torch.bool, device=input_ids.device), response_mask], 1)
+    label_mask = (is_response.gather(1, cols) & real)[:, 1:]
+    used = int(response_mask.sum(1).max()) if response_mask.any() else 1
+    at = (prompt_len[:, None] - 1 + torch.arange(used, device=input_ids.device)).clamp(max=max(width - 2, 0))
+    return ids[:, :-1], real[:, :-1], ids[:, 1:], label_mask, at
 
 
-def _full_width(x: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+def _responses(x: torch.Tensor, at: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position outputs x [B, width - 1] -> [B, T] at the response positions, 0 after each response."""
+    x = torch.where(response_mask[:, :at.shape[1]], x.gather(1, at), 0.0)
     return torch.nn.functional.pad(x, (0, response_mask.shape[1] - x.shape[1]))
 
 
@@ -123,17 +131,16 @@ def response_logprobs(model: Transformer, input_ids, attention_mask, response_ma
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token) and the policy's entropy at each response position, [B, T] each (0 after a
     response), under softmax(logits / temperature) (the sampling distribution), through the fused log-prob kernel."""
-    inputs, attention, labels, label_mask, p, _ = _shifted(input_ids, attention_mask, response_mask)
+    inputs, attention, labels, label_mask, at = _packed(input_ids, attention_mask, response_mask)
     logp, entropy = model(inputs, attention_mask=attention, output="logprobs", labels=labels, label_mask=label_mask,
                           temperature=temperature)
-    return _full_width(logp[:, p - 1:], response_mask), _full_width(entropy[:, p - 1:], response_mask)
+    return _responses(logp, at, response_mask), _responses(entropy, at, response_mask)
 
 
 def response_values(model: Transformer, input_ids, attention_mask, response_mask) -> torch.Tensor:
     """The critic's value before each response token, [B, T] (0 after a response)."""
-    inputs, attention, _, _, p, used = _shifted(input_ids, attention_mask, response_mask)
-    values = model(inputs, attention_mask=attention, output="values")[:, p - 1:]
-    return _full_width(torch.where(response_mask[:, :used], values, 0.0), response_mask)
+    inputs, attention, _, _, at = _packed(input_ids, attention_mask, response_mask)
+    return _responses(model(inputs, attention_mask=attention, output="values"), at, response_mask)
 
 
 def actor_loss(actor, exp: Experience, num_tokens, cfg, temperature: float, kl_beta: float):

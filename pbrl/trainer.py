@@ -116,6 +116,8 @@ class Trainer:
         shard = (lambda model: dist.shard(model, compute_dtype)) if dist.is_distributed() else None
         model = load_model(path, dtype=dtype, device=self.device, value_head=value_head, shard=shard).train()
         model.activation_checkpointing = self.cfg.models.activation_checkpointing
+        if self.cfg.models.compile:
+            model.compile_blocks()
         return model
 
     # ------------------------------------------------------------------------------------------ one iteration

@@ -144,7 +144,7 @@ def test_activation_checkpointing_gives_identical_gradients(output):
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
-def test_attention_uses_no_mask_without_padding_and_no_gqa_with_a_mask(monkeypatch):
+def test_attention_uses_no_mask_without_padding_or_with_right_padding_and_no_gqa_with_a_mask(monkeypatch):
     """What each SDPA call gets decides the CUDA kernel: flash needs no mask, the memory-efficient kernel no GQA.
     Outputs stay those of the fully masked reference."""
     import torch.nn.functional as F
@@ -171,7 +171,50 @@ def test_attention_uses_no_mask_without_padding_and_no_gqa_with_a_mask(monkeypat
         padded[1, :3] = False
         out = model(ids, attention_mask=padded)
         assert set(calls) == {(True, False, False, True)}  # a mask, K/V heads repeated: memory-efficient kernel
+        calls.clear()
+        right = full.clone()
+        right[1, 4:] = False  # right padding (training's layout): causal attention alone is exact
+        out_right = model(ids, attention_mask=right)
+        assert set(calls) == {(False, True, True, False)}
     monkeypatch.setattr(F, "scaled_dot_product_attention", real)
     with torch.no_grad():
         alone = model(ids[1:, 3:])  # the padded row on its own
+        prefix = model(ids[1:, :4])  # the right-padded row's tokens on their own
     assert torch.allclose(out[1, 3:], alone[0], atol=1e-5) and torch.allclose(out[0], plain[0], atol=1e-5)
+    assert torch.allclose(out_right[1, :4], prefix[0], atol=1e-5) and torch.allclose(out_right[0], plain[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_give_the_eager_outputs_and_gradients_with_one_graph_for_all_blocks(checkpointing):
+    """compile_blocks (AOT autograd tracing here, inductor's code generation is for CUDA): the same logits and
+    gradients as eager, with and without activation checkpointing, for causal, right-padded and left-padded batches
+    of different shapes; every block runs the same compiled code (no recompilation per block or per length)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64, qk_norm=True)
+    eager, compiled = Transformer(args), Transformer(args)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks(backend="aot_eager", fullgraph=True)
+    for model in (eager, compiled):
+        model.activation_checkpointing = checkpointing
+    for b, t, pad in ((3, 10, None), (2, 13, "right"), (4, 7, "left"), (3, 11, "left")):
+        ids = torch.randint(0, 64, (b, t))
+        mask = torch.ones(b, t, dtype=torch.bool)
+        if pad == "right":
+            mask[1, t - 4:] = False
+        elif pad == "left":
+            mask[1, :3] = False
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            logits = model(ids, attention_mask=mask)
+            (logits * mask[..., None]).square().sum().backward()
+            results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert torch.allclose(results[0][0], results[1][0], atol=1e-5), (t, pad)
+        for name, grad in results[0][1].items():
+            assert torch.allclose(grad, results[1][1][name], atol=1e-5), (t, pad, name)
+    # One graph without a mask and one with (left padding), whatever the shapes; not one per block.
+    assert counters["stats"]["unique_graphs"] == 2

@@ -155,7 +155,9 @@ def test_columns_no_row_uses_are_trimmed_without_changing_the_results(tiny):
         wide_logp, wide_entropy = rollout.response_logprobs(tiny, *wide, temperature=1.0)
         values, wide_values = (rollout.response_values(tiny, *x) for x in ((ids, mask, response_mask), wide))
     hook.remove()
-    assert widths == [ids.shape[1] - 1] * 4  # the model saw the same trimmed columns both times
+    # The model saw the same columns both times: each row moved to its start, as wide as the longest row (5
+    # tokens), less the last token (it predicts nothing).
+    assert widths == [int(mask.sum(1).max()) - 1] * 4 == [4] * 4
     for narrow, broad in ((logp, wide_logp), (entropy, wide_entropy), (values, wide_values)):
         assert broad.shape == (2, 6) and broad[:, 3:].eq(0).all()
         assert torch.allclose(broad[:, :3], narrow, atol=1e-6)
