@@ -19,6 +19,7 @@ Random weights in real shapes only: throughput and memory are what they would be
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -53,6 +54,38 @@ SIZES = {  # Llama-3.2-1B's shapes (vocab cut to what the test tokenizer needs i
 }
 # Dense bf16 tensor-core peak of the GPUs this is likely to meet (vendor datasheets, SXM parts).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def seconds(fn):
+    """(wall seconds of fn(), its result), the GPU's queue drained before and after."""
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def profiled(fn, top: int = 10) -> dict:
+    """fn() under torch.profiler: the GPU's busy seconds (the sum of its kernels' and copies' times) and the
+    operations whose own GPU time is largest, with their share of it. Only GPU times are reported: the profiler
+    slows the host down, so a wall time measured under it would mislead."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    sync()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events)
+    return {"gpu_busy_s": round(busy / 1e6, 4), "top": [
+        {"op": e.key[:90], "calls": e.count, "gpu_ms": round(e.self_device_time_total / 1e3, 2),
+         "share": round(e.self_device_time_total / busy, 3)}
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]]}
 
 
 def check_kernels(device: torch.device) -> list[dict]:
@@ -128,16 +161,6 @@ def check_decoding(args: ModelArgs, device: torch.device, batches: list[int], ne
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                        if "embed" not in name or args.tie_word_embeddings)  # a tied LM head reads the embeddings
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def seconds(fn):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - t0, out
     buffer = torch.ones(2**29, dtype=torch.bfloat16, device=device)
     bandwidth = buffer.numel() * 2 / min(seconds(buffer.sum)[0] for _ in range(5))
     roofline = bandwidth / weight_bytes
@@ -161,6 +184,22 @@ def check_decoding(args: ModelArgs, device: torch.device, batches: list[int], ne
     for row in rows:
         row["bandwidth_gb_s"], row["weights_gb"] = round(bandwidth / 1e9, 1), round(weight_bytes / 1e9, 2)
     return rows
+
+
+def check_decode_profile(args: ModelArgs, device: torch.device, new_tokens: int = 64) -> dict:
+    """Batch-1 greedy decoding through the compiled step (CUDA graphs): wall seconds per step against the GPU's
+    busy seconds per step (profiled): how much of a step the host leaves the GPU idle, and what the GPU spends it
+    on."""
+    torch.manual_seed(0)
+    model = Transformer(args).to(device, torch.bfloat16).eval()
+    prompt = [torch.randint(0, args.vocab_size, (48,)).tolist()]
+    run = lambda: sampler.generate(model, prompt, new_tokens, compile=device.type == "cuda")  # noqa: E731
+    run()
+    wall = min(seconds(run)[0] for _ in range(3))
+    prof = profiled(run)
+    return {"new_tokens": new_tokens, "wall_ms_per_step": round(wall / new_tokens * 1e3, 3),
+            "gpu_busy_ms_per_step": round(prof["gpu_busy_s"] / new_tokens * 1e3, 3),
+            "gpu_busy_fraction": round(prof["gpu_busy_s"] / wall, 3), "top": prof["top"]}
 
 
 def check_precision(args: ModelArgs, device: torch.device) -> dict:
@@ -191,7 +230,7 @@ def check_precision(args: ModelArgs, device: torch.device) -> dict:
 def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path) -> tuple[dict, object]:
     """A few PPO iterations of the real Trainer on a random model in these shapes (agreement reward: no other
     model needed; the pivot cache is written from the problems' own answers), its blocks compiled (models.compile,
-    on CUDA); then two more iterations with the blocks run eagerly, for the compiler's gain."""
+    on CUDA); then one more under the profiler, and one with the blocks run eagerly, for the compiler's gain."""
     from pbrl import toy
     from pbrl.trainer import Trainer
     problems = toy.make_problems(64, __import__("random").Random(0))
@@ -245,11 +284,12 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
               "seconds_per_step": round(last["seconds"], 3), "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
               "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
               "compiled_blocks": cuda, **throughput(last), "reward": last["reward"], "device": name}
-    if cuda:  # the same run, two more iterations with every block eager
+    result["one_iteration_profiled"] = profiled(lambda: trainer.run(1))
+    if cuda:  # the same run, one more iteration with every block eager
         for model in (trainer.actor, trainer.critic, trainer.reference):
             for layer in model.layers:
                 layer.compiled_forward = None
-        eager = trainer.run(2)[-1]
+        eager = trainer.run(1)[-1]
         result["eager_blocks"] = {**throughput(eager), "phases": {k[5:]: round(v, 3) for k, v in eager.items()
                                                                    if k.startswith("time/")}}
     return result, trainer
@@ -271,38 +311,44 @@ def check_checkpoint(trainer, work: Path) -> dict:
             **{k: round(v, 2) for k, v in timings.items()}}
 
 
-def report(env: dict, results: dict) -> str:
-    """The markdown report of what has run so far: a section that failed shows its error, one not reached says so."""
-    lines = ["# GPU check", "", f"`{env['command']}` on {env['device']} (torch {env['torch']}, triton "
-             f"{env['triton']}), {env['date']}, {env['seconds']:.0f} s so far.", ""]
-
-    def section(title, key, render):
-        lines.extend([f"## {title}", ""])
-        if key not in results:
-            lines.append("not reached (the run ended before this section)")
-        elif isinstance(results[key], str):
-            lines.extend(["FAILED:", "```", results[key], "```"])
-        else:
-            lines.extend(render(results[key]))
-        lines.append("")
-    section("Kernels vs fp32 references", "kernels", lambda rows: [
+SECTIONS = {  # key: (title, how its result renders)
+    "kernels": ("Kernels vs fp32 references", lambda rows: [
         "| kernel | dtype | ran | max abs error | ok |", "|---|---|---|---|---|",
-        *(f"| {r['kernel']} | {r['dtype']} | {r['path']} | {r['max_abs_err']:.2e} | {r['ok']} |" for r in rows)])
-    section("Attention backend (math fallback switched off)", "attention", lambda rows: [
-        "| form | fused kernel |", "|---|---|", *(f"| {r['form']} | {r['fused']} |" for r in rows)])
-    section("bf16 compute over fp32 masters vs fp32, one AdamW step", "precision", lambda r: [
-        f"update cosine {r['update_cosine']:.4f}, norm ratio {r['update_norm_ratio']:.3f}, ok {r['ok']}"])
-    section("PPO iterations (Trainer, FSDP2, one device)", "training", lambda r: [
-        "```json", json.dumps(r, indent=1), "```"])
-    section("Greedy decoding, bf16, eager vs compiled (CUDA graphs)", "decoding", lambda rows: [
+        *(f"| {r['kernel']} | {r['dtype']} | {r['path']} | {r['max_abs_err']:.2e} | {r['ok']} |" for r in rows)]),
+    "attention": ("Attention backend (math fallback switched off)", lambda rows: [
+        "| form | fused kernel |", "|---|---|", *(f"| {r['form']} | {r['fused']} |" for r in rows)]),
+    "precision": ("bf16 compute over fp32 masters vs fp32, one AdamW step", lambda r: [
+        f"update cosine {r['update_cosine']:.4f}, norm ratio {r['update_norm_ratio']:.3f}, ok {r['ok']}"]),
+    "training": ("PPO iterations (Trainer, FSDP2, one device)", lambda r: ["```json", json.dumps(r, indent=1), "```"]),
+    "decoding": ("Greedy decoding, bf16, eager vs compiled (CUDA graphs)", lambda rows: [
         "| batch | mode | tokens/s | of roofline | first call (s) | identical to eager | CUDA-graph skips |",
         "|---|---|---|---|---|---|---|",
         *(f"| {r['batch']} | {r['mode']} | {r['tok_s']} | {r['of_roofline']} | {r['warmup_s']} | "
-          f"{r['identical_to_eager']} | {r['cuda_graph_skips']} |" for r in rows),
+          f"{r['identical_to_eager']} | {r.get('cuda_graph_skips', '-')} |" for r in rows),
         *(["", f"Roofline: {rows[0]['weights_gb']} GB of weights per step at a measured "
-               f"{rows[0]['bandwidth_gb_s']} GB/s."] if rows else [])])
-    section("Training checkpoint (DCP: actor and its AdamW state) of the PPO run", "checkpoint", lambda r: [
-        "```json", json.dumps(r, indent=1), "```"])
+               f"{rows[0]['bandwidth_gb_s']} GB/s."] if rows else [])]),
+    "decode_profile": ("Where a batch-1 compiled decoding step's time goes", lambda r: [
+        "```json", json.dumps(r, indent=1), "```"]),
+    "checkpoint": ("Training checkpoint (DCP: actor and its AdamW state) of the PPO run", lambda r: [
+        "```json", json.dumps(r, indent=1), "```"]),
+}
+
+
+def report(sections: dict) -> str:
+    """The markdown report: each section with the run that measured it; a failure shows its error."""
+    lines = ["# GPU check", "", "Written by `benchmarks/gpu_check.py`; each section names the run that measured it.",
+             ""]
+    for key, (title, render) in SECTIONS.items():
+        lines.extend([f"## {title}", ""])
+        if key not in sections:
+            lines.extend(["not run yet", ""])
+            continue
+        env, result = sections[key]["env"], sections[key]["result"]
+        took = f"; this check took {env['seconds']:.0f} s" if env.get("seconds") is not None else ""
+        lines.extend([f"`{env['command']}` on {env['device']} (torch {env['torch']}, triton {env['triton']}), "
+                      f"{env['date']}{took}.", ""])
+        lines.extend(["FAILED:", "```", result, "```"] if isinstance(result, str) else render(result))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -312,44 +358,60 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--decode-batches", default="1,64,256", help="batch sizes of the decoding check")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"))
+    ap.add_argument("--checks", default=",".join(SECTIONS), help="which checks to run, in this order "
+                    "(checkpoint needs training)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"),
+                    help="the report; its results are kept beside it as JSON, and a later run with --update "
+                         "replaces only the sections it runs")
+    ap.add_argument("--update", action="store_true")
     args = ap.parse_args(argv)
+    checks = args.checks.split(",")
+    unknown = set(checks) - set(SECTIONS)
+    if unknown or ("checkpoint" in checks and "training" not in checks):
+        ap.error(f"--checks takes some of {', '.join(SECTIONS)} (checkpoint with training); got {args.checks}")
     import triton
     device = dist.resolve_device(args.device)
-    t0 = time.perf_counter()
     model_args = ModelArgs(**SIZES[args.size])
     env = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
-    results = {}
-    out = Path(args.out)
+    out, store = Path(args.out), Path(args.out).with_suffix(".json")
+    sections = json.loads(store.read_text()) if args.update and store.exists() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    trained = {}
 
-    def run(key, fn):
-        """Run one check; a failure is reported and the next check still runs. The report is rewritten after each
-        check, so a run cut short still leaves what it measured."""
-        try:
-            results[key] = fn()
-        except Exception:  # the report shows the error; the checks after it are still worth running
-            results[key] = traceback.format_exc(limit=-6)
-        print(f"{key}: {results[key]}", flush=True)
-        out.write_text(report({**env, "seconds": time.perf_counter() - t0}, results))
-
-    with tempfile.TemporaryDirectory() as work:
-        run("kernels", lambda: check_kernels(device))
-        run("attention", lambda: check_attention(Transformer(model_args).to(device).eval(), device))
-        run("precision", lambda: check_precision(ModelArgs(**SIZES["tiny"]), device))
-        trained = {}
-
-        def training():
-            result, trained["trainer"] = check_training(model_args, device, args.steps, Path(work))
-            return result
-        run("training", training)
-        run("decoding", lambda: check_decoding(model_args, device, [int(b) for b in args.decode_batches.split(",")]))
-        run("checkpoint", lambda: check_checkpoint(trained["trainer"], Path(work)))
+    def training():
+        result, trained["trainer"] = check_training(model_args, device, args.steps, work)
+        return result
+    run_check = {
+        "kernels": lambda: check_kernels(device),
+        "attention": lambda: check_attention(Transformer(model_args).to(device).eval(), device),
+        "precision": lambda: check_precision(ModelArgs(**SIZES["tiny"]), device),
+        "training": training,
+        "decoding": lambda: check_decoding(model_args, device, [int(b) for b in args.decode_batches.split(",")]),
+        "decode_profile": lambda: check_decode_profile(model_args, device),
+        "checkpoint": lambda: check_checkpoint(trained["trainer"], work),
+    }
+    failed = False
+    try:
+        for key in checks:
+            # A failure is reported and the next check still runs; the report is rewritten after each check, so a
+            # run cut short still leaves what it measured.
+            t0 = time.perf_counter()
+            try:
+                result = run_check[key]()
+            except Exception:  # the report shows the error; the checks after it are still worth running
+                result, failed = traceback.format_exc(limit=-6), True
+            print(f"{key}: {result}", flush=True)
+            sections[key] = {"env": {**env, "seconds": time.perf_counter() - t0}, "result": result}
+            store.write_text(json.dumps(sections, indent=1))
+            out.write_text(report(sections))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {out}")
     dist.shutdown()
-    if any(isinstance(r, str) for r in results.values()):
+    if failed:
         sys.exit(1)
 
 

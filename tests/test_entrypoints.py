@@ -138,3 +138,9 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert "update cosine" in text and '"update_tflops"' in text and '"steps": 2' in text
     assert '"planned_peak_gb"' in text and '"export_bf16_s"' in text and "FAILED" not in text
     assert "| sample_tokens T=1 log-prob | bfloat16 | pytorch |" in text and "| 4 | eager |" in text
+    assert '"gpu_busy_ms_per_step"' in text and '"one_iteration_profiled"' in text
+    # --update reruns some checks and keeps the other sections of the last run (each names its command).
+    run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--checks", "precision", "--update",
+        "--out", out)
+    updated = out.read_text()
+    assert updated.count("--checks precision --update") == 1 and "| 4 | eager |" in updated
