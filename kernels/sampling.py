@@ -100,7 +100,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, keys: torch.Tensor):
     if logits.dim() != 2 or keys.shape != logits.shape[:1]:
         raise ValueError(f"sample_tokens needs logits [B, V] and keys [B]; got {list(logits.shape)} and "
                          f"{list(keys.shape)}")
-    if not use_triton(logits):
+    if not use_triton(logits) or torch.compiler.is_compiling():  # compiled: inductor fuses the specification
         return sample_tokens_ref(logits, temperature, keys)
     b, v = logits.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()

@@ -14,6 +14,7 @@ its prefill.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -61,19 +62,64 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return tokens, x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def decode_step(model: Transformer, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """ids [B] at RoPE positions [B], written to cache slot `slot` [1]; valid [B, max_len] marks the slots each
-    row may attend to (slot included) -> next-token logits [B, V]. Every shape is fixed for the whole generation."""
-    return model(ids[:, None], attention_mask=valid, position_ids=positions[:, None], cache=cache, start=slot)[:, -1]
+class DecodeState:
+    """The tensors one decoding step reads and updates in place, for the B rows still in the batch; the outputs
+    are indexed by `live`, each row's output row. All keep their addresses from step to step (CUDA graphs)."""
+
+    def __init__(self, **tensors: torch.Tensor):
+        self.ids: torch.Tensor = tensors["ids"]              # [B] long, each row's last token
+        self.positions: torch.Tensor = tensors["positions"]  # [B] long, the RoPE position of that token
+        self.valid: torch.Tensor = tensors["valid"]          # [B, max_len] bool, the cache slots each row sees
+        self.seeds: torch.Tensor = tensors["seeds"]          # [B] int64, each row's sampling seed
+        self.done: torch.Tensor = tensors["done"]            # [B] bool, the row drew a stop id
+        self.live: torch.Tensor = tensors["live"]            # [B] long, each row's output row
+        self.slot: torch.Tensor = tensors["slot"]            # [1] long, the cache slot of `ids`
+        self.step: torch.Tensor = tensors["step"]            # [1] long, the output column the next token goes to
+        self.tokens: torch.Tensor = tensors["tokens"]        # [N, max_new_tokens] long, outputs of all N rows
+        self.logprobs: torch.Tensor = tensors["logprobs"]    # [N, max_new_tokens] fp32
+        self.lengths: torch.Tensor = tensors["lengths"]      # [N] long, tokens generated per output row
+        self.cache: KVCache = tensors["cache"]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Continue with these batch rows only (their cache rows too); the outputs stay whole."""
+        for name in ("ids", "positions", "valid", "seeds", "done", "live"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.cache.k, self.cache.v = [k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v]
+
+    def static(self) -> None:
+        """Tell torch.compile that these tensors keep their addresses: CUDA graphs may then update them in place (a
+        graph that mutates any other input runs without CUDA graphs). A new state (each call, each compaction)
+        makes the graph re-record once, not recompile."""
+        for t in (self.ids, self.positions, self.valid, self.seeds, self.done, self.live, self.slot, self.step,
+                  self.tokens, self.logprobs, self.lengths, *self.cache.k, *self.cache.v):
+            torch._dynamo.mark_static_address(t, guard=False)
 
 
-def static_cache(cache: KVCache) -> None:
-    """Tell torch.compile that the cache tensors keep their addresses for the graph's lifetime: CUDA graphs may then
-    write them in place (the step's index_copy_); a graph that mutates any other input is run without CUDA graphs.
-    A new cache (each call, each compaction) makes the graph re-record once, not recompile."""
-    for t in cache.k + cache.v:
-        torch._dynamo.mark_static_address(t, guard=False)
+def record(logits: torch.Tensor, st: DecodeState, temperature: float, top_k: int | None, top_p: float | None,
+           stop: torch.Tensor, pad_id: int) -> None:
+    """Draw each row's next token from logits [B, V] and write it (and its log-prob) to output column st.step;
+    a row that has finished records nothing, and a row that draws a stop id is done."""
+    next_ids, lp = sample_next(logits, temperature, top_k, top_p, kernels.row_keys(st.seeds, st.step))
+    column = st.step.expand_as(st.live)
+    st.tokens.index_put_((st.live, column), torch.where(st.done, pad_id, next_ids))
+    st.logprobs.index_put_((st.live, column), torch.where(st.done, 0.0, lp))
+    st.lengths.index_add_(0, st.live, (~st.done).long())
+    st.done |= torch.isin(next_ids, stop)
+    st.ids.copy_(next_ids)
+
+
+def decode_step(model: Transformer, st: DecodeState, temperature: float, top_k: int | None, top_p: float | None,
+                stop: torch.Tensor, pad_id: int) -> None:
+    """One token for every row: the model reads st.ids at cache slot st.slot (attending to the slots st.valid
+    marks), then `record` draws and writes the next. Every shape is fixed for the whole generation and nothing
+    syncs with the host: compiled, it is one CUDA graph."""
+    st.valid.index_fill_(1, st.slot, True)
+    logits = model(st.ids[:, None], attention_mask=st.valid, position_ids=st.positions[:, None], cache=st.cache,
+                   start=st.slot)[:, -1]
+    st.positions += 1
+    st.slot += 1
+    st.step += 1
+    record(logits, st, temperature, top_k, top_p, stop, pad_id)
 
 
 def row_seeds(n_rows: int, seed: int | None, seeds) -> torch.Tensor:
@@ -119,7 +165,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                              f"model's vocabulary [0, {vocab})")
     device = model.embed_tokens.weight.device
     rows = [p for p in prompts for _ in range(n)]
-    seeds = row_seeds(len(rows), seed, seeds).to(device)
     step_fn = torch.compile(decode_step, **COMPILE_OPTIONS) if compile else decode_step
 
     # The cache and the validity mask span prompt + max_new_tokens slots (rounded up to 128 when compiling, so that
@@ -130,52 +175,42 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     input_ids, prompt_mask = pad_rows(prompts, side="left")  # padding slots hold id 0: masked, never attended to
     valid = torch.zeros(b, length, dtype=torch.bool, device=device)
     valid[:, :p_len] = prompt_mask.repeat_interleave(n, 0).to(device)
-    positions = torch.tensor([len(p) for p in rows], device=device)  # position of each row's next token
     cache = KVCache(model.args, len(prompts), length, model.embed_tokens.weight.dtype, device)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-
-    tokens = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros(b, max_new_tokens, device=device)
-    lengths = torch.zeros(b, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    live = torch.arange(b, device=device)  # the output row of each row still in the batch
-    done = finished.clone()                # per batch row
-
     # Prefill each prompt once, then give each of its n samples a copy of its cache.
     hidden = model.hidden_states(input_ids.to(device), attention_mask=prompt_mask.to(device), cache=cache)
     logits = model.lm_head(hidden[:, -1]).repeat_interleave(n, 0)  # only the last position's logits are needed
     if n > 1:
         cache.k, cache.v = [k.repeat_interleave(n, 0) for k in cache.k], [v.repeat_interleave(n, 0) for v in cache.v]
+    st = DecodeState(
+        ids=torch.zeros(b, dtype=torch.long, device=device), valid=valid, done=torch.zeros(b, dtype=torch.bool,
+        device=device), positions=torch.tensor([len(p) for p in rows], device=device),
+        seeds=row_seeds(b, seed, seeds).to(device), live=torch.arange(b, device=device),
+        slot=torch.tensor([p_len], device=device), step=torch.zeros(1, dtype=torch.long, device=device),
+        tokens=torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device),
+        logprobs=torch.zeros(b, max_new_tokens, device=device), lengths=torch.zeros(b, dtype=torch.long,
+        device=device), cache=cache)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    record(logits, st, temperature, top_k, top_p, stop, pad_id)  # the first token, from the prefill
     if compile:
-        static_cache(cache)
-    slot = torch.tensor([p_len], device=device)
-    for step in range(max_new_tokens):
-        # Finished rows keep decoding until the next look (or ride along as padding of a compacted batch); they
-        # record nothing.
-        next_ids, lp = sample_next(logits, temperature, top_k, top_p, kernels.row_keys(seeds, step))
-        tokens[live, step] = torch.where(done, pad_id, next_ids)
-        logprobs[live, step] = torch.where(done, 0.0, lp)
-        lengths[live] += (~done).long()
-        done |= torch.isin(next_ids, stop)
-        if step == max_new_tokens - 1:
-            break
-        if (step + 1) % SYNC_EVERY == 0:
-            alive = int((~done).sum())
-            if alive == 0:
-                break
-            size = next(s for s in BATCH_SIZES if s >= alive) if alive <= BATCH_SIZES[-1] else len(live)
-            if size < len(live):  # keep the live rows (and finished ones to fill the size), drop the rest
-                finished[live] = done  # before the rows that leave are forgotten
-                keep = torch.argsort(done.int(), stable=True)[:size]
-                live, done, seeds, next_ids, positions, valid = (
-                    t[keep] for t in (live, done, seeds, next_ids, positions, valid))
-                cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
-                if compile:
-                    static_cache(cache)
-        valid.index_fill_(1, slot, True)
-        logits = step_fn(model, next_ids, positions + step, slot, valid, cache)
-        slot += 1
-    finished[live] = done
-    width = int(lengths.max())
-    return Completions(tokens[:, :width].cpu(), lengths.cpu(), finished.cpu(),
-                       logprobs[:, :width].cpu() if return_logprobs else None)
+        st.static()
+    # Compiled: one graph per batch size the batch shrinks to (and per cache length), more than dynamo's default 8.
+    with torch._dynamo.config.patch(recompile_limit=64) if compile else contextlib.nullcontext():
+        for step in range(1, max_new_tokens):
+            if step % SYNC_EVERY == 0:
+                # The host's look at the batch: stop when every row has finished; drop finished rows (keeping
+                # some to fill the next batch size) when the live ones fit a smaller size.
+                alive = int((~st.done).sum())
+                if alive == 0:
+                    break
+                size = next(s for s in BATCH_SIZES if s >= alive) if alive <= BATCH_SIZES[-1] else len(st.live)
+                if size < len(st.live):
+                    finished[st.live] = st.done  # before the rows that leave are forgotten
+                    st.keep(torch.argsort(st.done.int(), stable=True)[:size])
+                    if compile:
+                        st.static()
+            step_fn(model, st, temperature, top_k, top_p, stop, pad_id)
+    finished[st.live] = st.done
+    width = int(st.lengths.max())
+    return Completions(st.tokens[:, :width].cpu(), st.lengths.cpu(), finished.cpu(),
+                       st.logprobs[:, :width].cpu() if return_logprobs else None)

@@ -127,8 +127,8 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
     monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
     batch_sizes = []
     real_step = sampler.decode_step
-    monkeypatch.setattr(sampler, "decode_step", lambda model, ids, *a: batch_sizes.append(len(ids)) or
-                        real_step(model, ids, *a))
+    monkeypatch.setattr(sampler, "decode_step", lambda model, st, *a: batch_sizes.append(len(st.ids)) or
+                        real_step(model, st, *a))
     compacted = generate(model, prompts, 12, **kwargs)
     assert compacted.as_lists() == whole.as_lists() and torch.equal(compacted.lengths, whole.lengths)
     assert torch.equal(compacted.finished, whole.finished)
@@ -172,3 +172,32 @@ def test_the_host_looks_at_the_batch_once_every_sync_every_steps(model):
         out = generate(model, PROMPTS, 40, temperature=1.0, seed=0)
     assert out.tokens.shape[1] == 40
     assert CountSyncs.syncs <= 40 // sampler.SYNC_EVERY + 2, CountSyncs.syncs
+
+
+def test_between_decoding_steps_the_host_launches_nothing_but_its_periodic_look(model, monkeypatch):
+    """Everything a decoding step does (model, sampling, recording, finishing) is inside decode_step, the function
+    that compiles to one CUDA graph: between two steps the host runs no tensor operation, except at its look at
+    the batch every SYNC_EVERY steps."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import pbrl.sampler as sampler
+    events = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            events.append("op")
+            return func(*args, **(kwargs or {}))
+    real_step = sampler.decode_step
+
+    def step(*args):
+        events.append("step")
+        with torch._C._DisableTorchDispatch():  # the step's own operations are not counted
+            real_step(*args)
+    monkeypatch.setattr(sampler, "decode_step", step)
+    with Record():
+        generate(model, PROMPTS, 40, temperature=1.0, seed=0)
+    first, last = events.index("step"), len(events) - events[::-1].index("step")
+    between = events[first:last]
+    assert between.count("step") == 39
+    looks = (40 - 1) // sampler.SYNC_EVERY
+    assert between.count("op") <= 4 * looks, between.count("op")  # (~done).sum() and its int(): a few ops per look
