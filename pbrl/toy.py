@@ -163,7 +163,7 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 100, sft_steps: int = 1200,
+def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 300, sft_steps: int = 1200,
                 width: int = 128, layers: int = 4, log=print) -> Path:
     """Build (or reuse) every toy artifact for this seed under `root` (returned); width and layers size the
     warm-start model."""

@@ -230,15 +230,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ eval, run, resume
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per language on the held-out problems; each rank takes every world-th problem."""
-        self.actor.eval()
-        with dist.gathered(self.actor):
-            records = evaluate(self.actor, self.tokenizer, self.eval_problems[self.rank::self.world], batch_size=64,
-                               max_new_tokens=self.cfg.rollout.max_new_tokens, progress=False)
-        self.actor.train()
-        everyone = [r for part in dist.all_gather_objects(records) for r in part]
-        self.eval_records[self.step] = everyone
-        return {f"acc/{k}": v for k, v in accuracy_by_language(everyone).items()}
+        """Greedy accuracy per language on the held-out problems; each rank takes every world-th problem. Records
+        already in eval_records for this step are reused (runs that share a warm start share its eval)."""
+        if self.step not in self.eval_records:
+            self.actor.eval()
+            with dist.gathered(self.actor):
+                records = evaluate(self.actor, self.tokenizer, self.eval_problems[self.rank::self.world],
+                                   batch_size=64, max_new_tokens=self.cfg.rollout.max_new_tokens, progress=False)
+            self.actor.train()
+            self.eval_records[self.step] = [r for part in dist.all_gather_objects(records) for r in part]
+        return {f"acc/{k}": v for k, v in accuracy_by_language(self.eval_records[self.step]).items()}
 
     def resume(self) -> None:
         ckpt = latest_checkpoint(self.out)

@@ -98,14 +98,16 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
     import xml.etree.ElementTree as ET
 
     import pbrl.experiment as experiment
-    runs = []
+    runs, given = [], []
 
     class StandIn:
         def __init__(self, cfg, log=None):
             self.cfg = cfg
+            self.eval_records = {}
             runs.append((cfg.run.out_dir, cfg.run.seed, cfg.reward.kind))
 
         def run(self):
+            given.append(0 in self.eval_records)  # the warm start's eval, handed over by the experiment
             s = self.cfg.run.seed
             def right(k):  # eval records: the first k of 10 problems right in every language
                 return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k} for lang in ("en", "de", "sw")
@@ -121,6 +123,7 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
     summary = experiment.run_experiment(tmp_path, steps=4, seed=0, seeds=3, log=lambda *a: None)
     assert len(runs) == 3 * len(experiment.RUNS) and {seed for _, seed, _ in runs} == {0, 1, 2}
     assert set(worlds) == {0}  # every run from the same world and warm start: only the RL seed varies
+    assert given == [False] + [True] * (len(runs) - 1)  # the warm start is evaluated once
     assert len({out for out, _, _ in runs}) == len(runs) and runs[1][0].endswith("ppo-gold-exact-match/seed-1")
     saved = json.loads((tmp_path / "results.json").read_text())
     arm = "PB-RLSVR hybrid"
