@@ -43,7 +43,7 @@ RUNS = {
 }
 
 
-def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 10, seeds: int = 3, log=print) -> dict:
+def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 20, seeds: int = 3, log=print) -> dict:
     """Every arm of RUNS from the same warm start, once per RL seed (seed, seed + 1, ...); writes results.json
     (every seed's accuracies and curves, each arm's gain with its 95% interval), results.md and curves.svg."""
     accuracy = {name: {} for name in RUNS}   # arm -> seed -> {lang: accuracy}
