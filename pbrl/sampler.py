@@ -15,6 +15,7 @@ its prefill.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -62,23 +63,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return tokens, x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+@dataclass
 class DecodeState:
     """The tensors one decoding step reads and updates in place, for the B rows still in the batch; the outputs
     are indexed by `live`, each row's output row. All keep their addresses from step to step (CUDA graphs)."""
-
-    def __init__(self, **tensors: torch.Tensor):
-        self.ids: torch.Tensor = tensors["ids"]              # [B] long, each row's last token
-        self.positions: torch.Tensor = tensors["positions"]  # [B] long, the RoPE position of that token
-        self.valid: torch.Tensor = tensors["valid"]          # [B, max_len] bool, the cache slots each row sees
-        self.seeds: torch.Tensor = tensors["seeds"]          # [B] int64, each row's sampling seed
-        self.done: torch.Tensor = tensors["done"]            # [B] bool, the row drew a stop id
-        self.live: torch.Tensor = tensors["live"]            # [B] long, each row's output row
-        self.slot: torch.Tensor = tensors["slot"]            # [1] long, the cache slot of `ids`
-        self.step: torch.Tensor = tensors["step"]            # [1] long, the output column the next token goes to
-        self.tokens: torch.Tensor = tensors["tokens"]        # [N, max_new_tokens] long, outputs of all N rows
-        self.logprobs: torch.Tensor = tensors["logprobs"]    # [N, max_new_tokens] fp32
-        self.lengths: torch.Tensor = tensors["lengths"]      # [N] long, tokens generated per output row
-        self.cache: KVCache = tensors["cache"]
+    ids: torch.Tensor        # [B] long, each row's last token
+    positions: torch.Tensor  # [B] long, the RoPE position of that token
+    valid: torch.Tensor      # [B, max_len] bool, the cache slots each row sees
+    seeds: torch.Tensor      # [B] int64, each row's sampling seed
+    done: torch.Tensor       # [B] bool, the row drew a stop id
+    live: torch.Tensor       # [B] long, each row's output row
+    slot: torch.Tensor       # [1] long, the cache slot of `ids`
+    step: torch.Tensor       # [1] long, the output column the next token goes to
+    tokens: torch.Tensor     # [N, max_new_tokens] long, outputs of all N rows
+    logprobs: torch.Tensor   # [N, max_new_tokens] fp32
+    lengths: torch.Tensor    # [N] long, tokens generated per output row
+    cache: KVCache
 
     def keep(self, rows: torch.Tensor) -> None:
         """Continue with these batch rows only (their cache rows too); the outputs stay whole."""
@@ -90,8 +90,8 @@ class DecodeState:
         """Tell torch.compile that these tensors keep their addresses: CUDA graphs may then update them in place (a
         graph that mutates any other input runs without CUDA graphs). A new state (each call, each compaction)
         makes the graph re-record once, not recompile."""
-        for t in (self.ids, self.positions, self.valid, self.seeds, self.done, self.live, self.slot, self.step,
-                  self.tokens, self.logprobs, self.lengths, *self.cache.k, *self.cache.v):
+        tensors = [getattr(self, f.name) for f in fields(self) if f.name != "cache"]
+        for t in tensors + self.cache.k + self.cache.v:
             torch._dynamo.mark_static_address(t, guard=False)
 
 
