@@ -107,8 +107,8 @@ def _packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask
     attention, labels, label_mask, at): at [B, U] indexes each row's outputs at its U response positions (U = the
     longest response), for `_responses`."""
     b, p = input_ids.shape[0], input_ids.shape[1] - response_mask.shape[1]
-    prompt_len = attention_mask[:, :p].sum(1)
-    lengths = prompt_len + response_mask.sum(1)
+    prompt_len, response_len = attention_mask[:, :p].sum(1), response_mask.sum(1)
+    lengths = prompt_len + response_len
     width = int(lengths.max())
     slots = torch.arange(width, device=input_ids.device)[None]
     cols = (slots + p - prompt_len[:, None]).clamp(max=input_ids.shape[1] - 1)  # [B, width] source columns
@@ -116,7 +116,7 @@ def _packed(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask
     ids = torch.where(real, input_ids.gather(1, cols), 0)
     is_response = torch.cat([torch.zeros(b, p, dtype=torch.bool, device=input_ids.device), response_mask], 1)
     label_mask = (is_response.gather(1, cols) & real)[:, 1:]
-    used = int(response_mask.sum(1).max()) if response_mask.any() else 1
+    used = max(int(response_len.max()), 1)
     at = (prompt_len[:, None] - 1 + torch.arange(used, device=input_ids.device)).clamp(max=max(width - 2, 0))
     return ids[:, :-1], real[:, :-1], ids[:, 1:], label_mask, at
 
