@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pbrl import distributed as dist
 from pbrl.cli import positive_int
-from pbrl.config import Config
+from pbrl.config import load_config
 from pbrl.evaluate import accuracy_by_language, format_table
 from pbrl.plot import svg_panels
 from pbrl.toy import use_world
@@ -30,7 +30,8 @@ from pbrl.trainer import Trainer
 
 DEFAULT_OUT = "runs/toy"
 # Every arm's recipe beyond Config's defaults: many small iterations (8 problems x 4 samples, one PPO epoch) gain
-# more per CPU second than fewer big ones; 3 seeds x 5 arms then fit in ~6 minutes of 2 CPU cores.
+# more per CPU second than fewer big ones; 3 seeds x 5 arms then take ~7 minutes of 2 CPU cores (plus ~2.5 for the
+# world).
 STEPS = 80
 RECIPE = {"rollout.samples_per_prompt": 4, "ppo.epochs": 1}
 GOLD = "PPO + gold exact match"
@@ -53,10 +54,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 20, s
     t0 = time.perf_counter()
     for name, reward in RUNS.items():
         for s in range(seed, seed + seeds):
-            cfg = Config()
-            for key, value in RECIPE.items():
-                section, field = key.split(".")
-                setattr(getattr(cfg, section), field, value)
+            cfg = load_config(None, [x for key, value in RECIPE.items() for x in (f"--{key}", str(value))])
             cfg.reward.kind = reward["kind"]
             cfg.ppo.advantage = reward.get("advantage", "gae")
             cfg.run.steps, cfg.run.seed, cfg.run.eval_every = steps, seed, eval_every
