@@ -14,6 +14,8 @@
                  model-FLOPs utilisation (also with eager blocks), peak memory against pbrl.memory's plan (on CUDA;
                  the CPU's peak is the process's RSS)
      checkpoint  the time to save, load and export (bf16, streamed) a DCP checkpoint of its actor
+     decode_profile  a profiled batch-1 compiled decoding step: wall time against the GPU's busy time, top kernels
+--checks runs some of these, in its order; --update keeps the report's other sections (docs/gpu.json).
 Random weights in real shapes only: throughput and memory are what they would be for the real model, text is noise.
 """
 import argparse
@@ -277,14 +279,16 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     matmul_params = params + params - trainer.critic.embed_tokens.weight.numel()
 
     def throughput(metrics):
+        """One iteration's metrics -> seconds per phase, and the update's speed."""
         flops = 8 * matmul_params * metrics["sequence_tokens"] * cfg.ppo.epochs
-        return {"update_s": round(metrics["time/update"], 3),
+        return {"phases": {k[5:]: round(v, 3) for k, v in metrics.items() if k.startswith("time/")},
+                "update_s": round(metrics["time/update"], 3),
                 "update_tflops": round(flops / metrics["time/update"] / 1e12, 1),
                 "update_mfu": None if peak is None else round(flops / metrics["time/update"] / peak, 3)}
     result = {"params": params, "steps": steps, "micro_batch": f"{cfg.ppo.micro_batch_size} sequences, "
               f"{last['sequence_tokens'] / (cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt):.0f} "
-              "tokens each", "phases": {k[5:]: round(v, 3) for k, v in last.items() if k.startswith("time/")},
-              "seconds_per_step": round(last["seconds"], 3), "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
+              "tokens each", "seconds_per_step": round(last["seconds"], 3),
+              "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
               "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2), "planned_peak_phase": predicted.peak[0],
               "compiled_blocks": cuda, **throughput(last), "reward": last["reward"], "device": name}
     print(f"training (the checks that follow may still fail): {result}", flush=True)
@@ -294,9 +298,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
             for model in (trainer.actor, trainer.critic, trainer.reference):
                 for layer in model.layers:
                     layer.compiled_forward = None
-            eager = trainer.run(1)[-1]
-            result["eager_blocks"] = {**throughput(eager), "phases": {k[5:]: round(v, 3) for k, v in eager.items()
-                                                                       if k.startswith("time/")}}
+            result["eager_blocks"] = throughput(trainer.run(1)[-1])
     except Exception:
         result["failed"] = traceback.format_exc(limit=-6)
     return result, trainer
