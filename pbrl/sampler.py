@@ -6,7 +6,7 @@ counts its RoPE positions from its own first real token, so a row's output does 
 
 The decoding step has static shapes (gpt-fast's design): it attends over every slot of the cache under a per-row
 validity mask, with the slot and the positions as tensors, so on CUDA it can run as one CUDA graph
-(`compile=True`: torch.compile, mode reduce-overhead). Sampling is one kernel per step (kernels.sample_tokens:
+(`compile=True`: torch.compile with CUDA graphs). Sampling is one kernel per step (kernels.sample_tokens:
 Gumbel-max with noise hashed from each row's seed and the step, so a row's sample does not depend on the batch).
 The host looks at the batch only every SYNC_EVERY steps: to stop when every row has finished, and to drop finished
 rows (the batch shrinks to the next of BATCH_SIZES, a handful of shapes to compile). The n samples of a prompt share
@@ -26,8 +26,12 @@ from pbrl.model import KVCache, Transformer, pad_rows
 SYNC_EVERY = 8  # decoding steps between the host's looks at which rows have finished
 # The sizes a batch shrinks to as its rows finish (two per octave: few shapes to compile, little waste).
 BATCH_SIZES = sorted({1} | {c << k for k in range(16) for c in (2, 3)})  # 1, 2, 3, 4, 6, 8, 12, 16, ...
-# What compile=True passes to torch.compile (tests switch the backend to check that the step is one graph).
-COMPILE_OPTIONS = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+# What compile=True passes to torch.compile (tests switch the backend to check that the step is one graph):
+# CUDA graphs (what mode="reduce-overhead" sets) and, as in gpt-fast, coordinate-descent tuning, under which inductor
+# turns each batch-1 matmul on CUDA into a fused multiply-and-reduce kernel tuned to stream the weights at full
+# bandwidth (cuBLAS's GEMVs are slower there).
+COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False,
+                   "options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
 
 
 class Completions(NamedTuple):
