@@ -8,7 +8,12 @@ rollout-shaped run with and without compaction of finished rows, in one run on o
    of warm-up), transformers; the greedy tokens must be identical.
 2. the roofline: a decoding step reads every weight once (the LM head included, the embedding matrix not), so batch-1
    decoding cannot beat read bandwidth / weight bytes tokens/s; the bandwidth is measured here, in the same run, as
-   the best of several reductions over a buffer far larger than the caches.
+   the best of several reductions over a buffer far larger than the caches, before and after the timings (the
+   higher of the two counts: the conservative roofline); and the batch-1 step's weight matrix products alone, back
+   to back (the floor of a step that does nothing else). And the ceiling on any speed-up over transformers that
+   runs the same matrix multiplications: transformers' time / the time its matmuls take (aten mm/addmm/bmm, from a
+   profiled run). Where matmuls are most of its time (compute-bound batches on a CPU), no reduction of the work
+   around them can beat that ratio.
 3. a rollout: --prompts prompts x --samples samples at temperature 1, up to --rollout-tokens tokens, 1 in 80 tokens a
    stop token (lengths spread geometrically around ~80 tokens, as chains of thought of very different lengths),
    with compaction (pbrl's default) and without (SYNC_EVERY beyond the length: every row decodes to the end).
@@ -49,6 +54,32 @@ def read_bandwidth(device: str) -> float:
     return x.numel() * 4 / seconds
 
 
+def weight_matmuls_step(model, device: str, repeats: int) -> float:
+    """Seconds of one batch-1 step's weight matrix products alone, back to back in the model's order (every matrix
+    but the embedding, the LM head included): the floor a decoding step that does nothing else would reach."""
+    weights = [w for name, w in model.named_parameters() if w.dim() == 2 and "embed" not in name]
+    inputs = {n: torch.randn(1, n, device=device, dtype=weights[0].dtype) for n in {w.shape[1] for w in weights}}
+
+    def step():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    with torch.inference_mode():
+        return best_time(step, device, repeats)[0]
+
+
+def matmul_seconds(fn, device) -> float:
+    """Seconds that one call of fn spends in matrix multiplications (self time of aten mm/addmm/bmm; on CUDA the
+    kernels' device time)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in prof.key_averages()
+               if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -76,11 +107,10 @@ def main():
     hf = hf.to(device=args.device, dtype=dtype)
     weight_bytes = sum(p.numel() * p.element_size() for name, p in ours.named_parameters() if "embed" not in name)
     bandwidth = read_bandwidth(args.device)
-    roofline = bandwidth / weight_bytes
     print(f"model: random Llama, {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters, {args.device} "
-          f"{args.dtype}, {torch.get_num_threads()} threads; {weight_bytes / 1e6:.0f} MB of weights read per step, "
-          f"read bandwidth {bandwidth / 1e9:.1f} GB/s measured: roofline {roofline:.1f} decoding steps/s")
-    rows = []
+          f"{args.dtype}, {torch.get_num_threads()} threads; {weight_bytes / 1e6:.0f} MB of weights read per step; "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s before the timings")
+    rows, greedy = [], []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
@@ -96,17 +126,26 @@ def main():
             return out[:, width:].cpu()
 
         t_hf, tok_hf = best_time(run_hf, args.device, args.repeats)
-        n = batch * args.new_tokens
+        with torch.inference_mode():
+            ceiling = t_hf / matmul_seconds(run_hf, args.device)
         for mode in ("eager", "compiled") if compile_too else ("eager",):
             t, tok = best_time(lambda: sampler.generate(ours, prompts, args.new_tokens,
                                                         compile=mode == "compiled").tokens, args.device, args.repeats)
-            same = torch.equal(tok, tok_hf)
-            steps_per_s = args.new_tokens / t
-            rows.append(dict(device=args.device, dtype=args.dtype, run=f"greedy {mode}", batch=batch,
-                             pbrl_tok_s=round(n / t, 1), hf_tok_s=round(n / t_hf, 1), vs_hf=round(t_hf / t, 2),
-                             of_roofline=round(steps_per_s / roofline, 2), identical=same))
-            print(f"batch {batch:>3} {mode:>8}: pbrl {n / t:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
-                  f"{t_hf / t:.2f}x   {steps_per_s / roofline:.2f} of the roofline's steps/s   identical: {same}")
+            greedy.append((batch, mode, t, t_hf, ceiling, torch.equal(tok, tok_hf)))
+    bandwidth = max(bandwidth, read_bandwidth(args.device))
+    roofline = bandwidth / weight_bytes
+    floor = weight_matmuls_step(ours, args.device, 5 * args.repeats)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (the higher of before and after): roofline {roofline:.1f} "
+          f"decoding steps/s; the weight matrices alone at batch 1, back to back: {1 / floor:.1f} steps/s, "
+          f"{1 / floor / roofline:.2f} of the roofline")
+    for batch, mode, t, t_hf, ceiling, same in greedy:
+        n, of_roofline = batch * args.new_tokens, args.new_tokens / t / roofline
+        rows.append(dict(device=args.device, dtype=args.dtype, run=f"greedy {mode}", batch=batch,
+                         pbrl_tok_s=round(n / t, 1), hf_tok_s=round(n / t_hf, 1), vs_hf=round(t_hf / t, 2),
+                         vs_hf_ceiling=round(ceiling, 2), of_roofline=round(of_roofline, 2), identical=same))
+        print(f"batch {batch:>3} {mode:>8}: pbrl {n / t:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
+              f"{t_hf / t:.2f}x (ceiling with its matmuls {ceiling:.2f}x)   {of_roofline:.2f} of the roofline's "
+              f"steps/s   identical: {same}")
 
     # A rollout: n samples per prompt, temperature 1, lengths spread by a stop set of 1 in 80 tokens.
     g = torch.Generator().manual_seed(1)
@@ -132,7 +171,7 @@ def main():
           f"{generated / timings['no compaction']:.1f} without: {speedup:.2f}x; identical samples: {same}")
     rows.append(dict(device=args.device, dtype=args.dtype, run="rollout, compaction vs none",
                      batch=args.prompts * args.samples, pbrl_tok_s=round(generated / timings["compaction"], 1),
-                     hf_tok_s="", vs_hf="", of_roofline="", identical=same))
+                     hf_tok_s="", vs_hf="", vs_hf_ceiling="", of_roofline="", identical=same))
     print(f"appended to {append_csv('sampler.csv', rows)}")
 
 
