@@ -2,6 +2,7 @@
 single process, so the same training code runs under `python train.py` and `torchrun train.py`."""
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -52,11 +53,14 @@ def is_distributed() -> bool:
 
 
 def shutdown() -> None:
-    """Barrier, then tear down: a rank that destroys its gloo group while a peer is still working (rank 0 writing
-    results) can abort with "terminate called without an active exception"."""
+    """Barrier, tear down, then free what is no longer reachable. A rank that destroys its gloo group while a peer
+    is still working (rank 0 writing results) can abort with "terminate called without an active exception"; so can
+    one whose sharded models (their device meshes hold the process group) are only freed at interpreter exit: keep
+    models out of module globals, and cycles unreachable by now are collected here, while the interpreter runs."""
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -47,41 +47,43 @@ def measured_load(*args, **kwargs):
     return value
 
 
-rank, world, _ = dist.init()
-out = Path(sys.argv[3])
-
-
 def build():
     models = {"actor": load_model(sys.argv[1], dtype=torch.float32, shard=dist.shard),
               "critic": load_model(sys.argv[1], dtype=torch.float32, value_head=True, shard=dist.shard)}
     return models, {name: torch.optim.AdamW(m.parameters(), lr=1e-2) for name, m in models.items()}
 
 
-models, optimizers = build()
-ids = torch.arange(12).view(2, 6)
-for name, model in models.items():
-    (model(ids) if name == "actor" else model.values(ids)).float().square().mean().backward()
-    optimizers[name].step()
+def main():  # the sharded models are locals: freed before the process exits (see dist.shutdown)
+    rank, world, _ = dist.init()
+    out = Path(sys.argv[3])
+    models, optimizers = build()
+    ids = torch.arange(12).view(2, 6)
+    for name, model in models.items():
+        (model(ids) if name == "actor" else model.values(ids)).float().square().mean().backward()
+        optimizers[name].step()
 
-probe(DTensor, "full_tensor", count("full_tensor"))
-probe(DTensor, "redistribute", count("redistribute"))
-for name in ("all_gather", "all_gather_into_tensor"):
-    probe(c10d, name, gathered)
-dcp_files.torch.load = measured_load  # the module's own reference to torch, used for every tensor it reads
-save_training_checkpoint(out, 1, models, optimizers, {"step": 1})
-fresh, fresh_optimizers = build()
-load_training_checkpoint(latest_checkpoint(out), fresh, fresh_optimizers, max_step=1)
-dcp_files.torch.load = real_load
+    probe(DTensor, "full_tensor", count("full_tensor"))
+    probe(DTensor, "redistribute", count("redistribute"))
+    for name in ("all_gather", "all_gather_into_tensor"):
+        probe(c10d, name, gathered)
+    dcp_files.torch.load = measured_load  # the module's own reference to torch, used for every tensor it reads
+    save_training_checkpoint(out, 1, models, optimizers, {"step": 1})
+    fresh, fresh_optimizers = build()
+    load_training_checkpoint(latest_checkpoint(out), fresh, fresh_optimizers, max_step=1)
+    dcp_files.torch.load = real_load
 
-same = all(torch.equal(a.to_local(), b.to_local()) for name in models
-           for a, b in zip(models[name].parameters(), fresh[name].parameters()))
-for name in models:
-    saved, loaded = optimizers[name].state_dict()["state"], fresh_optimizers[name].state_dict()["state"]
-    same &= saved.keys() == loaded.keys() and all(
-        torch.equal(saved[k][s].to_local() if isinstance(saved[k][s], DTensor) else saved[k][s],
-                    loaded[k][s].to_local() if isinstance(loaded[k][s], DTensor) else loaded[k][s])
-        for k in saved for s in saved[k])
-reports = dist.all_gather_objects({**events, "same": bool(same)})
-if rank == 0:
-    json.dump(reports, open(sys.argv[2], "w"))
+    same = all(torch.equal(a.to_local(), b.to_local()) for name in models
+               for a, b in zip(models[name].parameters(), fresh[name].parameters()))
+    for name in models:
+        saved, loaded = optimizers[name].state_dict()["state"], fresh_optimizers[name].state_dict()["state"]
+        same &= saved.keys() == loaded.keys() and all(
+            torch.equal(saved[k][s].to_local() if isinstance(saved[k][s], DTensor) else saved[k][s],
+                        loaded[k][s].to_local() if isinstance(loaded[k][s], DTensor) else loaded[k][s])
+            for k in saved for s in saved[k])
+    reports = dist.all_gather_objects({**events, "same": bool(same)})
+    if rank == 0:
+        json.dump(reports, open(sys.argv[2], "w"))
+
+
+main()
 dist.shutdown()
