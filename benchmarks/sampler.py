@@ -69,10 +69,10 @@ def weight_matmuls_step(model, device: str, repeats: int) -> float:
 
 def matmul_seconds(fn, device) -> float:
     """Seconds that one call of fn spends in matrix multiplications (self time of aten mm/addmm/bmm; on CUDA the
-    kernels' device time)."""
+    device time of the kernels each launched: the operators are CPU events, their kernels CUDA events)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.startswith("cuda")
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
