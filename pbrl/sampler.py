@@ -186,13 +186,18 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if n > 1:
         cache.k, cache.v = [k.repeat_interleave(n, 0) for k in cache.k], [v.repeat_interleave(n, 0) for v in cache.v]
     st = DecodeState(
-        ids=torch.zeros(b, dtype=torch.long, device=device), valid=valid, done=torch.zeros(b, dtype=torch.bool,
-        device=device), positions=torch.tensor([len(p) for p in rows], device=device),
-        seeds=row_seeds(b, seed, seeds).to(device), live=torch.arange(b, device=device),
-        slot=torch.tensor([p_len], device=device), step=torch.zeros(1, dtype=torch.long, device=device),
+        ids=torch.zeros(b, dtype=torch.long, device=device),
+        positions=torch.tensor([len(p) for p in rows], device=device),
+        valid=valid,
+        seeds=row_seeds(b, seed, seeds).to(device),
+        done=torch.zeros(b, dtype=torch.bool, device=device),
+        live=torch.arange(b, device=device),
+        slot=torch.tensor([p_len], device=device),
+        step=torch.zeros(1, dtype=torch.long, device=device),
         tokens=torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device),
-        logprobs=torch.zeros(b, max_new_tokens, device=device), lengths=torch.zeros(b, dtype=torch.long,
-        device=device), cache=cache)
+        logprobs=torch.zeros(b, max_new_tokens, device=device),
+        lengths=torch.zeros(b, dtype=torch.long, device=device),
+        cache=cache)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     record(logits, st, temperature, top_k, top_p, stop, pad_id)  # the first token, from the prefill

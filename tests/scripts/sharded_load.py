@@ -52,7 +52,6 @@ class Probe:
 import pbrl.checkpoint  # noqa: E402
 
 
-
 def main():  # the sharded model is a local: freed before the process exits (see dist.shutdown)
     rank, world, _ = dist.init()
     model = load_model(sys.argv[1], dtype=torch.float32, value_head=True, shard=dist.shard)
