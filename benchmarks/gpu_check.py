@@ -34,6 +34,7 @@ from torch._dynamo.utils import counters
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import kernels  # noqa: E402
+from benchmarks.timing import read_bandwidth, seconds, sync  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.dispatch import use_triton  # noqa: E402
 from kernels.sampling import sample_tokens_ref  # noqa: E402
@@ -56,20 +57,6 @@ SIZES = {  # Llama-3.2-1B's shapes (vocab cut to what the test tokenizer needs i
 }
 # Dense bf16 tensor-core peak of the GPUs this is likely to meet (vendor datasheets, SXM parts).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def seconds(fn):
-    """(wall seconds of fn(), its result), the GPU's queue drained before and after."""
-    sync()
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t0, out
 
 
 def profiled(fn, top: int = 10) -> dict:
@@ -160,14 +147,14 @@ def check_attention(model: Transformer, device: torch.device) -> list[dict]:
 def check_decoding(args: ModelArgs, device: torch.device, batches: list[int], new_tokens: int = 128) -> list[dict]:
     """Greedy decoding of the random model in bf16, eager and compiled (CUDA graphs): tokens/s per batch size, the
     compiled tokens checked against the eager ones, and the decoding steps/s against the read-bandwidth roofline
-    (the weights read once per step / the bandwidth of a full reduction over 1 GiB, measured here)."""
+    (the weights read once per step / the read bandwidth, the fastest of a reduction and a GEMV over 1 GiB,
+    measured here)."""
     torch.manual_seed(0)
     model = Transformer(args).to(device, torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                        if "embed" not in name or args.tie_word_embeddings)  # a tied LM head reads the embeddings
 
-    buffer = torch.ones(2**29, dtype=torch.bfloat16, device=device)
-    bandwidth = buffer.numel() * 2 / min(seconds(buffer.sum)[0] for _ in range(5))
+    bandwidth = read_bandwidth(device)
     roofline = bandwidth / weight_bytes
     rows = []
     for batch in batches:

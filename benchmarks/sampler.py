@@ -1,19 +1,19 @@
 """Decoding speed of pbrl's sampler against transformers' generate() and against the memory-bandwidth roofline, and a
-rollout-shaped run with and without compaction of finished rows, in one run on one random ~110M Llama.
+rollout-shaped run with and without compaction of finished rows, in one run on one random 125M Llama.
 
     python benchmarks/sampler.py [--device cpu|cuda] [--dtype float32|bfloat16] [--batch-sizes 1,8,64]
 
 1. greedy decoding, no stop token (every row makes --new-tokens), prompts of different lengths (left padded in
-   both): tokens/s of pbrl eager, pbrl compiled (--compile, default on CUDA only: on the CPU compiling costs minutes
-   of warm-up), transformers; the greedy tokens must be identical.
+   both): tokens/s of pbrl eager, pbrl compiled (--no-compile skips it; the first call, which compiles, is timed
+   apart: ~15-25 s per batch size on a 2-core CPU), transformers; the greedy tokens must be identical.
 2. the roofline: a decoding step reads every weight once (the LM head included, the embedding matrix not), so batch-1
    decoding cannot beat read bandwidth / weight bytes tokens/s; the bandwidth is measured here, in the same run, as
-   the best of several reductions over a buffer far larger than the caches, before and after the timings (the
-   higher of the two counts: the conservative roofline); and the batch-1 step's weight matrix products alone, back
-   to back (the floor of a step that does nothing else). And the ceiling on any speed-up over transformers that
-   runs the same matrix multiplications: transformers' time / the time its matmuls take (aten mm/addmm/bmm, from a
-   profiled run). Where matmuls are most of its time (compute-bound batches on a CPU), no reduction of the work
-   around them can beat that ratio.
+   the fastest of several reads (a reduction and a matrix-vector product) of a buffer far larger than the caches,
+   before and after the timings (the higher of the two counts: the conservative roofline); and the batch-1 step's
+   weight matrix products alone, back to back (the floor of a step that does nothing else). And the ceiling on any
+   speed-up over transformers that runs the same matrix multiplications: transformers' time / the time its matmuls
+   take (aten mm/addmm/bmm, from a profiled run). Where matmuls are most of its time (compute-bound batches on a
+   CPU), no reduction of the work around them can beat that ratio.
 3. a rollout: --prompts prompts x --samples samples at temperature 1, up to --rollout-tokens tokens, 1 in 80 tokens a
    stop token (lengths spread geometrically around ~80 tokens, as chains of thought of very different lengths),
    with compaction (pbrl's default) and without (SYNC_EVERY beyond the length: every row decodes to the end).
@@ -22,7 +22,6 @@ Requires transformers (requirements-test.txt). Appends its rows to benchmarks/sa
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,28 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pbrl.sampler as sampler  # noqa: E402
 from benchmarks.results import append_csv  # noqa: E402
+from benchmarks.timing import best_seconds, read_bandwidth  # noqa: E402
 from pbrl.checkpoint import load_model  # noqa: E402
-
-
-def best_time(fn, device, repeats):
-    out = fn()  # warm-up (and compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def read_bandwidth(device: str) -> float:
-    """Bytes/s of the best of several full reductions over a 1 GiB fp32 buffer."""
-    x = torch.ones(2**28, device=device)
-    seconds, _ = best_time(lambda: x.sum(), device, 5)
-    return x.numel() * 4 / seconds
 
 
 def weight_matmuls_step(model, device: str, repeats: int) -> float:
@@ -64,7 +43,7 @@ def weight_matmuls_step(model, device: str, repeats: int) -> float:
         for w in weights:
             torch.nn.functional.linear(inputs[w.shape[1]], w)
     with torch.inference_mode():
-        return best_time(step, device, repeats)[0]
+        return best_seconds(step, repeats)[0]
 
 
 def matmul_seconds(fn, device) -> float:
@@ -87,13 +66,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8,64")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="also time compile=True (default: on CUDA only)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time compile=True (default: on)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--rollout-tokens", type=int, default=256)
     args = ap.parse_args()
-    compile_too = args.device.startswith("cuda") if args.compile is None else args.compile
     from transformers import LlamaConfig, LlamaForCausalLM
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -125,27 +103,29 @@ def main():
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
             return out[:, width:].cpu()
 
-        t_hf, tok_hf = best_time(run_hf, args.device, args.repeats)
+        t_hf, tok_hf = best_seconds(run_hf, args.repeats)
         with torch.inference_mode():
             ceiling = t_hf / matmul_seconds(run_hf, args.device)
-        for mode in ("eager", "compiled") if compile_too else ("eager",):
-            t, tok = best_time(lambda: sampler.generate(ours, prompts, args.new_tokens,
-                                                        compile=mode == "compiled").tokens, args.device, args.repeats)
-            greedy.append((batch, mode, t, t_hf, ceiling, torch.equal(tok, tok_hf)))
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            first = []
+            t, tok = best_seconds(lambda: sampler.generate(ours, prompts, args.new_tokens,
+                                                           compile=mode == "compiled").tokens, args.repeats, first)
+            greedy.append((batch, mode, t, first[0], t_hf, ceiling, torch.equal(tok, tok_hf)))
     bandwidth = max(bandwidth, read_bandwidth(args.device))
     roofline = bandwidth / weight_bytes
     floor = weight_matmuls_step(ours, args.device, 5 * args.repeats)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (the higher of before and after): roofline {roofline:.1f} "
           f"decoding steps/s; the weight matrices alone at batch 1, back to back: {1 / floor:.1f} steps/s, "
           f"{1 / floor / roofline:.2f} of the roofline")
-    for batch, mode, t, t_hf, ceiling, same in greedy:
+    for batch, mode, t, first, t_hf, ceiling, same in greedy:
         n, of_roofline = batch * args.new_tokens, args.new_tokens / t / roofline
         rows.append(dict(device=args.device, dtype=args.dtype, run=f"greedy {mode}", batch=batch,
-                         pbrl_tok_s=round(n / t, 1), hf_tok_s=round(n / t_hf, 1), vs_hf=round(t_hf / t, 2),
-                         vs_hf_ceiling=round(ceiling, 2), of_roofline=round(of_roofline, 2), identical=same))
-        print(f"batch {batch:>3} {mode:>8}: pbrl {n / t:8.1f} tok/s   transformers {n / t_hf:8.1f} tok/s   "
-              f"{t_hf / t:.2f}x (ceiling with its matmuls {ceiling:.2f}x)   {of_roofline:.2f} of the roofline's "
-              f"steps/s   identical: {same}")
+                         pbrl_tok_s=round(n / t, 1), first_call_s=round(first, 1), hf_tok_s=round(n / t_hf, 1),
+                         vs_hf=round(t_hf / t, 2), vs_hf_ceiling=round(ceiling, 2), of_roofline=round(of_roofline, 2),
+                         identical=same))
+        print(f"batch {batch:>3} {mode:>8}: pbrl {n / t:8.1f} tok/s (first call {first:5.1f} s)   transformers "
+              f"{n / t_hf:8.1f} tok/s   {t_hf / t:.2f}x (ceiling with its matmuls {ceiling:.2f}x)   "
+              f"{of_roofline:.2f} of the roofline's steps/s   identical: {same}")
 
     # A rollout: n samples per prompt, temperature 1, lengths spread by a stop set of 1 in 80 tokens.
     g = torch.Generator().manual_seed(1)
@@ -156,9 +136,9 @@ def main():
     real_sync = sampler.SYNC_EVERY
     for name, sync in (("compaction", real_sync), ("no compaction", args.rollout_tokens + 1)):
         sampler.SYNC_EVERY = sync
-        timings[name], out = best_time(lambda: sampler.generate(
+        timings[name], out = best_seconds(lambda: sampler.generate(
             ours, prompts, args.rollout_tokens, temperature=1.0, n=args.samples, seed=0, stop_ids=stop_ids),
-            args.device, max(1, args.repeats - 1))
+            max(1, args.repeats - 1))
         timings[name + " tokens"] = out.as_lists()
     sampler.SYNC_EVERY = real_sync
     same = timings["compaction tokens"] == timings["no compaction tokens"]
@@ -171,7 +151,7 @@ def main():
           f"{generated / timings['no compaction']:.1f} without: {speedup:.2f}x; identical samples: {same}")
     rows.append(dict(device=args.device, dtype=args.dtype, run="rollout, compaction vs none",
                      batch=args.prompts * args.samples, pbrl_tok_s=round(generated / timings["compaction"], 1),
-                     hf_tok_s="", vs_hf="", vs_hf_ceiling="", of_roofline="", identical=same))
+                     first_call_s="", hf_tok_s="", vs_hf="", vs_hf_ceiling="", of_roofline="", identical=same))
     print(f"appended to {append_csv('sampler.csv', rows)}")
 
 

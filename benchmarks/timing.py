@@ -1,0 +1,43 @@
+"""What the benchmarks share: wall seconds of a call with the GPU's queue drained, the best of several calls, and the
+memory read bandwidth that a decoding roofline divides by."""
+import time
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def seconds(fn):
+    """(wall seconds of fn(), its result), the GPU's queue drained before and after."""
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def best_seconds(fn, repeats: int, first: list | None = None):
+    """(the fewest seconds of `repeats` calls, the last result), after a warm-up call (compilation) whose seconds
+    are appended to `first`."""
+    warmup, out = seconds(fn)
+    if first is not None:
+        first.append(warmup)
+    best = float("inf")
+    for _ in range(repeats):
+        t, out = seconds(fn)
+        best = min(best, t)
+    return best, out
+
+
+def read_bandwidth(device, repeats: int = 5) -> float:
+    """Bytes/s: the fastest read of a 1 GiB buffer, by a full reduction and by a matrix-vector product over it,
+    whichever streams memory faster here (on a 2-core CPU MKL's GEMV read ~30% faster than torch.sum: a roofline
+    from the sum alone would be one the model's own matrix products can beat)."""
+    buffer = torch.ones(2**28, device=device)
+    matrix = buffer.view(2**14, 2**14)
+    vector = torch.ones(2**14, device=device)
+    best = min(best_seconds(fn, repeats)[0] for fn in (buffer.sum, lambda: matrix @ vector))
+    return 2**30 / best
