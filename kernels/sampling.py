@@ -19,6 +19,7 @@ import torch
 
 from kernels.dispatch import tl, triton, use_triton
 
+
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """The hash on int32 tensors holding the bits of uint32 values: multiplication wraps as uint32's does, and the
     right shifts are made logical by masking the copies of the sign bit an arithmetic shift brings in."""

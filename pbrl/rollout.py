@@ -169,7 +169,6 @@ def critic_loss(critic, exp: Experience, num_tokens, cfg, temperature: float, kl
     return out.loss, {"value_loss": out.loss.detach(), "value_clipfrac": out.clipfrac * exp.response_mask.sum()}
 
 
-
 def rollout_metrics(samples, rewards: dict[str, torch.Tensor], exp: Experience, reduce, gather,
                     critic: bool = True) -> dict:
     """Reward per component and language, response length, the critic's fit (when there is one) and the

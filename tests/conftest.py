@@ -28,6 +28,7 @@ def sampling_in_pytorch(request, monkeypatch):
     if "triton_sampling" not in request.keywords:
         monkeypatch.setattr(kernels.sampling, "use_triton", lambda t: t.is_cuda)
 
+
 CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
           "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant", "system",
           "You are a helpful assistant.", "Hello there, how are you today?"] * 20

@@ -109,6 +109,7 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
         def run(self):
             given.append(0 in self.eval_records)  # the warm start's eval, handed over by the experiment
             s = self.cfg.run.seed
+
             def right(k):  # eval records: the first k of 10 problems right in every language
                 return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k} for lang in ("en", "de", "sw")
                         for i in range(10)]
