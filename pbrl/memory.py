@@ -8,8 +8,10 @@ Every term is in bytes on rank 0, which holds the most: FSDP2 gives each rank ce
              dtype; the embedder and translator, whole in every process (reward models are not sharded)
   estimated  activations of one micro-batch (what autograd keeps, per token and layer, from the shapes) and the
              block that activation checkpointing recomputes;
-             the actor gathered in the compute dtype, the KV cache and the sampling logits during rollout; the
-             pivot's weights and KV cache on every rank while they write missing references (before the rest loads)
+             the actor gathered in the compute dtype, the KV cache and the sampling logits during rollout (with
+             rollout.compile the sampler keeps its state, the KV cache included, between rollouts: then the cache
+             counts in every phase but the pivot's); the pivot's weights and KV cache on every rank while they
+             write missing references (before the rest loads)
 The peak is the largest of the phases: pivot, rollout, reward (when an instruct model translates), update.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pbrl.files import is_hub_id, read_json, resolve
 from pbrl.model import ModelArgs, Transformer
 from pbrl.pivot import PIVOT_BATCH_SIZE
 from pbrl.rewards import LEXICON_FILE, TRANSLATE_BATCH_SIZE
+from pbrl.sampler import cache_slots
 
 GB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -143,7 +146,8 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     rows = r.prompts_per_step // gpus * r.samples_per_prompt
     length = prompt_tokens + r.max_new_tokens
     out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
-    out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, length, compute)
+    cache = kv_cache_bytes(actor, rows, cache_slots(prompt_tokens, r.max_new_tokens, r.compile), compute)
+    out.terms["KV cache, kept (rollout.compile)" if r.compile else "rollout: KV cache"] = cache
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
     tokens = p.micro_batch_size * length
     out.terms["update: activations kept, one micro-batch"] = activation_bytes(actor, tokens, compute,
@@ -153,7 +157,7 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     pivot = model_args(m.pivot or m.policy)
     out.terms["pivot, whole on every rank"] = full_bytes(parameter_shapes(pivot), compute)
     out.terms["pivot KV cache"] = kv_cache_bytes(pivot, PIVOT_BATCH_SIZE, length, compute)
-    resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference"))] + rewards
+    resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference", "KV cache"))] + rewards
     out.phases = {"pivot": ["pivot, whole on every rank", "pivot KV cache"],
                   "rollout": resident + [t for t in out.terms if t.startswith("rollout")],
                   "update": resident + [t for t in out.terms if t.startswith("update")]}

@@ -14,6 +14,7 @@ Shapes: B batch, T new tokens, S key slots (cached + new), H hidden, V vocab, D 
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -199,6 +200,12 @@ class KVCache:
         self.max_len = max_len
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
+
+    def rows(self, n: int) -> "KVCache":
+        """The first n rows of every layer's keys and values, as views: the same addresses for the same n."""
+        view = copy.copy(self)
+        view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        return view
 
 
 class Attention(nn.Module):

@@ -9,13 +9,16 @@ validity mask, with the slot and the positions as tensors, so on CUDA it can run
 (`compile=True`: torch.compile with CUDA graphs). Sampling is one kernel per step (kernels.sample_tokens:
 Gumbel-max with noise hashed from each row's seed and the step, so a row's sample does not depend on the batch).
 The host looks at the batch only every SYNC_EVERY steps: to stop when every row has finished, and to drop finished
-rows (the batch shrinks to the next of BATCH_SIZES, a handful of shapes to compile). The n samples of a prompt share
-its prefill.
+rows (the live rows move to the front of the same buffers and the batch shrinks to the next of BATCH_SIZES, a
+handful of shapes to compile). The n samples of a prompt share its prefill. A CUDA graph reads its inputs at the
+addresses it was recorded with, so a compiled call keeps its state (the cache included) for the next call of the same
+shape, and each batch size is always the same prefix of those buffers: later calls replay the graphs recorded by
+the first instead of recording new ones.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -32,6 +35,7 @@ BATCH_SIZES = sorted({1} | {c << k for k in range(16) for c in (2, 3)})  # 1, 2,
 # bandwidth (cuBLAS's GEMVs are slower there).
 COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False,
                    "options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+_KEPT: dict[tuple, "DecodeState"] = {}  # the last compiled call's state, by its shape (see new_state)
 
 
 class Completions(NamedTuple):
@@ -67,6 +71,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return tokens, x.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+_BATCH_FIELDS = ("ids", "positions", "valid", "seeds", "done", "live")  # one row per row of the batch
+
+
 @dataclass
 class DecodeState:
     """The tensors one decoding step reads and updates in place, for the B rows still in the batch; the outputs
@@ -84,19 +91,24 @@ class DecodeState:
     lengths: torch.Tensor    # [N] long, tokens generated per output row
     cache: KVCache
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Continue with these batch rows only (their cache rows too); the outputs stay whole."""
-        for name in ("ids", "positions", "valid", "seeds", "done", "live"):
-            setattr(self, name, getattr(self, name)[rows])
-        self.cache.k, self.cache.v = [k[rows] for k in self.cache.k], [v[rows] for v in self.cache.v]
+    def keep(self, rows: torch.Tensor) -> "DecodeState":
+        """The state of these batch rows only: they move to the front of this state's buffers (their cache rows
+        too) and the result is the first len(rows) rows, as views, so a batch size always has the same addresses.
+        The outputs stay whole."""
+        n = len(rows)
+        for t in [getattr(self, name) for name in _BATCH_FIELDS] + self.cache.k + self.cache.v:
+            t[:n] = t[rows]  # t[rows] is a copy: no row is overwritten before it is read
+        return replace(self, **{name: getattr(self, name)[:n] for name in _BATCH_FIELDS}, cache=self.cache.rows(n))
 
     def static(self) -> None:
         """Tell torch.compile that these tensors keep their addresses: CUDA graphs may then update them in place (a
-        graph that mutates any other input runs without CUDA graphs). A new state (each call, each compaction)
-        makes the graph re-record once, not recompile."""
-        tensors = [getattr(self, f.name) for f in fields(self) if f.name != "cache"]
-        for t in tensors + self.cache.k + self.cache.v:
+        graph that mutates any other input runs without CUDA graphs). Without a guard: tensors at other addresses
+        make a graph re-record, not recompile, which new_state and keep avoid."""
+        for t in self.tensors():
             torch._dynamo.mark_static_address(t, guard=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if f.name != "cache"] + self.cache.k + self.cache.v
 
 
 def record(logits: torch.Tensor, st: DecodeState, temperature: float, top_k: int | None, top_p: float | None,
@@ -138,6 +150,47 @@ def row_seeds(n_rows: int, seed: int | None, seeds) -> torch.Tensor:
     return (seed % 2**31) * 2**32 + torch.arange(n_rows)  # row r of a seeded call: (seed, r) in one int64
 
 
+def cache_slots(prompt_tokens: int, max_new_tokens: int, compile: bool) -> int:
+    """The KV cache's slots: the longest prompt + max_new_tokens, rounded up to a multiple of 128 when compiling (so
+    that calls whose prompts differ in length reuse the compiled graphs and the kept state)."""
+    slots = prompt_tokens + max_new_tokens
+    return -(-slots // 128) * 128 if compile else slots
+
+
+def new_state(model: Transformer, rows: int, slots: int, max_new_tokens: int, keep: bool) -> DecodeState:
+    """A zeroed state for `rows` rows, a cache of `slots` slots and outputs of max_new_tokens columns. keep=True
+    (compiled calls) returns the kept state of the previous such call when its shape was the same, zeroed again,
+    so the CUDA graphs recorded on its addresses replay; and keeps this one: one state (mostly its cache) stays
+    allocated between calls, that of the last shape used."""
+    weight, args = model.embed_tokens.weight, model.args
+    key = (rows, slots, max_new_tokens, weight.dtype, weight.device, args.num_hidden_layers,
+           args.num_key_value_heads, args.head_dim)
+    st = _KEPT.get(key) if keep else None
+    if st is not None:
+        for t in st.tensors():
+            t.zero_()
+        return st
+    if keep:
+        _KEPT.clear()  # before allocating: never two kept states at once
+    long = dict(dtype=torch.long, device=weight.device)
+    st = DecodeState(
+        ids=torch.zeros(rows, **long),
+        positions=torch.zeros(rows, **long),
+        valid=torch.zeros(rows, slots, dtype=torch.bool, device=weight.device),
+        seeds=torch.zeros(rows, **long),
+        done=torch.zeros(rows, dtype=torch.bool, device=weight.device),
+        live=torch.zeros(rows, **long),
+        slot=torch.zeros(1, **long),
+        step=torch.zeros(1, **long),
+        tokens=torch.zeros(rows, max_new_tokens, **long),
+        logprobs=torch.zeros(rows, max_new_tokens, device=weight.device),
+        lengths=torch.zeros(rows, **long),
+        cache=KVCache(args, rows, slots, weight.dtype, weight.device))
+    if keep:
+        _KEPT[key] = st
+    return st
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, n: int = 1, stop_ids=(), pad_id: int = 0,
@@ -149,7 +202,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     how rows are batched; else `seed` derives them, else they are drawn from torch's RNG. Sampling log-probs are
     those of the tempered, untruncated distribution (temperature 0: the raw one), the same quantity a trainer
     recomputes with a full forward pass; top-k/top-p only change which token is drawn. compile=True runs the
-    decoding step through torch.compile (COMPILE_OPTIONS: CUDA graphs on CUDA).
+    decoding step through torch.compile (COMPILE_OPTIONS: CUDA graphs on CUDA) and keeps its state, the KV cache
+    included, allocated until a call with another shape (new_state).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and every prompt needs at least one token")
@@ -171,33 +225,23 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     rows = [p for p in prompts for _ in range(n)]
     step_fn = torch.compile(decode_step, **COMPILE_OPTIONS) if compile else decode_step
 
-    # The cache and the validity mask span prompt + max_new_tokens slots (rounded up to 128 when compiling, so that
-    # calls with other prompt lengths reuse the compiled graph). A generated slot becomes valid when it is written.
+    # A generated slot becomes valid when it is written.
     b, p_len = len(rows), longest
-    length = p_len + max_new_tokens
-    length = -(-length // 128) * 128 if compile else length
+    st = new_state(model, b, cache_slots(p_len, max_new_tokens, compile), max_new_tokens, keep=compile)
     input_ids, prompt_mask = pad_rows(prompts, side="left")  # padding slots hold id 0: masked, never attended to
-    valid = torch.zeros(b, length, dtype=torch.bool, device=device)
-    valid[:, :p_len] = prompt_mask.repeat_interleave(n, 0).to(device)
-    cache = KVCache(model.args, len(prompts), length, model.embed_tokens.weight.dtype, device)
-    # Prefill each prompt once, then give each of its n samples a copy of its cache.
-    hidden = model.hidden_states(input_ids.to(device), attention_mask=prompt_mask.to(device), cache=cache)
+    st.valid[:, :p_len] = prompt_mask.repeat_interleave(n, 0).to(device)
+    st.positions.copy_(torch.tensor([len(p) for p in rows]))
+    st.seeds.copy_(row_seeds(b, seed, seeds))
+    st.live.copy_(torch.arange(b))
+    st.slot.fill_(p_len)
+    st.tokens.fill_(pad_id)
+    # Prefill each prompt once, then give each of its n samples (rows i*n .. i*n + n-1) a copy of its cache.
+    prefill = KVCache(model.args, len(prompts), p_len, model.embed_tokens.weight.dtype, device)
+    hidden = model.hidden_states(input_ids.to(device), attention_mask=prompt_mask.to(device), cache=prefill)
     logits = model.lm_head(hidden[:, -1]).repeat_interleave(n, 0)  # only the last position's logits are needed
-    if n > 1:
-        cache.k, cache.v = [k.repeat_interleave(n, 0) for k in cache.k], [v.repeat_interleave(n, 0) for v in cache.v]
-    st = DecodeState(
-        ids=torch.zeros(b, dtype=torch.long, device=device),
-        positions=torch.tensor([len(p) for p in rows], device=device),
-        valid=valid,
-        seeds=row_seeds(b, seed, seeds).to(device),
-        done=torch.zeros(b, dtype=torch.bool, device=device),
-        live=torch.arange(b, device=device),
-        slot=torch.tensor([p_len], device=device),
-        step=torch.zeros(1, dtype=torch.long, device=device),
-        tokens=torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device),
-        logprobs=torch.zeros(b, max_new_tokens, device=device),
-        lengths=torch.zeros(b, dtype=torch.long, device=device),
-        cache=cache)
+    for full, prompt in zip(st.cache.k + st.cache.v, prefill.k + prefill.v):
+        full[:, :, :p_len].unflatten(0, (len(prompts), n)).copy_(prompt[:, None])
+    del prefill, hidden  # before decoding
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     record(logits, st, temperature, top_k, top_p, stop, pad_id)  # the first token, from the prefill
@@ -215,11 +259,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                 size = next(s for s in BATCH_SIZES if s >= alive) if alive <= BATCH_SIZES[-1] else len(st.live)
                 if size < len(st.live):
                     finished[st.live] = st.done  # before the rows that leave are forgotten
-                    st.keep(torch.argsort(st.done.int(), stable=True)[:size])
+                    st = st.keep(torch.argsort(st.done.int(), stable=True)[:size])
                     if compile:
                         st.static()
             step_fn(model, st, temperature, top_k, top_p, stop, pad_id)
     finished[st.live] = st.done
     width = int(st.lengths.max())
-    return Completions(st.tokens[:, :width].cpu(), st.lengths.cpu(), finished.cpu(),
-                       st.logprobs[:, :width].cpu() if return_logprobs else None)
+    # Copies: a kept state's tensors are overwritten by the next call.
+    return Completions(st.tokens[:, :width].to("cpu", copy=True), st.lengths.to("cpu", copy=True), finished.cpu(),
+                       st.logprobs[:, :width].to("cpu", copy=True) if return_logprobs else None)

@@ -84,3 +84,24 @@ def test_an_instruct_translator_adds_a_reward_phase_and_a_lexicon_does_not(tmp_p
             tokens = 64 + cfg.rollout.max_new_tokens + cfg.reward.translate_max_new_tokens
             assert plan.terms["reward: translator KV cache"] == 2 * args.num_hidden_layers * 16 * tokens * \
                 args.num_key_value_heads * args.head_dim * 2  # 'auto' plans for CUDA: bf16
+
+
+def test_a_compiled_rollout_keeps_its_kv_cache_in_every_phase_after_the_pivot(tmp_path):
+    """With rollout.compile the sampler keeps its state between calls (CUDA graphs replay on its addresses): the
+    planner counts that cache in the update phase too, and its bytes are those of the cache the sampler keeps."""
+    from pbrl import sampler
+    from pbrl.config import load_config
+    save_hf_model(tmp_path / "m", "llama")
+    base = ["--models.policy", str(tmp_path / "m"), "--reward.kind", "agreement"]
+    eager, compiled = (memory.plan(load_config(None, base + ["--rollout.compile", flag]), 2, 100)
+                       for flag in ("false", "true"))
+    kept = "KV cache, kept (rollout.compile)"
+    assert kept in compiled.phases["rollout"] and kept in compiled.phases["update"]
+    assert kept not in compiled.phases["pivot"] and "rollout: KV cache" not in compiled.terms
+    assert "rollout: KV cache" in eager.phases["rollout"] and "rollout: KV cache" not in eager.phases["update"]
+    r = load_config(None, base).rollout
+    model = load_model(tmp_path / "m", dtype=torch.bfloat16)  # the planner's 'auto' dtype plans for CUDA: bf16
+    st = sampler.new_state(model, r.prompts_per_step // 2 * r.samples_per_prompt,
+                           sampler.cache_slots(100, r.max_new_tokens, True), r.max_new_tokens, keep=False)
+    assert compiled.terms[kept] == sum(t.numel() * t.element_size() for t in st.cache.k + st.cache.v)
+    assert compiled.terms[kept] > eager.terms["rollout: KV cache"]  # rounded up to whole 128-slot blocks

@@ -140,6 +140,41 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
         assert alone.as_lists()[0] == whole.as_lists()[i]
 
 
+def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypatch):
+    """A CUDA graph reads its inputs where they were when it was recorded. With compile=True every step of a batch
+    size reads the same tensor addresses, within a call (compaction moves live rows to the front of the same
+    buffers) and across calls of one shape (the state is kept); each call's results are its own copies, the same as
+    eager decoding's; a call of another shape replaces the kept state."""
+    import pbrl.sampler as sampler
+    seen = []  # per step: (batch size, the address of every tensor the step reads)
+
+    def compile_recording_addresses(fn, **options):  # stands in for torch.compile: the eager step, observed
+        def step(model, st, *args):
+            seen.append((len(st.ids), [t.data_ptr() for t in st.tensors()]))
+            return fn(model, st, *args)
+        return step
+    prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62], [7, 7, 7, 7, 7]]
+    free = generate(model, prompts, 12, temperature=1.0, n=2, seed=1).as_lists()
+    stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
+    kwargs = dict(temperature=1.0, n=2, stop_ids=stops, return_logprobs=True)
+    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
+    monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
+    first = generate(model, prompts, 12, seed=1, compile=True, **kwargs)
+    steps = len(seen)
+    kept = [t.clone() for t in first[:3]]
+    second = generate(model, prompts, 12, seed=1, compile=True, **kwargs)
+    eager = generate(model, prompts, 12, seed=1, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(first[:3], kept))  # the second call did not write into the first's
+    assert second.as_lists() == eager.as_lists() and torch.equal(second.finished, eager.finished)
+    assert torch.allclose(second.logprobs, eager.logprobs, atol=1e-6)
+    addresses = {}
+    for size, pointers in seen:
+        assert addresses.setdefault(size, pointers) == pointers, f"batch size {size} moved"
+    assert len(addresses) > 2 and len(seen) == 2 * steps  # the batch shrank; both calls stepped
+    generate(model, prompts, 5, seed=1, compile=True, **kwargs)
+    assert len(sampler._KEPT) == 1 and next(iter(sampler._KEPT))[2] == 5
+
+
 def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, monkeypatch):
     """compile=True with fullgraph=True (AOT autograd tracing instead of inductor code generation, to keep the test
     fast): a graph break is an error; greedy and sampled tokens equal the eager step's."""
