@@ -54,7 +54,9 @@ class RolloutConfig:
     temperature: float = 1.5       # the toy warm start is near-deterministic at 1.0: explore more
     top_k: int | None = None
     top_p: float | None = None
-    compile: bool = False          # the decoding step through torch.compile (CUDA graphs on CUDA): see gpu_check
+    # The decoding step through torch.compile (CUDA graphs on CUDA: see gpu_check). Memory: the sampler's state and,
+    # under FSDP, a whole copy of the actor stay allocated between rollouts (pbrl.memory counts both).
+    compile: bool = False
 
 
 @dataclass

@@ -432,6 +432,17 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def empty_like(model: Transformer, dtype: torch.dtype, device) -> Transformer:
+    """A Transformer of model's architecture and heads (model may be FSDP-sharded) with uninitialised parameters in
+    dtype on device, and its RoPE frequencies computed: for copying a model's parameters into."""
+    with torch.device("meta"):
+        twin = Transformer(model.args, lm_head=model.lm_head is not None, value_head=model.value_head is not None)
+    twin.to(dtype).to_empty(device=device)
+    twin.tie_weights()
+    twin.inv_freq = rope_inv_freq(model.args).to(device)
+    return twin.eval()
+
+
 def random_llama(vocab_size: int, width: int, layers: int, seed: int, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, max_position_embeddings: int = 512) -> Transformer:
     """A small Llama-config model with N(0, 0.02) weights, unit norms and tied embeddings (demo and toy models)."""

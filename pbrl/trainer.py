@@ -35,6 +35,7 @@ from pbrl.data import encode_prompt, load_problems
 from pbrl.evaluate import accuracy_by_language, evaluate
 from pbrl.files import read_text
 from pbrl.loggers import Loggers
+from pbrl.model import empty_like
 from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
 from pbrl.rewards import build_reward
 from pbrl.sampler import generate
@@ -95,6 +96,11 @@ class Trainer:
         self.actor = self.load(models.policy, torch.float32, compute)
         self.critic = self.load(critic, torch.float32, compute, value_head=True) if critic else None
         self.reference = self.load(reference, self.dtype).requires_grad_(False).eval()
+        # Compiled rollouts under FSDP decode on a whole copy of the actor in the compute dtype, refreshed from the
+        # gathered actor before each rollout: FSDP's gathered parameters land at new addresses at every all-gather,
+        # and a CUDA graph reads its inputs where they were when it was recorded (each move would record it again).
+        self.decoder = empty_like(self.actor, self.dtype, self.device) \
+            if cfg.rollout.compile and dist.is_distributed() else None
         self.reward_fn = build_reward(cfg.reward, models.embedder, models.translator, self.dtype, self.device)
         p = cfg.ppo
         # The trained models, each with its optimizer and learning rate: what the update steps and checkpoints hold.
@@ -120,6 +126,23 @@ class Trainer:
             model.compile_blocks()
         return model
 
+    @contextmanager
+    def sampling_policy(self):
+        """The model a rollout samples from: the actor with every FSDP unit gathered, or the decoder (see __init__)
+        with the gathered actor's parameters copied in, the actor resharded again."""
+        self.actor.eval()
+        try:
+            if self.decoder is None:
+                with dist.gathered(self.actor):
+                    yield self.actor
+            else:
+                with dist.gathered(self.actor), torch.no_grad():
+                    for mine, theirs in zip(self.decoder.parameters(), self.actor.parameters(), strict=True):
+                        mine.copy_(theirs)
+                yield self.decoder
+        finally:
+            self.actor.train()
+
     # ------------------------------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:
         cfg, r, p = self.cfg, self.cfg.rollout, self.cfg.ppo
@@ -136,13 +159,11 @@ class Trainer:
             prompts = [encode_prompt(self.tokenizer, problem) for problem in problems]
             seeds = [rollout.sequence_seed(cfg.run.seed, self.step, problem, j)
                      for problem in problems for j in range(r.samples_per_prompt)]
-            self.actor.eval()
-            with dist.gathered(self.actor):
-                completions = generate(self.actor, prompts, r.max_new_tokens, temperature=r.temperature,
+            with self.sampling_policy() as policy:
+                completions = generate(policy, prompts, r.max_new_tokens, temperature=r.temperature,
                                        top_k=r.top_k, top_p=r.top_p, n=r.samples_per_prompt,
                                        stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id or 0,
                                        seeds=seeds, return_logprobs=True, compile=r.compile)
-            self.actor.train()
         with torch.no_grad():
             # 3. reward
             with timed(timings, "reward"):

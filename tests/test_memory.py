@@ -10,7 +10,7 @@ import torch
 from conftest import save_hf_model, subprocess_env
 from pbrl import memory
 from pbrl.checkpoint import load_model
-from pbrl.model import ModelArgs, Transformer
+from pbrl.model import ModelArgs, Transformer, empty_like
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,9 +86,10 @@ def test_an_instruct_translator_adds_a_reward_phase_and_a_lexicon_does_not(tmp_p
                 args.num_key_value_heads * args.head_dim * 2  # 'auto' plans for CUDA: bf16
 
 
-def test_a_compiled_rollout_keeps_its_kv_cache_in_every_phase_after_the_pivot(tmp_path):
-    """With rollout.compile the sampler keeps its state between calls (CUDA graphs replay on its addresses): the
-    planner counts that cache in the update phase too, and its bytes are those of the cache the sampler keeps."""
+def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_the_pivot(tmp_path):
+    """With rollout.compile the sampler keeps its state between calls and, under FSDP, the Trainer decodes on a
+    whole copy of the actor (CUDA graphs replay on their addresses): the planner counts both in the update phase
+    too, with the bytes of the tensors the sampler and the Trainer allocate."""
     from pbrl import sampler
     from pbrl.config import load_config
     save_hf_model(tmp_path / "m", "llama")
@@ -105,3 +106,7 @@ def test_a_compiled_rollout_keeps_its_kv_cache_in_every_phase_after_the_pivot(tm
                            sampler.cache_slots(100, r.max_new_tokens, True), r.max_new_tokens, keep=False)
     assert compiled.terms[kept] == sum(t.numel() * t.element_size() for t in st.cache.k + st.cache.v)
     assert compiled.terms[kept] > eager.terms["rollout: KV cache"]  # rounded up to whole 128-slot blocks
+    copy = "actor copy for compiled rollouts"  # the Trainer's decoder: what it allocates
+    assert copy in compiled.phases["update"] and copy not in eager.terms
+    assert compiled.terms[copy] == sum(t.numel() * t.element_size() for t in empty_like(model, torch.bfloat16,
+                                                                                        "cpu").parameters())

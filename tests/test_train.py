@@ -452,3 +452,39 @@ def test_a_logger_that_is_not_installed_names_its_package(monkeypatch):
         validate(load_config(None, ["--run.loggers", "jsonl,wandb"]), world_size=1)
     with pytest.raises(ValueError, match="run.loggers may hold jsonl, tensorboard and wandb, got jsonl,mlflow"):
         validate(load_config(None, ["--run.loggers", "jsonl,mlflow"]), world_size=1)
+
+
+def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp_path, monkeypatch):
+    """Under FSDP (here the one-rank group that bf16 compute runs in) the actor's gathered parameters move at every
+    all-gather, and a CUDA graph recorded on them would be recorded again. With rollout.compile every decoding
+    step of a batch size reads the same parameter and state addresses in every iteration (a decoder copy of the
+    actor, refreshed before each rollout), and that copy samples what the gathered actor samples."""
+    import pbrl.distributed as dist
+    from pbrl.sampler import generate
+    seen = {}
+
+    def compile_recording_addresses(fn, **options):  # stands in for torch.compile: the eager step, observed
+        def step(model, st, *args):
+            addresses = [t.data_ptr() for t in [*model.parameters(), *st.tensors()]]
+            assert seen.setdefault(len(st.ids), addresses) == addresses, f"batch size {len(st.ids)} moved"
+            return fn(model, st, *args)
+        return step
+    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
+    args = overrides(world, tmp_path, **{"models.dtype": "bfloat16", "rollout.compile": "true", "run.steps": 3})
+    try:
+        trainer = Trainer(load_config(None, args), log=lambda *a: None)
+        moved = []
+        for _ in range(3):
+            with dist.gathered(trainer.actor):
+                moved.append([p.data_ptr() for p in trainer.actor.parameters()])
+            trainer.train_step()
+        assert moved[0] != moved[1] and seen  # what the decoder is for: the gathered parameters did move
+        prompts = [[5, 17, 33, 2], [8, 3]]
+        with trainer.sampling_policy() as decoder:
+            ours = generate(decoder, prompts, 6, temperature=1.0, seed=0, return_logprobs=True)
+        with dist.gathered(trainer.actor):
+            theirs = generate(trainer.actor.eval(), prompts, 6, temperature=1.0, seed=0, return_logprobs=True)
+        assert decoder is trainer.decoder and ours.as_lists() == theirs.as_lists()
+        assert torch.equal(ours.logprobs, theirs.logprobs)
+    finally:
+        dist.shutdown()
