@@ -108,6 +108,7 @@ class DecodeState:
             torch._dynamo.mark_static_address(t, guard=False)
 
     def tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the state, the cache's included."""
         return [getattr(self, f.name) for f in fields(self) if f.name != "cache"] + self.cache.k + self.cache.v
 
 
