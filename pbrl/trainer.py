@@ -99,7 +99,7 @@ class Trainer:
         # Compiled rollouts under FSDP decode on a whole copy of the actor in the compute dtype, refreshed from the
         # gathered actor before each rollout: FSDP's gathered parameters land at new addresses at every all-gather,
         # and a CUDA graph reads its inputs where they were when it was recorded (each move would record it again).
-        self.decoder = empty_like(self.actor, self.dtype, self.device) \
+        self.decoder = empty_like(self.actor, self.dtype, self.device).requires_grad_(False) \
             if cfg.rollout.compile and dist.is_distributed() else None
         self.reward_fn = build_reward(cfg.reward, models.embedder, models.translator, self.dtype, self.device)
         p = cfg.ppo
