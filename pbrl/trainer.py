@@ -97,8 +97,8 @@ class Trainer:
         self.critic = self.load(critic, torch.float32, compute, value_head=True) if critic else None
         self.reference = self.load(reference, self.dtype).requires_grad_(False).eval()
         # Compiled rollouts under FSDP decode on a whole copy of the actor in the compute dtype, refreshed from the
-        # gathered actor before each rollout: FSDP's gathered parameters land at new addresses at every all-gather,
-        # and a CUDA graph reads its inputs where they were when it was recorded (each move would record it again).
+        # actor before each rollout: FSDP's gathered parameters land at new addresses at every all-gather, and a
+        # CUDA graph reads its inputs where they were when it was recorded (each move would record it again).
         self.decoder = empty_like(self.actor, self.dtype, self.device).requires_grad_(False) \
             if cfg.rollout.compile and dist.is_distributed() else None
         self.reward_fn = build_reward(cfg.reward, models.embedder, models.translator, self.dtype, self.device)
@@ -129,16 +129,16 @@ class Trainer:
     @contextmanager
     def sampling_policy(self):
         """The model a rollout samples from: the actor with every FSDP unit gathered, or the decoder (see __init__)
-        with the gathered actor's parameters copied in, the actor resharded again."""
+        with the actor's parameters copied in."""
         self.actor.eval()
         try:
             if self.decoder is None:
                 with dist.gathered(self.actor):
                     yield self.actor
             else:
-                with dist.gathered(self.actor), torch.no_grad():
+                with torch.no_grad():  # one tensor gathered at a time: never the whole actor next to its copy
                     for mine, theirs in zip(self.decoder.parameters(), self.actor.parameters(), strict=True):
-                        mine.copy_(theirs)
+                        mine.copy_(theirs.full_tensor())
                 yield self.decoder
         finally:
             self.actor.train()
