@@ -103,14 +103,13 @@ def main():
                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
             return out[:, width:].cpu()
 
-        t_hf, tok_hf = best_seconds(run_hf, args.repeats)
+        t_hf, tok_hf, _ = best_seconds(run_hf, args.repeats)
         with torch.inference_mode():
             ceiling = t_hf / matmul_seconds(run_hf, args.device)
         for mode in ("eager", "compiled") if args.compile else ("eager",):
-            first = []
-            t, tok = best_seconds(lambda: sampler.generate(ours, prompts, args.new_tokens,
-                                                           compile=mode == "compiled").tokens, args.repeats, first)
-            greedy.append((batch, mode, t, first[0], t_hf, ceiling, torch.equal(tok, tok_hf)))
+            t, tok, first = best_seconds(lambda: sampler.generate(ours, prompts, args.new_tokens,
+                                                                  compile=mode == "compiled").tokens, args.repeats)
+            greedy.append((batch, mode, t, first, t_hf, ceiling, torch.equal(tok, tok_hf)))
     bandwidth = max(bandwidth, read_bandwidth(args.device))
     roofline = bandwidth / weight_bytes
     floor = weight_matmuls_step(ours, args.device, 5 * args.repeats)
@@ -136,7 +135,7 @@ def main():
     real_sync = sampler.SYNC_EVERY
     for name, sync in (("compaction", real_sync), ("no compaction", args.rollout_tokens + 1)):
         sampler.SYNC_EVERY = sync
-        timings[name], out = best_seconds(lambda: sampler.generate(
+        timings[name], out, _ = best_seconds(lambda: sampler.generate(
             ours, prompts, args.rollout_tokens, temperature=1.0, n=args.samples, seed=0, stop_ids=stop_ids),
             max(1, args.repeats - 1))
         timings[name + " tokens"] = out.as_lists()

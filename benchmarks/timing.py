@@ -19,17 +19,15 @@ def seconds(fn):
     return time.perf_counter() - t0, out
 
 
-def best_seconds(fn, repeats: int, first: list | None = None):
-    """(the fewest seconds of `repeats` calls, the last result), after a warm-up call (compilation) whose seconds
-    are appended to `first`."""
+def best_seconds(fn, repeats: int):
+    """(the fewest seconds of `repeats` calls, the last result, the seconds of the warm-up call before them: the one
+    that compiles)."""
     warmup, out = seconds(fn)
-    if first is not None:
-        first.append(warmup)
     best = float("inf")
     for _ in range(repeats):
         t, out = seconds(fn)
         best = min(best, t)
-    return best, out
+    return best, out, warmup
 
 
 def read_bandwidth(device, repeats: int = 5) -> float:
