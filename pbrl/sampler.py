@@ -195,8 +195,8 @@ def new_state(model: Transformer, rows: int, slots: int, max_new_tokens: int, ke
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, n: int = 1, stop_ids=(), pad_id: int = 0,
-             seed: int | None = None, seeds=None, return_logprobs: bool = False,
-             compile: bool = False) -> Completions:
+             seed: int | None = None, seeds=None, return_logprobs: bool = False, compile: bool = False,
+             slots: int | None = None) -> Completions:
     """Sample up to max_new_tokens after each prompt (token ids), n samples per prompt.
 
     seeds: one per row (len(prompts) * n, row i*n + j = sample j of prompt i), for samples that do not depend on
@@ -204,7 +204,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     those of the tempered, untruncated distribution (temperature 0: the raw one), the same quantity a trainer
     recomputes with a full forward pass; top-k/top-p only change which token is drawn. compile=True runs the
     decoding step through torch.compile (COMPILE_OPTIONS: CUDA graphs on CUDA) and keeps its state, the KV cache
-    included, allocated until a call with another shape (new_state).
+    included, allocated until a call with another shape (new_state). slots: the KV cache's length, at least the
+    longest prompt + max_new_tokens; by default this call's own (cache_slots). A caller whose prompts vary in length
+    from call to call passes one value for all (cache_slots of its longest possible prompt), so that its compiled
+    calls keep one shape and replay the same CUDA graphs.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt and every prompt needs at least one token")
@@ -217,6 +220,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if longest + max_new_tokens > context:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
                          f"of {context} tokens (max_position_embeddings)")
+    if slots is not None and slots < longest + max_new_tokens:
+        raise ValueError(f"slots={slots} cannot hold the longest prompt ({longest} tokens) + max_new_tokens="
+                         f"{max_new_tokens}")
     vocab = model.args.vocab_size
     for i, p in enumerate(prompts):
         if min(p) < 0 or max(p) >= vocab:
@@ -228,7 +234,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     # A generated slot becomes valid when it is written.
     b, p_len = len(rows), longest
-    st = new_state(model, b, cache_slots(p_len, max_new_tokens, compile), max_new_tokens, keep=compile)
+    slots = cache_slots(p_len, max_new_tokens, compile) if slots is None else slots
+    st = new_state(model, b, slots, max_new_tokens, keep=compile)
     input_ids, prompt_mask = pad_rows(prompts, side="left")  # padding slots hold id 0: masked, never attended to
     st.valid[:, :p_len] = prompt_mask.repeat_interleave(n, 0).to(device)
     st.positions.copy_(torch.tensor([len(p) for p in rows]))

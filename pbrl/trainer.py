@@ -38,7 +38,7 @@ from pbrl.loggers import Loggers
 from pbrl.model import empty_like
 from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
 from pbrl.rewards import build_reward
-from pbrl.sampler import generate
+from pbrl.sampler import cache_slots, generate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -80,10 +80,14 @@ class Trainer:
         self.tokenizer.template_args["enable_thinking"] = models.enable_thinking
         for path in filter(None, (critic, reference)):  # they read the policy's token ids
             check_pretrained(path, self.tokenizer)
-        if self.device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
+        self.rollout_slots = None  # the KV cache's length in every rollout: None, each rollout's own
+        if self.device.type == "cuda" or cfg.rollout.compile:
             longest = max(len(encode_prompt(self.tokenizer, problem)) for problem in self.train_problems)
-            memory.check_fits(memory.plan(cfg, self.world, longest),
-                              torch.cuda.get_device_properties(self.device).total_memory)
+            if cfg.rollout.compile:  # one cache shape for the whole run: compiled rollouts replay one set of graphs
+                self.rollout_slots = cache_slots(longest, cfg.rollout.max_new_tokens, compile=True)
+            if self.device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
+                memory.check_fits(memory.plan(cfg, self.world, longest),
+                                  torch.cuda.get_device_properties(self.device).total_memory)
 
         if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, every rank
             pivot, pivot_tokenizer = load_pretrained(models.pivot or models.policy, self.dtype, self.device)
@@ -163,7 +167,8 @@ class Trainer:
                 completions = generate(policy, prompts, r.max_new_tokens, temperature=r.temperature,
                                        top_k=r.top_k, top_p=r.top_p, n=r.samples_per_prompt,
                                        stop_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id or 0,
-                                       seeds=seeds, return_logprobs=True, compile=r.compile)
+                                       seeds=seeds, return_logprobs=True, compile=r.compile,
+                                       slots=self.rollout_slots)
         with torch.no_grad():
             # 3. reward
             with timed(timings, "reward"):

@@ -140,24 +140,31 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
         assert alone.as_lists()[0] == whole.as_lists()[i]
 
 
+def observe_compiled_steps(monkeypatch) -> list:
+    """Make compile=True run the eager step and record, per step, (batch size, the address of every tensor the step
+    reads): what a CUDA graph would have been recorded on."""
+    seen = []
+
+    def compile_recording_addresses(fn, **options):  # stands in for torch.compile
+        def step(model, st, *args):
+            seen.append((len(st.ids), [t.data_ptr() for t in st.tensors()]))
+            return fn(model, st, *args)
+        return step
+    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
+    return seen
+
+
 def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypatch):
     """A CUDA graph reads its inputs where they were when it was recorded. With compile=True every step of a batch
     size reads the same tensor addresses, within a call (compaction moves live rows to the front of the same
     buffers) and across calls of one shape (the state is kept); each call's results are its own copies, the same as
     eager decoding's; a call of another shape replaces the kept state."""
     import pbrl.sampler as sampler
-    seen = []  # per step: (batch size, the address of every tensor the step reads)
-
-    def compile_recording_addresses(fn, **options):  # stands in for torch.compile: the eager step, observed
-        def step(model, st, *args):
-            seen.append((len(st.ids), [t.data_ptr() for t in st.tensors()]))
-            return fn(model, st, *args)
-        return step
     prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62], [7, 7, 7, 7, 7]]
     free = generate(model, prompts, 12, temperature=1.0, n=2, seed=1).as_lists()
     stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
     kwargs = dict(temperature=1.0, n=2, stop_ids=stops, return_logprobs=True)
-    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
+    seen = observe_compiled_steps(monkeypatch)
     monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
     first = generate(model, prompts, 12, seed=1, compile=True, **kwargs)
     steps = len(seen)
@@ -173,6 +180,20 @@ def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypat
     assert len(addresses) > 2 and len(seen) == 2 * steps  # the batch shrank; both calls stepped
     generate(model, prompts, 5, seed=1, compile=True, **kwargs)
     assert len(sampler._KEPT) == 1 and next(iter(sampler._KEPT))[2] == 5
+
+
+def test_calls_given_one_cache_length_keep_one_shape_whatever_their_prompts(model, monkeypatch):
+    """Each call's own cache is its longest prompt + max_new_tokens, rounded to 128 slots when compiling: prompts of
+    3 and 60 tokens with 70 new tokens need 128 and 256 slots, a new state and new CUDA graphs at every switch.
+    Given slots=256, every call steps on the same addresses, and decodes what a cache of its own length decodes."""
+    short, long = [[5, 17, 33]], [[(7 * i) % 50 + 1 for i in range(60)]]
+    with pytest.raises(ValueError, match=r"slots=129 cannot hold the longest prompt \(60 tokens\) \+ max_new_"):
+        generate(model, long, 70, slots=129)
+    own = [generate(model, p, 70, temperature=1.0, seed=2) for p in (short, long, short)]
+    seen = observe_compiled_steps(monkeypatch)
+    fixed = [generate(model, p, 70, temperature=1.0, seed=2, compile=True, slots=256) for p in (short, long, short)]
+    assert [o.as_lists() for o in fixed] == [o.as_lists() for o in own]
+    assert len({tuple(pointers) for _, pointers in seen}) == 1 and len(seen) == 3 * 69
 
 
 def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, monkeypatch):

@@ -456,12 +456,16 @@ def test_a_logger_that_is_not_installed_names_its_package(monkeypatch):
 
 def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp_path, monkeypatch):
     """Under FSDP (here the one-rank group that bf16 compute runs in) the actor's gathered parameters move at every
-    all-gather, and a CUDA graph recorded on them would be recorded again. With rollout.compile every decoding
-    step of a batch size reads the same parameter and state addresses in every iteration (a decoder copy of the
-    actor, refreshed before each rollout), and that copy samples what the gathered actor samples."""
+    all-gather, and a CUDA graph recorded on them would be recorded again; so would one recorded on a KV cache of
+    another length. With rollout.compile every decoding step of a batch size reads the same parameter and state
+    addresses in every iteration (a decoder copy of the actor, refreshed before each rollout; one cache length, that
+    of the longest training prompt, although one problem's prompt crosses a 128-slot boundary the others do not),
+    and that copy samples what the gathered actor samples."""
     import pbrl.distributed as dist
-    from pbrl.sampler import generate
-    seen = {}
+    from pbrl.data import encode_prompt
+    from pbrl.rollout import problems_for_step
+    from pbrl.sampler import cache_slots, generate
+    seen, slots = {}, []  # slots: each rollout's own cache length, without a length fixed for the run
 
     def compile_recording_addresses(fn, **options):  # stands in for torch.compile: the eager step, observed
         def step(model, st, *args):
@@ -470,15 +474,26 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
             return fn(model, st, *args)
         return step
     monkeypatch.setattr(torch, "compile", compile_recording_addresses)
-    args = overrides(world, tmp_path, **{"models.dtype": "bfloat16", "rollout.compile": "true", "run.steps": 3})
+    data = shutil.copytree(world / "data", tmp_path / "data")  # problem 7 in German: ~60 tokens longer
+    lines = (data / "mgsm_de.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[7] = lines[7].replace("Wie viele", "Janet zählt sorgfältig nach. " * 2 + "Wie viele")
+    (data / "mgsm_de.tsv").write_text("".join(lines), encoding="utf-8")
+    args = overrides(world, tmp_path / "out", **{"models.dtype": "bfloat16", "rollout.compile": "true",
+                                                 "run.steps": 3, "data.path": data})
     try:
         trainer = Trainer(load_config(None, args), log=lambda *a: None)
+        lengths = [len(encode_prompt(trainer.tokenizer, problem)) for problem in trainer.train_problems]
+        assert max(lengths[:7]) + 6 <= 128 < lengths[7] + 6 <= 256  # 6: rollout.max_new_tokens
         moved = []
-        for _ in range(3):
+        for step in range(3):
             with dist.gathered(trainer.actor):
                 moved.append([p.data_ptr() for p in trainer.actor.parameters()])
+            trainer.step = step  # as run() counts
+            problems = problems_for_step(trainer.train_problems, step, 4, trainer.cfg.run.seed, 0, 1)
+            slots.append(cache_slots(max(len(encode_prompt(trainer.tokenizer, p)) for p in problems), 6, True))
             trainer.train_step()
         assert moved[0] != moved[1] and seen  # what the decoder is for: the gathered parameters did move
+        assert set(slots) == {128, 256}  # the rollouts' own cache lengths differed
         prompts = [[5, 17, 33, 2], [8, 3]]
         with trainer.sampling_policy() as decoder:
             ours = generate(decoder, prompts, 6, temperature=1.0, seed=0, return_logprobs=True)
