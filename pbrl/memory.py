@@ -10,9 +10,9 @@ Every term is in bytes on rank 0, which holds the most: FSDP2 gives each rank ce
              block that activation checkpointing recomputes;
              the actor gathered in the compute dtype, the KV cache and the sampling logits during rollout (with
              rollout.compile the sampler keeps its state, the KV cache included, between rollouts, and under FSDP
-             the rollouts decode on a whole copy of the actor, refreshed one gathered fp32 tensor at a time: the
-             cache and the copy count in every phase but the pivot's); the pivot's weights and KV cache on every
-             rank while they write missing references (before the rest loads)
+             the rollouts decode on a whole copy of the actor, refreshed one tensor at a time, gathered in the
+             compute dtype: the cache and the copy count in every phase but the pivot's); the pivot's weights and
+             KV cache on every rank while they write missing references (before the rest loads)
 The peak is the largest of the phases: pivot, rollout, reward (when an instruct model translates), update.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     if r.compile and (gpus > 1 or compute < 4):
         # FSDP runs: the Trainer's decoder, a whole copy of the actor kept throughout, refreshed tensor by tensor
         out.terms["actor copy for compiled rollouts"] = full_bytes(actor_shapes, compute)
-        out.terms["rollout: largest actor tensor (fp32)"] = max(math.prod(s) for s in actor_shapes) * 4
+        out.terms["rollout: largest actor tensor gathered"] = max(math.prod(s) for s in actor_shapes) * compute
     else:
         out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
     cache = kv_cache_bytes(actor, rows, cache_slots(prompt_tokens, r.max_new_tokens, r.compile), compute)

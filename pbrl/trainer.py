@@ -140,9 +140,11 @@ class Trainer:
                 with dist.gathered(self.actor):
                     yield self.actor
             else:
-                with torch.no_grad():  # one tensor gathered at a time: never the whole actor next to its copy
+                # One tensor gathered at a time (never the whole actor next to its copy), its shards cast to the
+                # compute dtype first, as FSDP casts them before its own all-gathers: half the bytes of fp32.
+                with torch.no_grad():
                     for mine, theirs in zip(self.decoder.parameters(), self.actor.parameters(), strict=True):
-                        mine.copy_(theirs.full_tensor())
+                        mine.copy_(theirs.to(mine.dtype).full_tensor())
                 yield self.decoder
         finally:
             self.actor.train()
