@@ -27,8 +27,8 @@ import torch
 
 from pbrl import distributed as dist
 from pbrl import memory, ppo, rollout
-from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, export, latest_checkpoint, load_model,
-                             load_pretrained, load_training_checkpoint, save_training_checkpoint)
+from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, export, latest_checkpoint, load_args,
+                             load_model, load_pretrained, load_training_checkpoint, save_training_checkpoint)
 from pbrl.cli import Progress
 from pbrl.config import Config, validate
 from pbrl.data import encode_prompt, load_problems
@@ -80,14 +80,21 @@ class Trainer:
         self.tokenizer.template_args["enable_thinking"] = models.enable_thinking
         for path in filter(None, (critic, reference)):  # they read the policy's token ids
             check_pretrained(path, self.tokenizer)
-        self.rollout_slots = None  # the KV cache's length in every rollout: None, each rollout's own
-        if self.device.type == "cuda" or cfg.rollout.compile:
-            longest = max(len(encode_prompt(self.tokenizer, problem)) for problem in self.train_problems)
-            if cfg.rollout.compile:  # one cache shape for the whole run: compiled rollouts replay one set of graphs
-                self.rollout_slots = cache_slots(longest, cfg.rollout.max_new_tokens, compile=True)
-            if self.device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
-                memory.check_fits(memory.plan(cfg, self.world, longest),
-                                  torch.cuda.get_device_properties(self.device).total_memory)
+        # The longest training prompt: one that leaves no room for the response is refused now, not at the step
+        # that samples it; it sizes the KV cache and the memory plan.
+        lengths = [len(encode_prompt(self.tokenizer, problem)) for problem in self.train_problems]
+        r, longest = cfg.rollout, max(lengths)
+        context = load_args(self.policy_dir).max_position_embeddings
+        if longest + r.max_new_tokens > context:
+            problem = self.train_problems[lengths.index(longest)]
+            raise ValueError(f"training problem {problem.id} ({problem.lang}, {data.path}) has a prompt of {longest} "
+                             f"tokens; with rollout.max_new_tokens={r.max_new_tokens} it exceeds the policy's "
+                             f"context of {context} tokens (max_position_embeddings)")
+        # Compiled rollouts all get one cache length, so that they replay one set of CUDA graphs (None: each its own).
+        self.rollout_slots = cache_slots(longest, r.max_new_tokens, compile=True) if r.compile else None
+        if self.device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
+            memory.check_fits(memory.plan(cfg, self.world, longest),
+                              torch.cuda.get_device_properties(self.device).total_memory)
 
         if self.references is None:  # the pivot (the policy when models.pivot is empty) answers once, every rank
             pivot, pivot_tokenizer = load_pretrained(models.pivot or models.policy, self.dtype, self.device)

@@ -220,6 +220,13 @@ def test_pivot_cache_missing_ids_fails_before_any_model_loads(world, tmp_path, m
         Trainer(load_config(None, overrides(world, tmp_path / "x", **{"data.pivot_cache": partial})))
 
 
+def test_a_prompt_that_leaves_no_room_for_the_response_fails_before_any_model_loads(world, tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)  # not at the step that samples it
+    with pytest.raises(ValueError, match=r"training problem mgsm-\d \(de, .*data\) has a prompt of \d+ tokens; with "
+                                         r"rollout.max_new_tokens=200 it exceeds the policy's context of 256 tokens"):
+        Trainer(load_config(None, overrides(world, tmp_path / "x", **{"rollout.max_new_tokens": 200})))
+
+
 def no_model_loads(monkeypatch):
     import pbrl.checkpoint
     import pbrl.trainer
