@@ -119,3 +119,26 @@ def hf_tensors(directory) -> dict:
 
     from safetensors.torch import load_file
     return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def observe_compiled_steps(monkeypatch) -> list:
+    """Make sampler.generate(compile=True) run the eager step and record, per step, (batch size, the addresses of
+    the model's parameters and of every state tensor the step reads): what a CUDA graph would be recorded on."""
+    seen = []
+
+    def compile_recording_addresses(fn, **options):  # stands in for torch.compile
+        def step(model, st, *args):
+            seen.append((len(st.ids), [t.data_ptr() for t in [*model.parameters(), *st.tensors()]]))
+            return fn(model, st, *args)
+        return step
+    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
+    return seen
+
+
+def each_batch_size_kept_its_addresses(seen: list) -> dict:
+    """Assert that every step of a batch size read the same addresses (seen: from observe_compiled_steps); returns
+    batch size -> addresses."""
+    addresses = {}
+    for size, pointers in seen:
+        assert addresses.setdefault(size, pointers) == pointers, f"batch size {size} moved"
+    return addresses

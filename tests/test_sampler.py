@@ -4,6 +4,7 @@ import torch
 
 import kernels
 
+from conftest import each_batch_size_kept_its_addresses, observe_compiled_steps
 from pbrl.checkpoint import load_model
 from pbrl.sampler import generate, sample_next
 
@@ -140,20 +141,6 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
         assert alone.as_lists()[0] == whole.as_lists()[i]
 
 
-def observe_compiled_steps(monkeypatch) -> list:
-    """Make compile=True run the eager step and record, per step, (batch size, the address of every tensor the step
-    reads): what a CUDA graph would have been recorded on."""
-    seen = []
-
-    def compile_recording_addresses(fn, **options):  # stands in for torch.compile
-        def step(model, st, *args):
-            seen.append((len(st.ids), [t.data_ptr() for t in st.tensors()]))
-            return fn(model, st, *args)
-        return step
-    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
-    return seen
-
-
 def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypatch):
     """A CUDA graph reads its inputs where they were when it was recorded. With compile=True every step of a batch
     size reads the same tensor addresses, within a call (compaction moves live rows to the front of the same
@@ -174,9 +161,7 @@ def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(first[:3], kept))  # the second call did not write into the first's
     assert second.as_lists() == eager.as_lists() and torch.equal(second.finished, eager.finished)
     assert torch.allclose(second.logprobs, eager.logprobs, atol=1e-6)
-    addresses = {}
-    for size, pointers in seen:
-        assert addresses.setdefault(size, pointers) == pointers, f"batch size {size} moved"
+    addresses = each_batch_size_kept_its_addresses(seen)
     assert len(addresses) > 2 and len(seen) == 2 * steps  # the batch shrank; both calls stepped
     generate(model, prompts, 5, seed=1, compile=True, **kwargs)
     assert len(sampler._KEPT) == 1 and next(iter(sampler._KEPT))[2] == 5

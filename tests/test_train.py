@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_tensors, save_hf_model, subprocess_env
+from conftest import (each_batch_size_kept_its_addresses, hf_tensors, observe_compiled_steps, save_hf_model,
+                      subprocess_env)
 from pbrl.checkpoint import checkpoint_metadata, latest_checkpoint, read_checkpoint_tensors
 from pbrl.config import Config, load_config, validate
 from pbrl.trainer import Trainer
@@ -472,15 +473,8 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
     from pbrl.data import encode_prompt
     from pbrl.rollout import problems_for_step
     from pbrl.sampler import cache_slots, generate
-    seen, slots = {}, []  # slots: each rollout's own cache length, without a length fixed for the run
-
-    def compile_recording_addresses(fn, **options):  # stands in for torch.compile: the eager step, observed
-        def step(model, st, *args):
-            addresses = [t.data_ptr() for t in [*model.parameters(), *st.tensors()]]
-            assert seen.setdefault(len(st.ids), addresses) == addresses, f"batch size {len(st.ids)} moved"
-            return fn(model, st, *args)
-        return step
-    monkeypatch.setattr(torch, "compile", compile_recording_addresses)
+    seen = observe_compiled_steps(monkeypatch)
+    slots = []  # each rollout's own cache length, without a length fixed for the run
     data = shutil.copytree(world / "data", tmp_path / "data")  # problem 7 in German: ~60 tokens longer
     lines = (data / "mgsm_de.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
     lines[7] = lines[7].replace("Wie viele", "Janet zählt sorgfältig nach. " * 2 + "Wie viele")
@@ -499,6 +493,7 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
             problems = problems_for_step(trainer.train_problems, step, 4, trainer.cfg.run.seed, 0, 1)
             slots.append(cache_slots(max(len(encode_prompt(trainer.tokenizer, p)) for p in problems), 6, True))
             trainer.train_step()
+        each_batch_size_kept_its_addresses(seen)
         assert moved[0] != moved[1] and seen  # what the decoder is for: the gathered parameters did move
         assert set(slots) == {128, 256}  # the rollouts' own cache lengths differed
         prompts = [[5, 17, 33, 2], [8, 3]]
