@@ -9,10 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from pbrl.checkpoint import check_pretrained, load_pretrained
-from pbrl.cli import positive_int, run_main
+from pbrl.cli import DTYPES, positive_int, run_main, shared_flags
 from pbrl.data import load_mgsm_exemplars, load_problems
 from pbrl.distributed import resolve_device
 from pbrl.evaluate import accuracy_by_language, evaluate, format_table
@@ -28,17 +26,12 @@ def main(argv=None):
     ap.add_argument("--data", help="local directory/file or hub dataset id (default: the task's hub dataset)")
     ap.add_argument("--langs", default="en", help="comma-separated language codes")
     ap.add_argument("--limit", type=positive_int, help="first N problems per language")
-    ap.add_argument("--batch-size", type=positive_int, default=16)
-    ap.add_argument("--max-new-tokens", type=positive_int, default=512)
     ap.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
     ap.add_argument("--num-fewshot", type=int, default=0,
                     help="K solved exemplars in the problem's language before each question (mgsm; default 0)")
     ap.add_argument("--fewshot-data", help="MGSM's native exemplars: a directory or hub dataset with a "
                                            "*{lang}_train*.tsv per language (default: --data)")
-    ap.add_argument("--enable-thinking", action="store_true",
-                    help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    shared_flags(ap, "device", "dtype", "batch-size", "max-new-tokens", "enable-thinking")
     ap.add_argument("--out", default="runs/eval")
     args = ap.parse_args(argv)
 
@@ -57,8 +50,7 @@ def main(argv=None):
         check_pretrained(path)
     scores, samples = {}, []
     for path in args.model:
-        model, tokenizer = load_pretrained(path, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                           device=device)
+        model, tokenizer = load_pretrained(path, dtype=DTYPES.get(args.dtype), device=device)
         tokenizer.template_args["enable_thinking"] = args.enable_thinking
         records = evaluate(model, tokenizer, problems, args.batch_size, args.max_new_tokens,
                            chat=not args.no_chat, label=str(path), shots=shots)
@@ -67,10 +59,10 @@ def main(argv=None):
         del model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "samples.jsonl", lambda p: p.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples), encoding="utf-8"))
-    write_atomic(out / "scores.json", lambda p: p.write_text(json.dumps({"task": args.task, "scores": scores},
-                                                                        indent=2)))
+    with write_atomic(out / "samples.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples), encoding="utf-8")
+    with write_atomic(out / "scores.json") as tmp:
+        tmp.write_text(json.dumps({"task": args.task, "scores": scores}, indent=2))
     print(format_table(scores))
     print(f"wrote {out / 'scores.json'} and {out / 'samples.jsonl'}")
 

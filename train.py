@@ -17,8 +17,8 @@ def main(argv: list[str]) -> None:
         return
     from pbrl import distributed
     from pbrl.config import load_config
+    from pbrl.setup import prepare
     from pbrl.toy import use_world
-    from pbrl.trainer import Trainer
     config = None
     if argv[0] == "--config":
         if len(argv) < 2:
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
         config, argv = argv[1], argv[2:]
     cfg = load_config(config, argv)
     try:
-        Trainer(use_world(cfg)).run()
+        prepare(use_world(cfg)).run()
     finally:
         distributed.shutdown()
 

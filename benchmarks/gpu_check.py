@@ -44,7 +44,7 @@ from pbrl import distributed as dist  # noqa: E402
 from pbrl.checkpoint import export, load_training_checkpoint, save_model, save_training_checkpoint  # noqa: E402
 from pbrl import memory  # noqa: E402
 from pbrl.config import load_config  # noqa: E402
-from pbrl.data import encode_prompt  # noqa: E402
+from pbrl.graphs import CudaGraphs  # noqa: E402
 from pbrl.model import ModelArgs, Transformer  # noqa: E402
 from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe  # noqa: E402
 from pbrl.trainer import timed  # noqa: E402
@@ -182,7 +182,8 @@ def check_decoding(args: ModelArgs, device: torch.device, batches: list[int], ne
                    for n in torch.randint(32, 64, (batch,), generator=g)]
         eager = None
         for mode in ("eager", "compiled") if device.type == "cuda" else ("eager",):  # CUDA graphs: CUDA only
-            run = lambda: sampler.generate(model, prompts, new_tokens, compile=mode == "compiled").tokens  # noqa: E731
+            graphs = CudaGraphs() if mode == "compiled" else None
+            run = lambda: sampler.generate(model, prompts, new_tokens, graphs=graphs).tokens  # noqa: E731
             skips = counters["inductor"]["cudagraph_skips"]
             with graphs_recorded() as recorded:
                 warmup, _ = seconds(run)
@@ -207,7 +208,8 @@ def check_decode_profile(args: ModelArgs, device: torch.device, new_tokens: int 
     torch.manual_seed(0)
     model = Transformer(args).to(device, torch.bfloat16).eval()
     prompt = [torch.randint(0, args.vocab_size, (48,)).tolist()]
-    run = lambda: sampler.generate(model, prompt, new_tokens, compile=device.type == "cuda")  # noqa: E731
+    graphs = CudaGraphs() if device.type == "cuda" else None
+    run = lambda: sampler.generate(model, prompt, new_tokens, graphs=graphs)  # noqa: E731
     run()
     wall = min(seconds(run)[0] for _ in range(3))
     prof = profiled(run)
@@ -232,7 +234,7 @@ def check_precision(args: ModelArgs, device: torch.device) -> dict:
         logp = model(ids[:, :-1], output="logprobs", labels=ids[:, 1:])[0]
         (-logp.mean()).backward()
         opt.step()
-        state = dist.full_state_dict(model)
+        state = {k: v.full_tensor() for k, v in model.state_dict().items()}
         updates[name] = torch.cat([(state[k].float().cpu() - base.state_dict()[k].float().cpu()).flatten()
                                    for k in state])
     a, b = updates["fp32"], updates["bf16"]
@@ -246,7 +248,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     model needed; the pivot cache is written from the problems' own answers), its blocks compiled (models.compile,
     on CUDA); then one more under the profiler, and one with the blocks run eagerly, for the compiler's gain."""
     from pbrl import toy
-    from pbrl.trainer import Trainer
+    from pbrl.setup import prepare
     problems = toy.make_problems(64, __import__("random").Random(0))
     tokenizer = chat_tokenizer(train_bpe([toy.render(p, lang) for p in problems for lang in toy.LANGS], 400))
     torch.manual_seed(0)
@@ -275,8 +277,8 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     cfg = load_config(None, [x for key, value in settings.items() for x in (f"--{key}", str(value))])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = Trainer(cfg, log=lambda *a: None)
-    longest = max(len(encode_prompt(trainer.tokenizer, p)) for p in trainer.train_problems)
+    trainer = prepare(cfg, log=lambda *a: None)
+    longest = max(map(len, trainer.prompts.values()))
     predicted = memory.plan(cfg, 1, longest)
     last = trainer.run(steps)[-1]  # then one profiled and one eager iteration: run.steps = steps + 2
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
@@ -284,8 +286,8 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     # Update FLOPs per trained token: 6 per parameter that multiplies (forward + backward) plus 2 for the forward
     # that activation checkpointing recomputes, per PPO epoch; the actor's tied embedding counts once (its LM
     # head), the critic's not at all (a lookup; its head is one column). Attention's own FLOPs are left out.
-    params = sum(p.numel() for p in trainer.actor.parameters())
-    matmul_params = params + params - trainer.critic.embed_tokens.weight.numel()
+    params = sum(p.numel() for p in trainer.actor.model.parameters())
+    matmul_params = params + params - trainer.critic.model.embed_tokens.weight.numel()
 
     def throughput(metrics):
         """One iteration's metrics -> seconds per phase, and the update's speed."""
@@ -304,7 +306,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
     try:  # what these add is not worth losing what was measured above
         result["one_iteration_profiled"] = profiled(lambda: trainer.run(1))
         if cuda:  # the same run, one more iteration with every block eager
-            for model in (trainer.actor, trainer.critic, trainer.reference):
+            for model in (trainer.actor.model, trainer.critic.model, trainer.reference):
                 for layer in model.layers:
                     layer.compiled_forward = None
             result["eager_blocks"] = throughput(trainer.run(1)[-1])
@@ -316,7 +318,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int, work: Path
 def check_checkpoint(trainer, work: Path) -> dict:
     """Save, load and export (bf16, streamed) a DCP checkpoint of the trainer's actor and its AdamW state (fp32:
     16 bytes per parameter; the critic's would double what the GPU machine's disk must hold)."""
-    models, optimizers = {"actor": trainer.trained["actor"][0]}, {"actor": trainer.trained["actor"][1]}
+    models, optimizers = {"actor": trainer.actor.model}, {"actor": trainer.actor.optimizer}
     step = trainer.step + 1
     timings = {}
     with timed(timings, "save_s"):

@@ -31,6 +31,7 @@ import pbrl.sampler as sampler  # noqa: E402
 from benchmarks.results import append_csv  # noqa: E402
 from benchmarks.timing import best_seconds, read_bandwidth  # noqa: E402
 from pbrl.checkpoint import load_model  # noqa: E402
+from pbrl.graphs import CudaGraphs  # noqa: E402
 
 
 def weight_matmuls_step(model, device: str, repeats: int) -> float:
@@ -67,7 +68,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8,64")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time compile=True (default: on)")
+                    help="also time decoding through pbrl.graphs.CudaGraphs (default: on)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--rollout-tokens", type=int, default=256)
@@ -107,8 +108,9 @@ def main():
         with torch.inference_mode():
             ceiling = t_hf / matmul_seconds(run_hf, args.device)
         for mode in ("eager", "compiled") if args.compile else ("eager",):
+            graphs = CudaGraphs() if mode == "compiled" else None
             t, tok, first = best_seconds(lambda: sampler.generate(ours, prompts, args.new_tokens,
-                                                                  compile=mode == "compiled").tokens, args.repeats)
+                                                                  graphs=graphs).tokens, args.repeats)
             greedy.append((batch, mode, t, first, t_hf, ceiling, torch.equal(tok, tok_hf)))
     bandwidth = max(bandwidth, read_bandwidth(args.device))
     roofline = bandwidth / weight_bytes

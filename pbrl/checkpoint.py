@@ -233,17 +233,20 @@ def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[s
         if dtype is not None:
             tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
         stored = stored or next(iter(tensors.values())).dtype
-        write_atomic(out / file, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+        with write_atomic(out / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
     if len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        write_atomic(out / INDEX_FILE, lambda p: p.write_text(json.dumps(index, indent=2)))
+        with write_atomic(out / INDEX_FILE) as tmp:
+            tmp.write_text(json.dumps(index, indent=2))
     if source_dir is not None:
         copy_side_files(source_dir, out)
     config = args.to_hf_config(stored, backbone)
-    write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    with write_atomic(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
     return out
 
 

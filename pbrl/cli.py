@@ -13,6 +13,10 @@ import os
 import sys
 import time
 
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def positive_int(text: str) -> int:
     try:
@@ -22,6 +26,23 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def shared_flags(ap: argparse.ArgumentParser, *names: str, batch_size: int = 16,
+                 max_new_tokens: int = 512) -> None:
+    """The flags entry points share, those named: device, dtype, batch-size, max-new-tokens,
+    enable-thinking."""
+    if "device" in names:
+        ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    if "dtype" in names:
+        ap.add_argument("--dtype", choices=list(DTYPES), help="the weights' dtype (default: as stored)")
+    if "batch-size" in names:
+        ap.add_argument("--batch-size", type=positive_int, default=batch_size)
+    if "max-new-tokens" in names:
+        ap.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    if "enable-thinking" in names:
+        ap.add_argument("--enable-thinking", action="store_true",
+                        help="let chat templates that read enable_thinking (Qwen3) open a reasoning block")
 
 
 def run_main(main, argv=None) -> None:

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import csv
 import re
-import sys
 import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from pbrl.cli import run_main
 from pbrl.files import read_jsonl, read_text, resolve
 
 
@@ -345,17 +343,3 @@ def _read_rows(file: Path, required: tuple[str, ...]) -> list[dict]:
         if missing:
             raise ValueError(f"{file}: row {i + 1}: missing field(s) {missing}")
     return rows
-
-
-def main(argv=None) -> None:
-    """`python -m pbrl.data translate ...`: see pbrl/translation.py."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] != "translate":
-        raise ValueError("usage: python -m pbrl.data translate --model TRANSLATOR --source openai/gsm8k --split train "
-                         "--langs de,fr --out DIR (python -m pbrl.data translate --help for more)")
-    from pbrl.translation import main as translate
-    translate(argv[1:])
-
-
-if __name__ == "__main__":
-    run_main(main)

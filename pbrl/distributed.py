@@ -92,13 +92,13 @@ def gathered(model: torch.nn.Module):
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:
-        yield
+        yield model
         return
     model.set_reshard_after_forward(False, recurse=True)
     for unit in units:
         unit.unshard()
     try:
-        yield
+        yield model
     finally:
         for unit in units:
             unit.reshard()
@@ -125,12 +125,3 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded parameters on the CPU, complete on rank 0 (other ranks may get an empty dict); a collective:
-    every rank must call it."""
-    if not is_distributed():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

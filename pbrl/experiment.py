@@ -26,7 +26,7 @@ from pbrl.config import load_config
 from pbrl.evaluate import accuracy_by_language, format_table
 from pbrl.plot import svg_panels
 from pbrl.toy import use_world
-from pbrl.trainer import Trainer
+from pbrl.setup import prepare
 
 DEFAULT_OUT = "runs/toy"
 # Every arm's recipe beyond Config's defaults: many small iterations (8 problems x 4 samples, one PPO epoch) gain
@@ -65,7 +65,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 20, s
             log(f"== {name}" + (f", seed {s}" if seeds > 1 else "") + " ==")
             cfg = use_world(cfg, log=log)  # the world of `seed` (problems, warm start, reward models) for every run
             cfg.run.seed = s               # the run's own seed: its sampling noise and problem order
-            trainer = Trainer(cfg, log=log)
+            trainer = prepare(cfg, log=log)
             if warm_records is not None:  # the same warm start and held-out problems: its eval is not redone
                 trainer.eval_records[0] = warm_records
             history = trainer.run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -70,12 +71,17 @@ def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
             for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
 
 
-def write_atomic(path, write) -> None:
-    """write(tmp_path) then rename onto `path`: a reader never sees a half-written file."""
+@contextmanager
+def write_atomic(path):
+    """`with write_atomic(path) as tmp:` write tmp; it is renamed onto path when the block succeeds, so a
+    reader never sees a half-written file (and a failed write leaves no temporary behind)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

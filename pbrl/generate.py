@@ -9,17 +9,13 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from pbrl.checkpoint import load_pretrained, save_model
-from pbrl.cli import positive_int, run_main
+from pbrl.cli import DTYPES, positive_int, run_main, shared_flags
 from pbrl.distributed import resolve_device
 from pbrl.model import random_llama
 from pbrl.sampler import generate
 from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 # What the demo model's tokenizer is trained on: enough text that any prompt encodes into real tokens.
 CORPUS = ["Janet has 3 apples and buys 5 more. How many apples does she have?", "The answer is 8.",
@@ -43,15 +39,11 @@ def main(argv=None):
     ap.add_argument("--model", help="HF model directory or hub id (default: a tiny random model built locally)")
     ap.add_argument("--prompt", default="Janet has 3 apples and buys 5 more. How many apples does she have?")
     ap.add_argument("--system", help="system message")
-    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=positive_int)
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
-    ap.add_argument("--enable-thinking", action="store_true",
-                    help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
-    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    shared_flags(ap, "device", "dtype", "max-new-tokens", "enable-thinking", max_new_tokens=64)
     args = ap.parse_args(argv)
 
     path = args.model

@@ -30,8 +30,8 @@ from pbrl.config import Config, load_config, validate
 from pbrl.files import is_hub_id, read_json, resolve
 from pbrl.model import ModelArgs, Transformer
 from pbrl.pivot import PIVOT_BATCH_SIZE
-from pbrl.rewards import LEXICON_FILE, TRANSLATE_BATCH_SIZE
-from pbrl.sampler import cache_slots
+from pbrl.graphs import cache_slots
+from pbrl.translators import LEXICON_FILE, TRANSLATE_BATCH_SIZE
 
 GB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2}
@@ -152,7 +152,8 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         out.terms["rollout: largest actor tensor gathered"] = max(math.prod(s) for s in actor_shapes) * compute
     else:
         out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
-    cache = kv_cache_bytes(actor, rows, cache_slots(prompt_tokens, r.max_new_tokens, r.compile), compute)
+    slots = cache_slots(prompt_tokens, r.max_new_tokens) if r.compile else prompt_tokens + r.max_new_tokens
+    cache = kv_cache_bytes(actor, rows, slots, compute)
     out.terms["KV cache, kept (rollout.compile)" if r.compile else "rollout: KV cache"] = cache
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
     tokens = p.micro_batch_size * length

@@ -1,20 +1,20 @@
 """A decoder-only Transformer that covers Llama 3.x, Qwen2/2.5 and Qwen3.
 
-Module and parameter names follow Hugging Face's so that a checkpoint's tensors load without renaming: the HF key
-of every parameter is ours with a `model.` prefix, except `lm_head.weight` (see pbrl/checkpoint.py).
+Parameter names are Hugging Face's without the leading `model.` (`lm_head.weight` has none in either),
+so checkpoints load without a renaming table (pbrl/checkpoint.py). The families differ in four switches
+read from config.json: q/k/v bias (Qwen2) or q/k/v/o bias (`attention_bias`); RMSNorm over head_dim on q
+and k before RoPE (Qwen3); an explicit head_dim (Qwen3); Llama 3.1's long-context RoPE scaling. RoPE
+uses the half-split ("rotate_half") layout of HF checkpoints, so q/k weights load unpermuted.
 
-The three families differ in four switches, all read from config.json:
-  - bias on q/k/v (Qwen2) or on q/k/v/o (Llama's and Qwen3's `attention_bias`);
-  - RMSNorm over head_dim on q and k, after projection and before RoPE (Qwen3);
-  - an explicit head_dim that may differ from hidden_size / num_heads (Qwen3);
-  - RoPE frequencies with the 'llama3' long-context scaling (Llama 3.1+).
-RoPE uses the half-split ("rotate_half") layout of HF checkpoints, so q/k weights load unpermuted.
+One forward per use, each with its own attention:
+  forward   training and scoring: rows right padded, causal attention, no mask (fused kernels run)
+  prefill   the sampler's prompts, right padded: causal attention, keys and values written to a cache
+  decode    one token per row at its own position: attends over the cache's slots up to it
 
-Shapes: B batch, T new tokens, S key slots (cached + new), H hidden, V vocab, D head_dim.
+Shapes: B batch, T tokens, S cache slots, H hidden, V vocab, D head_dim.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -27,6 +27,8 @@ import kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _NUMBER = (int, float)
+_KINDS = {int: "an integer", _NUMBER: "a number", bool: "true or false", str: "a string",
+          dict: "an object"}
 
 
 @dataclass
@@ -41,7 +43,7 @@ class ModelArgs:
     head_dim: int = 64
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", factor, low/high_freq_factor, original_...}
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", factor, ...}
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
@@ -52,29 +54,13 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
-        """Build from a HF config.json dict; reject anything this model would silently compute wrong, and name the
-        key of a missing or mistyped value."""
-        names = {int: "an integer", _NUMBER: "a number", bool: "true or false", str: "a string", dict: "an object"}
-
-        def get(key, kind, default=...):
-            value = cfg.get(key, default)
-            if value is ...:
-                raise ValueError(f"{where}: missing key {key!r}")
-            if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
-                raise ValueError(f"{where}: {key} must be {names[kind]}, got {value!r}")
-            return value
-
+        """From a HF config.json dict; whatever this model would compute wrong is refused, naming the key."""
+        get = _getter(cfg, where)
         model_type = get("model_type", str, None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{where}: model_type {model_type!r} is not supported; "
                              f"pbrl supports {SUPPORTED_MODEL_TYPES}")
-        act = get("hidden_act", str, "silu")
-        if act != "silu":
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
-        if get("mlp_bias", bool, False):
-            raise ValueError(f"{where}: mlp_bias=true is not supported")
-        if get("use_sliding_window", bool, False):
-            raise ValueError(f"{where}: use_sliding_window=true is not supported; set it false (full attention)")
+        _refuse_unsupported(get, where)
         sizes = {key: get(key, int) for key in ("vocab_size", "hidden_size", "intermediate_size",
                                                 "num_hidden_layers", "num_attention_heads")}
         bad = [k for k, v in sizes.items() if v < (0 if k == "num_hidden_layers" else 1)]
@@ -85,28 +71,10 @@ class ModelArgs:
         if heads % kv_heads:
             raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of "
                              f"num_key_value_heads={kv_heads}")
-        rope = dict(get("rope_parameters", dict, None) or get("rope_scaling", dict, None) or {})
-        theta = get("rope_theta", _NUMBER, rope.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"{where}: RoPE type {rope_type!r} is not supported; pbrl supports 'default' and 'llama3'")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
-        scaling = None
-        if rope_type == "llama3":
-            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            missing = [k for k in keys if k not in rope]
-            if missing:
-                raise ValueError(f"{where}: llama3 RoPE scaling lacks {missing}")
-            scaling = {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+        theta, scaling = _rope(get, where)
         bias = get("attention_bias", bool, False)
         return cls(
-            model_type=model_type,
-            vocab_size=sizes["vocab_size"],
-            hidden_size=sizes["hidden_size"],
-            intermediate_size=sizes["intermediate_size"],
-            num_hidden_layers=sizes["num_hidden_layers"],
-            num_attention_heads=heads,
+            model_type=model_type, **sizes,
             num_key_value_heads=kv_heads,
             head_dim=get("head_dim", int, None) or sizes["hidden_size"] // heads,
             rms_norm_eps=float(get("rms_norm_eps", _NUMBER, 1e-6)),
@@ -114,7 +82,7 @@ class ModelArgs:
             rope_scaling=scaling,
             max_position_embeddings=get("max_position_embeddings", int, 2048),
             tie_word_embeddings=get("tie_word_embeddings", bool, False),
-            qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v bias and never o bias
+            qkv_bias=bias or model_type == "qwen2",  # Qwen2: always q/k/v bias, never o bias
             o_bias=bias and model_type != "qwen2",
             qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
@@ -122,40 +90,68 @@ class ModelArgs:
         )
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32, backbone: bool = False) -> dict:
-        """The config.json that transformers and vLLM read back into the same architecture (a backbone without
-        LM head: LlamaModel, Qwen2Model, Qwen3Model)."""
+        """The config.json transformers and vLLM read back into the same architecture (a backbone
+        without LM head: LlamaModel, Qwen2Model, Qwen3Model)."""
         family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[self.model_type]
-        arch = family + ("Model" if backbone else "ForCausalLM")
-        cfg = {
-            "architectures": [arch],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.o_bias,
-            "torch_dtype": str(dtype).removeprefix("torch."),
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-        }
+        cfg = {"architectures": [family + ("Model" if backbone else "ForCausalLM")],
+               "model_type": self.model_type, "hidden_act": "silu",
+               "attention_bias": self.o_bias, "torch_dtype": str(dtype).removeprefix("torch.")}
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                    "rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings",
+                    "bos_token_id", "eos_token_id"):
+            cfg[key] = getattr(self, key)
         if self.model_type == "qwen2":
             cfg["use_sliding_window"] = False
         return cfg
 
 
+def _getter(cfg: dict, where: str):
+    """get(key, kind, default) of a config.json dict: a missing or mistyped value names its key."""
+    def get(key, kind, default=...):
+        value = cfg.get(key, default)
+        if value is ...:
+            raise ValueError(f"{where}: missing key {key!r}")
+        wrong_bool = kind is not bool and isinstance(value, bool)
+        if value is not None and (not isinstance(value, kind) or wrong_bool):
+            raise ValueError(f"{where}: {key} must be {_KINDS[kind]}, got {value!r}")
+        return value
+    return get
+
+
+def _refuse_unsupported(get, where: str) -> None:
+    act = get("hidden_act", str, "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+    if get("mlp_bias", bool, False):
+        raise ValueError(f"{where}: mlp_bias=true is not supported")
+    if get("use_sliding_window", bool, False):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported; set it false "
+                         f"(full attention)")
+
+
+def _rope(get, where: str) -> tuple[float, dict | None]:
+    """(theta, llama3 scaling or None) from `rope_parameters` (newer files) or the legacy fields."""
+    rope = dict(get("rope_parameters", dict, None) or get("rope_scaling", dict, None) or {})
+    theta = get("rope_theta", _NUMBER, rope.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{where}: RoPE type {rope_type!r} is not supported; pbrl supports "
+                         f"'default' and 'llama3'")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        return theta, None
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in rope]
+    if missing:
+        raise ValueError(f"{where}: llama3 RoPE scaling lacks {missing}")
+    return theta, {"rope_type": "llama3", **{k: rope[k] for k in keys}}
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """[D/2] inverse frequencies theta^(-2i/D), with Llama 3.1's wavelength-dependent scaling when configured:
-    long wavelengths (beyond the original context) are divided by `factor`, short ones kept, and the band
-    between interpolated smoothly."""
+    """[D/2] inverse frequencies theta^(-2i/D), with Llama 3.1's scaling when configured: wavelengths
+    beyond the original context are divided by `factor`, short ones kept, the band between smoothed."""
     d = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     s = args.rope_scaling
@@ -171,9 +167,16 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos, sin [B, 1, T, D]. Half-split layout: pairs are (i, i + D/2)."""
+    """x [B, heads, T, D]; cos, sin [B or 1, 1, T, D]. Half-split layout: pairs are (i, i + D/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def causal(layer: int, q, k, v) -> torch.Tensor:
+    """Attention of each query over itself and the keys before it. With right padding (or none) this is
+    exact for every real token without a mask, the form in which flash attention takes GQA."""
+    is_causal = True if q.shape[2] > 1 else False  # a plain bool even when the length is symbolic
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class RMSNorm(nn.Module):
@@ -183,27 +186,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the scale, as the reference implementations do (one fused op
-        # for x * rsqrt(mean(x^2) + eps)).
+        # Normalised in fp32 and cast back before the scale, as the reference implementations do.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: k[layer], v[layer] are [B, kv_heads, max_len, D].
+    """Keys and values of every layer, k[layer] and v[layer] [B, kv_heads, S, D]: row b's token at
+    position p is stored in slot p."""
 
-    Slots are written in order; `forward(..., cache=c, start=s)` writes the T new tokens at slots s..s+T-1 and
-    attends over slots 0..s+T-1. With `start` a 1-element tensor (one token per row), it writes that slot and
-    attends over all max_len slots under the caller's validity mask: the static shapes of a compiled step."""
-
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
-        self.max_len = max_len
+    def __init__(self, args: ModelArgs, rows: int, slots: int, dtype: torch.dtype, device):
+        shape = (rows, args.num_key_value_heads, slots, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
 
     def rows(self, n: int) -> "KVCache":
-        """The first n rows of every layer's keys and values, as views: the same addresses for the same n."""
-        view = copy.copy(self)
+        """The first n rows of every layer, as views: the same addresses for the same n."""
+        view = KVCache.__new__(KVCache)
         view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
         return view
 
@@ -211,52 +209,26 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.layer = layer
-        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        h, d = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=args.o_bias)
-        if args.qk_norm:
-            self.q_norm = RMSNorm(d, args.rms_norm_eps)
-            self.k_norm = RMSNorm(d, args.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = None
+        self.layer, self.head_dim = layer, args.head_dim
+        h, d, heads, kv = args.hidden_size, args.head_dim, args.num_attention_heads, args.num_key_value_heads
+        self.q_proj = nn.Linear(h, heads * d, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, kv * d, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, kv * d, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(heads * d, h, bias=args.o_bias)
+        self.q_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
-        """mask: None when causal attention is exact (no padding before a real token; or a single query that
-        sees every slot), else a boolean [B, 1, T, S] (see attention_mask_4d)."""
+    def forward(self, x, cos, sin, attend):
+        """x [B, T, H] -> [B, T, H]; attend(layer, q, k, v) [B, heads, T, D] is the attention proper."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        if isinstance(start, torch.Tensor):  # a static decoding step: write slot `start`, attend over every slot
-            cache.k[self.layer].index_copy_(2, start, k)
-            cache.v[self.layer].index_copy_(2, start, v)
-            k, v = cache.k[self.layer], cache.v[self.layer]
-        elif cache is not None:
-            cache.k[self.layer][:, :, start:start + t] = k
-            cache.v[self.layer][:, :, start:start + t] = v
-            k, v = cache.k[self.layer][:, :, :start + t], cache.v[self.layer][:, :, :start + t]
-        gqa = self.n_kv != self.n_heads
-        # Each case in the form a fused kernel accepts (on CUDA): flash attention takes GQA but no mask; the
-        # memory-efficient kernel takes a mask but not GQA, so K/V heads are repeated (far smaller than the
-        # [B, H, T, S] fp32 scores the math fallback would hold); one decoding query is small on any kernel.
-        if mask is None:
-            causal = True if t > 1 else False  # a plain bool also when t is symbolic (compiled, dynamic shapes)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-        elif t > 1:
-            if gqa:
-                k, v = (z.repeat_interleave(self.n_heads // self.n_kv, dim=1) for z in (k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(attend(self.layer, q, k, v).transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -279,51 +251,32 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.compiled_forward = None  # set by Transformer.compile_blocks
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        # The compiled body runs inside this module's call, so FSDP's hooks around it (gather, free, reduce) and
-        # activation checkpointing work unchanged.
-        if self.compiled_forward is not None and cache is None:
-            return self.compiled_forward(self, x, cos, sin, mask)
-        return block_forward(self, x, cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, attend):
+        # Run inside this module's call, so FSDP's hooks and activation checkpointing wrap either body.
+        if self.compiled_forward is not None and attend is causal:
+            return self.compiled_forward(self, x, cos, sin, attend)
+        return block_forward(self, x, cos, sin, attend)
 
 
-def block_forward(block: Block, x, cos, sin, mask, cache=None, start=0):
+def block_forward(block: Block, x, cos, sin, attend):
     """One pre-norm transformer block: x [B, T, H] -> [B, T, H]."""
-    x = x + block.self_attn(block.input_layernorm(x), cos, sin, mask, cache, start)
+    x = x + block.self_attn(block.input_layernorm(x), cos, sin, attend)
     return x + block.mlp(block.post_attention_layernorm(x))
 
 
-def pad_rows(rows: list[list[int]], side: str = "left", length: int | None = None,
-             pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows of different lengths -> ids [B, L] (pad_id in the padding) and mask [B, L] (True on real tokens),
-    L = length or the longest row. Left padding puts every row's last token in the same column (prompts, whose next
-    token is generated there); right padding puts every first token in column 0."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    width = max(len(r) for r in rows) if length is None else length
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> ids [B, L] right padded with pad_id, and mask [B, L] (True on real tokens)."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
     for i, row in enumerate(rows):
-        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, cols] = torch.tensor(row, dtype=torch.long)
-        mask[i, cols] = True
+        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = True
     return ids, mask
 
 
-def attention_mask_4d(valid: torch.Tensor, t: int) -> torch.Tensor:
-    """valid [B, S] marks real tokens among the S key slots; the T queries are the last T slots.
-    Returns a boolean [B, 1, T, S] mask: causal in slot order, padding keys hidden. A padding query may see
-    itself, so that no row of the softmax is empty (its output is never used)."""
-    s = valid.shape[1]
-    q_slot = torch.arange(s - t, s, device=valid.device)[:, None]
-    k_slot = torch.arange(s, device=valid.device)[None, :]
-    allowed = (k_slot <= q_slot)[None] & valid[:, None, :]
-    return (allowed | (k_slot == q_slot)[None])[:, None]
-
-
 class Transformer(nn.Module):
-    """model(input_ids) -> logits [B, T, V]; other outputs (hidden states, fused token log-probs, values of the
-    optional scalar value head used by critics) through forward's `output` argument."""
+    """model(input_ids) -> logits [B, T, V]; fused token log-probs, values (of the scalar head critics
+    have) or hidden states through forward's `output`; prefill and decode for the sampler."""
 
     def __init__(self, args: ModelArgs, lm_head: bool = True, value_head: bool = False):
         super().__init__()
@@ -334,109 +287,95 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if lm_head else None
         self.value_head = nn.Linear(args.hidden_size, 1) if value_head else None
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        # Recompute each block's activations in backward instead of keeping them (training memory for one
-        # block's recomputation; gradients are unchanged).
+        # Recompute each block in backward instead of keeping its activations (same gradients).
         self.activation_checkpointing = False
         self.tie_weights()
-
-    def compile_blocks(self, **options) -> None:
-        """Run every block's forward without a KV cache (training, scoring, prefill-free passes) through one
-        torch.compile of block_forward (dynamic shapes: any batch and length; the blocks share the compiled code):
-        norms, RoPE and the MLP's activation fuse into few kernels. Decoding is compiled separately (pbrl.sampler)."""
-        compiled = torch.compile(block_forward, dynamic=True, **options)
-        for layer in self.layers:
-            layer.compiled_forward = compiled
 
     def tie_weights(self):
         if self.lm_head is not None and self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None, start: int = 0,
-                output: str = "logits", labels: torch.Tensor | None = None, label_mask: torch.Tensor | None = None,
-                temperature: float = 1.0):
-        """input_ids [B, T] -> by `output`:
+    def compile_blocks(self, **options) -> None:
+        """Every block's causal forward through one torch.compile of block_forward (dynamic shapes, shared
+        by all blocks): norms, RoPE and the MLP's activation fuse. Decoding compiles apart (pbrl/graphs.py)."""
+        compiled = torch.compile(block_forward, dynamic=True, **options)
+        for layer in self.layers:
+            layer.compiled_forward = compiled
+
+    def forward(self, input_ids: torch.Tensor, output: str = "logits", labels=None, label_mask=None,
+                temperature: float = 1.0, positions=None, attend=causal):
+        """input_ids [B, T] (right padded, or not padded) -> by `output`:
           'logits'   [B, T, V]
           'hidden'   final normed hidden states [B, T, H]
-          'logprobs' (log-probs, entropy), each [B, T] fp32, of labels [B, T] under softmax(logits / temperature),
-                     through the fused kernel: the [B, T, V] logits are never held. Only positions where
-                     label_mask [B, T] is true are computed; the others are 0.
-          'values'   [B, T] fp32 from the value head (critics).
-        Every output goes through forward, so FSDP's hooks gather the parameters each one uses.
-
-        attention_mask [B, start + T] (1 = real token, 0 = padding) covers the cached slots and the new ones;
-        None means no padding. position_ids [B, T] default to the count of real tokens before each slot, so
-        left-padded rows get RoPE positions 0, 1, ... from their first real token. cache/start: see KVCache; a
-        tensor `start` is a static decoding step (see _backbone)."""
-        h = self._backbone(input_ids, attention_mask, position_ids, cache, start)
+          'logprobs' (log-probs, entropies) [B, T] fp32 of labels [B, T] under softmax(logits / temperature),
+                     by the fused kernel (the logits are never held); 0 where label_mask [B, T] is False
+          'values'   [B, T] fp32 from the value head
+        positions [B or 1, T] (default 0..T-1) set RoPE's angles; attend(layer, q, k, v) is the attention
+        (prefill and decode bring theirs). Every use goes through forward, whose FSDP hooks gather."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        h = self.norm(self._blocks(input_ids, positions, attend))
+        if self.lm_head is None and output in ("logits", "logprobs"):
+            raise RuntimeError("this model has no LM head (a bare backbone, e.g. an embedder)")
         if output == "hidden":
             return h
         if output == "values":
-            if self.value_head is None:
-                raise RuntimeError("this model has no value head; load it with value_head=True")
             return self.value_head(h).squeeze(-1).to(torch.float32, copy=True)  # not a view of FSDP's output
-        if self.lm_head is None:
-            raise RuntimeError("this model has no LM head (a bare backbone such as an embedding model); "
-                               "use output='hidden'")
         if output == "logits":
             return self.lm_head(h)
         if output == "logprobs":
-            if labels is None or labels.shape != input_ids.shape:
-                raise ValueError(f"output='logprobs' needs labels of shape {list(input_ids.shape)}")
             keep = torch.ones_like(labels, dtype=torch.bool) if label_mask is None else label_mask.bool()
-            logp, entropy = kernels.linear_token_logprobs(h[keep], self.lm_head.weight, labels[keep], temperature,
-                                                          return_entropy=True)
-            out_logp = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-            out_entropy = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-            return out_logp.masked_scatter(keep, logp), out_entropy.masked_scatter(keep, entropy)
+            logp, entropy = kernels.linear_token_logprobs(h[keep], self.lm_head.weight, labels[keep],
+                                                          temperature, return_entropy=True)
+            zeros = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+            return zeros.masked_scatter(keep, logp), zeros.masked_scatter(keep, entropy)
         raise ValueError(f"output must be 'logits', 'hidden', 'logprobs' or 'values', got {output!r}")
 
-    def hidden_states(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self(input_ids, output="hidden", **kwargs)
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Prompts [B, T] (right padded) -> hidden states [B, T, H]; their keys and values fill the cache's
+        slots 0..T-1 (a padding slot is written over by the row's first decoded token)."""
+        t = input_ids.shape[1]
 
-    def values(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self(input_ids, output="values", **kwargs)
+        def attend(layer, q, k, v):
+            cache.k[layer][:, :, :t] = k
+            cache.v[layer][:, :, :t] = v
+            return causal(layer, q, k, v)
+        return self(input_ids, output="hidden", attend=attend)
 
-    def _backbone(self, input_ids, attention_mask, position_ids, cache, start) -> torch.Tensor:
-        b, t = input_ids.shape
-        if isinstance(start, torch.Tensor):
-            # A static decoding step (pbrl.sampler.decode_step): one token per row written at cache slot `start`
-            # (a 1-element tensor), attention over all of the cache's slots with attention_mask [B, max_len] marking
-            # the valid ones, positions given: no shape depends on the step and nothing syncs with the host.
-            mask, valid = attention_mask[:, None, None, :], None
-        elif attention_mask is None:
-            valid = torch.ones(b, start + t, dtype=torch.bool, device=input_ids.device)
-        else:
-            valid = attention_mask.bool()
-            if valid.shape != (b, start + t):
-                raise ValueError(f"attention_mask must be [B, start + T] = {[b, start + t]}, got {list(valid.shape)}")
-        if valid is not None:
-            if position_ids is None:
-                position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, start:]
-            # No mask where causal attention alone is exact: no padding before any real token (none at all, or
-            # right padding: a real query only sees earlier slots, all real) and the new tokens start at slot 0;
-            # or one query that sees every slot. Then the fused kernels run (flash attention on CUDA, GQA
-            # included). The check costs one host sync per forward.
-            pad_before_token = attention_mask is not None and bool((valid[:, 1:] & ~valid[:, :-1]).any())
-            mask = attention_mask_4d(valid, t) if pad_before_token or (t > 1 and start > 0) else None
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row: ids [B] at positions [B] (also their cache slots) -> logits [B, V]. Row b
+        attends to slots 0..positions[b]. No shape depends on the step: compiled, it is one CUDA graph."""
+        slot = positions[:, None, None, None]  # [B, 1, 1, 1]
+        seen = torch.arange(cache.k[0].shape[2], device=ids.device) <= slot  # [B, 1, 1, S]
+
+        def attend(layer, q, k, v):
+            keys = cache.k[layer].scatter_(2, slot.expand_as(k), k)
+            values = cache.v[layer].scatter_(2, slot.expand_as(v), v)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen,
+                                                  enable_gqa=q.shape[1] != keys.shape[1])
+        return self(ids[:, None], positions=positions[:, None], attend=attend)[:, 0]
+
+    def _blocks(self, input_ids, positions, attend) -> torch.Tensor:
+        """The embeddings through every block; positions [B or 1, T] set RoPE's angles."""
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, D]
         x = self.embed_tokens(input_ids)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, start, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, start)
-        return self.norm(x)
+                x = layer(x, cos, sin, attend)
+        return x
 
 
 def empty_like(model: Transformer, dtype: torch.dtype, device) -> Transformer:
-    """A Transformer of model's architecture and heads (model may be FSDP-sharded) with uninitialised parameters in
-    dtype on device, and its RoPE frequencies computed: for copying a model's parameters into."""
+    """A Transformer of model's architecture and heads (model may be sharded), with uninitialised
+    parameters in dtype on device and its RoPE frequencies computed: to copy a model's parameters into."""
     with torch.device("meta"):
-        twin = Transformer(model.args, lm_head=model.lm_head is not None, value_head=model.value_head is not None)
+        twin = Transformer(model.args, lm_head=model.lm_head is not None,
+                           value_head=model.value_head is not None)
     twin.to(dtype).to_empty(device=device)
     twin.tie_weights()
     twin.inv_freq = rope_inv_freq(model.args).to(device)
@@ -445,9 +384,10 @@ def empty_like(model: Transformer, dtype: torch.dtype, device) -> Transformer:
 
 def random_llama(vocab_size: int, width: int, layers: int, seed: int, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, max_position_embeddings: int = 512) -> Transformer:
-    """A small Llama-config model with N(0, 0.02) weights, unit norms and tied embeddings (demo and toy models)."""
-    args = ModelArgs(vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=width // 4, rope_theta=10000.0,
+    """A small Llama-config model with N(0, 0.02) weights, unit norms and tied embeddings (demo, toy)."""
+    args = ModelArgs(vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width,
+                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=width // 4, rope_theta=10000.0,
                      max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
                      bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     torch.manual_seed(seed)

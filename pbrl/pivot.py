@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pbrl.checkpoint import load_pretrained
-from pbrl.cli import Progress, positive_int, run_main
+from pbrl.cli import Progress, positive_int, run_main, shared_flags
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
 from pbrl import distributed as dist
 from pbrl.files import append_records, read_records
@@ -115,11 +115,7 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="MGSM directory or hub dataset id (its English problems are used)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=positive_int, help="only the first N problems")
-    ap.add_argument("--batch-size", type=positive_int, default=16)
-    ap.add_argument("--max-new-tokens", type=positive_int, default=512)
-    ap.add_argument("--enable-thinking", action="store_true",
-                    help="let chat templates that read enable_thinking (Qwen3) open a reasoning block (default: off)")
-    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    shared_flags(ap, "device", "batch-size", "max-new-tokens", "enable-thinking")
     args = ap.parse_args(argv)
     problems = load_mgsm(args.data, ["en"])["en"][:args.limit]
     check_questions(read_references(args.out), problems, args.out)  # before the model loads

@@ -1,13 +1,13 @@
-"""PPO maths as small pure functions over [B, T] tensors with an explicit response mask.
+"""PPO maths as small pure functions over [B, T] tensors with an explicit mask.
 
-B sequences, T response slots; mask[b, t] = 1 where slot t holds a real response token (an action). Every function
-ignores the values at masked positions. Losses are sums over tokens divided by `num_tokens`, the number of response
-tokens in the *global* batch (all micro-batches on all ranks): summing the micro-batch losses then gives exactly the
-full-batch token mean, however the batch is split.
+mask[b, t] is True where column t holds an action (a response token); every function ignores the values
+elsewhere. Losses are sums over tokens divided by `num_tokens`, the response tokens of the *global*
+batch (every micro-batch on every rank): the micro-batch losses then add up to the full batch's token
+mean exactly, however the batch is split.
 
-References: GAE, Schulman et al. 2016 (eq. 16); group-relative (GRPO), Shao et al. 2024; leave-one-out (RLOO),
-Ahmadian et al. 2024; clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip, Ye et al. 2020; KL estimators
-k1/k2/k3, Schulman 2020 ("Approximating KL divergence"); adaptive KL coefficient, Ziegler et al. 2019.
+References: GAE, Schulman et al. 2016 (eq. 16); GRPO, Shao et al. 2024; RLOO, Ahmadian et al. 2024;
+clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip, Ye et al. 2020; KL estimators k1/k2/k3,
+Schulman 2020 ("Approximating KL divergence"); adaptive KL coefficient, Ziegler et al. 2019.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 
 
 class PolicyLoss(NamedTuple):
-    loss: torch.Tensor        # scalar: this micro-batch's share of the global token mean
-    clipfrac: torch.Tensor    # scalar: fraction of this micro-batch's tokens whose ratio was clipped
-    approx_kl: torch.Tensor   # scalar: token mean of k3(old -> new), a health check of the update size
+    loss: torch.Tensor       # scalar: this micro-batch's share of the global token mean
+    clipfrac: torch.Tensor   # scalar: the fraction of its tokens whose ratio was clipped
+    approx_kl: torch.Tensor  # scalar: token mean of k3(old -> new), a check on the update's size
 
 
 class ValueLoss(NamedTuple):
@@ -29,7 +29,7 @@ class ValueLoss(NamedTuple):
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    x = torch.where(mask.bool(), x, 0.0)  # where, not multiply: NaN/inf at masked positions must not leak
+    x = torch.where(mask.bool(), x, 0.0)  # where, not a product: NaN or inf outside the mask must not leak
     return x.sum() if dim is None else x.sum(dim)
 
 
@@ -43,11 +43,9 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
-                   reduce=_identity) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, variance) of x over the masked positions, from the sums [sum x, sum x^2, count]. `reduce` combines
-    those sums before they are used: with an all-reduce over ranks, every rank gets the statistics of the whole
-    batch, the same numbers one process would compute on it."""
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=_identity):
+    """(mean, variance) of x over the masked positions, from [sum x, sum x^2, count]. `reduce` combines
+    those sums first: with an all-reduce, every rank gets the whole batch's statistics."""
     m = mask.bool()
     sums = reduce(torch.stack([masked_sum(x, m), masked_sum(x * x, m), m.sum().to(x.dtype)]))
     mean = sums[0] / sums[2]
@@ -55,14 +53,13 @@ def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
     return mean, var * sums[2] / (sums[2] - 1).clamp(min=1) if unbiased else var
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=_identity) -> torch.Tensor:
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=_identity):
     return masked_moments(x, mask, unbiased, reduce)[1]
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
            reduce=_identity) -> torch.Tensor:
-    """(x - mean) / std over masked positions (masked positions come out 0); shift_mean=False keeps the mean.
-    reduce: see masked_moments (the trainer whitens over the response tokens of all ranks)."""
+    """(x - mean) / std over the masked positions (0 elsewhere); shift_mean=False keeps the mean."""
     mean, var = masked_moments(x, mask, reduce=reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -72,13 +69,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, a reverse scan over each response.
-
-    rewards, values, mask [B, T] -> (advantages, returns) [B, T], 0 at masked positions.
-    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}, where t+1 is the next *unmasked*
-    position (masked slots are skipped, not treated as steps) and V = A = 0 after the last one (the episode ends).
-    returns = A + V, the critic's regression target.
-    """
+    """Generalised advantage estimation, a reverse scan over each row: rewards, values, mask [B, T] ->
+    (advantages, returns) [B, T], 0 outside the mask. delta_t = r_t + gamma V_{t+1} - V_t and
+    A_t = delta_t + gamma lam A_{t+1}, where t+1 is the next masked position (columns outside the mask
+    are skipped, not steps) and V = A = 0 after the last one. returns = A + V, the critic's target."""
     mask = mask.bool()
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
@@ -90,8 +84,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = torch.where(m, adv, 0.0)
         next_value = torch.where(m, values[:, t], next_value)
         next_adv = torch.where(m, adv, next_adv)
-    returns = torch.where(mask, advantages + values, 0.0)
-    return advantages, returns
+    return advantages, torch.where(mask, advantages + values, 0.0)
 
 
 def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,17 +94,17 @@ def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tenso
     size.index_add_(0, index, torch.ones_like(values))
     total = torch.zeros_like(size).index_add_(0, index, values)
     if bool((size < 2).any()):
-        raise ValueError("every group needs at least 2 samples (rollout.samples_per_prompt >= 2): a group of one "
-                         "has no baseline")
+        raise ValueError("every group needs at least 2 samples (rollout.samples_per_prompt >= 2): a "
+                         "group of one has no baseline")
     return size[index], total[index]
 
 
-def grpo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, scale_by_std: bool = True,
-                    eps: float = 1e-6) -> torch.Tensor:
-    """Group-relative advantages (GRPO, Shao et al. 2024, outcome supervision): A_i = (r_i - mean_g) / (std_g + eps)
-    over the samples of i's group g (unbiased std), the same on every response token. scale_by_std=False keeps
-    r_i - mean_g (Dr. GRPO, Liu et al. 2025: the std division favours groups whose scores barely differ).
-    scores [B], groups [B] (samples of one prompt share an id), mask [B, T] -> advantages [B, T], 0 where masked."""
+def grpo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
+                    scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's outcome advantages: A_i = (r_i - mean_g) / (std_g + eps) over the samples of i's group g
+    (unbiased std), on every token of the response. scale_by_std=False keeps r_i - mean_g (Dr. GRPO:
+    dividing by the std favours groups whose scores barely differ). scores [B], groups [B] (the samples
+    of one prompt share an id), mask [B, T] -> [B, T], 0 outside the mask."""
     size, total = _group_sums(scores, groups)
     advantage = scores - total / size
     if scale_by_std:
@@ -121,54 +114,52 @@ def grpo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tens
 
 
 def rloo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE leave-one-out (Ahmadian et al. 2024): A_i = r_i - mean_{j in g, j != i} r_j, the baseline being the
-    other samples of the same prompt, so it does not depend on r_i (unbiased). Shapes as grpo_advantages."""
+    """REINFORCE leave-one-out: A_i = r_i - mean of the other samples of its group, a baseline that does
+    not depend on r_i (unbiased). Shapes as grpo_advantages."""
     size, total = _group_sums(scores, groups)
     advantage = scores - (total - scores) / (size - 1)
     return torch.where(mask.bool(), advantage[:, None], 0.0)
 
 
+# Per-token estimates of KL(pi || pi_ref) from log r = logp - ref_logp of tokens sampled from pi: k1 is
+# unbiased but can be negative; k3 is unbiased, never negative, low-variance; k2 biased, low-variance.
+KL_ESTIMATORS = {"k1": lambda log_ratio: log_ratio,
+                 "k2": lambda log_ratio: 0.5 * log_ratio ** 2,
+                 "k3": lambda log_ratio: torch.expm1(-log_ratio) + log_ratio}
+
+
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
-    k1 = log r, k2 = (log r)^2 / 2, k3 = (r^-1 - 1) + log r, with log r = logp - ref_logp: k1 is unbiased but
-    can be negative; k3 is unbiased, never negative and has low variance; k2 is biased, low variance."""
-    log_ratio = logprobs - ref_logprobs
-    if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio ** 2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+    if kind not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
+    return KL_ESTIMATORS[kind](logprobs - ref_logprobs)
 
 
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
-    """scores [B], kl [B, T], mask [B, T] -> rewards [B, T]: -beta * kl on every response token, plus the sequence
-    score on its last response token. A row with no response tokens gets nothing (there is no action to credit)."""
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                      beta: float) -> torch.Tensor:
+    """scores [B], kl [B, T], mask [B, T] -> rewards [B, T]: -beta * kl on every response token, plus the
+    score on the last. A row without response tokens gets nothing (no action to credit)."""
     mask = mask.bool()
     rewards = torch.where(mask, -beta * kl, 0.0)
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, positions, -1).amax(dim=1)  # [B], -1 for an empty response
-    has_any = last >= 0
-    rows = torch.arange(mask.shape[0], device=mask.device)[has_any]
-    rewards[rows, last[has_any]] += scores[has_any].to(rewards.dtype)
+    rows = torch.arange(mask.shape[0], device=mask.device)[last >= 0]
+    rewards[rows, last[last >= 0]] += scores[last >= 0].to(rewards.dtype)
     return rewards
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                num_tokens: int | torch.Tensor | None = None, eps_low: float = 0.2, eps_high: float = 0.2,
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, num_tokens=None, eps_low: float = 0.2, eps_high: float = 0.2,
                 dual_clip: float | None = None) -> PolicyLoss:
-    """Clipped surrogate: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp).
-    dual_clip c > 1 also bounds the loss of negative-advantage tokens by -A c (a huge r on a bad token cannot
-    dominate). num_tokens: response tokens in the global batch (default: this batch's)."""
+    """The clipped surrogate max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp).
+    dual_clip c > 1 also bounds a negative-advantage token's loss by -A c (a huge r on a bad token
+    cannot dominate). num_tokens: response tokens of the global batch (default: this batch's)."""
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = mask.bool()
     num_tokens = mask.sum() if num_tokens is None else num_tokens
-    # Zero the masked positions first: a NaN there would otherwise reach the gradient through 0 * NaN.
+    # Zeros outside the mask first: a NaN there would reach the gradient through 0 * NaN.
     advantages = torch.where(mask, advantages, 0.0)
-    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
-    ratio = log_ratio.exp()
+    ratio = torch.where(mask, logprobs - old_logprobs, 0.0).exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(unclipped, clipped)
@@ -180,8 +171,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return PolicyLoss(masked_sum(loss, mask) / num_tokens, clipfrac, approx_kl)
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               num_tokens: int | torch.Tensor | None = None, clip: float | None = 0.2) -> ValueLoss:
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, num_tokens=None, clip: float | None = 0.2) -> ValueLoss:
     """0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean over the global batch."""
     mask = mask.bool()
     num_tokens = mask.sum() if num_tokens is None else num_tokens
@@ -189,8 +180,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = (values - returns) ** 2
     clipfrac = torch.zeros(())
     if clip is not None:
-        clipped_values = old_values + (values - old_values).clamp(-clip, clip)
-        clipped_loss = (clipped_values - returns) ** 2
+        clipped_loss = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
         with torch.no_grad():
             clipfrac = masked_mean((clipped_loss > loss).float(), mask)
         loss = torch.maximum(loss, clipped_loss)
@@ -199,16 +189,16 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        reduce=_identity) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over masked positions: 1 is a perfect critic, 0 no better than a constant (and 0
-    when the returns do not vary). reduce: see masked_moments."""
+    """1 - Var(R - V) / Var(R) over the masked positions: 1 is a perfect critic, 0 no better than a
+    constant (and 0 when the returns do not vary)."""
     var_returns = masked_var(returns, mask, reduce=reduce)
     var_error = masked_var(returns - values, mask, reduce=reduce)
     return torch.where(var_returns > 1e-8, 1 - var_error / var_returns.clamp(min=1e-8), 0.0)
 
 
 def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
-    """The learning-rate multiplier of iteration `step`: linear warmup over warmup_steps iterations, then constant,
-    or cosine down to 10% at total_steps. A pure function of the step, so nothing about it needs checkpointing."""
+    """Iteration `step`'s learning-rate multiplier: linear warmup over warmup_steps, then constant, or
+    cosine down to 10% at total_steps. A pure function of the step: nothing to checkpoint."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -218,12 +208,13 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> 
 
 
 class AdaptiveKLController:
-    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon), after each batch of n sequences:
-    pulls the measured KL toward target (Ziegler et al. 2019). target None keeps beta fixed."""
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) after each batch of n
+    sequences: pulls the measured KL toward target. target None keeps beta fixed."""
 
     def __init__(self, init_beta: float, target: float | None = None, horizon: int = 10_000):
         if init_beta < 0 or (target is not None and target <= 0) or horizon <= 0:
-            raise ValueError(f"need init_beta >= 0, target > 0, horizon > 0; got {init_beta}, {target}, {horizon}")
+            raise ValueError(f"need init_beta >= 0, target > 0, horizon > 0; got {init_beta}, {target}, "
+                             f"{horizon}")
         self.beta, self.target, self.horizon = init_beta, target, horizon
 
     def update(self, kl: float, n_sequences: int) -> float:

@@ -27,8 +27,8 @@ from pbrl.checkpoint import load_pretrained
 from pbrl.data import extract_number, has_answer_phrase, language
 from pbrl.files import read_json, resolve
 from pbrl.model import Transformer, pad_rows
-from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
+from pbrl.translators import Translator, load_translator
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,10 @@ class Embedder:
             longest = max(len(ids) for ids in batch)
             if longest > context:
                 raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of {context} tokens")
-            ids, mask = pad_rows(batch, side="left")  # every row's last token is at -1
-            ids, mask = ids.to(device), mask.to(device)
-            hidden = self.model.hidden_states(ids, attention_mask=mask).float()
-            pooled = hidden[:, -1] if self.pooling == "last" else \
+            ids, mask = (t.to(device) for t in pad_rows(batch))
+            hidden = self.model(ids, output="hidden").float()
+            last = hidden[torch.arange(len(batch), device=device), mask.sum(1) - 1]
+            pooled = last if self.pooling == "last" else \
                 (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out)
@@ -200,72 +200,6 @@ class EmbeddingReward:
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         score = self.similarity([s.response for s in samples], [s.reference or "" for s in samples])
         return {"reward": score, self.name: score}
-
-
-TRANSLATE_PROMPT = ("Translate the following {language} text into English. Keep every number. Reply with the "
-                    "translation only.\n\n{text}")
-
-
-TRANSLATE_BATCH_SIZE = 16  # responses translated at once (the memory planner counts this batch's KV cache)
-
-
-class Translator:
-    """Translates into English with an instruct model through pbrl's own sampler (greedy, chat-formatted)."""
-
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_new_tokens: int = 512,
-                 batch_size: int = TRANSLATE_BATCH_SIZE,
-                 prompt: str = TRANSLATE_PROMPT):
-        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-
-    def __call__(self, texts: list[str], langs: list[str], temperature: float = 0.0,
-                 seed: int | None = None) -> list[str]:
-        """The prompt's {language} is each text's language (its source, for the default prompt). Greedy unless a
-        temperature is given."""
-        out = []
-        for start in range(0, len(texts), self.batch_size):
-            prompts = [self.tokenizer.encode_chat([{"role": "user", "content": self.prompt.format(
-                language=language(lang).name, text=text)}])
-                for text, lang in zip(texts[start:start + self.batch_size], langs[start:start + self.batch_size])]
-            done = generate(self.model, prompts, self.max_new_tokens, stop_ids=self.tokenizer.stop_ids,
-                            pad_id=self.tokenizer.pad_id or 0, temperature=temperature,
-                            seed=None if seed is None else seed + start)
-            out += [self.tokenizer.decode(ids) for ids in done.as_lists()]
-        return out
-
-
-LEXICON_FILE = "lexicon.json"
-
-
-class LexiconTranslator:
-    """Word-by-word translation into English through a lexicon {lang: {word (lowercase): English word}}; numbers
-    and symbols pass through and unknown words are dropped. A dictionary baseline, and the toy world's translator."""
-    _WORD = re.compile(r"\w+|[^\w\s]")
-
-    def __init__(self, words: dict[str, dict[str, str]]):
-        self.words = words
-
-    def __call__(self, texts: list[str], langs: list[str], temperature: float = 0.0,
-                 seed: int | None = None) -> list[str]:
-        """Deterministic: temperature and seed are accepted and ignored (a retry gives the same words)."""
-        out = []
-        for text, lang in zip(texts, langs):
-            table = self.words.get(lang, {})
-            kept = [table.get(t.lower(), t if not t.isalpha() or lang == "en" else "")
-                    for t in self._WORD.findall(text)]
-            out.append(" ".join(w for w in kept if w))
-        return out
-
-
-def load_translator(path_or_id, dtype=None, device=None, max_new_tokens: int = 512, prompt: str = TRANSLATE_PROMPT):
-    """A directory with lexicon.json is a LexiconTranslator (its table for a language maps that language's words:
-    into English for rewards, from English for `python -m pbrl.data translate`); anything else an instruct model
-    (Translator) prompted with `prompt`."""
-    lexicon = Path(path_or_id) / LEXICON_FILE
-    if lexicon.is_file():
-        return LexiconTranslator(read_json(lexicon))
-    return Translator(*load_pretrained(path_or_id, dtype=dtype, device=device), max_new_tokens=max_new_tokens,
-                      prompt=prompt)
 
 
 class MTReward:

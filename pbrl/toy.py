@@ -35,7 +35,8 @@ from pbrl.cli import Progress
 from pbrl.config import TOY, Config, validate
 from pbrl.data import Problem, encode_prompt, mgsm_prompt
 from pbrl.model import ModelArgs, Transformer, pad_rows, random_llama
-from pbrl.rewards import LEXICON_FILE, POOLING_DIR
+from pbrl.rewards import POOLING_DIR
+from pbrl.translators import LEXICON_FILE
 from pbrl.tokenizer import Tokenizer, chat_tokenizer, save_tokenizer, train_bpe
 
 VERSION = "toy-v6"  # bump when the world's generator changes, so cached artifacts are rebuilt
@@ -271,14 +272,13 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
     for step in range(steps):
         pool = pools[step % 4 == 3]
         batch = [pool[i] for i in torch.randint(0, len(pool), (64,), generator=g).tolist()]
-        ids, att = pad_rows([row for row, _ in batch], side="right")
+        ids, att = pad_rows([row for row, _ in batch])
         loss_mask = att.clone()
         for i, (_, start) in enumerate(batch):
             loss_mask[i, :max(start, 1)] = False
         for group in opt.param_groups:  # linear decay to 10%
             group["lr"] = 3e-3 * (1 - 0.9 * step / steps)
-        logp, _ = model(ids[:, :-1], attention_mask=att[:, :-1], output="logprobs", labels=ids[:, 1:],
-                        label_mask=loss_mask[:, 1:])
+        logp, _ = model(ids[:, :-1], output="logprobs", labels=ids[:, 1:], label_mask=loss_mask[:, 1:])
         loss = -logp.sum() / loss_mask[:, 1:].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -10,7 +10,7 @@ from pbrl import toy
 from pbrl.config import Config
 from pbrl.evaluate import evaluate
 from pbrl.rewards import Sample
-from pbrl.trainer import Trainer
+from pbrl.setup import prepare
 
 
 def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
@@ -25,12 +25,12 @@ def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
     cfg.reward.kind = "hybrid"  # no gold labels: 0.5 embedding + 0.5 agreement with the English pivot
     cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every = 20, 20, None
     cfg.run.out_dir = str(tmp_path / "run")
-    trainer = Trainer(toy.use_world(cfg), log=lambda *a: None)
+    trainer = prepare(toy.use_world(cfg), log=lambda *a: None)
     fixed = trainer.train_problems[::8]  # a fixed set of training prompts, all target languages
 
     def greedy_reward() -> float:
         """Mean reward of greedy answers on the fixed prompts: the training reward without sampling noise."""
-        records = evaluate(trainer.actor, trainer.tokenizer, fixed, batch_size=64, max_new_tokens=24,
+        records = evaluate(trainer.actor.model, trainer.tokenizer, fixed, batch_size=64, max_new_tokens=24,
                            progress=False)
         samples = [Sample(p.lang, r["response"], trainer.references[p.id]) for p, r in zip(fixed, records)]
         return float(trainer.reward_fn(samples)["reward"].mean())
@@ -100,7 +100,7 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
     import pbrl.experiment as experiment
     runs, given = [], []
 
-    class StandIn:
+    class StandIn:  # what prepare returns: a Trainer
         def __init__(self, cfg, log=None):
             self.cfg = cfg
             self.eval_records = {}
@@ -118,7 +118,7 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
                 [{"step": t, "reward": 0.1 * t + s} for t in range(1, 4)] + \
                 [{"step": 4, "reward": 0.4 + s, "acc/avg": 50.0 + 10 * s, "acc/de": 50.0 + 10 * s,
                   "acc/sw": 50.0 + 10 * s, "acc/en": 50.0 + 10 * s}]
-    monkeypatch.setattr(experiment, "Trainer", StandIn)
+    monkeypatch.setattr(experiment, "prepare", StandIn)
     worlds = []
     monkeypatch.setattr(experiment, "use_world", lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
     summary = experiment.run_experiment(tmp_path, steps=4, seed=0, seeds=3, log=lambda *a: None)

@@ -91,6 +91,7 @@ def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_
     whole copy of the actor (CUDA graphs replay on their addresses): the planner counts both in the update phase
     too, with the bytes of the tensors the sampler and the Trainer allocate."""
     from pbrl import sampler
+    from pbrl.graphs import cache_slots
     from pbrl.config import load_config
     save_hf_model(tmp_path / "m", "llama")
     base = ["--models.policy", str(tmp_path / "m"), "--reward.kind", "agreement"]
@@ -103,7 +104,7 @@ def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_
     r = load_config(None, base).rollout
     model = load_model(tmp_path / "m", dtype=torch.bfloat16)  # the planner's 'auto' dtype plans for CUDA: bf16
     st = sampler.new_state(model, r.prompts_per_step // 2 * r.samples_per_prompt,
-                           sampler.cache_slots(100, r.max_new_tokens, True), r.max_new_tokens, keep=False)
+                           cache_slots(100, r.max_new_tokens), r.max_new_tokens)
     assert compiled.terms[kept] == sum(t.numel() * t.element_size() for t in st.cache.k + st.cache.v)
     assert compiled.terms[kept] > eager.terms["rollout: KV cache"]  # rounded up to whole 128-slot blocks
     copy = "actor copy for compiled rollouts"  # the Trainer's decoder: what it allocates

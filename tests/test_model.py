@@ -28,16 +28,16 @@ def test_logits_match_transformers(tmp_path, case):
     assert (expected - got).abs().max().item() <= 1e-4
 
 
-def test_left_padding_matches_unpadded(tmp_path):
-    """A padded row with mask and per-row positions gives the logits of the same row alone."""
+def test_right_padding_matches_unpadded(tmp_path):
+    """A row right padded to a longer one's length gives, at its real tokens, transformers' logits of the
+    row alone: causal attention alone keeps padding out of every real token's view."""
     ref = save_hf_model(tmp_path, "qwen3")
     ours = load_model(tmp_path)
-    short = torch.randint(0, 320, (1, 9))
-    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)
-    mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 9)], dim=1)
+    short, long = torch.randint(0, 320, (1, 9)), torch.randint(0, 320, (1, 14))
+    padded = torch.cat([torch.cat([short, torch.zeros(1, 5, dtype=torch.long)], dim=1), long])
     with torch.no_grad():
         alone = ref(short).logits
-        got = ours(padded, attention_mask=mask)[:, 5:]
+        got = ours(padded)[:1, :9]
     assert (alone - got).abs().max().item() <= 1e-4
 
 
@@ -62,12 +62,12 @@ def test_value_head_and_hidden_states(llama_dir):
     critic = load_model(llama_dir, value_head=True)
     x = torch.randint(0, 320, (2, 7))
     with torch.no_grad():
-        h = critic.hidden_states(x)
+        h = critic(x, output="hidden")
         assert h.shape == (2, 7, 64)
         assert torch.allclose(critic.lm_head(h), critic(x))
-        assert torch.equal(critic.values(x), torch.zeros(2, 7))  # a fresh head starts at zero
+        assert torch.equal(critic(x, output="values"), torch.zeros(2, 7))  # a fresh head starts at zero
         critic.value_head.weight.fill_(1.0)
-        assert torch.allclose(critic.values(x), h.sum(-1) + critic.value_head.bias)
+        assert torch.allclose(critic(x, output="values"), h.sum(-1) + critic.value_head.bias)
 
 
 @pytest.mark.parametrize("cfg,message", [
@@ -125,15 +125,15 @@ def test_activation_checkpointing_gives_identical_gradients(output):
     model = Transformer(args, value_head=True)
     ids = torch.randint(0, 64, (3, 10))
     mask = torch.ones(3, 10, dtype=torch.bool)
-    mask[1, :4] = False  # left padding in one row
+    mask[1, 6:] = False  # right padding in one row
     grads = []
     for on in (False, True):
         model.activation_checkpointing = on
         model.zero_grad()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            out = model(ids, attention_mask=mask, output=output, labels=ids.roll(-1, 1), label_mask=mask) \
-                if output == "logprobs" else model(ids, attention_mask=mask, output=output)
+            out = model(ids, output=output, labels=ids.roll(-1, 1), label_mask=mask) \
+                if output == "logprobs" else model(ids, output=output)
         loss = out[0].sum() + out[1].sum() if output == "logprobs" else out.sum()
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -144,50 +144,44 @@ def test_activation_checkpointing_gives_identical_gradients(output):
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
-def test_attention_uses_no_mask_without_padding_or_with_right_padding_and_no_gqa_with_a_mask(monkeypatch):
-    """What each SDPA call gets decides the CUDA kernel: flash needs no mask, the memory-efficient kernel no GQA.
-    Outputs stay those of the fully masked reference."""
+def test_training_and_prefill_attend_without_a_mask_and_a_decoding_step_with_one(monkeypatch):
+    """What each SDPA call gets decides the CUDA kernel: flash attention takes GQA but no mask. Training
+    and prefill pass none (right padding: causal attention is exact); a decoding step, one query per row
+    over its own filled slots, passes a [B, 1, 1, S] mask. Outputs equal the full forward's."""
     import torch.nn.functional as F
+
+    from pbrl.model import KVCache
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
     model = Transformer(args).eval()
     ids = torch.randint(0, 64, (2, 7))
     calls, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
-        calls.append((attn_mask is not None, is_causal, enable_gqa, k.shape[1] == q.shape[1]))
+        calls.append((None if attn_mask is None else tuple(attn_mask.shape), is_causal, enable_gqa,
+                      k.shape[1] == q.shape[1]))
         return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=enable_gqa)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     with torch.no_grad():
-        plain = model(ids)
-        assert set(calls) == {(False, True, True, False)}  # causal, GQA, no mask: flash on CUDA
+        full = model(ids)
+        assert set(calls) == {(None, True, True, False)}  # causal, GQA, no mask: flash on CUDA
         calls.clear()
-        full = torch.ones(2, 7, dtype=torch.bool)
-        assert torch.allclose(model(ids, attention_mask=full), plain, atol=1e-6)  # all-true mask: still no mask
-        assert set(calls) == {(False, True, True, False)}
+        cache = KVCache(args, 2, 12, torch.float32, "cpu")
+        hidden = model.prefill(ids[:, :5], cache)
+        assert set(calls) == {(None, True, True, False)}
         calls.clear()
-        padded = full.clone()
-        padded[1, :3] = False
-        out = model(ids, attention_mask=padded)
-        assert set(calls) == {(True, False, False, True)}  # a mask, K/V heads repeated: memory-efficient kernel
-        calls.clear()
-        right = full.clone()
-        right[1, 4:] = False  # right padding (training's layout): causal attention alone is exact
-        out_right = model(ids, attention_mask=right)
-        assert set(calls) == {(False, True, True, False)}
-    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
-    with torch.no_grad():
-        alone = model(ids[1:, 3:])  # the padded row on its own
-        prefix = model(ids[1:, :4])  # the right-padded row's tokens on their own
-    assert torch.allclose(out[1, 3:], alone[0], atol=1e-5) and torch.allclose(out[0], plain[0], atol=1e-5)
-    assert torch.allclose(out_right[1, :4], prefix[0], atol=1e-5) and torch.allclose(out_right[0], plain[0], atol=1e-5)
+        # Row 0 continues at position 5; row 1's prompt is 4 tokens (its slot 4 is padding, written over).
+        logits = model.decode(torch.tensor([ids[0, 5], ids[1, 4]]), torch.tensor([5, 4]), cache)
+        assert set(calls) == {((2, 1, 1, 12), False, True, False)}
+    assert torch.allclose(model.lm_head(hidden), full[:, :5], atol=1e-5)
+    assert torch.allclose(logits, full[:, [5, 4]].diagonal().T, atol=1e-5)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_blocks_give_the_eager_outputs_and_gradients_with_one_graph_for_all_blocks(checkpointing):
     """compile_blocks (AOT autograd tracing here, inductor's code generation is for CUDA): the same logits and
-    gradients as eager, with and without activation checkpointing, for causal, right-padded and left-padded batches
+    gradients as eager, with and without activation checkpointing, for unpadded and right-padded batches
     of different shapes; every block runs the same compiled code (no recompilation per block or per length)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -200,21 +194,19 @@ def test_compiled_blocks_give_the_eager_outputs_and_gradients_with_one_graph_for
     compiled.compile_blocks(backend="aot_eager", fullgraph=True)
     for model in (eager, compiled):
         model.activation_checkpointing = checkpointing
-    for b, t, pad in ((3, 10, None), (2, 13, "right"), (4, 7, "left"), (3, 11, "left")):
+    for b, t, pad in ((3, 10, None), (2, 13, "right"), (4, 7, "right"), (3, 11, None)):
         ids = torch.randint(0, 64, (b, t))
         mask = torch.ones(b, t, dtype=torch.bool)
         if pad == "right":
             mask[1, t - 4:] = False
-        elif pad == "left":
-            mask[1, :3] = False
         results = []
         for model in (eager, compiled):
             model.zero_grad()
-            logits = model(ids, attention_mask=mask)
+            logits = model(ids)
             (logits * mask[..., None]).square().sum().backward()
             results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         assert torch.allclose(results[0][0], results[1][0], atol=1e-5), (t, pad)
         for name, grad in results[0][1].items():
             assert torch.allclose(grad, results[1][1][name], atol=1e-5), (t, pad, name)
-    # One graph without a mask and one with (left padding), whatever the shapes; not one per block.
-    assert counters["stats"]["unique_graphs"] == 2
+    # One graph whatever the shapes; not one per block.
+    assert counters["stats"]["unique_graphs"] == 1

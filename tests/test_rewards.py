@@ -6,8 +6,9 @@ import torch
 
 from conftest import hf_config, randomize, save_hf_model
 from pbrl.checkpoint import load_model
-from pbrl.rewards import (TRANSLATE_PROMPT, AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward,
-                          HybridReward, LanguageConsistency, MTReward, Sample, Translator, language_share)
+from pbrl.rewards import (AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward, HybridReward,
+                          LanguageConsistency, MTReward, Sample, language_share)
+from pbrl.translators import TRANSLATE_PROMPT, Translator
 from pbrl.tokenizer import Tokenizer
 
 
@@ -33,7 +34,7 @@ def translator_dir(tmp_path_factory):
 def embed_alone(model, tokenizer, text, pooling="last"):
     ids = tokenizer.encode(text) + [tokenizer.eos_id]
     with torch.no_grad():
-        h = model.hidden_states(torch.tensor([ids]))[0].float()
+        h = model(torch.tensor([ids]), output="hidden")[0].float()
     v = h[-1] if pooling == "last" else h.mean(0)
     return v / v.norm()
 

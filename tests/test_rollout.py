@@ -41,24 +41,21 @@ def test_sequence_seed_depends_on_every_part_and_not_on_position():
     assert rollout.sequence_seed(0, 1, p, 0) == rollout.sequence_seed(0, 1, p, 0)
 
 
-def test_pad_rows_left_and_right():
-    ids, mask = pad_rows([[5, 6, 7], [8]], side="left", pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[True] * 3, [False, False, True]]
-    ids, mask = pad_rows([[5, 6, 7], [8]], side="right", length=4, pad_id=9)
-    assert ids.tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]] and mask.tolist() == [[True] * 3 + [False],
-                                                                             [True] + [False] * 3]
-    with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
-        pad_rows([[1]], side="middle")
+def test_pad_rows_right_pads():
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=9)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[True] * 3, [True, False, False]]
 
 
-def test_pack_puts_prompts_left_and_responses_right():
+def test_sequences_put_each_response_after_its_prompt_right_padded():
     completions = Completions(tokens=torch.tensor([[11, 12, 2], [13, 2, 2]]), lengths=torch.tensor([3, 1]),
-                              finished=torch.tensor([True, False]), logprobs=None)
-    ids, mask, response_mask = rollout.pack([[1, 2], [3, 4, 5]], completions)
-    # pad id 2 after row 1's single token is not a response token, and is written as 0
-    assert ids.tolist() == [[0, 1, 2, 11, 12, 2], [3, 4, 5, 13, 0, 0]]
-    assert mask.tolist() == [[False, True, True, True, True, True], [True, True, True, True, False, False]]
-    assert response_mask.tolist() == [[True, True, True], [True, False, False]]
+                              finished=torch.tensor([True, False]),
+                              logprobs=torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]]))
+    tokens, lengths, mask, sampled = rollout.sequences([[1, 2], [3, 4, 5]], completions)
+    # the pad id 2 after row 1's single token is not a response token, and is written as 0
+    assert tokens.tolist() == [[1, 2, 11, 12, 2], [3, 4, 5, 13, 0]] and lengths.tolist() == [5, 4]
+    # column t: token t + 1 is a response token
+    assert mask.tolist() == [[False, True, True, True], [False, False, True, False]]
+    assert torch.equal(sampled, torch.tensor([[0.0, -0.1, -0.2, -0.3], [0.0, 0.0, -0.4, 0.0]]))
 
 
 def test_score_pairs_each_sample_with_its_problem_and_reference():
@@ -80,26 +77,29 @@ def tiny():
     return Transformer(args, value_head=True).eval()
 
 
-def test_response_logprobs_and_values_read_the_positions_before_each_response_token(tiny):
-    """Oracle: log_softmax of the full logits at position P + t - 1, gathered at response token t."""
+def test_per_token_logprobs_and_values_read_the_positions_before_each_response_token(tiny):
+    """Oracle: log_softmax of the full logits of the row alone at position P + t - 1, gathered at its
+    response token t, in column P + t - 1 of the [B, L - 1] layout."""
     prompts, responses = [[3, 4, 5], [6]], [[7, 8], [9, 10, 11]]
     completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
-                              torch.tensor([True, False]), None)
-    ids, mask, response_mask = rollout.pack(prompts, completions)
+                              torch.tensor([True, False]), torch.zeros(2, 3))
+    tokens, lengths, mask, _ = rollout.sequences(prompts, completions)
     with torch.no_grad():
-        logp, entropy = rollout.response_logprobs(tiny, ids, mask, response_mask, temperature=1.5)
-        values = rollout.response_values(tiny, ids, mask, response_mask)
+        logp, entropy = rollout.per_token(tiny, tokens, lengths, mask, "logprobs", temperature=1.5)
+        values = rollout.per_token(tiny, tokens, lengths, mask, "values")
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             alone = torch.tensor([prompt + response])
             log_softmax = (tiny(alone)[0] / 1.5).log_softmax(-1)
             full_values = tiny(alone, output="values")[0]
             for t, token in enumerate(response):
                 position = len(prompt) + t - 1
-                assert logp[i, t] == pytest.approx(log_softmax[position, token].item(), abs=1e-5)
+                assert logp[i, position] == pytest.approx(log_softmax[position, token].item(), abs=1e-5)
                 probs = log_softmax[position].exp()
-                assert entropy[i, t] == pytest.approx(-(probs * log_softmax[position]).sum().item(), abs=1e-5)
-                assert values[i, t] == pytest.approx(full_values[position].item(), abs=1e-5)
-            assert logp[i, len(response):].eq(0).all()  # padding slots carry nothing
+                assert entropy[i, position] == pytest.approx(-(probs * log_softmax[position]).sum().item(),
+                                                             abs=1e-5)
+                assert values[i, position] == pytest.approx(full_values[position].item(), abs=1e-5)
+        for x in (logp, entropy, values):  # nothing outside the response tokens
+            assert x[~mask].eq(0).all()
 
 
 @pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (14, 0.1), (20, 0.1),
@@ -116,7 +116,8 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     g = torch.Generator().manual_seed(0)
     b, t = 4, 5
     mask = torch.rand(b, t, generator=g) > 0.3
-    exp = rollout.Experience(*(torch.zeros(b, 2),) * 2, mask, *(torch.randn(b, t, generator=g) for _ in range(7)))
+    exp = rollout.Experience(torch.zeros(b, t + 1), torch.full((b,), 3), mask,
+                             *(torch.randn(b, t, generator=g) for _ in range(7)))
     samples = [type("S", (), {"lang": lang})() for lang in ("de", "de", "fr", "fr")]
     rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]), "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
     whole = rollout.rollout_metrics(samples, rewards, exp, lambda x: x, lambda o: [o])
@@ -141,27 +142,25 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
         assert split[key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_columns_no_row_uses_are_trimmed_without_changing_the_results(tiny):
+def test_each_micro_batch_is_as_wide_as_its_longest_row(tiny):
+    """The model sees each row but its last token, as wide as the longest row (5 tokens -> 4 columns),
+    whatever padding the batch carries; the outputs come back in the batch's own width."""
     completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
-                              torch.tensor([True, False]), None)
-    ids, mask, response_mask = rollout.pack([[3, 4, 5], [6]], completions)
-    wide = (torch.cat([torch.zeros(2, 2, dtype=ids.dtype), ids, torch.zeros(2, 3, dtype=ids.dtype)], 1),
-            torch.cat([torch.zeros(2, 2, dtype=torch.bool), mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
-            torch.cat([response_mask, torch.zeros(2, 3, dtype=torch.bool)], 1))
+                              torch.tensor([True, False]), torch.zeros(2, 3))
+    tokens, lengths, mask, _ = rollout.sequences([[3, 4, 5], [6]], completions)
+    wide = (torch.cat([tokens, torch.zeros(2, 3, dtype=tokens.dtype)], 1), lengths,
+            torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1))
     widths = []
     hook = tiny.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
     with torch.no_grad():
-        logp, entropy = rollout.response_logprobs(tiny, ids, mask, response_mask, temperature=1.0)
-        wide_logp, wide_entropy = rollout.response_logprobs(tiny, *wide, temperature=1.0)
-        values, wide_values = (rollout.response_values(tiny, *x) for x in ((ids, mask, response_mask), wide))
+        narrow = rollout.per_token(tiny, tokens, lengths, mask, "logprobs") + \
+            (rollout.per_token(tiny, tokens, lengths, mask, "values"),)
+        broad = rollout.per_token(tiny, *wide, "logprobs") + (rollout.per_token(tiny, *wide, "values"),)
     hook.remove()
-    # The model saw the same columns both times: each row moved to its start, as wide as the longest row (5
-    # tokens), less the last token (it predicts nothing).
-    assert widths == [int(mask.sum(1).max()) - 1] * 4 == [4] * 4
-    for narrow, broad in ((logp, wide_logp), (entropy, wide_entropy), (values, wide_values)):
-        assert broad.shape == (2, 6) and broad[:, 3:].eq(0).all()
-        assert torch.allclose(broad[:, :3], narrow, atol=1e-6)
-    assert values[0, 2] == 0  # past a response: 0, like the log-probs
+    assert widths == [4] * 4
+    for a, b in zip(narrow, broad):
+        assert a.shape == (2, 4) and b.shape == (2, 7) and b[:, 4:].eq(0).all()
+        assert torch.equal(a, b[:, :4])
 
 
 def test_advantages_by_estimator_and_where_the_kl_goes():

@@ -6,7 +6,8 @@ import kernels
 
 from conftest import each_batch_size_kept_its_addresses, observe_compiled_steps
 from pbrl.checkpoint import load_model
-from pbrl.sampler import generate, sample_next
+from pbrl.graphs import CudaGraphs
+from pbrl.sampler import Sampling, generate, sample_next
 
 PROMPTS = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44]]
 
@@ -33,10 +34,10 @@ def test_greedy_cache_equals_full_forward_argmax(model):
     assert out.as_lists()[0] == greedy_by_full_forward(model, PROMPTS[0], 12)
 
 
-def test_left_padded_batch_equals_each_prompt_alone(model):
-    batch = generate(model, PROMPTS, max_new_tokens=10, return_logprobs=True)
+def test_padded_batch_equals_each_prompt_alone(model):
+    batch = generate(model, PROMPTS, max_new_tokens=10)
     for i, p in enumerate(PROMPTS):
-        alone = generate(model, [p], max_new_tokens=10, return_logprobs=True)
+        alone = generate(model, [p], max_new_tokens=10)
         assert batch.as_lists()[i] == alone.as_lists()[0] == greedy_by_full_forward(model, p, 10)
         assert torch.allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-5)
 
@@ -67,7 +68,7 @@ def test_seed_reproducibility_and_n_samples(model):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
 def test_sampling_logprobs_equal_full_forward_logprobs(model, temperature):
-    out = generate(model, PROMPTS, 9, temperature=temperature, top_k=50, seed=1, return_logprobs=True)
+    out = generate(model, PROMPTS, 9, temperature=temperature, top_k=50, seed=1)
     for i, p in enumerate(PROMPTS):
         completion = out.as_lists()[i]
         ids = torch.tensor([p + completion])
@@ -78,9 +79,13 @@ def test_sampling_logprobs_equal_full_forward_logprobs(model, temperature):
         assert (out.logprobs[i] <= 0).all()
 
 
+def sampling(temperature=1.0, top_k=None, top_p=None):
+    return Sampling(8, 1, temperature, top_k, top_p, torch.tensor([], dtype=torch.long), 0)
+
+
 def draws(logits, top_k, top_p, n):
     keys = kernels.row_keys(torch.arange(n), 0)
-    return set(sample_next(logits.expand(n, -1), 1.0, top_k, top_p, keys)[0].tolist())
+    return set(sample_next(logits.expand(n, -1), sampling(1.0, top_k, top_p), keys)[0].tolist())
 
 
 def test_top_k_and_top_p_truncate():
@@ -90,7 +95,7 @@ def test_top_k_and_top_p_truncate():
     assert draws(logits, None, 0.4, 50) == {0} and draws(logits, None, 0.9, 300) == {0, 1}
     assert draws(logits, None, None, 300) == {0, 1, 2, 3}
     # the log-prob is the untruncated one's, whatever was cut
-    tokens, logp = sample_next(logits, 1.0, 1, None, kernels.row_keys(torch.tensor([0]), 0))
+    tokens, logp = sample_next(logits, sampling(1.0, 1), kernels.row_keys(torch.tensor([0]), 0))
     assert torch.allclose(logp, logits.log_softmax(-1)[0, :1])
 
 
@@ -122,7 +127,7 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
     seeds = list(range(100, 112))
     free = generate(model, prompts, 12, temperature=1.0, n=2, seeds=seeds).as_lists()
     stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
-    kwargs = dict(temperature=1.0, n=2, seeds=seeds, stop_ids=stops, return_logprobs=True)
+    kwargs = dict(temperature=1.0, n=2, seeds=seeds, stop_ids=stops)
     monkeypatch.setattr(sampler, "SYNC_EVERY", 100)
     whole = generate(model, prompts, 12, **kwargs)
     monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
@@ -142,7 +147,7 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
 
 
 def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypatch):
-    """A CUDA graph reads its inputs where they were when it was recorded. With compile=True every step of a batch
+    """A CUDA graph reads its inputs where they were when it was recorded. With CudaGraphs every step of a batch
     size reads the same tensor addresses, within a call (compaction moves live rows to the front of the same
     buffers) and across calls of one shape (the state is kept); each call's results are its own copies, the same as
     eager decoding's; a call of another shape replaces the kept state."""
@@ -150,21 +155,22 @@ def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypat
     prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62], [7, 7, 7, 7, 7]]
     free = generate(model, prompts, 12, temperature=1.0, n=2, seed=1).as_lists()
     stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
-    kwargs = dict(temperature=1.0, n=2, stop_ids=stops, return_logprobs=True)
+    kwargs = dict(temperature=1.0, n=2, stop_ids=stops)
     seen = observe_compiled_steps(monkeypatch)
     monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
-    first = generate(model, prompts, 12, seed=1, compile=True, **kwargs)
+    graphs = CudaGraphs()
+    first = generate(model, prompts, 12, seed=1, graphs=graphs, **kwargs)
     steps = len(seen)
     kept = [t.clone() for t in first[:3]]
-    second = generate(model, prompts, 12, seed=1, compile=True, **kwargs)
+    second = generate(model, prompts, 12, seed=1, graphs=graphs, **kwargs)
     eager = generate(model, prompts, 12, seed=1, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(first[:3], kept))  # the second call did not write into the first's
     assert second.as_lists() == eager.as_lists() and torch.equal(second.finished, eager.finished)
     assert torch.allclose(second.logprobs, eager.logprobs, atol=1e-6)
     addresses = each_batch_size_kept_its_addresses(seen)
     assert len(addresses) > 2 and len(seen) == 2 * steps  # the batch shrank; both calls stepped
-    generate(model, prompts, 5, seed=1, compile=True, **kwargs)
-    assert len(sampler._KEPT) == 1 and next(iter(sampler._KEPT))[2] == 5
+    generate(model, prompts, 5, seed=1, graphs=graphs, **kwargs)
+    assert graphs.kept.tokens.shape[1] == 5  # the new shape's state replaced the old
 
 
 def test_calls_given_one_cache_length_keep_one_shape_whatever_their_prompts(model, monkeypatch):
@@ -176,21 +182,26 @@ def test_calls_given_one_cache_length_keep_one_shape_whatever_their_prompts(mode
         generate(model, long, 70, slots=129)
     own = [generate(model, p, 70, temperature=1.0, seed=2) for p in (short, long, short)]
     seen = observe_compiled_steps(monkeypatch)
-    fixed = [generate(model, p, 70, temperature=1.0, seed=2, compile=True, slots=256) for p in (short, long, short)]
+    graphs = CudaGraphs()
+    fixed = [generate(model, p, 70, temperature=1.0, seed=2, graphs=graphs, slots=256)
+             for p in (short, long, short)]
     assert [o.as_lists() for o in fixed] == [o.as_lists() for o in own]
     assert len({tuple(pointers) for _, pointers in seen}) == 1 and len(seen) == 3 * 69
 
 
 def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, monkeypatch):
-    """compile=True with fullgraph=True (AOT autograd tracing instead of inductor code generation, to keep the test
+    """CudaGraphs' step with fullgraph=True (AOT autograd tracing instead of inductor code generation, to keep the test
     fast): a graph break is an error; greedy and sampled tokens equal the eager step's."""
+    import pbrl.graphs
     import pbrl.sampler as sampler
     torch._dynamo.reset()
-    monkeypatch.setattr(sampler, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
+    monkeypatch.setattr(pbrl.graphs, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True,
+                                                         "dynamic": False})
     monkeypatch.setattr(sampler, "SYNC_EVERY", 3)
+    graphs = CudaGraphs()
     for kwargs in (dict(), dict(temperature=1.0, n=2, seed=5, stop_ids=[17, 40])):
-        eager = generate(model, PROMPTS, 10, return_logprobs=True, **kwargs)
-        compiled = generate(model, PROMPTS, 10, return_logprobs=True, compile=True, **kwargs)
+        eager = generate(model, PROMPTS, 10, **kwargs)
+        compiled = generate(model, PROMPTS, 10, graphs=graphs, **kwargs)
         assert compiled.as_lists() == eager.as_lists()
         assert torch.allclose(compiled.logprobs, eager.logprobs, atol=1e-5)
 

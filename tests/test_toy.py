@@ -6,7 +6,8 @@ import torch
 import kernels
 from pbrl import toy
 from pbrl.data import extract_number
-from pbrl.rewards import Embedder, EmbeddingReward, LexiconTranslator, MTReward, Sample
+from pbrl.rewards import Embedder, EmbeddingReward, MTReward, Sample
+from pbrl.translators import LexiconTranslator
 
 
 def test_problems_are_parallel_and_answers_follow_the_verb():
@@ -66,7 +67,8 @@ def test_use_world_turns_toy_values_into_ordinary_paths(tmp_path, monkeypatch):
 def test_translator_and_pooling_come_from_the_artifact_directories(tmp_path):
     import json
 
-    from pbrl.rewards import checkpoint_pooling, load_translator
+    from pbrl.rewards import checkpoint_pooling
+    from pbrl.translators import load_translator
     (tmp_path / "lexicon.json").write_text(json.dumps({"de": {"hat": "has"}}))
     assert load_translator(tmp_path)(["Anna hat 3"], ["de"]) == ["has 3"]
     assert checkpoint_pooling(tmp_path) == "last"  # nothing said: decoder embedders pool the last token

@@ -13,7 +13,7 @@ from conftest import (each_batch_size_kept_its_addresses, hf_tensors, observe_co
                       subprocess_env)
 from pbrl.checkpoint import checkpoint_metadata, latest_checkpoint, read_checkpoint_tensors
 from pbrl.config import Config, load_config, validate
-from pbrl.trainer import Trainer
+from pbrl.setup import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = {"en": "Janet has {a} apples and buys {b} more. How many apples does she have?",
@@ -126,9 +126,10 @@ def test_checkpoints_reshard_between_one_and_two_ranks(world, runs, tmp_path):
     dcp_to_torch_save(out / "checkpoints" / "step_000002", tmp_path / "saved.pt")
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
     args = overrides(world, out, **{"run.steps": 4, "run.checkpoint_every": 2, "run.resume": "true"})
-    trainer = Trainer(load_config(None, args), log=lambda *a: None)
+    trainer = prepare(load_config(None, args), log=lambda *a: None)
     assert trainer.step == 2 and set(trainer.trained) == set(saved) == {"actor", "critic"}
-    for name, (model, optimizer, _) in trainer.trained.items():
+    for name, trained in trainer.trained.items():
+        model, optimizer = trained.model, trained.optimizer
         for key, value in model.state_dict().items():
             assert torch.equal(value, saved[name]["model"][key]), (name, key)
         state = optimizer.state_dict()["state"]
@@ -144,11 +145,11 @@ def test_checkpoints_reshard_between_one_and_two_ranks(world, runs, tmp_path):
 
 
 def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
-    straight = Trainer(load_config(None, overrides(world, tmp_path / "a", **{"run.steps": 4})), log=lambda *a: None)
+    straight = prepare(load_config(None, overrides(world, tmp_path / "a", **{"run.steps": 4})), log=lambda *a: None)
     expected = straight.run()
 
     args = overrides(world, tmp_path / "b", **{"run.steps": 4, "run.checkpoint_every": 1})
-    crashing = Trainer(load_config(None, args), log=lambda *a: None)
+    crashing = prepare(load_config(None, args), log=lambda *a: None)
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.api import CheckpointException
     real_finish = FileSystemWriter.finish
@@ -164,7 +165,7 @@ def test_kill_and_resume_gives_the_same_metrics(world, tmp_path, monkeypatch):
     ckpts = tmp_path / "b" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000001", "step_000002", "step_000003.tmp"]
     assert any((ckpts / "step_000003.tmp").glob("*.distcp"))
-    resumed = Trainer(load_config(None, args + ["--run.resume", "true"]), log=lambda *a: None)
+    resumed = prepare(load_config(None, args + ["--run.resume", "true"]), log=lambda *a: None)
     assert resumed.step == 2 and latest_checkpoint(tmp_path / "b").name == "step_000002"
     resumed.run()
     got = metrics(tmp_path / "b")
@@ -218,14 +219,14 @@ def test_pivot_cache_missing_ids_fails_before_any_model_loads(world, tmp_path, m
     partial.write_text("".join(line + "\n" for line in (world / "pivot.jsonl").read_text().splitlines()[:5]))
     no_model_loads(monkeypatch)
     with pytest.raises(KeyError, match="no reference for problem id\\(s\\): mgsm-5, mgsm-6, mgsm-7"):
-        Trainer(load_config(None, overrides(world, tmp_path / "x", **{"data.pivot_cache": partial})))
+        prepare(load_config(None, overrides(world, tmp_path / "x", **{"data.pivot_cache": partial})))
 
 
 def test_a_prompt_that_leaves_no_room_for_the_response_fails_before_any_model_loads(world, tmp_path, monkeypatch):
     no_model_loads(monkeypatch)  # not at the step that samples it
     with pytest.raises(ValueError, match=r"training problem mgsm-\d \(de, .*data\) has a prompt of \d+ tokens; with "
                                          r"rollout.max_new_tokens=200 it exceeds the policy's context of 256 tokens"):
-        Trainer(load_config(None, overrides(world, tmp_path / "x", **{"rollout.max_new_tokens": 200})))
+        prepare(load_config(None, overrides(world, tmp_path / "x", **{"rollout.max_new_tokens": 200})))
 
 
 def no_model_loads(monkeypatch):
@@ -234,28 +235,28 @@ def no_model_loads(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
-    for module in (pbrl.checkpoint, pbrl.trainer):
+    for module in (pbrl.checkpoint, pbrl.setup):
         monkeypatch.setattr(module, "load_model", refuse)
 
 
 def test_an_earlier_run_is_refused_before_any_model_loads(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(world, out))).run()
+    prepare(load_config(None, overrides(world, out))).run()
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     no_model_loads(monkeypatch)
     with pytest.raises(FileExistsError, match=r"already holds a run \(.*config.json.*\); continue it with "
                                               r"--run.resume true"):
-        Trainer(load_config(None, overrides(world, out)))
+        prepare(load_config(None, overrides(world, out)))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing changed
 
 
 def test_a_live_run_holds_its_directory(world, tmp_path):
     out = tmp_path / "run"
-    live = Trainer(load_config(None, overrides(world, out)), log=lambda *a: None)
+    live = prepare(load_config(None, overrides(world, out)), log=lambda *a: None)
     with pytest.raises(FileExistsError, match=rf"is in use by a live run \(pid {os.getpid()} on "):
-        Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+        prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})))
     live.run()  # releases the lock when it ends
-    resumed = Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})), log=lambda *a: None)
+    resumed = prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})), log=lambda *a: None)
     assert resumed.step == 2
 
 
@@ -263,7 +264,7 @@ def test_pivot_cache_inside_a_new_out_dir_is_not_an_earlier_run(world, tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     (out / "pivot.jsonl").write_text((world / "pivot.jsonl").read_text())
-    Trainer(load_config(None, overrides(world, out, **{"data.pivot_cache": ""})), log=lambda *a: None).run(1)
+    prepare(load_config(None, overrides(world, out, **{"data.pivot_cache": ""})), log=lambda *a: None).run(1)
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -274,25 +275,25 @@ def test_pivot_cache_inside_a_new_out_dir_is_not_an_earlier_run(world, tmp_path)
 ])
 def test_damaged_checkpoint_names_its_file(world, tmp_path, damage, message):
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
     damage(out / "checkpoints" / "step_000002")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+        prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})))
 
 
 def test_resume_with_fewer_steps_than_the_checkpoint_is_an_error(world, tmp_path):
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
     with pytest.raises(ValueError, match=r"run.steps = 1 is below the step of the checkpoint to resume, .*step 2"):
-        Trainer(load_config(None, overrides(world, out, **{"run.resume": "true", "run.steps": 1})))
+        prepare(load_config(None, overrides(world, out, **{"run.resume": "true", "run.steps": 1})))
 
 
 def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_metrics(world, tmp_path):
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
     before = (out / "metrics.jsonl").read_text()
     logged = []
-    again = Trainer(load_config(None, overrides(world, out, **{"run.resume": "true"})), log=logged.append)
+    again = prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})), log=logged.append)
     assert again.run() == [] and (out / "metrics.jsonl").read_text() == before
     assert any("the run is complete" in line for line in logged)
 
@@ -369,7 +370,7 @@ def test_two_processes_match_one_under_bf16_compute(world, tmp_path):
 @pytest.mark.parametrize("advantage,kl_in_loss", [("grpo", "false"), ("rloo", "true")])
 def test_critic_free_runs_train_no_critic(world, tmp_path, advantage, kl_in_loss):
     out = tmp_path / "run"
-    trainer = Trainer(load_config(None, overrides(world, out, **{
+    trainer = prepare(load_config(None, overrides(world, out, **{
         "ppo.advantage": advantage, "ppo.kl_in_loss": kl_in_loss, "run.checkpoint_every": 2})), log=lambda *a: None)
     assert trainer.critic is None and set(trainer.trained) == {"actor"}
     history = trainer.run()
@@ -381,7 +382,7 @@ def test_critic_free_runs_train_no_critic(world, tmp_path, advantage, kl_in_loss
     assert {key.split(".")[0] for key in checkpoint_metadata(ckpt).state_dict_metadata} == {"actor"}
     start, final = hf_tensors(world / "policy"), hf_tensors(out / "final")
     assert any(not torch.equal(start[n], final[n]) for n in final)  # the actor learned from group baselines
-    resumed = Trainer(load_config(None, overrides(world, out, **{
+    resumed = prepare(load_config(None, overrides(world, out, **{
         "ppo.advantage": advantage, "ppo.kl_in_loss": kl_in_loss, "run.resume": "true"})), log=lambda *a: None)
     assert resumed.step == 2
 
@@ -405,7 +406,7 @@ def test_tensorboard_and_wandb_get_every_scalar(world, tmp_path, monkeypatch):
     from pbrl.loggers import scalar_name
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    Trainer(load_config(None, overrides(world, out, **{"run.loggers": "jsonl,tensorboard,wandb",
+    prepare(load_config(None, overrides(world, out, **{"run.loggers": "jsonl,tensorboard,wandb",
                                                        "run.wandb_mode": "offline"})), log=lambda *a: None).run()
     logged = metrics(out)
     events = EventAccumulator(str(out / "tensorboard"))
@@ -470,9 +471,9 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
     of the longest training prompt, although one problem's prompt crosses a 128-slot boundary the others do not),
     and that copy samples what the gathered actor samples."""
     import pbrl.distributed as dist
-    from pbrl.data import encode_prompt
+    from pbrl.graphs import cache_slots
     from pbrl.rollout import problems_for_step
-    from pbrl.sampler import cache_slots, generate
+    from pbrl.sampler import generate
     seen = observe_compiled_steps(monkeypatch)
     slots = []  # each rollout's own cache length, without a length fixed for the run
     data = shutil.copytree(world / "data", tmp_path / "data")  # problem 7 in German: ~60 tokens longer
@@ -482,26 +483,26 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
     args = overrides(world, tmp_path / "out", **{"models.dtype": "bfloat16", "rollout.compile": "true",
                                                  "run.steps": 3, "data.path": data})
     try:
-        trainer = Trainer(load_config(None, args), log=lambda *a: None)
-        lengths = [len(encode_prompt(trainer.tokenizer, problem)) for problem in trainer.train_problems]
+        trainer = prepare(load_config(None, args), log=lambda *a: None)
+        lengths = [len(trainer.prompts[problem]) for problem in trainer.train_problems]
         assert max(lengths[:7]) + 6 <= 128 < lengths[7] + 6 <= 256  # 6: rollout.max_new_tokens
         moved = []
         for step in range(3):
-            with dist.gathered(trainer.actor):
-                moved.append([p.data_ptr() for p in trainer.actor.parameters()])
+            with dist.gathered(trainer.actor.model):
+                moved.append([p.data_ptr() for p in trainer.actor.model.parameters()])
             trainer.step = step  # as run() counts
             problems = problems_for_step(trainer.train_problems, step, 4, trainer.cfg.run.seed, 0, 1)
-            slots.append(cache_slots(max(len(encode_prompt(trainer.tokenizer, p)) for p in problems), 6, True))
+            slots.append(cache_slots(max(len(trainer.prompts[p]) for p in problems), 6))
             trainer.train_step()
         each_batch_size_kept_its_addresses(seen)
         assert moved[0] != moved[1] and seen  # what the decoder is for: the gathered parameters did move
         assert set(slots) == {128, 256}  # the rollouts' own cache lengths differed
         prompts = [[5, 17, 33, 2], [8, 3]]
         with trainer.sampling_policy() as decoder:
-            ours = generate(decoder, prompts, 6, temperature=1.0, seed=0, return_logprobs=True)
-        with dist.gathered(trainer.actor):
-            theirs = generate(trainer.actor.eval(), prompts, 6, temperature=1.0, seed=0, return_logprobs=True)
-        assert decoder is trainer.decoder and ours.as_lists() == theirs.as_lists()
+            ours = generate(decoder, prompts, 6, temperature=1.0, seed=0)
+        with dist.gathered(trainer.actor.model) as actor:
+            theirs = generate(actor, prompts, 6, temperature=1.0, seed=0)
+        assert decoder is trainer.graphs.copy and ours.as_lists() == theirs.as_lists()
         assert torch.equal(ours.logprobs, theirs.logprobs)
     finally:
         dist.shutdown()

@@ -1,4 +1,4 @@
-"""`python -m pbrl.data translate`: GSM8K questions into MGSM-layout training files, numbers checked, resumable."""
+"""`python -m pbrl.translation`: GSM8K questions into MGSM-layout training files, numbers checked, resumable."""
 import json
 import subprocess
 import sys
@@ -80,14 +80,14 @@ def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source):
     lexicon = tmp_path / "lexicon"
     lexicon.mkdir()
     (lexicon / "lexicon.json").write_text(json.dumps({"de": {"apples": "Äpfel", "how": "wie", "many": "viele"}}))
-    done = subprocess.run([sys.executable, "-m", "pbrl.data", "translate", "--model", str(lexicon), "--source",
+    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon), "--source",
                            str(source), "--langs", "de", "--out", str(tmp_path / "a")], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "translate de: 4 kept, 1 retried, 1 dropped" in done.stdout
     assert load_mgsm(tmp_path / "a", ["de"])["de"][0].question == "3 Äpfel 4 . wie viele Äpfel ?"  # unknown: dropped
     save_hf_model(tmp_path / "model", "llama", seed=5)
-    done = subprocess.run([sys.executable, "-m", "pbrl.data", "translate", "--model", str(tmp_path / "model"),
+    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(tmp_path / "model"),
                            "--source", str(source), "--langs", "sw", "--out", str(tmp_path / "b"), "--limit", "3",
                            "--max-new-tokens", "8", "--device", "cpu"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True)
@@ -96,7 +96,7 @@ def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source):
     assert "wrote 0 of 3 problems" in done.stdout
     records = read_records(tmp_path / "b" / "translations" / "sw.jsonl", FIELDS)
     assert len(records) == 3 and all(r["attempts"] == 2 and not r["numbers_kept"] for r in records.values())
-    done = subprocess.run([sys.executable, "-m", "pbrl.data", "translate", "--model", str(lexicon), "--source",
+    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon), "--source",
                            str(source), "--langs", "en,de", "--out", str(tmp_path / "c")], cwd=ROOT,
                           env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: --langs lists the target languages")

@@ -59,7 +59,7 @@ def main():  # the sharded models are locals: freed before the process exits (se
     models, optimizers = build()
     ids = torch.arange(12).view(2, 6)
     for name, model in models.items():
-        (model(ids) if name == "actor" else model.values(ids)).float().square().mean().backward()
+        (model(ids) if name == "actor" else model(ids, output="values")).float().square().mean().backward()
         optimizers[name].step()
 
     probe(DTensor, "full_tensor", count("full_tensor"))

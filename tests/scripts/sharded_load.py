@@ -56,7 +56,7 @@ def main():  # the sharded model is a local: freed before the process exits (see
     rank, world, _ = dist.init()
     model = load_model(sys.argv[1], dtype=torch.float32, value_head=True, shard=dist.shard)
     local_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    state = dist.full_state_dict(model)
+    state = {k: v.full_tensor() for k, v in model.state_dict().items()}
     if rank == 0:
         json.dump({"largest_read": max(largest), "state": {k: v.tolist() for k, v in state.items()},
                    "rank0_parameter_bytes": local_bytes}, open(sys.argv[2], "w"))

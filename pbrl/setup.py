@@ -1,0 +1,154 @@
+"""Everything a run needs before its first iteration, built in the order that fails fastest.
+
+    trainer = prepare(cfg)   # then trainer.run()
+
+Settings, the run directory, the data and the checkpoints' headers come first: a mistake in any of them
+is found in seconds, before a weight is read. Then the pivot writes the references the cache lacks, and
+last the models load: the actor and (for GAE) the critic with their optimizers, the frozen reference and
+the reward models. Precision: trained models keep fp32 parameters and optimizer states and compute in
+the compute dtype through FSDP2's mixed precision, in one process too (a one-rank process group); frozen
+models are stored in the compute dtype.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pbrl import distributed as dist
+from pbrl import memory, ppo
+from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, latest_checkpoint, load_args,
+                             load_model, load_pretrained, load_training_checkpoint)
+from pbrl.cli import DTYPES
+from pbrl.config import Config, validate
+from pbrl.data import Problem, encode_prompt, load_problems
+from pbrl.graphs import CudaGraphs, cache_slots
+from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
+from pbrl.rewards import build_reward
+from pbrl.sampler import Sampling
+from pbrl.tokenizer import Tokenizer
+from pbrl.trainer import Trained, Trainer
+
+
+def prepare(cfg: Config, log=print) -> Trainer:
+    """A Trainer for cfg, resumed from its newest checkpoint when cfg.run.resume says so."""
+    cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
+    dtype = DTYPES.get(cfg.models.dtype, torch.bfloat16 if cuda else torch.float32)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world, device = dist.init(one_rank_group=dtype != torch.float32,
+                                    timeout_minutes=cfg.run.timeout_minutes)
+    device = device if cfg.run.device == "auto" else torch.device(cfg.run.device)
+    log = log if rank == 0 else (lambda *a, **k: None)
+    out = Path(cfg.run.out_dir)
+    pivot_cache = Path(cfg.data.pivot_cache or out / "pivot.jsonl")
+    lock = claim_run_dir_on_rank0(out, cfg.run.resume, allowed=(pivot_cache,))
+    data = cfg.data
+    train = load_problems("mgsm", data.path, data.langs)
+    held_out = load_problems("mgsm", data.eval_path, data.eval_langs, data.eval_limit) if data.eval_path else []
+    english = load_problems("mgsm", data.path, ["en"])
+    policy_dir, tokenizer = check_checkpoints(cfg)
+    prompts = render_prompts(cfg, tokenizer, train, load_args(policy_dir).max_position_embeddings)
+    longest = max(map(len, prompts.values()))
+    if device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
+        memory.check_fits(memory.plan(cfg, world, longest),
+                          torch.cuda.get_device_properties(device).total_memory)
+    references = pivot_references(cfg, pivot_cache, english, dtype, device, log)
+    compute = None if dtype == torch.float32 else dtype
+    actor = trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr)
+    critic = None
+    if cfg.ppo.advantage == "gae":
+        model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute, True)
+        critic = trained(cfg, model, cfg.ppo.critic_lr)
+    reference = load(cfg, cfg.models.reference or cfg.models.policy, dtype, device).requires_grad_(False)
+    trainer = Trainer(
+        cfg=cfg, log=log, rank=rank, world=world, device=device, dtype=dtype, out=out, lock=lock,
+        tokenizer=tokenizer, policy_dir=policy_dir, train_problems=train, prompts=prompts,
+        eval_problems=held_out, references=references, actor=actor, critic=critic, reference=reference,
+        reward_fn=build_reward(cfg.reward, cfg.models.embedder, cfg.models.translator, dtype, device),
+        kl=ppo.AdaptiveKLController(cfg.ppo.kl_beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
+        sampling=rollout_sampling(cfg, tokenizer, device))
+    if cfg.rollout.compile:  # under FSDP, rollouts decode on a copy whose parameters never move
+        copy = actor.model if dist.is_distributed() else None
+        trainer.graphs = CudaGraphs(copy, dtype, device)
+        trainer.slots = cache_slots(longest, cfg.rollout.max_new_tokens)
+    if cfg.run.resume:
+        resume(trainer)
+    return trainer
+
+
+def rollout_sampling(cfg: Config, tokenizer: Tokenizer, device) -> Sampling:
+    r = cfg.rollout
+    stop = torch.tensor(sorted(set(tokenizer.stop_ids)), dtype=torch.long, device=device)
+    return Sampling(r.max_new_tokens, r.samples_per_prompt, r.temperature, r.top_k, r.top_p, stop,
+                    tokenizer.pad_id or 0)
+
+
+def check_checkpoints(cfg: Config) -> tuple[Path, Tokenizer]:
+    """The policy's directory and tokenizer, checked without reading weights; the critic and the
+    reference read the policy's token ids, so its tokenizer must fit them too."""
+    models = cfg.models
+    policy_dir, tokenizer = check_pretrained(models.policy)
+    tokenizer.template_args["enable_thinking"] = models.enable_thinking
+    critic = (models.critic or models.policy) if cfg.ppo.advantage == "gae" else None
+    for path in filter(None, (critic, models.reference or models.policy)):
+        check_pretrained(path, tokenizer)
+    return policy_dir, tokenizer
+
+
+def render_prompts(cfg: Config, tokenizer: Tokenizer, problems: list[Problem],
+                   context: int) -> dict[Problem, list[int]]:
+    """Every training problem's prompt as token ids, rendered once through the chat template. A prompt
+    that leaves no room for rollout.max_new_tokens in the policy's context is refused now."""
+    prompts = {problem: encode_prompt(tokenizer, problem) for problem in problems}
+    problem, ids = max(prompts.items(), key=lambda item: len(item[1]))
+    if len(ids) + cfg.rollout.max_new_tokens > context:
+        raise ValueError(f"training problem {problem.id} ({problem.lang}, {cfg.data.path}) has a prompt of "
+                         f"{len(ids)} tokens; with rollout.max_new_tokens={cfg.rollout.max_new_tokens} it "
+                         f"exceeds the policy's context of {context} tokens (max_position_embeddings)")
+    return prompts
+
+
+def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, device, log):
+    """problem id -> the pivot's English reference; the pivot (the policy when models.pivot is empty)
+    first answers, on every rank, the problems the cache lacks."""
+    if not cache.is_file():
+        pivot, tokenizer = load_pretrained(cfg.models.pivot or cfg.models.policy, dtype, device)
+        tokenizer.template_args["enable_thinking"] = cfg.models.enable_thinking
+        write_references(pivot, tokenizer, english, cache, batch_size=PIVOT_BATCH_SIZE,
+                         max_new_tokens=cfg.rollout.max_new_tokens, log=log)
+        del pivot
+    return match_references(cache, english)
+
+
+def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: bool = False):
+    """Stored in dtype, computed in compute_dtype; under several ranks (or mixed precision) built
+    sharded, each rank reading only its part of the checkpoint."""
+    shard = (lambda model: dist.shard(model, compute_dtype)) if dist.is_distributed() else None
+    model = load_model(path, dtype=dtype, device=device, value_head=value_head, shard=shard)
+    model.activation_checkpointing = cfg.models.activation_checkpointing
+    if cfg.models.compile:
+        model.compile_blocks()
+    return model
+
+
+def trained(cfg: Config, model, lr: float) -> Trained:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.ppo.weight_decay)
+    return Trained(model, optimizer, lr)
+
+
+def resume(trainer: Trainer) -> None:
+    """The newest checkpoint of the run directory into the trainer: models, optimizers, step, KL
+    coefficient and RNG state."""
+    ckpt = latest_checkpoint(trainer.out)
+    if ckpt is None:
+        trainer.log(f"resume: no checkpoint under {trainer.out / 'checkpoints'}; starting from step 0")
+        return
+    trained = trainer.trained
+    state = load_training_checkpoint(ckpt, {k: t.model for k, t in trained.items()},
+                                     {k: t.optimizer for k, t in trained.items()},
+                                     trainer.cfg.run.steps)
+    trainer.step, trainer.kl.beta = state["step"], state["kl_beta"]
+    torch.set_rng_state(state["torch_rng"])
+    done = " (the run is complete: nothing to train)" if trainer.step == trainer.cfg.run.steps else ""
+    trainer.log(f"resumed from {ckpt} at step {trainer.step}{done}")
