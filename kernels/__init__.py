@@ -1,16 +1,13 @@
 """Kernels for pbrl's hot paths, each with a plain PyTorch reference (kernels/reference.py) that is its spec.
 
-    token_logprobs(logits, labels, temperature=1.0, return_entropy=False)
-    linear_token_logprobs(hidden, weight, labels, temperature=1.0, return_entropy=False)
+    linear_token_logprobs(hidden, weight, labels, temperature=1.0) -> (log-probs, entropies)
     cosine_similarity(a, b)             row-wise, [N, D] x [N, D] -> [N]
-    pairwise_cosine_similarity(a, b)    all pairs, [N, D] x [M, D] -> [N, M]
     sample_tokens(logits, temperature, keys)  one token per row (Gumbel-max, counter-based noise) and its log-prob
 
 Triton runs on CUDA, and on the CPU under TRITON_INTERPRET=1; otherwise the PyTorch path (kernels/dispatch.py).
 """
-from kernels.cosine import cosine_similarity, pairwise_cosine_similarity
-from kernels.logprobs import linear_token_logprobs, token_logprobs
+from kernels.cosine import cosine_similarity
+from kernels.logprobs import linear_token_logprobs
 from kernels.sampling import gumbel_noise, row_keys, sample_tokens
 
-__all__ = ["token_logprobs", "linear_token_logprobs", "cosine_similarity", "pairwise_cosine_similarity",
-           "sample_tokens", "gumbel_noise", "row_keys"]
+__all__ = ["linear_token_logprobs", "cosine_similarity", "sample_tokens", "gumbel_noise", "row_keys"]

@@ -1,9 +1,8 @@
 """Per-token log-probs (and entropy) of chosen tokens, without a full log_softmax.
 
-Two entry points:
-  token_logprobs(logits [N, V], labels [N])            -> log p [N] (, entropy [N])
-  linear_token_logprobs(hidden [N, H], weight [V, H], labels [N])  the same, from final hidden states and the LM
-      head, holding at most a [C, V] block of logits at a time (C tokens; recomputed in backward).
+  linear_token_logprobs(hidden [N, H], weight [V, H], labels [N]) -> (log p [N], entropy [N])
+from final hidden states and the LM head, holding at most a [C, V] block of logits at a time (C tokens;
+recomputed in backward).
 
 For x = logits / T (fp32) and p = softmax(x):
   log p_y = (x_y - m) - log s,   H = log s - sum_j e^(x_j-m) (x_j-m) / s,   with m = max x and s = sum e^(x-m),
@@ -167,32 +166,6 @@ def _check(x, labels, temperature, what, vocab):
         raise ValueError(f"labels must lie in [0, {vocab}), got values in [{int(labels.min())}, {int(labels.max())}]")
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, temperature):
-        logp, entropy, m, log_s = _forward(logits, labels, 1.0 / temperature)
-        ctx.save_for_backward(logits, labels, m, log_s, entropy)
-        ctx.inv_temp = 1.0 / temperature
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        logits, labels, m, log_s, entropy = ctx.saved_tensors
-        grad_logp = torch.zeros_like(m) if grad_logp is None else grad_logp.float()
-        grad_entropy = None if grad_entropy is None else grad_entropy.float()
-        grad = _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, ctx.inv_temp,
-                         out=torch.empty_like(logits))
-        return grad, None, None
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   return_entropy: bool = False):
-    """logits [N, V] (any float dtype), labels [N] -> log-probs [N] fp32 (, entropy [N] fp32); differentiable."""
-    _check(logits, labels, temperature, "logits", logits.shape[-1])
-    logp, entropy = _TokenLogprobs.apply(logits, labels.long(), temperature)
-    return (logp, entropy) if return_entropy else logp
-
-
 class _LinearTokenLogprobs(torch.autograd.Function):
     """Blocks of C tokens: logits_c = hidden_c @ weight.T into one reused [C, V] buffer, then the row kernels above.
     Backward recomputes each block's logits, turns them into their gradient g_c in place, and accumulates
@@ -237,12 +210,11 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                          return_entropy: bool = False):
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          temperature: float = 1.0):
     """hidden [N, H], weight [V, H] -> log-probs [N] fp32 (, entropy [N] fp32) of softmax(hidden @ weight.T / T),
     never holding more than ~CHUNK_ELEMENTS logits; differentiable w.r.t. hidden and weight."""
     if weight.dim() != 2 or hidden.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H], got {list(hidden.shape)} and {list(weight.shape)}")
     _check(hidden, labels, temperature, "hidden", weight.shape[0])
-    logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, labels.long(), temperature)
-    return (logp, entropy) if return_entropy else logp
+    return _LinearTokenLogprobs.apply(hidden, weight, labels.long(), temperature)

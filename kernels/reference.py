@@ -33,8 +33,3 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def cosine_similarity_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine of paired rows: a, b [N, D] -> [N] fp32. A zero row gives 0."""
     return (_unit(a) * _unit(b)).sum(-1)
-
-
-def pairwise_cosine_similarity_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """All pairs: a [N, D], b [M, D] -> [N, M] fp32. A zero row gives 0."""
-    return _unit(a) @ _unit(b).T

@@ -67,79 +67,90 @@ def _open(file: Path):
 @torch.no_grad()
 def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_head: bool = False,
                shard=None) -> Transformer:
-    """Build a Transformer from a HF checkpoint. dtype None keeps each tensor's stored dtype.
+    """A Transformer from a HF checkpoint; dtype None keeps each tensor's stored dtype.
 
-    shard: None loads the whole model into this process. Otherwise a function that shards a model (e.g.
-    distributed.shard with its precision): the model is built on the meta device and sharded first, then each rank
-    reads only its own rows of every tensor from the safetensors files (FSDP2 splits dim 0 as torch.chunk does), so
-    no rank ever holds the whole model, nor the whole of any tensor."""
+    shard: None loads the whole model into this process. Otherwise a function that shards a model
+    (e.g. distributed.shard with its precision): the model is built on the meta device and sharded
+    first, then each rank reads only its own rows of every tensor (FSDP2 splits dim 0 as torch.chunk
+    does), so no rank ever holds the whole model, nor the whole of any tensor."""
     directory = resolve(path_or_id)
-    args = load_args(directory)
-    files = weight_files(directory)
+    args, files = load_args(directory), weight_files(directory)
+    model, expected, fresh_head = _matching_model(directory, args, files, value_head)
+    if shard is not None:
+        if dtype is not None:
+            model.to(dtype)
+        shard(model)
+        model.to_empty(device=device if device is not None else "cpu")
+    state = _read_tensors(files, expected, dtype, device, model if shard is not None else None)
+    if fresh_head:  # a fresh critic head outputs 0 at first, so early value targets are not noise
+        for name, param in model.value_head.named_parameters(prefix="value_head"):
+            if shard is not None:
+                param.to_local().zero_()
+            else:
+                state[name] = torch.zeros(param.shape, dtype=dtype or state["embed_tokens.weight"].dtype,
+                                          device=device)
+    if shard is None:
+        model.load_state_dict(state, strict=False, assign=True)
+        model.tie_weights()
+    model.inv_freq = rope_inv_freq(args).to(device)  # buffers built on the meta device hold no data
+    return model.eval()
+
+
+def _matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], value_head: bool):
+    """(a meta-device Transformer of the checkpoint's architecture, the tensors to read by pbrl name,
+    whether the value head is fresh); a checkpoint whose tensors do not match config.json is refused."""
     bare = not any(name.startswith("model.") for name in files)
     has_lm_head = "lm_head.weight" in files or (args.tie_word_embeddings and not bare)
     if not bare and not has_lm_head:
-        raise KeyError(f"{directory}: no lm_head.weight, and config.json has tie_word_embeddings=false, so the "
-                       f"output layer is missing (a bare backbone has no 'model.' prefix on its tensors)")
+        raise KeyError(f"{directory}: no lm_head.weight, and config.json has tie_word_embeddings=false, "
+                       f"so the output layer is missing (a bare backbone has no 'model.' prefix)")
     with torch.device("meta"):
         model = Transformer(args, lm_head=has_lm_head, value_head=value_head)
     expected = dict(model.state_dict())
     if args.tie_word_embeddings and has_lm_head:
         expected.pop("lm_head.weight")
     fresh_head = value_head and "value_head.weight" not in files
-    if fresh_head:  # a fresh critic head: zero output at start, so early value targets are not noise
-        for name in ("value_head.weight", "value_head.bias"):
-            expected.pop(name)
-    to_ours = {name: name.removeprefix("model.") for name in files}
-    unexpected = [n for n, ours in to_ours.items()
-                  if ours not in expected and not (ours == "lm_head.weight" and args.tie_word_embeddings)]
-    missing = sorted(set(expected) - set(to_ours.values()))
+    if fresh_head:
+        expected = {k: v for k, v in expected.items() if not k.startswith("value_head.")}
+    ours = {name.removeprefix("model.") for name in files}
+    unexpected = sorted(n for n in files if n.removeprefix("model.") not in expected
+                        and not (n == "lm_head.weight" and args.tie_word_embeddings))
+    missing = sorted(set(expected) - ours)
     if missing or unexpected:
-        raise KeyError(f"{directory}: checkpoint does not match the {args.model_type} architecture of config.json; "
-                       f"missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-                       f"unexpected tensors {sorted(unexpected)[:10]}")
-    if shard is not None:
-        if dtype is not None:
-            model.to(dtype)
-        shard(model)
-        model.to_empty(device=device if device is not None else "cpu")
-        params = dict(model.named_parameters())
-        if fresh_head:
-            for name in ("value_head.weight", "value_head.bias"):
-                params[name].to_local().zero_()
-    state = {}
+        raise KeyError(f"{directory}: checkpoint does not match the {args.model_type} architecture of "
+                       f"config.json; missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                       f"unexpected tensors {unexpected[:10]}")
+    return model, expected, fresh_head
+
+
+def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded) -> dict:
+    """The expected tensors, each shape-checked: whole into the returned dict, or (sharded: the model
+    whose parameters are DTensors) each rank's own rows copied into its parameters."""
+    params = dict(sharded.named_parameters()) if sharded is not None else {}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
-        if to_ours[name] in expected:
+        if name.removeprefix("model.") in expected:
             by_file.setdefault(file, []).append(name)
+    state = {}
     for file, names in by_file.items():
         with _open(file) as f:
             for name in names:
-                ours = to_ours[name]
+                ours = name.removeprefix("model.")
                 view = f.get_slice(name)  # reads only the header until indexed
                 shape = list(view.get_shape())
                 if shape != list(expected[ours].shape):
                     raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
                                      f"{list(expected[ours].shape)}")
                 try:
-                    if shard is None:
+                    if sharded is None:
                         tensor = f.get_tensor(name)
                         state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
                     else:
-                        local = params[ours].to_local()
                         start, stop = shard_rows(shape[0], params[ours].device_mesh)
-                        local.copy_(view[start:stop])
+                        params[ours].to_local().copy_(view[start:stop])
                 except Exception as e:  # safetensors' own errors for truncated data
                     raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
-    if shard is None:
-        if fresh_head:
-            ref = state["embed_tokens.weight"]
-            state["value_head.weight"] = torch.zeros(1, args.hidden_size, dtype=ref.dtype, device=ref.device)
-            state["value_head.bias"] = torch.zeros(1, dtype=ref.dtype, device=ref.device)
-        model.load_state_dict(state, strict=False, assign=True)
-        model.tie_weights()
-    model.inv_freq = rope_inv_freq(args).to(device)  # buffers built on the meta device hold no data
-    return model.eval()
+    return state
 
 
 def shard_rows(rows: int, mesh=None, world: int = 1, rank: int = 0) -> tuple[int, int]:

@@ -326,7 +326,7 @@ class Transformer(nn.Module):
         if output == "logprobs":
             keep = torch.ones_like(labels, dtype=torch.bool) if label_mask is None else label_mask.bool()
             logp, entropy = kernels.linear_token_logprobs(h[keep], self.lm_head.weight, labels[keep],
-                                                          temperature, return_entropy=True)
+                                                          temperature)
             zeros = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
             return zeros.masked_scatter(keep, logp), zeros.masked_scatter(keep, entropy)
         raise ValueError(f"output must be 'logits', 'hidden', 'logprobs' or 'values', got {output!r}")

@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 import kernels.cosine
 import kernels.logprobs
-from kernels.reference import (cosine_similarity_ref, linear_token_logprobs_ref, pairwise_cosine_similarity_ref,
-                               token_logprobs_ref)
+from kernels.logprobs import _backward, _forward
+from kernels.reference import cosine_similarity_ref, linear_token_logprobs_ref, token_logprobs_ref
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -25,16 +25,29 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def row_logprobs(logits, labels, temperature=1.0):
+    """The row kernels alone, as linear_token_logprobs runs them on each block of logits."""
+    logp, entropy, _, _ = _forward(logits, labels, 1.0 / temperature)
+    return logp, entropy
+
+
+def row_gradient(logits, labels, temperature, grad_logp, grad_entropy):
+    """The row kernels' gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. the logits."""
+    logp, entropy, m, log_s = _forward(logits, labels, 1.0 / temperature)
+    return _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, 1.0 / temperature,
+                     out=torch.empty_like(logits))
+
+
 # Tolerances: fp32 kernels agree with the fp32 reference to float rounding over a log-sum-exp of up to ~150K terms.
 LOGP_ATOL = 2e-5
 
 
 @pytest.mark.parametrize("n,v", [(1, 7), (5, 1000), (3, 4097), (2, 151_936), (2, 128_256)])
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1.7])
-def test_token_logprobs_matches_reference(backend, n, v, temperature):
+def test_row_kernels_match_reference(backend, n, v, temperature):
     logits = torch.randn(n, v, generator=gen(v)) * 4
     labels = torch.randint(0, v, (n,), generator=gen(n))
-    logp, entropy = kernels.token_logprobs(logits, labels, temperature, return_entropy=True)
+    logp, entropy = row_logprobs(logits, labels, temperature)
     ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels, temperature)
     assert logp.dtype == entropy.dtype == torch.float32
     assert torch.allclose(logp.double(), ref_logp, atol=LOGP_ATOL, rtol=0)
@@ -42,11 +55,11 @@ def test_token_logprobs_matches_reference(backend, n, v, temperature):
     assert (logp <= 0).all() and (entropy >= 0).all()
 
 
-def test_token_logprobs_bf16_input_accumulates_in_fp32(backend):
+def test_row_kernels_bf16_input_accumulates_in_fp32(backend):
     """bf16 logits: the kernel must be as accurate as the fp32 reference run on the same (bf16-rounded) values."""
     logits = (torch.randn(4, 50_000, generator=gen(1)) * 3).bfloat16()
     labels = torch.randint(0, 50_000, (4,), generator=gen(2))
-    logp, entropy = kernels.token_logprobs(logits, labels, 0.8, return_entropy=True)
+    logp, entropy = row_logprobs(logits, labels, 0.8)
     ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels, 0.8)
     assert torch.allclose(logp.double(), ref_logp, atol=LOGP_ATOL)
     assert torch.allclose(entropy.double(), ref_entropy, atol=LOGP_ATOL)
@@ -66,7 +79,7 @@ EXTREMES = {
 def test_extreme_logits(backend, case, dtype):
     logits = EXTREMES[case].to(dtype)
     labels = torch.tensor([17, 5])
-    logp, entropy = kernels.token_logprobs(logits, labels, 1.0, return_entropy=True)
+    logp, entropy = row_logprobs(logits, labels, 1.0)
     ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
     assert (logp <= 0).all() and (entropy >= 0).all()
@@ -76,16 +89,13 @@ def test_extreme_logits(backend, case, dtype):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_token_logprobs_gradient(backend, temperature, with_entropy):
+def test_row_kernels_gradient(backend, temperature, with_entropy):
     logits = (torch.randn(6, 3001, generator=gen(3)) * 2).requires_grad_()
     labels = torch.randint(0, 3001, (6,), generator=gen(4))
     w_logp, w_ent = torch.randn(6, generator=gen(5)), torch.randn(6, generator=gen(6))
-
-    def loss(fn):
-        logp, entropy = fn()
-        return (w_logp * logp).sum() + ((w_ent * entropy).sum() if with_entropy else 0)
-    grad, = torch.autograd.grad(loss(lambda: kernels.token_logprobs(logits, labels, temperature, True)), logits)
-    ref, = torch.autograd.grad(loss(lambda: token_logprobs_ref(logits, labels, temperature)), logits)
+    logp, entropy = token_logprobs_ref(logits, labels, temperature)
+    ref, = torch.autograd.grad((w_logp * logp).sum() + ((w_ent * entropy).sum() if with_entropy else 0), logits)
+    grad = row_gradient(logits.detach(), labels, temperature, w_logp, w_ent if with_entropy else None)
     assert torch.allclose(grad, ref, atol=1e-6, rtol=1e-4)  # fp32 throughout; per-element gradients are ~1e-4
 
 
@@ -96,7 +106,7 @@ def test_linear_token_logprobs_forward_and_gradients(backend, monkeypatch, n, h,
     weight = (torch.randn(v, h, generator=gen(8)) * 0.5).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=gen(9))
     w_logp, w_ent = torch.randn(n, generator=gen(10)), torch.randn(n, generator=gen(11))
-    logp, entropy = kernels.linear_token_logprobs(hidden, weight, labels, 0.9, return_entropy=True)
+    logp, entropy = kernels.linear_token_logprobs(hidden, weight, labels, 0.9)
     ref_logp, ref_entropy = linear_token_logprobs_ref(hidden, weight, labels, 0.9)
     assert torch.allclose(logp, ref_logp, atol=LOGP_ATOL) and torch.allclose(entropy, ref_entropy, atol=LOGP_ATOL)
     grads = torch.autograd.grad((w_logp * logp).sum() + (w_ent * entropy).sum(), (hidden, weight))
@@ -111,7 +121,7 @@ def test_linear_token_logprobs_bf16_is_as_accurate_as_the_bf16_reference(backend
     weight = torch.randn(5000, 64, generator=gen(13)) * 0.2
     labels = torch.randint(0, 5000, (16,), generator=gen(14))
     exact = linear_token_logprobs_ref(hidden.double(), weight.double(), labels)[0]
-    kernel = kernels.linear_token_logprobs(hidden.bfloat16(), weight.bfloat16(), labels).double()
+    kernel = kernels.linear_token_logprobs(hidden.bfloat16(), weight.bfloat16(), labels)[0].double()
     ref_bf16 = linear_token_logprobs_ref(hidden.bfloat16(), weight.bfloat16(), labels)[0].double()
     assert (kernel - exact).abs().max() <= (ref_bf16 - exact).abs().max() + 1e-3
 
@@ -138,18 +148,19 @@ def test_linear_token_logprobs_never_holds_all_logits(backend, monkeypatch):
     hidden = torch.randn(n, h, requires_grad=True)
     weight = torch.randn(v, h, requires_grad=True)
     with LargestTensor() as probe:
-        logp, entropy = kernels.linear_token_logprobs(hidden, weight, torch.randint(0, v, (n,)), return_entropy=True)
+        logp, entropy = kernels.linear_token_logprobs(hidden, weight, torch.randint(0, v, (n,)))
         (logp.sum() + entropy.sum()).backward()
     assert probe.largest <= 8 * v * 4 < n * v * 4  # one fp32 chunk of 8 tokens' logits, not all 64
 
 
 def test_bad_inputs_are_clear_errors():
+    eye = torch.eye(10)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\), got values in \[0, 10\]"):
-        kernels.token_logprobs(torch.zeros(2, 10), torch.tensor([0, 10]))
+        kernels.linear_token_logprobs(torch.zeros(2, 10), eye, torch.tensor([0, 10]))
     with pytest.raises(ValueError, match=r"labels must be \[N\] = \[2\]"):
-        kernels.token_logprobs(torch.zeros(2, 10), torch.tensor([0, 1, 2]))
+        kernels.linear_token_logprobs(torch.zeros(2, 10), eye, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        kernels.token_logprobs(torch.zeros(2, 10), torch.tensor([0, 1]), temperature=0.0)
+        kernels.linear_token_logprobs(torch.zeros(2, 10), eye, torch.tensor([0, 1]), temperature=0.0)
     with pytest.raises(ValueError, match=r"need hidden \[N, H\] and weight \[V, H\]"):
         kernels.linear_token_logprobs(torch.zeros(2, 4), torch.zeros(10, 5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"cosine similarity needs \[N, D\] and \[N, D\]"):
@@ -165,15 +176,10 @@ def fp64_cosine(a, b):
 
 
 @pytest.mark.parametrize("n,d", [(1, 3), (7, 1000), (33, 1024), (5, 2500)])
-def test_cosine_rowwise_and_pairwise(backend, n, d):
+def test_cosine_rowwise(backend, n, d):
     a = torch.randn(n, d, generator=gen(n))
     b = torch.randn(n, d, generator=gen(d))
     assert torch.allclose(kernels.cosine_similarity(a, b).double(), fp64_cosine(a, b), atol=1e-6)
-    c = torch.randn(n + 37, d, generator=gen(1))  # M not a multiple of the 32-row tile
-    expected = fp64_cosine(a[:, None, :], c[None, :, :])
-    got = kernels.pairwise_cosine_similarity(a, c)
-    assert got.shape == (n, n + 37) and torch.allclose(got.double(), expected, atol=1e-6)
-    assert torch.allclose(got, pairwise_cosine_similarity_ref(a, c), atol=1e-6)
 
 
 def test_cosine_zero_vectors_and_extreme_norms(backend):
@@ -186,8 +192,7 @@ def test_cosine_zero_vectors_and_extreme_norms(backend):
     a[2] *= 1e30                  # squares overflow fp32 without scaling
     b[3] *= 1e-30                 # squares underflow fp32 without scaling
     a[4], b[4] = base_a[4] * 1e-38, base_b[4] * 1e37  # subnormal-adjacent vs near max
-    for got in (kernels.cosine_similarity(a, b), cosine_similarity_ref(a, b),
-                kernels.pairwise_cosine_similarity(a, b).diagonal()):
+    for got in (kernels.cosine_similarity(a, b), cosine_similarity_ref(a, b)):
         assert torch.isfinite(got).all()
         assert got[0] == 0 and got[1] == 0
         assert torch.allclose(got[2:].double(), exact[2:], atol=1e-5)
@@ -199,7 +204,6 @@ def test_cosine_bf16_input(backend):
     got = kernels.cosine_similarity(a, b)
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), fp64_cosine(a, b), atol=1e-6)  # exact on the bf16 values: fp32 accumulation
-    assert torch.allclose(kernels.pairwise_cosine_similarity(a, b).diagonal().double(), fp64_cosine(a, b), atol=1e-6)
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
@@ -220,11 +224,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     kernels_compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
-    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel", "_unit_rows_kernel",
-                 "_sample_kernel"):
+    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel", "_sample_kernel"):
         for arch in ("sm_80", "sm_90"):
             assert {(name, arch, "fp32"), (name, arch, "bf16")} <= kernels_compiled
-    assert {("_pairwise_dot_kernel", "sm_80", "fp32"), ("_pairwise_dot_kernel", "sm_90", "fp32")} <= kernels_compiled
     for r in rows:
         assert r["local"] == 0 and 0 < r["reg"] <= 255, r
 

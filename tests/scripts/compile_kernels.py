@@ -43,13 +43,6 @@ def cases(dtype: str):
     yield cosine._cosine_rows_kernel, {
         "a_ptr": x, "a_stride": "i64", "b_ptr": x, "b_stride": "i64", "out_ptr": "*fp32", "D": "i32",
         "BLOCK_D": "constexpr"}, {"BLOCK_D": 1024}
-    yield cosine._unit_rows_kernel, {"x_ptr": x, "stride": "i64", "out_ptr": "*fp32", "D": "i32",
-                                     "BLOCK_D": "constexpr"}, {"BLOCK_D": 1024}
-    if dtype == "fp32":  # it multiplies the fp32 unit rows _unit_rows_kernel writes, whatever the input dtype
-        yield cosine._pairwise_dot_kernel, {
-            "u_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "M": "i32", "D": "i32",
-            "BLOCK_N": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}, \
-            {"BLOCK_N": 32, "BLOCK_M": 32, "BLOCK_K": 32}
 
 
 def resources(cubin: bytes) -> dict:
