@@ -1,9 +1,11 @@
 """Per-language accuracy of one or more checkpoints on MGSM, GSM8K or MMLU-ProX.
 
-    python eval.py --model PATH_OR_ID [--model PATH2 ...] --task mgsm --langs en,de,sw [--limit N] [--num-fewshot 8]
+    python eval.py --model PATH_OR_ID [--model PATH2 ...] --task mgsm --langs en,de,sw \
+        [--limit N] [--num-fewshot 8]
 
-Prints a Markdown table (a column per model, a row per language, the average over non-English languages) and
-writes OUT/scores.json and OUT/samples.jsonl (every prompt, response, extracted answer and verdict).
+Prints a Markdown table (a column per model, a row per language, the average over non-English
+languages) and writes OUT/scores.json and OUT/samples.jsonl (every prompt, response, extracted
+answer and verdict).
 """
 import argparse
 import json
@@ -20,31 +22,39 @@ DEFAULT_DATA = {"mgsm": "juletxara/mgsm", "gsm8k": "openai/gsm8k", "mmlu_prox": 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, help="HF directory or hub id; repeat to compare")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True,
+                    help="HF directory or hub id; repeat to compare")
     ap.add_argument("--task", choices=list(DEFAULT_DATA), default="mgsm")
-    ap.add_argument("--data", help="local directory/file or hub dataset id (default: the task's hub dataset)")
+    ap.add_argument("--data",
+                    help="local directory/file or hub dataset id (default: the task's hub dataset)")
     ap.add_argument("--langs", default="en", help="comma-separated language codes")
     ap.add_argument("--limit", type=positive_int, help="first N problems per language")
-    ap.add_argument("--no-chat", action="store_true", help="raw prompts instead of the chat template")
+    ap.add_argument("--no-chat", action="store_true",
+                    help="raw prompts instead of the chat template")
     ap.add_argument("--num-fewshot", type=int, default=0,
-                    help="K solved exemplars in the problem's language before each question (mgsm; default 0)")
-    ap.add_argument("--fewshot-data", help="MGSM's native exemplars: a directory or hub dataset with a "
+                    help="K solved exemplars in the problem's language before each question (mgsm; "
+                         "default 0)")
+    ap.add_argument("--fewshot-data",
+                    help="MGSM's native exemplars: a directory or hub dataset with a "
                                            "*{lang}_train*.tsv per language (default: --data)")
     shared_flags(ap, "device", "dtype", "batch-size", "max-new-tokens", "enable-thinking")
     ap.add_argument("--out", default="runs/eval")
     args = ap.parse_args(argv)
 
-    # Everything that can be wrong with the input is found before the first model spends minutes generating.
+    # Everything that can be wrong with the input is found before the first model spends minutes
+    # generating.
     device = resolve_device(args.device)
     if len(set(args.model)) != len(args.model):
         raise ValueError(f"--model names the same checkpoint twice: {args.model}")
     langs = [code.strip() for code in args.langs.split(",") if code.strip()]
     problems = load_problems(args.task, args.data or DEFAULT_DATA[args.task], langs, args.limit)
     if args.num_fewshot < 0 or (args.num_fewshot and args.task != "mgsm"):
-        raise ValueError(f"--num-fewshot must be >= 0, and is for --task mgsm; got {args.num_fewshot} for "
-                         f"{args.task}")
-    shots = load_mgsm_exemplars(args.fewshot_data or args.data or DEFAULT_DATA["mgsm"], langs, args.num_fewshot) \
+        raise ValueError(f"--num-fewshot must be >= 0, and is for --task mgsm; got "
+                         f"{args.num_fewshot} for {args.task}")
+    shots = load_mgsm_exemplars(args.fewshot_data or args.data or DEFAULT_DATA["mgsm"], langs,
+                                args.num_fewshot) \
         if args.num_fewshot else None
     for path in args.model:
         check_pretrained(path)
@@ -60,7 +70,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with write_atomic(out / "samples.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples),
+                       encoding="utf-8")
     with write_atomic(out / "scores.json") as tmp:
         tmp.write_text(json.dumps({"task": args.task, "scores": scores}, indent=2))
     print(format_table(scores))

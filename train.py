@@ -1,11 +1,12 @@
 """Train a policy with PB-RLSVR (PPO rewarded against an English pivot).
 
-    python train.py                                   # the embedded toy experiment (no download, CPU, minutes)
-    python train.py --config configs/llama31_8b.toml  # one training run from a config file
+    python train.py                        # the embedded toy experiment (no download, CPU, minutes)
+    python train.py --config configs/llama31_8b_hybrid.toml   # one run from a config file
     torchrun --nproc_per_node=N train.py --config FILE.toml [--section.key value ...]
 
-With no --config and no overrides it runs the whole toy experiment (warm start, gold-label PPO baseline and the
-PB-RLSVR rewards side by side; see pbrl/experiment.py). Anything else is one run of pbrl/trainer.py.
+With no --config and no overrides it runs the whole toy experiment (warm start, gold-label PPO
+baseline and the PB-RLSVR rewards side by side; see pbrl/experiment.py). Anything else is one run of
+pbrl/trainer.py.
 """
 import sys
 

@@ -1,13 +1,14 @@
-"""Time and peak memory of per-token log-probs: naive (logits, log_softmax, gather) vs pbrl's fused paths.
+"""Time and peak memory of per-token log-probs: naive (logits, log_softmax, gather) vs pbrl's fused
+paths.
 
     python benchmarks/logprobs.py                          # CPU: PyTorch chunked path, V=151,936
     python benchmarks/logprobs.py --device cuda            # CUDA: Triton kernels vs torch, bf16
     python benchmarks/logprobs.py --sizes 8192x1024,2048x4096 --vocab 151936
 
-Each case (method x N x H x forward / forward+backward) runs in a fresh process on the CPU, where peak memory is
-the growth of the process's peak RSS over what the inputs already hold; on CUDA, torch.cuda.max_memory_allocated
-above the inputs and triton.testing.do_bench for time. Prints ratios (naive / fused) and appends
-benchmarks/logprobs.csv.
+Each case (method x N x H x forward / forward+backward) runs in a fresh process on the CPU, where
+peak memory is the growth of the process's peak RSS over what the inputs already hold; on CUDA,
+torch.cuda.max_memory_allocated above the inputs and triton.testing.do_bench for time. Prints ratios
+(naive / fused) and appends benchmarks/logprobs.csv.
 """
 import argparse
 import json
@@ -83,13 +84,14 @@ def main():
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.case:
         c = json.loads(args.case)
-        seconds, peak = run_case(c["method"], c["n"], c["h"], args.vocab, c["backward"], args.device, dtype,
-                                 args.repeats)
+        seconds, peak = run_case(c["method"], c["n"], c["h"], args.vocab, c["backward"],
+                                 args.device, dtype, args.repeats)
         print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
         return
     rows = []
-    print(f"V={args.vocab}, {args.device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
-          f"fused = {'Triton' if args.device == 'cuda' else 'PyTorch chunked'} path")
+    print(f"V={args.vocab}, {args.device}, {str(dtype).removeprefix('torch.')}, "
+          f"{torch.get_num_threads()} threads; fused = "
+          f"{'Triton' if args.device == 'cuda' else 'PyTorch chunked'} path")
     print(f"{'N':>6} {'H':>5} {'pass':>8} | {'naive s':>8} {'fused s':>8} {'time x':>7} | "
           f"{'naive MB':>9} {'fused MB':>9} {'mem /':>7}")
     for size in args.sizes.split(","):
@@ -98,17 +100,20 @@ def main():
             result = {}
             for method in ("naive", "fused"):
                 case = json.dumps({"method": method, "n": n, "h": h, "backward": backward})
-                cmd = [sys.executable, __file__, "--device", args.device, "--vocab", str(args.vocab),
-                       "--repeats", str(args.repeats), "--case", case]
+                cmd = [sys.executable, __file__, "--device", args.device, "--vocab",
+                       str(args.vocab), "--repeats", str(args.repeats), "--case", case]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     raise SystemExit(f"case {case} failed:\n{done.stderr}")
                 result[method] = json.loads(done.stdout.strip().splitlines()[-1])
             nv, fu = result["naive"], result["fused"]
-            row = dict(device=args.device, dtype=str(dtype).removeprefix("torch."), vocab=args.vocab, n=n, h=h,
-                       backward=backward, naive_s=round(nv["seconds"], 4), fused_s=round(fu["seconds"], 4),
+            row = dict(device=args.device, dtype=str(dtype).removeprefix("torch."),
+                       vocab=args.vocab, n=n, h=h,
+                       backward=backward, naive_s=round(nv["seconds"], 4),
+                       fused_s=round(fu["seconds"], 4),
                        time_ratio=round(fu["seconds"] / nv["seconds"], 2),
-                       naive_mb=round(nv["peak_bytes"] / 2**20), fused_mb=round(fu["peak_bytes"] / 2**20),
+                       naive_mb=round(nv["peak_bytes"] / 2**20),
+                       fused_mb=round(fu["peak_bytes"] / 2**20),
                        memory_reduction=round(nv["peak_bytes"] / max(fu["peak_bytes"], 1), 1))
             rows.append(row)
             print(f"{n:>6} {h:>5} {'fwd+bwd' if backward else 'fwd':>8} | "

@@ -4,8 +4,9 @@ from pathlib import Path
 
 
 def append_csv(name: str, rows: list[dict]) -> Path:
-    """Append rows to benchmarks/<name>. A file whose header names other columns (an older version of the script)
-    is kept as <name>.old and a new one begun, so that no row lands under the wrong column."""
+    """Append rows to benchmarks/<name>. A file whose header names other columns (an older version
+    of the script) is kept as <name>.old and a new one begun, so that no row lands under the wrong
+    column."""
     out = Path(__file__).with_name(name)
     fields = list(rows[0])
     if out.exists():

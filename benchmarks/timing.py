@@ -1,5 +1,5 @@
-"""What the benchmarks share: wall seconds of a call with the GPU's queue drained, the best of several calls, and the
-memory read bandwidth that a decoding roofline divides by."""
+"""What the benchmarks share: wall seconds of a call with the GPU's queue drained, the best of
+several calls, and the memory read bandwidth that a decoding roofline divides by."""
 import time
 
 import torch
@@ -20,8 +20,8 @@ def seconds(fn):
 
 
 def best_seconds(fn, repeats: int):
-    """(the fewest seconds of `repeats` calls, the last result, the seconds of the warm-up call before them: the one
-    that compiles)."""
+    """(the fewest seconds of `repeats` calls, the last result, the seconds of the warm-up call
+    before them: the one that compiles)."""
     warmup, out = seconds(fn)
     best = float("inf")
     for _ in range(repeats):
@@ -31,9 +31,10 @@ def best_seconds(fn, repeats: int):
 
 
 def read_bandwidth(device, repeats: int = 5) -> float:
-    """Bytes/s: the fastest read of a 1 GiB buffer, by a full reduction and by a matrix-vector product over it,
-    whichever streams memory faster here (on a 2-core CPU MKL's GEMV read ~30% faster than torch.sum: a roofline
-    from the sum alone would be one the model's own matrix products can beat)."""
+    """Bytes/s: the fastest read of a 1 GiB buffer, by a full reduction and by a matrix-vector
+    product over it, whichever streams memory faster here (on a 2-core CPU MKL's GEMV read ~30%
+    faster than torch.sum: a roofline from the sum alone would be one the model's own matrix
+    products can beat)."""
     buffer = torch.ones(2**28, device=device)
     matrix = buffer.view(2**14, 2**14)
     vector = torch.ones(2**14, device=device)

@@ -1,13 +1,17 @@
-"""Kernels for pbrl's hot paths, each with a plain PyTorch reference (kernels/reference.py) that is its spec.
+"""Kernels for pbrl's hot paths, each with a plain PyTorch reference (kernels/reference.py) that is
+its spec.
 
     linear_token_logprobs(hidden, weight, labels, temperature=1.0) -> (log-probs, entropies)
-    cosine_similarity(a, b)             row-wise, [N, D] x [N, D] -> [N]
-    sample_tokens(logits, temperature, keys)  one token per row (Gumbel-max, counter-based noise) and its log-prob
+    cosine_similarity(a, b)                    row-wise, [N, D] x [N, D] -> [N]
+    sample_tokens(logits, temperature, keys)   one token per row (Gumbel-max with counter-based
+                                               noise) and its log-prob
 
-Triton runs on CUDA, and on the CPU under TRITON_INTERPRET=1; otherwise the PyTorch path (kernels/dispatch.py).
+Triton runs on CUDA, and on the CPU under TRITON_INTERPRET=1; otherwise the PyTorch path
+(kernels/dispatch.py).
 """
 from kernels.cosine import cosine_similarity
 from kernels.logprobs import linear_token_logprobs
 from kernels.sampling import gumbel_noise, row_keys, sample_tokens
 
-__all__ = ["linear_token_logprobs", "cosine_similarity", "sample_tokens", "gumbel_noise", "row_keys"]
+__all__ = ["linear_token_logprobs", "cosine_similarity", "sample_tokens", "gumbel_noise",
+           "row_keys"]

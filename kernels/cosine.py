@@ -1,8 +1,10 @@
-"""Batched cosine similarity for the semantic rewards (forward only: rewards are not differentiated).
+"""Batched cosine similarity for the semantic rewards (forward only: rewards are not
+differentiated).
 
-Convention (the one kernels/reference.py states): each row is divided by its largest magnitude before its norm is
-taken, so the result is exact for any finite input, from subnormal to fp32-max entries, and a row with no non-zero
-entry (a zero vector) has cosine 0 with everything, never NaN. Accumulation is fp32 whatever the input dtype.
+Convention (the one kernels/reference.py states): each row is divided by its largest magnitude
+before its norm is taken, so the result is exact for any finite input, from subnormal to fp32-max
+entries, and a row with no non-zero entry (a zero vector) has cosine 0 with everything, never NaN.
+Accumulation is fp32 whatever the input dtype.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Which implementation runs: Triton on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 (Triton's
-interpreter, which must be set before triton is imported); the PyTorch path otherwise, or when triton is absent."""
+"""Which implementation runs: Triton on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1
+(Triton's interpreter, which must be set before triton is imported); the PyTorch path otherwise, or
+when triton is absent."""
 import os
 
 import torch

@@ -1,5 +1,6 @@
-"""Plain PyTorch references: the specification every kernel is tested against. Short on purpose; they materialise
-whatever they need and compute in fp32 (fp64 inputs stay fp64, which makes them the tests' exact oracle)."""
+"""Plain PyTorch references: the specification every kernel is tested against. Short on purpose;
+they materialise whatever they need and compute in fp32 (fp64 inputs stay fp64, which makes them the
+tests' exact oracle)."""
 import torch
 
 
@@ -8,7 +9,8 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
-    """logits [N, V], labels [N] -> (log p(label), entropy), both [N], of softmax(logits / temperature)."""
+    """logits [N, V], labels [N] -> (log p(label), entropy), both [N], of softmax(logits /
+    temperature)."""
     logp = (_wide(logits) / temperature).log_softmax(-1)
     entropy = -(logp.exp() * logp).sum(-1)
     return logp.gather(-1, labels[:, None].long()).squeeze(-1), entropy
@@ -16,13 +18,15 @@ def token_logprobs_ref(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 
 def linear_token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                               temperature: float = 1.0):
-    """hidden [N, H], weight [V, H] (an LM head), labels [N] -> (log-probs [N], entropy [N]) fp32."""
+    """hidden [N, H], weight [V, H] (an LM head), labels [N] -> (log-probs [N], entropy [N])
+    fp32."""
     return token_logprobs_ref(hidden @ weight.T, labels, temperature)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x [N, D] scaled to unit length in fp32. Each row is first divided by its largest magnitude, so norms
-    neither overflow nor underflow for any finite input; a row with no non-zero entry maps to zero."""
+    """Rows of x [N, D] scaled to unit length in fp32. Each row is first divided by its largest
+    magnitude, so norms neither overflow nor underflow for any finite input; a row with no non-zero
+    entry maps to zero."""
     x = _wide(x)
     scale = x.abs().amax(-1, keepdim=True)
     x = x / torch.where(scale > 0, scale, 1.0)

@@ -1,17 +1,17 @@
 """Sampling one token per row, and its log-prob, in one pass over the vocabulary.
 
     sample_tokens(logits [B, V], temperature, keys [B]) -> (tokens [B] long, logprobs [B] fp32)
-    gumbel_noise(keys [B], V) -> [B, V] fp32        the noise sample_tokens adds (PyTorch paths: top-k, top-p)
+    gumbel_noise(keys [B], V) -> [B, V] fp32        the noise sample_tokens adds (for top-k, top-p)
     row_keys(seeds [B], step) -> keys [B] int32     one 32-bit key per row and decoding step
 
-Gumbel-max: argmax_j (x_j + g_j) with x = logits / T and g_j = -log(-log u_j), u_j uniform in (0, 1), is an exact
-draw from softmax(x). The noise is counter-based: u_j is a hash of (the row's key, j), and the key a hash of (the
-row's seed, the step), so a row's sample depends on nothing else in the batch, and no generator state exists. The
-hash is `mix32` (a 32-bit integer finaliser, bijective, good avalanche); u takes its top 24 bits, centred in their
-bin: u = (h >> 8 + 0.5) / 2^24.
-The log-prob is that of the chosen token under the tempered, untruncated distribution, log softmax(x)_token,
-through an online log-sum-exp (running max m and sum s rescaled when m grows). Temperature 0 is greedy: the argmax
-of the logits and its log-prob under softmax(logits).
+Gumbel-max: argmax_j (x_j + g_j) with x = logits / T and g_j = -log(-log u_j), u_j uniform in (0,
+1), is an exact draw from softmax(x). The noise is counter-based: u_j is a hash of (the row's key,
+j), and the key a hash of (the row's seed, the step), so a row's sample depends on nothing else in
+the batch, and no generator state exists. The hash is `mix32` (a 32-bit integer finaliser,
+bijective, good avalanche); u takes its top 24 bits, centred in their bin: u = (h >> 8 + 0.5) /
+2^24. The log-prob is that of the chosen token under the tempered, untruncated distribution, log
+softmax(x)_token, through an online log-sum-exp (running max m and sum s rescaled when m grows).
+Temperature 0 is greedy: the argmax of the logits and its log-prob under softmax(logits).
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from kernels.dispatch import tl, triton, use_triton
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """The hash on int32 tensors holding the bits of uint32 values: multiplication wraps as uint32's does, and the
-    right shifts are made logical by masking the copies of the sign bit an arithmetic shift brings in."""
+    """The hash on int32 tensors holding the bits of uint32 values: multiplication wraps as uint32's
+    does, and the right shifts are made logical by masking the copies of the sign bit an arithmetic
+    shift brings in."""
     x = x ^ ((x >> 16) & 0xFFFF)
     x = x * 0x7FEB352D
     x = x ^ ((x >> 15) & 0x1FFFF)
@@ -31,7 +32,8 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_keys(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-    """seeds [B] int64 (any value), step (an int, or a tensor broadcasting with seeds) -> keys [B] int32."""
+    """seeds [B] int64 (any value), step (an int, or a tensor broadcasting with seeds) -> keys [B]
+    int32."""
     step = torch.as_tensor(step, device=seeds.device).to(torch.int32)
     return mix32(mix32(seeds.to(torch.int32) ^ mix32(step)) ^ (seeds >> 32).to(torch.int32))
 
@@ -60,8 +62,8 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sample_kernel(logits_ptr, stride, keys_ptr, tokens_ptr, logp_ptr, V, inv_temp, SAMPLE: tl.constexpr,
-                       BLOCK_V: tl.constexpr):
+    def _sample_kernel(logits_ptr, stride, keys_ptr, tokens_ptr, logp_ptr, V, inv_temp,
+                       SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
         key = tl.load(keys_ptr + row).to(tl.uint32, bitcast=True)
@@ -88,7 +90,8 @@ if triton is not None:
             top = tl.max(score, 0)
             token = tl.argmax(score, 0)  # the first of equal maxima, as torch.argmax
             take = top > best            # strictly: an earlier block keeps a tie
-            best_x = tl.where(take, tl.sum(tl.where(tl.arange(0, BLOCK_V) == token, x, 0.0), 0), best_x)
+            best_x = tl.where(take, tl.sum(tl.where(tl.arange(0, BLOCK_V) == token, x, 0.0), 0),
+                              best_x)
             best_token = tl.where(take, start + token, best_token)
             best = tl.where(take, top, best)
         tl.store(tokens_ptr + row, best_token.to(tl.int64))
@@ -96,12 +99,13 @@ if triton is not None:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, keys: torch.Tensor):
-    """logits [B, V] (any float dtype), temperature >= 0, keys [B] int32 from row_keys (unused when greedy) ->
-    (tokens [B] int64, logprobs [B] fp32)."""
+    """logits [B, V] (any float dtype), temperature >= 0, keys [B] int32 from row_keys (unused when
+    greedy) -> (tokens [B] int64, logprobs [B] fp32)."""
     if logits.dim() != 2 or keys.shape != logits.shape[:1]:
-        raise ValueError(f"sample_tokens needs logits [B, V] and keys [B]; got {list(logits.shape)} and "
-                         f"{list(keys.shape)}")
-    if not use_triton(logits) or torch.compiler.is_compiling():  # compiled: inductor fuses the specification
+        raise ValueError(f"sample_tokens needs logits [B, V] and keys [B]; got "
+                         f"{list(logits.shape)} and {list(keys.shape)}")
+    # compiled: inductor fuses the specification
+    if not use_triton(logits) or torch.compiler.is_compiling():
         return sample_tokens_ref(logits, temperature, keys)
     b, v = logits.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()

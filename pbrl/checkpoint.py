@@ -1,11 +1,15 @@
-"""Hugging Face checkpoints: config.json + safetensors (one file, or shards listed in model.safetensors.index.json).
+"""Hugging Face checkpoints: config.json + safetensors (one file, or shards listed in
+model.safetensors.index.json).
 
-Key convention: pbrl's parameter names are HF's without the leading `model.`; `lm_head.weight` has no prefix in
-either. A bare backbone checkpoint (e.g. Qwen3-Embedding: `Qwen3Model`, no LM head) has no `model.` prefix at all.
+Key convention: pbrl's parameter names are HF's without the leading `model.`; `lm_head.weight` has
+no prefix in either. A bare backbone checkpoint (e.g. Qwen3-Embedding: `Qwen3Model`, no LM head) has
+no `model.` prefix at all.
 
-Training checkpoints are PyTorch DCP directories (each rank its shards); any of them becomes a HF directory with
+Training checkpoints are PyTorch DCP directories (each rank its shards); any of them becomes a HF
+directory with
 
-    python -m pbrl.checkpoint export RUN/checkpoints/step_N OUT [--model actor|critic] [--dtype bfloat16]
+    python -m pbrl.checkpoint export RUN/checkpoints/step_N OUT [--model actor|critic] \
+        [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -28,15 +32,17 @@ from pbrl.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files that travel with the weights so that a saved policy is a complete, loadable HF model directory.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-              "chat_template.jinja")
+# Files that travel with the weights so that a saved policy is a complete, loadable HF model
+# directory.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "chat_template.jinja")
 
 
 def load_args(directory: Path) -> ModelArgs:
     config = directory / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json; expected a Hugging Face model directory")
+        raise FileNotFoundError(f"{directory}: no config.json; expected a Hugging Face model "
+                                f"directory")
     return ModelArgs.from_hf_config(read_json(config), where=str(config))
 
 
@@ -60,7 +66,8 @@ def weight_files(directory: Path) -> dict[str, Path]:
 def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt headers
+    # safetensors raises its own error types for truncated or corrupt headers
+    except Exception as e:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
@@ -87,7 +94,8 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
             if shard is not None:
                 param.to_local().zero_()
             else:
-                state[name] = torch.zeros(param.shape, dtype=dtype or state["embed_tokens.weight"].dtype,
+                state[name] = torch.zeros(param.shape,
+                                          dtype=dtype or state["embed_tokens.weight"].dtype,
                                           device=device)
     if shard is None:
         model.load_state_dict(state, strict=False, assign=True)
@@ -97,13 +105,15 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
 
 
 def _matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], value_head: bool):
-    """(a meta-device Transformer of the checkpoint's architecture, the tensors to read by pbrl name,
-    whether the value head is fresh); a checkpoint whose tensors do not match config.json is refused."""
+    """(a meta-device Transformer of the checkpoint's architecture, the tensors to read by pbrl
+    name, whether the value head is fresh); a checkpoint whose tensors do not match config.json is
+    refused."""
     bare = not any(name.startswith("model.") for name in files)
     has_lm_head = "lm_head.weight" in files or (args.tie_word_embeddings and not bare)
     if not bare and not has_lm_head:
-        raise KeyError(f"{directory}: no lm_head.weight, and config.json has tie_word_embeddings=false, "
-                       f"so the output layer is missing (a bare backbone has no 'model.' prefix)")
+        raise KeyError(f"{directory}: no lm_head.weight, and config.json has "
+                       f"tie_word_embeddings=false, so the output layer is missing (a bare "
+                       f"backbone has no 'model.' prefix)")
     with torch.device("meta"):
         model = Transformer(args, lm_head=has_lm_head, value_head=value_head)
     expected = dict(model.state_dict())
@@ -117,15 +127,16 @@ def _matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], va
                         and not (n == "lm_head.weight" and args.tie_word_embeddings))
     missing = sorted(set(expected) - ours)
     if missing or unexpected:
-        raise KeyError(f"{directory}: checkpoint does not match the {args.model_type} architecture of "
-                       f"config.json; missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
-                       f"unexpected tensors {unexpected[:10]}")
+        raise KeyError(f"{directory}: checkpoint does not match the {args.model_type} architecture "
+                       f"of config.json; missing tensors "
+                       f"{missing[:10]}{' ...' if len(missing) > 10 else ''}, unexpected tensors "
+                       f"{unexpected[:10]}")
     return model, expected, fresh_head
 
 
 def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded) -> dict:
-    """The expected tensors, each shape-checked: whole into the returned dict, or (sharded: the model
-    whose parameters are DTensors) each rank's own rows copied into its parameters."""
+    """The expected tensors, each shape-checked: whole into the returned dict, or (sharded: the
+    model whose parameters are DTensors) each rank's own rows copied into its parameters."""
     params = dict(sharded.named_parameters()) if sharded is not None else {}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
@@ -139,8 +150,8 @@ def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded
                 view = f.get_slice(name)  # reads only the header until indexed
                 shape = list(view.get_shape())
                 if shape != list(expected[ours].shape):
-                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json implies "
-                                     f"{list(expected[ours].shape)}")
+                    raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json "
+                                     f"implies {list(expected[ours].shape)}")
                 try:
                     if sharded is None:
                         tensor = f.get_tensor(name)
@@ -154,9 +165,9 @@ def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded
 
 
 def shard_rows(rows: int, mesh=None, world: int = 1, rank: int = 0) -> tuple[int, int]:
-    """The rows [start, stop) of dim 0 that a rank holds under FSDP2's Shard(0), which splits as torch.chunk:
-    ceil(rows / world) rows per rank, the last ranks possibly fewer or none. `mesh` (a DeviceMesh) gives world and
-    rank when set."""
+    """The rows [start, stop) of dim 0 that a rank holds under FSDP2's Shard(0), which splits as
+    torch.chunk: ceil(rows / world) rows per rank, the last ranks possibly fewer or none. `mesh` (a
+    DeviceMesh) gives world and rank when set."""
     if mesh is not None:
         world, rank = mesh.size(), mesh.get_local_rank()
     per_rank = -(-rows // world)
@@ -172,9 +183,9 @@ def load_pretrained(path_or_id, dtype: torch.dtype | None = None, device=None,
 
 
 def check_pretrained(path_or_id, tokenizer: Tokenizer | None = None) -> tuple[Path, Tokenizer]:
-    """What can be checked of a checkpoint without reading its weights: config.json, that the tokenizer fits it
-    (the checkpoint's own, or the given one that will feed it), and that the weight files are there. Returns the
-    local directory and the tokenizer."""
+    """What can be checked of a checkpoint without reading its weights: config.json, that the
+    tokenizer fits it (the checkpoint's own, or the given one that will feed it), and that the
+    weight files are there. Returns the local directory and the tokenizer."""
     directory = resolve(path_or_id)
     tokenizer = tokenizer or Tokenizer.from_pretrained(directory)
     tokenizer.check_fits(load_args(directory).vocab_size, str(directory))
@@ -183,24 +194,28 @@ def check_pretrained(path_or_id, tokenizer: Tokenizer | None = None) -> tuple[Pa
 
 
 def hf_name(name: str, args: ModelArgs, backbone: bool = False) -> str | None:
-    """pbrl name -> HF name; None for a tied LM head, which is not stored (HF convention; safetensors forbids
-    aliases). A backbone (no LM head, e.g. an embedder) keeps bare names, as HF's `LlamaModel`/`Qwen3Model` do."""
+    """pbrl name -> HF name; None for a tied LM head, which is not stored (HF convention;
+    safetensors forbids aliases). A backbone (no LM head, e.g. an embedder) keeps bare names, as
+    HF's `LlamaModel`/`Qwen3Model` do."""
     if name == "lm_head.weight" and args.tie_word_embeddings:
         return None
     return name if backbone or name.startswith(("lm_head.", "value_head.")) else f"model.{name}"
 
 
-def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, backbone: bool = False) -> dict[str, torch.Tensor]:
-    """pbrl state dict -> the tensors a HF directory stores, under HF names, contiguous on the CPU."""
-    return {hf_name(name, args, backbone): tensor.detach().contiguous().cpu() for name, tensor in state.items()
-            if hf_name(name, args, backbone) is not None}
+def hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs,
+                  backbone: bool = False) -> dict[str, torch.Tensor]:
+    """pbrl state dict -> the tensors a HF directory stores, under HF names, contiguous on the
+    CPU."""
+    return {hf_name(name, args, backbone): tensor.detach().contiguous().cpu()
+            for name, tensor in state.items() if hf_name(name, args, backbone) is not None}
 
 
 def save_model(model: Transformer, out_dir, source_dir=None, max_shard_bytes: int = 5 * 2**30,
-               state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory, in `dtype` (None:
-    as stored), in shards of at most max_shard_bytes. `state` overrides model.state_dict() (an FSDP model's
-    gathered full state dict)."""
+               state: dict[str, torch.Tensor] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write model (and the tokenizer files of `source_dir`, if given) as a HF model directory, in
+    `dtype` (None: as stored), in shards of at most max_shard_bytes. `state` overrides
+    model.state_dict() (an FSDP model's gathered full state dict)."""
     state = model.state_dict() if state is None else state
     shards: list[list[str]] = [[]]
     size = 0
@@ -225,17 +240,20 @@ def copy_side_files(source_dir, out: Path) -> None:
 
 
 def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[str]],
-                   load: Callable[[list[str]], dict[str, torch.Tensor]], dtype: torch.dtype | None = None,
-                   source_dir=None) -> Path:
-    """Write a HF model directory one shard at a time: `shards` lists the pbrl parameter names of each file, and
-    `load(names)` returns their tensors only when that file is written, so host memory holds one shard (a streamed
-    export). One file is model.safetensors; more get an index. Every file is written under a temporary name and
-    renamed, config.json last: a crash never leaves a directory that looks complete."""
+                   load: Callable[[list[str]], dict[str, torch.Tensor]],
+                   dtype: torch.dtype | None = None, source_dir=None) -> Path:
+    """Write a HF model directory one shard at a time: `shards` lists the pbrl parameter names of
+    each file, and `load(names)` returns their tensors only when that file is written, so host
+    memory holds one shard (a streamed export). One file is model.safetensors; more get an index.
+    Every file is written under a temporary name and renamed, config.json last: a crash never leaves
+    a directory that looks complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / "config.json", out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+    for stale in [out / "config.json", out / SINGLE_FILE, out / INDEX_FILE,
+                  *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
-    shards = [kept for names in shards if (kept := [n for n in names if hf_name(n, args, backbone) is not None])]
+    stored = [[n for n in names if hf_name(n, args, backbone) is not None] for names in shards]
+    shards = [names for names in stored if names]
     files = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total, stored = {}, 0, dtype
@@ -261,15 +279,15 @@ def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[s
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training run directories
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 LOCK_FILE = ".lock"
 
 
 def claim_run_dir_on_rank0(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
-    """claim_run_dir on rank 0 (which alone writes the directory); a refusal is raised on every rank. Returns the
-    lock on rank 0, None elsewhere."""
+    """claim_run_dir on rank 0 (which alone writes the directory); a refusal is raised on every
+    rank. Returns the lock on rank 0, None elsewhere."""
     lock, refusal = None, None
     if dist.init()[0] == 0:
         try:
@@ -283,19 +301,23 @@ def claim_run_dir_on_rank0(out: Path, resume: bool, allowed: tuple[Path, ...] = 
 
 
 def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
-    """Make `out` this run's directory, before any model loads: a directory that holds anything (other than the
-    `allowed` files, e.g. a pivot cache written there beforehand) belongs to an earlier run and is refused unless
-    resuming; then an exclusive lock is held for as long as the returned file stays open (the process lives), so
-    a second run on the same directory is refused instead of interleaving its metrics. Linux flock: released by
-    the kernel when the process dies, so a crash leaves no stale lock."""
+    """Make `out` this run's directory, before any model loads: a directory that holds anything
+    (other than the `allowed` files, e.g. a pivot cache written there beforehand) belongs to an
+    earlier run and is refused unless resuming; then an exclusive lock is held for as long as the
+    returned file stays open (the process lives), so a second run on the same directory is refused
+    instead of interleaving its metrics. Linux flock: released by the kernel when the process dies,
+    so a crash leaves no stale lock."""
     import fcntl
     import socket
     out = Path(out)
-    allowed_names = {LOCK_FILE} | {p.name for p in allowed if Path(p).parent.resolve() == out.resolve()}
-    earlier = sorted(p.name for p in out.iterdir() if p.name not in allowed_names) if out.is_dir() else []
+    allowed_names = {LOCK_FILE} | {p.name for p in allowed
+                                   if Path(p).parent.resolve() == out.resolve()}
+    earlier = [] if not out.is_dir() else \
+        sorted(p.name for p in out.iterdir() if p.name not in allowed_names)
     if earlier and not resume:
-        raise FileExistsError(f"run.out_dir {out} already holds a run ({', '.join(earlier[:5])}); continue it with "
-                              f"--run.resume true, or choose another run.out_dir (nothing was changed)")
+        raise FileExistsError(f"run.out_dir {out} already holds a run ({', '.join(earlier[:5])}); "
+                              f"continue it with --run.resume true, or choose another run.out_dir "
+                              f"(nothing was changed)")
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / LOCK_FILE, "a+")
     try:
@@ -304,40 +326,47 @@ def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
         lock.seek(0)
         owner = lock.read().strip() or "another process"
         lock.close()
-        raise FileExistsError(f"run.out_dir {out} is in use by a live run ({owner}); wait for it to end or choose "
-                              f"another run.out_dir") from None
+        raise FileExistsError(f"run.out_dir {out} is in use by a live run ({owner}); wait for it "
+                              f"to end or choose another run.out_dir") from None
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     return lock
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Training checkpoints: torch.distributed.checkpoint (DCP), each rank writing and reading its own shards
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Training checkpoints: torch.distributed.checkpoint (DCP), each rank writing and reading its own
+# shards
+# --------------------------------------------------------------------------------------------------
 TRAINER_FILE = "trainer.pt"
-# DCP warns on every save or load outside a process group that it assumes one process: here that is the intent.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# DCP warns on every save or load outside a process group that it assumes one process: here that is
+# the intent.
+warnings.filterwarnings("ignore",
+                        message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def sharded_state(models: dict[str, Transformer], optimizers: dict[str, torch.optim.Optimizer]) -> dict:
-    """{name: {"model": parameters, "optim": optimizer state}} as this rank holds them: DTensor shards of a sharded
-    model, plain tensors otherwise. DCP saves and loads it in place; keys flatten to e.g. `actor.model.norm.weight`."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return {name: {"model": get_model_state_dict(model),
-                   **({"optim": get_optimizer_state_dict(model, optimizers[name])} if name in optimizers else {})}
-            for name, model in models.items()}
+def sharded_state(models: dict[str, Transformer],
+                  optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+    """{name: {"model": parameters, "optim": optimizer state}} as this rank holds them: DTensor
+    shards of a sharded model, plain tensors otherwise. DCP saves and loads it in place; keys
+    flatten to e.g. `actor.model.norm.weight`."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    state = {name: {"model": get_model_state_dict(model)} for name, model in models.items()}
+    for name, optimizer in optimizers.items():
+        state[name]["optim"] = get_optimizer_state_dict(models[name], optimizer)
+    return state
 
 
 def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer],
                              optimizers: dict[str, torch.optim.Optimizer], trainer_state: dict,
                              source_dir=None, keep: int | None = None) -> Path:
-    """{out}/checkpoints/step_N, a DCP checkpoint: every rank writes its own shards of the models and optimizer
-    states (no rank gathers another's); rank 0 adds the DCP metadata, trainer.pt (`trainer_state`: tensors and
-    plain containers) and, per model, a name/ directory with its config.json (and source_dir's tokenizer files for
-    the actor) so that `export` can write it as a HF model. Written as step_N.tmp and renamed once complete, so a
-    crash never leaves a directory that looks done; then all but the newest `keep` (None: all) are deleted. A
-    collective."""
+    """{out}/checkpoints/step_N, a DCP checkpoint: every rank writes its own shards of the models
+    and optimizer states (no rank gathers another's); rank 0 adds the DCP metadata, trainer.pt
+    (`trainer_state`: tensors and plain containers) and, per model, a name/ directory with its
+    config.json (and source_dir's tokenizer files for the actor) so that `export` can write it as a
+    HF model. Written as step_N.tmp and renamed once complete, so a crash never leaves a directory
+    that looks done; then all but the newest `keep` (None: all) are deleted. A collective."""
     import torch.distributed.checkpoint as dcp
     rank = dist.init()[0]
     final = out / "checkpoints" / f"step_{step:06d}"
@@ -371,17 +400,20 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer], optimizers: dict[str, torch.optim.Optimizer],
-                             max_step: int) -> dict:
-    """Restore what save_training_checkpoint wrote into the (possibly sharded) models and optimizers, on any number
-    of ranks: DCP reshards, and each rank reads only the stored chunks that overlap its own shards. Returns the
-    trainer state. A checkpoint past max_step (run.steps) is an error before any weight is read. A collective."""
+def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
+                             optimizers: dict[str, torch.optim.Optimizer], max_step: int) -> dict:
+    """Restore what save_training_checkpoint wrote into the (possibly sharded) models and
+    optimizers, on any number of ranks: DCP reshards, and each rank reads only the stored chunks
+    that overlap its own shards. Returns the trainer state. A checkpoint past max_step (run.steps)
+    is an error before any weight is read. A collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
     trainer_state = load_state(ckpt / TRAINER_FILE)
     if trainer_state["step"] > max_step:
-        raise ValueError(f"run.steps = {max_step} is below the step of the checkpoint to resume, {ckpt} "
-                         f"(step {trainer_state['step']}); raise run.steps to continue the run")
+        raise ValueError(f"run.steps = {max_step} is below the step of the checkpoint to resume, "
+                         f"{ckpt} (step {trainer_state['step']}); raise run.steps to continue the "
+                         f"run")
     stored = {key.split(".")[0] for key in checkpoint_metadata(ckpt).state_dict_metadata}
     if set(models) - stored:
         raise ValueError(f"{ckpt} holds {', '.join(sorted(stored))} but this run trains "
@@ -389,12 +421,14 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer], optimiz
     state = sharded_state(models, optimizers)
     try:
         dcp.load(state, checkpoint_id=ckpt)
-    except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers each rank's failure (a truncated shard,
-        # an unpickling error) into a CheckpointException, a BaseException
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, dcp.api.CheckpointException) else e
+    except (Exception, dcp.api.CheckpointException) as e:
+        # DCP gathers each rank's failure (a truncated shard, an unpickling error) into a
+        # CheckpointException, a BaseException
+        failures = isinstance(e, dcp.api.CheckpointException)
+        cause = next(iter(e.failures.values()))[0] if failures else e
         detail = ": ".join([type(cause).__name__, *str(cause).splitlines()[:1]])[:300]
-        raise ValueError(f"{ckpt}: the checkpoint cannot be read ({detail}); it is damaged: delete it to resume "
-                         f"from the one before") from None
+        raise ValueError(f"{ckpt}: the checkpoint cannot be read ({detail}); it is damaged: delete "
+                         f"it to resume from the one before") from None
     for name, model in models.items():
         set_model_state_dict(model, state[name]["model"])
         if name in optimizers:
@@ -411,31 +445,36 @@ def checkpoint_metadata(ckpt: Path):
     return FileSystemReader(str(ckpt)).read_metadata()
 
 
-def read_checkpoint_tensors(ckpt: Path, model: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Full tensors of one model of a training checkpoint (all of them, or `names`), read in this process alone
-    (no collective): only these tensors' bytes are read and held."""
+def read_checkpoint_tensors(ckpt: Path, model: str,
+                            names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Full tensors of one model of a training checkpoint (all of them, or `names`), read in this
+    process alone (no collective): only these tensors' bytes are read and held."""
     import torch.distributed.checkpoint as dcp
     meta = checkpoint_metadata(ckpt).state_dict_metadata
     prefix = f"{model}.model."
     names = read_checkpoint_names(ckpt, model) if names is None else names
-    state = {prefix + n: torch.empty(meta[prefix + n].size, dtype=meta[prefix + n].properties.dtype) for n in names}
+    state = {prefix + n: torch.empty(meta[prefix + n].size, dtype=meta[prefix + n].properties.dtype)
+             for n in names}
     dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     return {n: state[prefix + n] for n in names}
 
 
 def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None) -> Path:
-    """Write one model of a training checkpoint as a HF model directory in `dtype` (None: as stored), streamed: one
-    file per transformer block (plus one for the embeddings and one for the rest), each read from the checkpoint
-    only when it is written, so peak host memory is about one block (or the embedding matrix), not the model."""
+    """Write one model of a training checkpoint as a HF model directory in `dtype` (None: as
+    stored), streamed: one file per transformer block (plus one for the embeddings and one for the
+    rest), each read from the checkpoint only when it is written, so peak host memory is about one
+    block (or the embedding matrix), not the model."""
     ckpt = Path(ckpt)
     names = read_checkpoint_names(ckpt, model)
     args = load_args(ckpt / model)
-    blocks = [[n for n in names if n.startswith(f"layers.{i}.")] for i in range(args.num_hidden_layers)]
+    blocks = [[n for n in names if n.startswith(f"layers.{i}.")]
+              for i in range(args.num_hidden_layers)]
     first = [n for n in names if n.startswith("embed_tokens.")]
     rest = [n for n in names if n not in first and not n.startswith("layers.")]
     backbone = "lm_head.weight" not in names
     return write_hf_model(out, args, backbone, [first, *blocks, rest],
-                          lambda group: read_checkpoint_tensors(ckpt, model, group), dtype, ckpt / model)
+                          lambda group: read_checkpoint_tensors(ckpt, model, group), dtype,
+                          ckpt / model)
 
 
 def read_checkpoint_names(ckpt: Path, model: str) -> list[str]:
@@ -452,29 +491,33 @@ def read_checkpoint_names(ckpt: Path, model: str) -> list[str]:
 def load_state(path: Path) -> dict:
     """trainer.pt: tensors and plain containers only (weights_only)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; the checkpoint {path.parent} is incomplete: delete it to resume "
-                                f"from the one before")
+        raise FileNotFoundError(f"{path}: missing; the checkpoint {path.parent} is incomplete: "
+                                f"delete it to resume from the one before")
     try:
         return torch.load(path, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, pickle or zip errors for a truncated or corrupt file
-        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
-                         f"checkpoint {path.parent} is damaged: delete it to resume from the one before") from None
+    # torch raises RuntimeError, pickle or zip errors for a truncated or corrupt file
+    except Exception as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); the checkpoint {path.parent} is "
+                         f"damaged: delete it to resume from the one before") from None
 
 
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(
-        description="Convert a training checkpoint (RUN/checkpoints/step_N) into a HF model directory, one "
-                    "transformer block at a time.",
+        description="Convert a training checkpoint (RUN/checkpoints/step_N) into a HF model "
+                    "directory, one transformer block at a time.",
         usage="python -m pbrl.checkpoint export CHECKPOINT OUT [--model actor] [--dtype bfloat16]")
     ap.add_argument("command", choices=["export"])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--model", default="actor", help="which trained model: actor (the policy) or critic")
+    ap.add_argument("--model", default="actor",
+                    help="which trained model: actor (the policy) or critic")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="the exported weights' dtype (default: as trained, fp32 masters)")
     args = ap.parse_args(argv)
-    out = export(args.checkpoint, args.out, args.model, getattr(torch, args.dtype) if args.dtype else None)
+    out = export(args.checkpoint, args.out, args.model,
+                 getattr(torch, args.dtype) if args.dtype else None)
     print(f"wrote {out}")
 
 

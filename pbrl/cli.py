@@ -1,10 +1,11 @@
-"""What the command-line entry points share: argument types that reject impossible values, one way to end on bad
-input, and progress with rate and ETA on long work.
+"""What the command-line entry points share: argument types that reject impossible values, one way
+to end on bad input, and progress with rate and ETA on long work.
 
-pbrl's checks raise ValueError, FileNotFoundError, FileExistsError, KeyError or ImportError (an optional package
-that is missing) with a message that names the file, key, line or package. An entry point run through `run_main`
-prints that message as one line on stderr and exits with status 2 (argparse's status for bad usage) instead of a
-traceback; PBRL_TRACEBACK=1 shows the traceback as well.
+pbrl's checks raise ValueError, FileNotFoundError, FileExistsError, KeyError or ImportError (an
+optional package that is missing) with a message that names the file, key, line or package. An entry
+point run through `run_main` prints that message as one line on stderr and exits with status 2
+(argparse's status for bad usage) instead of a traceback; PBRL_TRACEBACK=1 shows the traceback as
+well.
 """
 from __future__ import annotations
 
@@ -33,16 +34,19 @@ def shared_flags(ap: argparse.ArgumentParser, *names: str, batch_size: int = 16,
     """The flags entry points share, those named: device, dtype, batch-size, max-new-tokens,
     enable-thinking."""
     if "device" in names:
-        ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+        ap.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda or cuda:N")
     if "dtype" in names:
-        ap.add_argument("--dtype", choices=list(DTYPES), help="the weights' dtype (default: as stored)")
+        ap.add_argument("--dtype", choices=list(DTYPES),
+                        help="the weights' dtype (default: as stored)")
     if "batch-size" in names:
         ap.add_argument("--batch-size", type=positive_int, default=batch_size)
     if "max-new-tokens" in names:
         ap.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
     if "enable-thinking" in names:
         ap.add_argument("--enable-thinking", action="store_true",
-                        help="let chat templates that read enable_thinking (Qwen3) open a reasoning block")
+                        help="let chat templates that read enable_thinking (Qwen3) open a "
+                             "reasoning block")
 
 
 def run_main(main, argv=None) -> None:
@@ -56,17 +60,21 @@ def run_main(main, argv=None) -> None:
         sys.exit(2)
 
 
-PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+PLAIN_FORMAT = ("{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) "
+                "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
 
 
 class Progress:
-    """Progress of `total` units of work on stderr, with rate and ETA: tqdm's bar in a terminal; elsewhere (CI logs,
-    redirected output) a plain line at most every `every` seconds and at the end, so logs stay readable. Silent when
-    not `enabled` (ranks other than 0). Call update(n) as work completes, close() at the end (or use `with`)."""
+    """Progress of `total` units of work on stderr, with rate and ETA: tqdm's bar in a terminal;
+    elsewhere (CI logs, redirected output) a plain line at most every `every` seconds and at the
+    end, so logs stay readable. Silent when not `enabled` (ranks other than 0). Call update(n) as
+    work completes, close() at the end (or use `with`)."""
 
-    def __init__(self, total: int, desc: str, unit: str = " it", enabled: bool = True, every: float = 10.0):
+    def __init__(self, total: int, desc: str, unit: str = " it", enabled: bool = True,
+                 every: float = 10.0):
         from tqdm import tqdm
-        self.total, self.desc, self.unit, self.enabled, self.every = total, desc, unit, enabled, every
+        self.total, self.desc, self.unit = total, desc, unit
+        self.enabled, self.every = enabled, every
         self.n, self.start, self.shown = 0, time.monotonic(), float("-inf")
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) \
             if enabled and sys.stderr.isatty() else None
@@ -80,8 +88,9 @@ class Progress:
         now = time.monotonic()
         if self.enabled and (now - self.shown >= self.every or self.n >= self.total):
             self.shown = now
-            print(self.format(self.n, self.total, now - self.start, prefix=self.desc, unit=self.unit,
-                              bar_format=PLAIN_FORMAT), file=sys.stderr, flush=True)
+            line = self.format(self.n, self.total, now - self.start, prefix=self.desc,
+                               unit=self.unit, bar_format=PLAIN_FORMAT)
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,11 +1,13 @@
-"""Training configuration: one dataclass per concern, read from TOML with `--section.key value` overrides.
+"""Training configuration: one dataclass per concern, read from TOML with `--section.key value`
+overrides.
 
-Each field carries its own check (`setting(default, gt=0)`, `choices=...`): validate() applies them all,
-every number must also be finite, and then checks what spans fields. Unknown keys, wrong types and
-impossible values are errors that name the key, before any model loads. A setting that can be switched
-off is None when off (written "off" in TOML or on the command line).
+Each field carries its own check (`setting(default, gt=0)`, `choices=...`): validate() applies them
+all, every number must also be finite, and then checks what spans fields. Unknown keys, wrong types
+and impossible values are errors that name the key, before any model loads. A setting that can be
+switched off is None when off (written "off" in TOML or on the command line).
 
-The defaults are the embedded toy experiment (pbrl/toy.py): `python train.py` runs it with no download.
+The defaults are the embedded toy experiment (pbrl/toy.py): `python train.py` runs it with no
+download.
 """
 from __future__ import annotations
 
@@ -27,10 +29,13 @@ TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, bu
 
 
 def setting(default, *, gt=None, ge=None, le=None, choices=None):
-    """A field whose value validate() checks: > gt, >= ge, <= le, in choices (each item of a list)."""
+    """A field whose value validate() checks: > gt, >= ge, <= le, in choices (each item of a
+    list)."""
     limits = {op: bound for op, bound in ((">", gt), (">=", ge), ("<=", le)) if bound is not None}
-    value = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"limits": limits, "choices": choices}, **value)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default),
+                     metadata={"limits": limits, "choices": choices})
+    return field(default=default, metadata={"limits": limits, "choices": choices})
 
 
 @dataclass
@@ -42,16 +47,18 @@ class ModelsConfig:
     embedder: str = TOY        # embedding model of the semantic rewards
     translator: str = TOY      # translator of the MT reward
     enable_thinking: bool = False  # chat templates that read it (Qwen3): reasoning blocks in turns
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, more compute
+    # recompute each block in backward: less memory, more compute
+    activation_checkpointing: bool = False
     compile: bool = False      # torch.compile each block of the trained and scored models (CUDA)
-    # The compute dtype (auto: bfloat16 on CUDA, float32 on CPU); trained weights and optimizer states are
-    # fp32 whatever it says; frozen models are stored in it.
+    # The compute dtype (auto: bfloat16 on CUDA, float32 on CPU); trained weights and optimizer
+    # states are fp32 whatever it says; frozen models are stored in it.
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass
 class DataConfig:
-    path: str = TOY            # training problems: MGSM layout (mgsm_{lang}.tsv/jsonl), directory or hub id
+    # training problems: MGSM layout (mgsm_{lang}.tsv/jsonl), directory or hub id
+    path: str = TOY
     langs: list[str] = setting(["de", "fr", "sw"], choices=tuple(LANGUAGES))  # target languages
     pivot_cache: str = ""      # English references (JSONL); "" = {run.out_dir}/pivot.jsonl
     eval_path: str = TOY       # held-out problems for the periodic eval; "" = no eval
@@ -67,8 +74,8 @@ class RolloutConfig:
     temperature: float = setting(1.5, gt=0)     # the toy warm start is near-deterministic at 1.0
     top_k: int | None = setting(None, ge=1)
     top_p: float | None = setting(None, gt=0, le=1)
-    # The decoding step through CUDA graphs (pbrl/graphs.py). Memory: the sampler's state and, under FSDP,
-    # a whole copy of the actor stay allocated between rollouts (pbrl.memory counts both).
+    # The decoding step through CUDA graphs (pbrl/graphs.py). Memory: the sampler's state and, under
+    # FSDP, a whole copy of the actor stay allocated between rollouts (pbrl.memory counts both).
     compile: bool = False
 
 
@@ -77,14 +84,16 @@ class PPOConfig:
     # gae (a critic) | grpo | rloo (critic-free: baselines from the prompt's other samples)
     advantage: str = setting("gae", choices=("gae", "grpo", "rloo"))
     group_std: bool = True         # grpo: divide by the group's std (false: Dr. GRPO)
-    kl_in_loss: bool = False       # KL to the reference as a k3 loss term (GRPO's) instead of a reward
+    # KL to the reference as a k3 loss term (GRPO's) instead of a reward
+    kl_in_loss: bool = False
     epochs: int = setting(2, gt=0)           # passes over each iteration's rollouts
     minibatches: int = setting(1, gt=0)      # optimizer steps per epoch
     micro_batch_size: int = setting(16, gt=0)  # sequences per forward/backward on one rank
     lr: float = setting(1e-4, gt=0)
     critic_lr: float = setting(5e-4, gt=0)
     warmup_steps: int = setting(0, ge=0)
-    schedule: str = setting("constant", choices=("constant", "cosine"))  # cosine: to 10% at run.steps
+    # cosine: to 10% at run.steps
+    schedule: str = setting("constant", choices=("constant", "cosine"))
     weight_decay: float = setting(0.0, ge=0)
     grad_clip: float = setting(1.0, gt=0)
     gamma: float = setting(1.0, ge=0, le=1)
@@ -94,7 +103,8 @@ class PPOConfig:
     dual_clip: float | None = setting(None, gt=1)
     value_clip: float | None = setting(0.2, gt=0)
     kl_beta: float = setting(0.1, ge=0)
-    kl_target: float | None = setting(None, gt=0)  # off = fixed beta; else the adaptive controller's
+    # off = fixed beta; else the adaptive controller's
+    kl_target: float | None = setting(None, gt=0)
     kl_horizon: int = setting(10_000, gt=0)
     kl_estimator: str = setting("k1", choices=("k1", "k2", "k3"))  # the per-token KL in the reward
     whiten_advantages: bool = True
@@ -129,7 +139,8 @@ class RunConfig:
     seed: int = 0
     checkpoint_every: int | None = setting(10, gt=0)  # off = only at the end
     keep_checkpoints: int | None = setting(3, gt=0)   # the newest N checkpoints are kept; off = all
-    timeout_minutes: float = setting(60.0, gt=0)      # the longest any rank may wait in a collective
+    # the longest any rank may wait in a collective
+    timeout_minutes: float = setting(60.0, gt=0)
     eval_every: int | None = setting(10, gt=0)        # off = only at the end
     resume: bool = False
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
@@ -137,7 +148,8 @@ class RunConfig:
     loggers: list[str] = setting(["jsonl"], choices=("jsonl", "tensorboard", "wandb"))
     name: str = ""                 # the run's name in W&B (default: out_dir's name)
     wandb_project: str = "pbrl"
-    wandb_mode: str = setting("online", choices=("online", "offline"))  # offline: `wandb sync` later
+    # offline: `wandb sync` later
+    wandb_mode: str = setting("online", choices=("online", "offline"))
 
 
 @dataclass
@@ -154,7 +166,8 @@ class Config:
 
 
 def _coerce(value, kind, where: str):
-    """A TOML or command-line value -> the field's type (str from the command line, native from TOML)."""
+    """A TOML or command-line value -> the field's type (str from the command line, native from
+    TOML)."""
     origin = typing.get_origin(kind)
     if origin is types.UnionType:  # `X | None`: "off" (or "none") switches the setting off
         if isinstance(value, str) and value.lower() in ("off", "none"):
@@ -176,7 +189,8 @@ def _coerce(value, kind, where: str):
     if kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)) or \
                 (kind is int and isinstance(value, float)):
-            raise ValueError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+            raise ValueError(f"{where}: expected {'an integer' if kind is int else 'a number'}, "
+                             f"got {value!r}")
         try:
             return kind(value)
         except ValueError:
@@ -190,11 +204,13 @@ def _coerce(value, kind, where: str):
 def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
     sections = {f.name for f in dataclasses.fields(Config)}
     if section not in sections:
-        raise ValueError(f"{where}: unknown section [{section}]; sections are {', '.join(sections)}")
+        raise ValueError(f"{where}: unknown section [{section}]; sections are "
+                         f"{', '.join(sections)}")
     part = getattr(cfg, section)
     hints = typing.get_type_hints(type(part))
     if key not in hints:
-        raise ValueError(f"{where}: unknown key {section}.{key}; [{section}] has {', '.join(hints)}")
+        raise ValueError(f"{where}: unknown key {section}.{key}; [{section}] has "
+                         f"{', '.join(hints)}")
     setattr(part, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
 
 
@@ -235,7 +251,8 @@ def check_field(where: str, value, meta, optional: bool) -> None:
         for op, bound in meta.get("limits", {}).items():
             if not {">": item > bound, ">=": item >= bound, "<=": item <= bound}[op]:
                 limits = " and ".join(f"{o} {b}" for o, b in meta["limits"].items())
-                raise ValueError(f"{where} must be {limits}{' or off' if optional else ''}, got {item}")
+                raise ValueError(f"{where} must be {limits}{' or off' if optional else ''}, got "
+                                 f"{item}")
         if meta.get("choices") and item not in meta["choices"]:
             raise ValueError(f"{where} must be one of {', '.join(meta['choices'])}, got {item!r}")
     if isinstance(value, list) and (not value or len(set(value)) < len(value)):
@@ -255,32 +272,36 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ValueError(message)
     for logger in set(cfg.run.loggers) - {"jsonl"}:
         if importlib.util.find_spec(logger) is None:
-            raise ValueError(f"run.loggers includes {logger}, which is not installed: pip install {logger}")
-    for key in ("models.policy", "models.critic", "models.reference", "models.pivot", "models.embedder",
-                "models.translator", "data.path", "data.eval_path"):
+            raise ValueError(f"run.loggers includes {logger}, which is not installed: pip install "
+                             f"{logger}")
+    for key in ("models.policy", "models.critic", "models.reference", "models.pivot",
+                "models.embedder", "models.translator", "data.path", "data.eval_path"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in ("", TOY) and not Path(value).exists() and not is_hub_id(value):
-            raise FileNotFoundError(f"{key} = {value!r}: no such file or directory (and not a hub id "
-                                    f"'org/name')")
+            raise FileNotFoundError(f"{key} = {value!r}: no such file or directory (and not a hub "
+                                    f"id 'org/name')")
 
 
 def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
     """(holds, message) of each check that reads more than one field."""
     r, p, w = cfg.rollout, cfg.ppo, cfg.reward
     per_rank = r.prompts_per_step // world_size * r.samples_per_prompt
-    weights = (w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight, w.language_weight)
+    weights = (w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight,
+               w.language_weight)
     return [
-        (r.prompts_per_step % world_size == 0, f"rollout.prompts_per_step={r.prompts_per_step} must be "
+        (r.prompts_per_step % world_size == 0,
+         f"rollout.prompts_per_step={r.prompts_per_step} must be "
                                                f"divisible by the world size {world_size}"),
         (per_rank % p.minibatches == 0, f"each rank's {per_rank} sequences must split into "
                                         f"ppo.minibatches={p.minibatches} equal minibatches"),
         (p.advantage == "gae" or r.samples_per_prompt >= 2,
-         f"ppo.advantage={p.advantage} compares the samples of a prompt: rollout.samples_per_prompt must "
-         f"be >= 2"),
+         f"ppo.advantage={p.advantage} compares the samples of a prompt: "
+         f"rollout.samples_per_prompt must be >= 2"),
         (p.advantage == "gae" or not cfg.models.critic,
          f"ppo.advantage={p.advantage} trains no critic, but models.critic is set"),
-        (w.kind != "hybrid" or sum(weights) > 0, "reward.kind=hybrid needs at least one positive weight"),
+        (w.kind != "hybrid" or sum(weights) > 0,
+         "reward.kind=hybrid needs at least one positive weight"),
         (bool(cfg.models.embedder) or not w.uses_embedder(),
          f"reward.kind={w.kind} compares embeddings: set models.embedder"),
         (bool(cfg.models.translator) or not w.uses_translator(),

@@ -1,5 +1,6 @@
-"""Process group, FSDP2 sharding and the few collectives the trainer needs. Everything degrades to a no-op in a
-single process, so the same training code runs under `python train.py` and `torchrun train.py`."""
+"""Process group, FSDP2 sharding and the few collectives the trainer needs. Everything degrades to a
+no-op in a single process, so the same training code runs under `python train.py` and `torchrun
+train.py`."""
 from __future__ import annotations
 
 import gc
@@ -11,13 +12,16 @@ import torch
 import torch.distributed as dist
 
 
-def init(one_rank_group: bool = False, timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on CPU. Outside
-    torchrun, one_rank_group starts a process group of one rank anyway, so that FSDP2 (and with it the
-    mixed-precision recipe) runs in a single process exactly as on N ranks. timeout_minutes bounds how long a rank
-    waits in any collective (None: torch's default, 10 minutes for NCCL). Calling it again returns the same."""
+def init(one_rank_group: bool = False,
+         timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on
+    CPU. Outside torchrun, one_rank_group starts a process group of one rank anyway, so that FSDP2
+    (and with it the mixed-precision recipe) runs in a single process exactly as on N ranks.
+    timeout_minutes bounds how long a rank waits in any collective (None: torch's default, 10
+    minutes for NCCL). Calling it again returns the same."""
     torchrun = "RANK" in os.environ
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+    device = torch.device("cuda",
+                          int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if not (torchrun or one_rank_group or is_distributed()):
         return 0, 1, device
@@ -27,15 +31,17 @@ def init(one_rank_group: bool = False, timeout_minutes: float | None = None) -> 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if torchrun:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """None or 'auto': CUDA when it is available, else the CPU. Asking for CUDA where there is none is an error
-    here, in one sentence, rather than deep inside the first tensor copy."""
+    """None or 'auto': CUDA when it is available, else the CPU. Asking for CUDA where there is none
+    is an error here, in one sentence, rather than deep inside the first tensor copy."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -53,10 +59,11 @@ def is_distributed() -> bool:
 
 
 def shutdown() -> None:
-    """Barrier, tear down, then free what is no longer reachable. A rank that destroys its gloo group while a peer
-    is still working (rank 0 writing results) can abort with "terminate called without an active exception"; so can
-    one whose sharded models (their device meshes hold the process group) are only freed at interpreter exit: keep
-    models out of module globals, and cycles unreachable by now are collected here, while the interpreter runs."""
+    """Barrier, tear down, then free what is no longer reachable. A rank that destroys its gloo
+    group while a peer is still working (rank 0 writing results) can abort with "terminate called
+    without an active exception"; so can one whose sharded models (their device meshes hold the
+    process group) are only freed at interpreter exit: keep models out of module globals, and cycles
+    unreachable by now are collected here, while the interpreter runs."""
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
@@ -64,31 +71,35 @@ def shutdown() -> None:
 
 
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """FSDP2: fully_shard each transformer block, then the root (embeddings, final norm, heads). compute_dtype
-    (e.g. bf16 over a trainable model's fp32 parameters) is the dtype parameters are all-gathered and computed in,
-    while the sharded parameters and the optimizer states keep theirs (fp32 masters) and gradients are reduced in
-    fp32; None computes in the stored dtype (frozen models, fp32 runs)."""
+    """FSDP2: fully_shard each transformer block, then the root (embeddings, final norm, heads).
+    compute_dtype (e.g. bf16 over a trainable model's fp32 parameters) is the dtype parameters are
+    all-gathered and computed in, while the sharded parameters and the optimizer states keep theirs
+    (fp32 masters) and gradients are reduced in fp32; None computes in the stored dtype (frozen
+    models, fp32 runs)."""
     if not is_distributed():
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype is not None \
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
+                              reduce_dtype=torch.float32) if compute_dtype is not None \
         else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    # Sum, not average, the ranks' gradients: losses are already divided by the global token count, so the sum
-    # is exactly the gradient one process would compute on the whole batch.
+    # Sum, not average, the ranks' gradients: losses are already divided by the global token count,
+    # so the sum is exactly the gradient one process would compute on the whole batch.
     for unit in model.modules():
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+            # plain SUM collectives (gloo has no PREMUL_SUM)
+            unit.set_force_sum_reduction_for_comms(True)
     return model
 
 
 @contextmanager
 def gathered(model: torch.nn.Module):
-    """Hold every FSDP unit's full parameters for the duration (rollout): one all-gather per generation instead
-    of one per block per decoding step. Restores FSDP's defaults (reshard after forward, except the root)."""
+    """Hold every FSDP unit's full parameters for the duration (rollout): one all-gather per
+    generation instead of one per block per decoding step. Restores FSDP's defaults (reshard after
+    forward, except the root)."""
     from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if not units:

@@ -1,7 +1,9 @@
-"""Reading and writing the project's text files: errors name the file and line, and writes are atomic.
+"""Reading and writing the project's text files: errors name the file and line, and writes are
+atomic.
 
-Every reader decodes UTF-8 (a leading byte-order mark is dropped, as editors on Windows write one) and turns a
-decoding or parsing failure into a ValueError that says which file and which line, never a bare codec error.
+Every reader decodes UTF-8 (a leading byte-order mark is dropped, as editors on Windows write one)
+and turns a decoding or parsing failure into a ValueError that says which file and which line, never
+a bare codec error.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ def is_hub_id(text: str) -> bool:
     return not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 
-def resolve(path_or_id, repo_type: str = "model", allow_patterns=("*.json", "*.safetensors", "*.jinja")) -> Path:
-    """A local path as is (a model must be a directory); a hub id 'org/name' is fetched with huggingface_hub's
-    snapshot_download (only the files matching allow_patterns); anything else is an error that says which."""
+def resolve(path_or_id, repo_type: str = "model",
+            allow_patterns=("*.json", "*.safetensors", "*.jinja")) -> Path:
+    """A local path as is (a model must be a directory); a hub id 'org/name' is fetched with
+    huggingface_hub's snapshot_download (only the files matching allow_patterns); anything else is
+    an error that says which."""
     path = Path(path_or_id)
     if path.is_dir() or (path.is_file() and repo_type == "dataset"):
         return path
@@ -37,8 +41,8 @@ def read_text(path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
-                         f"save the file as UTF-8") from None
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset "
+                         f"{e.start}); save the file as UTF-8") from None
 
 
 def read_json(path) -> dict:
@@ -73,8 +77,8 @@ def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
 
 @contextmanager
 def write_atomic(path):
-    """`with write_atomic(path) as tmp:` write tmp; it is renamed onto path when the block succeeds, so a
-    reader never sees a half-written file (and a failed write leaves no temporary behind)."""
+    """`with write_atomic(path) as tmp:` write tmp; it is renamed onto path when the block succeeds,
+    so a reader never sees a half-written file (and a failed write leaves no temporary behind)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -84,13 +88,14 @@ def write_atomic(path):
         tmp.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Append-only record caches (pivot references, translations): one JSON object per line with a unique "id", written
-# one batch at a time and flushed, so a crash loses at most the batch in flight and a rerun resumes.
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Append-only record caches (pivot references, translations): one JSON object per line with a unique
+# "id", written one batch at a time and flushed, so a crash loses at most the batch in flight and a
+# rerun resumes.
+# --------------------------------------------------------------------------------------------------
 def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
-    """id -> record of a cache. A last line without its newline is kept when it is a complete record and ignored
-    when it is not (a crash mid-write). A repeated id is an error."""
+    """id -> record of a cache. A last line without its newline is kept when it is a complete record
+    and ignored when it is not (a crash mid-write). A repeated id is an error."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -108,15 +113,16 @@ def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
         else:
             record = parse_jsonl_line(line, where, fields)
         if record["id"] in records:
-            raise ValueError(f"{where}: id {record['id']!r} repeats line {first_line[record['id']]}; a cache holds "
-                             f"one record per id")
+            raise ValueError(f"{where}: id {record['id']!r} repeats line "
+                             f"{first_line[record['id']]}; a cache holds one record per id")
         records[record["id"]], first_line[record["id"]] = record, line_no
     return records
 
 
 def append_records(path, records: list[dict], fields: tuple[str, ...]) -> None:
-    """Append records as JSON lines and flush them to disk. A last line without its newline first gets one when it
-    is a complete record (read_records kept it), and is cut when it is not (the write a crash interrupted)."""
+    """Append records as JSON lines and flush them to disk. A last line without its newline first
+    gets one when it is a complete record (read_records kept it), and is cut when it is not (the
+    write a crash interrupted)."""
     path = Path(path)
     if path.is_file():
         data = path.read_bytes()

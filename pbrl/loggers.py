@@ -1,9 +1,10 @@
 """Where a run's metrics go: {out_dir}/metrics.jsonl always; TensorBoard and Weights & Biases when
 run.loggers names them (each an optional import: one that is not installed is an error naming it).
 
-TensorBoard and W&B get the metrics.jsonl names, grouped: names that carry a group keep it (`reward/de`,
-`time/rollout`, `acc/avg`); the reward and its components go under `reward/` (the reward itself as
-`reward/mean`), the PPO statistics under `ppo/`, throughput and memory under `perf/`.
+TensorBoard and W&B get the metrics.jsonl names, grouped: names that carry a group keep it
+(`reward/de`, `time/rollout`, `acc/avg`); the reward and its components go under `reward/` (the
+reward itself as `reward/mean`), the PPO statistics under `ppo/`, throughput and memory under
+`perf/`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def scalar_name(key: str) -> str:
 
 class Loggers:
     """Opened on rank 0 by the trainer: log(metrics) once per step (and for the step-0 evaluation).
-    A metrics.jsonl that holds steps after `after_step` (a resumed run) loses them: they are redone."""
+    A metrics.jsonl that holds steps after `after_step` (a resumed run) loses them: they are
+    redone."""
 
     def __init__(self, out: Path, names: list[str], run_name: str, config: dict,
                  wandb_project: str = "pbrl", wandb_mode: str = "online", after_step: int = 0):

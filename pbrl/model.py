@@ -1,15 +1,16 @@
 """A decoder-only Transformer that covers Llama 3.x, Qwen2/2.5 and Qwen3.
 
-Parameter names are Hugging Face's without the leading `model.` (`lm_head.weight` has none in either),
-so checkpoints load without a renaming table (pbrl/checkpoint.py). The families differ in four switches
-read from config.json: q/k/v bias (Qwen2) or q/k/v/o bias (`attention_bias`); RMSNorm over head_dim on q
-and k before RoPE (Qwen3); an explicit head_dim (Qwen3); Llama 3.1's long-context RoPE scaling. RoPE
-uses the half-split ("rotate_half") layout of HF checkpoints, so q/k weights load unpermuted.
+Parameter names are Hugging Face's without the leading `model.` (`lm_head.weight` has none in
+either), so checkpoints load without a renaming table (pbrl/checkpoint.py). The families differ in
+four switches read from config.json: q/k/v bias (Qwen2) or q/k/v/o bias (`attention_bias`); RMSNorm
+over head_dim on q and k before RoPE (Qwen3); an explicit head_dim (Qwen3); Llama 3.1's long-context
+RoPE scaling. RoPE uses the half-split ("rotate_half") layout of HF checkpoints, so q/k weights load
+unpermuted.
 
-One forward per use, each with its own attention:
-  forward   training and scoring: rows right padded, causal attention, no mask (fused kernels run)
-  prefill   the sampler's prompts, right padded: causal attention, keys and values written to a cache
-  decode    one token per row at its own position: attends over the cache's slots up to it
+One forward, and an attention function per use:
+  training, scoring  rows right padded: causal attention, no mask, so the fused kernels run
+  prefill            the sampler's right-padded prompts: causal, keys and values written to a cache
+  decode             one token per row at its own position, over the cache's slots up to it
 
 Shapes: B batch, T tokens, S cache slots, H hidden, V vocab, D head_dim.
 """
@@ -54,7 +55,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
-        """From a HF config.json dict; whatever this model would compute wrong is refused, naming the key."""
+        """From a HF config.json dict; whatever this model would compute wrong is refused, naming
+        the key."""
         get = _getter(cfg, where)
         model_type = get("model_type", str, None)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -150,8 +152,9 @@ def _rope(get, where: str) -> tuple[float, dict | None]:
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """[D/2] inverse frequencies theta^(-2i/D), with Llama 3.1's scaling when configured: wavelengths
-    beyond the original context are divided by `factor`, short ones kept, the band between smoothed."""
+    """[D/2] inverse frequencies theta^(-2i/D), with Llama 3.1's scaling when configured:
+    wavelengths beyond the original context are divided by `factor`, short ones kept, the band
+    between smoothed."""
     d = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     s = args.rope_scaling
@@ -160,7 +163,8 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     old_len = s["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    low, high = s["low_freq_factor"], s["high_freq_factor"]
+    smooth = (old_len / wavelen - low) / (high - low)
     scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, (1 - smooth) * scaled / s["factor"] + smooth * scaled, scaled)
@@ -173,10 +177,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def causal(layer: int, q, k, v) -> torch.Tensor:
-    """Attention of each query over itself and the keys before it. With right padding (or none) this is
-    exact for every real token without a mask, the form in which flash attention takes GQA."""
+    """Attention of each query over itself and the keys before it. With right padding (or none) this
+    is exact for every real token without a mask, the form in which flash attention takes GQA."""
     is_causal = True if q.shape[2] > 1 else False  # a plain bool even when the length is symbolic
-    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class RMSNorm(nn.Module):
@@ -196,8 +201,9 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, rows: int, slots: int, dtype: torch.dtype, device):
         shape = (rows, args.num_key_value_heads, slots, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.num_hidden_layers)]
+        layers = range(args.num_hidden_layers)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
 
     def rows(self, n: int) -> "KVCache":
         """The first n rows of every layer, as views: the same addresses for the same n."""
@@ -210,7 +216,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.head_dim = layer, args.head_dim
-        h, d, heads, kv = args.hidden_size, args.head_dim, args.num_attention_heads, args.num_key_value_heads
+        h, d = args.hidden_size, args.head_dim
+        heads, kv = args.num_attention_heads, args.num_key_value_heads
         self.q_proj = nn.Linear(h, heads * d, bias=args.qkv_bias)
         self.k_proj = nn.Linear(h, kv * d, bias=args.qkv_bias)
         self.v_proj = nn.Linear(h, kv * d, bias=args.qkv_bias)
@@ -219,7 +226,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, args.rms_norm_eps) if args.qk_norm else None
 
     def forward(self, x, cos, sin, attend):
-        """x [B, T, H] -> [B, T, H]; attend(layer, q, k, v) [B, heads, T, D] is the attention proper."""
+        """x [B, T, H] -> [B, T, H]; attend(layer, q, k, v) [B, heads, T, D] is the attention
+        proper."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
         k = self.k_proj(x).view(b, t, -1, self.head_dim)
@@ -252,7 +260,8 @@ class Block(nn.Module):
         self.compiled_forward = None  # set by Transformer.compile_blocks
 
     def forward(self, x, cos, sin, attend):
-        # Run inside this module's call, so FSDP's hooks and activation checkpointing wrap either body.
+        # Run inside this module's call, so FSDP's hooks and activation checkpointing wrap either
+        # body.
         if self.compiled_forward is not None and attend is causal:
             return self.compiled_forward(self, x, cos, sin, attend)
         return block_forward(self, x, cos, sin, attend)
@@ -275,8 +284,9 @@ def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
 
 
 class Transformer(nn.Module):
-    """model(input_ids) -> logits [B, T, V]; fused token log-probs, values (of the scalar head critics
-    have) or hidden states through forward's `output`; prefill and decode for the sampler."""
+    """model(input_ids) -> logits [B, T, V]; fused token log-probs, values (of the scalar head
+    critics have) or hidden states through forward's `output`; prefill and decode for the
+    sampler."""
 
     def __init__(self, args: ModelArgs, lm_head: bool = True, value_head: bool = False):
         super().__init__()
@@ -296,8 +306,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def compile_blocks(self, **options) -> None:
-        """Every block's causal forward through one torch.compile of block_forward (dynamic shapes, shared
-        by all blocks): norms, RoPE and the MLP's activation fuse. Decoding compiles apart (pbrl/graphs.py)."""
+        """Every block's causal forward through one torch.compile of block_forward (dynamic shapes,
+        shared by all blocks): norms, RoPE and the MLP's activation fuse. Decoding compiles apart
+        (pbrl/graphs.py)."""
         compiled = torch.compile(block_forward, dynamic=True, **options)
         for layer in self.layers:
             layer.compiled_forward = compiled
@@ -307,11 +318,13 @@ class Transformer(nn.Module):
         """input_ids [B, T] (right padded, or not padded) -> by `output`:
           'logits'   [B, T, V]
           'hidden'   final normed hidden states [B, T, H]
-          'logprobs' (log-probs, entropies) [B, T] fp32 of labels [B, T] under softmax(logits / temperature),
-                     by the fused kernel (the logits are never held); 0 where label_mask [B, T] is False
+          'logprobs' (log-probs, entropies) [B, T] fp32 of labels [B, T] under
+                     softmax(logits / temperature), by the fused kernel (the logits are never
+                     held); 0 where label_mask [B, T] is False
           'values'   [B, T] fp32 from the value head
-        positions [B or 1, T] (default 0..T-1) set RoPE's angles; attend(layer, q, k, v) is the attention
-        (prefill and decode bring theirs). Every use goes through forward, whose FSDP hooks gather."""
+        positions [B or 1, T] (default 0..T-1) set RoPE's angles; attend(layer, q, k, v) is the
+        attention (prefill and decode bring theirs). Every use goes through forward, whose FSDP
+        hooks gather."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         h = self.norm(self._blocks(input_ids, positions, attend))
@@ -320,20 +333,23 @@ class Transformer(nn.Module):
         if output == "hidden":
             return h
         if output == "values":
-            return self.value_head(h).squeeze(-1).to(torch.float32, copy=True)  # not a view of FSDP's output
+            # not a view of FSDP's output
+            return self.value_head(h).squeeze(-1).to(torch.float32, copy=True)
         if output == "logits":
             return self.lm_head(h)
         if output == "logprobs":
-            keep = torch.ones_like(labels, dtype=torch.bool) if label_mask is None else label_mask.bool()
-            logp, entropy = kernels.linear_token_logprobs(h[keep], self.lm_head.weight, labels[keep],
-                                                          temperature)
+            keep = torch.ones_like(labels,
+                                   dtype=torch.bool) if label_mask is None else label_mask.bool()
+            logp, entropy = kernels.linear_token_logprobs(h[keep], self.lm_head.weight,
+                                                          labels[keep], temperature)
             zeros = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
             return zeros.masked_scatter(keep, logp), zeros.masked_scatter(keep, entropy)
-        raise ValueError(f"output must be 'logits', 'hidden', 'logprobs' or 'values', got {output!r}")
+        raise ValueError(f"output must be 'logits', 'hidden', 'logprobs' or 'values', got "
+                         f"{output!r}")
 
     def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Prompts [B, T] (right padded) -> hidden states [B, T, H]; their keys and values fill the cache's
-        slots 0..T-1 (a padding slot is written over by the row's first decoded token)."""
+        """Prompts [B, T] (right padded) -> hidden states [B, T, H]; their keys and values fill the
+        cache's slots 0..T-1 (a padding slot is written over by the row's first decoded token)."""
         t = input_ids.shape[1]
 
         def attend(layer, q, k, v):
@@ -343,8 +359,9 @@ class Transformer(nn.Module):
         return self(input_ids, output="hidden", attend=attend)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per row: ids [B] at positions [B] (also their cache slots) -> logits [B, V]. Row b
-        attends to slots 0..positions[b]. No shape depends on the step: compiled, it is one CUDA graph."""
+        """One token per row: ids [B] at positions [B] (also their cache slots) -> logits [B, V].
+        Row b attends to slots 0..positions[b]. No shape depends on the step: compiled, it is one
+        CUDA graph."""
         slot = positions[:, None, None, None]  # [B, 1, 1, 1]
         seen = torch.arange(cache.k[0].shape[2], device=ids.device) <= slot  # [B, 1, 1, S]
 
@@ -364,7 +381,8 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attend,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attend)
         return x
@@ -372,7 +390,8 @@ class Transformer(nn.Module):
 
 def empty_like(model: Transformer, dtype: torch.dtype, device) -> Transformer:
     """A Transformer of model's architecture and heads (model may be sharded), with uninitialised
-    parameters in dtype on device and its RoPE frequencies computed: to copy a model's parameters into."""
+    parameters in dtype on device and its RoPE frequencies computed: to copy a model's parameters
+    into."""
     with torch.device("meta"):
         twin = Transformer(model.args, lm_head=model.lm_head is not None,
                            value_head=model.value_head is not None)
@@ -382,9 +401,11 @@ def empty_like(model: Transformer, dtype: torch.dtype, device) -> Transformer:
     return twin.eval()
 
 
-def random_llama(vocab_size: int, width: int, layers: int, seed: int, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None, max_position_embeddings: int = 512) -> Transformer:
-    """A small Llama-config model with N(0, 0.02) weights, unit norms and tied embeddings (demo, toy)."""
+def random_llama(vocab_size: int, width: int, layers: int, seed: int,
+                 bos_token_id: int | None = None, eos_token_id: int | None = None,
+                 max_position_embeddings: int = 512) -> Transformer:
+    """A small Llama-config model with N(0, 0.02) weights, unit norms and tied embeddings (demo,
+    toy)."""
     args = ModelArgs(vocab_size=vocab_size, hidden_size=width, intermediate_size=3 * width,
                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=width // 4, rope_theta=10000.0,

@@ -1,12 +1,15 @@
-"""The pivot's English references: generate once, cache as JSONL, match to target-language problems by id.
+"""The pivot's English references: generate once, cache as JSONL, match to target-language problems
+by id.
 
-    python -m pbrl.pivot --model PATH_OR_ID --data DIR_OR_HUB_ID --out refs.jsonl [--limit N] [--batch-size 16]
+    python -m pbrl.pivot --model PATH_OR_ID --data DIR_OR_HUB_ID --out refs.jsonl [--limit N] \
+        [--batch-size 16]
     torchrun --nproc_per_node=8 -m pbrl.pivot ...     (each rank answers its share of the problems)
 
-Each line is {"id", "question", "reference", "answer"}. The English question is what ties a reference to its
-problem: a cache written for other problems (another data set, an edited file) is refused, naming the first id
-whose question differs, rather than used. The file is appended one batch at a time and flushed, so a crash loses at
-most the batch in flight; a rerun skips the ids already written (a torn last line is dropped).
+Each line is {"id", "question", "reference", "answer"}. The English question is what ties a
+reference to its problem: a cache written for other problems (another data set, an edited file) is
+refused, naming the first id whose question differs, rather than used. The file is appended one
+batch at a time and flushed, so a crash loses at most the batch in flight; a rerun skips the ids
+already written (a torn last line is dropped).
 """
 from __future__ import annotations
 
@@ -36,29 +39,33 @@ def check_questions(records: dict[str, dict], problems: list[Problem], path) -> 
     """Every cached reference of these problems answers the same English question."""
     for p in problems:
         if p.id in records and records[p.id]["question"] != p.question:
-            raise ValueError(f"pivot cache {path}: the reference for id {p.id!r} answers another question "
-                             f"({records[p.id]['question'][:80]!r}) than the data's ({p.question[:80]!r}); the "
-                             f"cache was written for other problems: point data.pivot_cache elsewhere or delete it")
+            raise ValueError(f"pivot cache {path}: the reference for id {p.id!r} answers another "
+                             f"question ({records[p.id]['question'][:80]!r}) than the data's "
+                             f"({p.question[:80]!r}); the cache was written for other problems: "
+                             f"point data.pivot_cache elsewhere or delete it")
 
 
 def match_references(path, problems: list[Problem]) -> dict[str, str]:
-    """problem id -> reference text, for every problem; a clear error lists the ids the cache lacks."""
+    """problem id -> reference text, for every problem; a clear error lists the ids the cache
+    lacks."""
     records = read_references(path)
     check_questions(records, problems, path)
     missing = sorted({p.id for p in problems} - records.keys())
     if missing:
-        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        shown = ", ".join(missing[:20])
+        shown += f" ... ({len(missing)} in all)" if len(missing) > 20 else ""
         raise KeyError(f"pivot cache {path} has no reference for problem id(s): {shown}; "
                        f"run `python -m pbrl.pivot` to fill it")
     return {p.id: records[p.id]["reference"] for p in problems}
 
 
-def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], out, batch_size: int = 16,
-                     max_new_tokens: int = 512, log=print) -> int:
-    """Generate references for the problems the cache at `out` lacks (greedy, chat-formatted, native CoT prompt);
-    returns how many this rank wrote. Under several ranks (a collective) each rank takes every world-th missing
-    problem and appends to its own part file, `out`.rank{r}; the parts are merged into `out` at the end, and any
-    parts a crashed run left (whatever its number of ranks) at the start, so a rerun resumes where it stopped."""
+def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], out,
+                     batch_size: int = 16, max_new_tokens: int = 512, log=print) -> int:
+    """Generate references for the problems the cache at `out` lacks (greedy, chat-formatted, native
+    CoT prompt); returns how many this rank wrote. Under several ranks (a collective) each rank
+    takes every world-th missing problem and appends to its own part file, `out`.rank{r}; the parts
+    are merged into `out` at the end, and any parts a crashed run left (whatever its number of
+    ranks) at the start, so a rerun resumes where it stopped."""
     out = Path(out)
     rank, world, _ = dist.init()
     if rank == 0:
@@ -68,12 +75,13 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
     done = read_references(out)
     check_questions(done, problems, out)
     todo = [p for p in problems if p.id not in done]
-    log(f"pivot: {len(problems) - len(todo)} of {len(problems)} references cached, {len(todo)} to generate"
+    log(f"pivot: {len(problems) - len(todo)} of {len(problems)} references cached, {len(todo)} to "
+        f"generate"
         + (f" on {world} ranks" if world > 1 else ""))
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
     mine = todo[rank::world]
-    bar = Progress(len(mine), "pivot" if world == 1 else f"pivot (rank 0's share of {world})", " problems",
-                   enabled=rank == 0)
+    bar = Progress(len(mine), "pivot" if world == 1 else f"pivot (rank 0's share of {world})",
+                   " problems", enabled=rank == 0)
     for start in range(0, len(mine), batch_size):
         batch = mine[start:start + batch_size]
         prompts = [encode_prompt(tokenizer, p) for p in batch]
@@ -81,7 +89,8 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
                                pad_id=tokenizer.pad_id or 0)
         texts = [tokenizer.decode(ids) for ids in completions.as_lists()]
         append_records(part, [{"id": problem.id, "question": problem.question, "reference": text,
-                        "answer": extract_number(text)} for problem, text in zip(batch, texts)], FIELDS)
+                               "answer": extract_number(text)}
+                              for problem, text in zip(batch, texts)], FIELDS)
         bar.update(len(batch))
     bar.close()
     dist.barrier()
@@ -92,8 +101,8 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
 
 
 def _merge_parts(out: Path, problems: list[Problem]) -> None:
-    """Append the records of every part file (out.rank*) that `out` lacks, in the problems' order, then delete the
-    parts."""
+    """Append the records of every part file (out.rank*) that `out` lacks, in the problems' order,
+    then delete the parts."""
     parts = sorted(out.parent.glob(f"{out.name}.rank*"))
     if not parts:
         return
@@ -104,15 +113,19 @@ def _merge_parts(out: Path, problems: list[Problem]) -> None:
         check_questions(records, problems, part)
         found.update({k: v for k, v in records.items() if k not in done})
     order = {p.id: i for i, p in enumerate(problems)}
-    append_records(out, sorted(found.values(), key=lambda r: order.get(r["id"], len(order))), FIELDS)
+    append_records(out, sorted(found.values(), key=lambda r: order.get(r["id"], len(order))),
+                   FIELDS)
     for part in parts:
         part.unlink()
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF model directory or hub id of the English pivot")
-    ap.add_argument("--data", required=True, help="MGSM directory or hub dataset id (its English problems are used)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True,
+                    help="HF model directory or hub id of the English pivot")
+    ap.add_argument("--data", required=True,
+                    help="MGSM directory or hub dataset id (its English problems are used)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=positive_int, help="only the first N problems")
     shared_flags(ap, "device", "batch-size", "max-new-tokens", "enable-thinking")
@@ -120,8 +133,10 @@ def main(argv=None):
     problems = load_mgsm(args.data, ["en"])["en"][:args.limit]
     check_questions(read_references(args.out), problems, args.out)  # before the model loads
     device = dist.resolve_device(args.device)
-    _, _, local = dist.init()  # under torchrun: one process group, each rank on its own GPU (LOCAL_RANK)
-    model, tokenizer = load_pretrained(args.model, device=local if args.device == "auto" else device)
+    # under torchrun: one process group, each rank on its own GPU (LOCAL_RANK)
+    _, _, local = dist.init()
+    model, tokenizer = load_pretrained(args.model,
+                                       device=local if args.device == "auto" else device)
     tokenizer.template_args["enable_thinking"] = args.enable_thinking
     write_references(model, tokenizer, problems, args.out, args.batch_size, args.max_new_tokens,
                      log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -1,9 +1,9 @@
 """PPO maths as small pure functions over [B, T] tensors with an explicit mask.
 
-mask[b, t] is True where column t holds an action (a response token); every function ignores the values
-elsewhere. Losses are sums over tokens divided by `num_tokens`, the response tokens of the *global*
-batch (every micro-batch on every rank): the micro-batch losses then add up to the full batch's token
-mean exactly, however the batch is split.
+mask[b, t] is True where column t holds an action (a response token); every function ignores the
+values elsewhere. Losses are sums over tokens divided by `num_tokens`, the response tokens of the
+*global* batch (every micro-batch on every rank): the micro-batch losses then add up to the full
+batch's token mean exactly, however the batch is split.
 
 References: GAE, Schulman et al. 2016 (eq. 16); GRPO, Shao et al. 2024; RLOO, Ahmadian et al. 2024;
 clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip, Ye et al. 2020; KL estimators k1/k2/k3,
@@ -29,7 +29,8 @@ class ValueLoss(NamedTuple):
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    x = torch.where(mask.bool(), x, 0.0)  # where, not a product: NaN or inf outside the mask must not leak
+    # where, not a product: NaN or inf outside the mask must not leak
+    x = torch.where(mask.bool(), x, 0.0)
     return x.sum() if dim is None else x.sum(dim)
 
 
@@ -44,8 +45,8 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_moments(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduce=_identity):
-    """(mean, variance) of x over the masked positions, from [sum x, sum x^2, count]. `reduce` combines
-    those sums first: with an all-reduce, every rank gets the whole batch's statistics."""
+    """(mean, variance) of x over the masked positions, from [sum x, sum x^2, count]. `reduce`
+    combines those sums first: with an all-reduce, every rank gets the whole batch's statistics."""
     m = mask.bool()
     sums = reduce(torch.stack([masked_sum(x, m), masked_sum(x * x, m), m.sum().to(x.dtype)]))
     mean = sums[0] / sums[2]
@@ -69,10 +70,11 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, a reverse scan over each row: rewards, values, mask [B, T] ->
-    (advantages, returns) [B, T], 0 outside the mask. delta_t = r_t + gamma V_{t+1} - V_t and
-    A_t = delta_t + gamma lam A_{t+1}, where t+1 is the next masked position (columns outside the mask
-    are skipped, not steps) and V = A = 0 after the last one. returns = A + V, the critic's target."""
+    """Generalised advantage estimation, a reverse scan over each row: rewards, values, mask [B, T]
+    -> (advantages, returns) [B, T], 0 outside the mask. delta_t = r_t + gamma V_{t+1} - V_t and A_t
+    = delta_t + gamma lam A_{t+1}, where t+1 is the next masked position (columns outside the mask
+    are skipped, not steps) and V = A = 0 after the last one. returns = A + V, the critic's
+    target."""
     mask = mask.bool()
     next_value = torch.zeros_like(values[:, 0])
     next_adv = torch.zeros_like(values[:, 0])
@@ -94,17 +96,17 @@ def _group_sums(values: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tenso
     size.index_add_(0, index, torch.ones_like(values))
     total = torch.zeros_like(size).index_add_(0, index, values)
     if bool((size < 2).any()):
-        raise ValueError("every group needs at least 2 samples (rollout.samples_per_prompt >= 2): a "
-                         "group of one has no baseline")
+        raise ValueError("every group needs at least 2 samples (rollout.samples_per_prompt >= 2): "
+                         "a group of one has no baseline")
     return size[index], total[index]
 
 
 def grpo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor,
                     scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO's outcome advantages: A_i = (r_i - mean_g) / (std_g + eps) over the samples of i's group g
-    (unbiased std), on every token of the response. scale_by_std=False keeps r_i - mean_g (Dr. GRPO:
-    dividing by the std favours groups whose scores barely differ). scores [B], groups [B] (the samples
-    of one prompt share an id), mask [B, T] -> [B, T], 0 outside the mask."""
+    """GRPO's outcome advantages: A_i = (r_i - mean_g) / (std_g + eps) over the samples of i's group
+    g (unbiased std), on every token of the response. scale_by_std=False keeps r_i - mean_g (Dr.
+    GRPO: dividing by the std favours groups whose scores barely differ). scores [B], groups [B]
+    (the samples of one prompt share an id), mask [B, T] -> [B, T], 0 outside the mask."""
     size, total = _group_sums(scores, groups)
     advantage = scores - total / size
     if scale_by_std:
@@ -114,21 +116,23 @@ def grpo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tens
 
 
 def rloo_advantages(scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE leave-one-out: A_i = r_i - mean of the other samples of its group, a baseline that does
-    not depend on r_i (unbiased). Shapes as grpo_advantages."""
+    """REINFORCE leave-one-out: A_i = r_i - mean of the other samples of its group, a baseline that
+    does not depend on r_i (unbiased). Shapes as grpo_advantages."""
     size, total = _group_sums(scores, groups)
     advantage = scores - (total - scores) / (size - 1)
     return torch.where(mask.bool(), advantage[:, None], 0.0)
 
 
-# Per-token estimates of KL(pi || pi_ref) from log r = logp - ref_logp of tokens sampled from pi: k1 is
-# unbiased but can be negative; k3 is unbiased, never negative, low-variance; k2 biased, low-variance.
+# Per-token estimates of KL(pi || pi_ref) from log r = logp - ref_logp of tokens sampled from pi: k1
+# is unbiased but can be negative; k3 is unbiased, never negative, low-variance; k2 biased,
+# low-variance.
 KL_ESTIMATORS = {"k1": lambda log_ratio: log_ratio,
                  "k2": lambda log_ratio: 0.5 * log_ratio ** 2,
                  "k3": lambda log_ratio: torch.expm1(-log_ratio) + log_ratio}
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                kind: str = "k1") -> torch.Tensor:
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
     return KL_ESTIMATORS[kind](logprobs - ref_logprobs)
@@ -136,8 +140,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
                       beta: float) -> torch.Tensor:
-    """scores [B], kl [B, T], mask [B, T] -> rewards [B, T]: -beta * kl on every response token, plus the
-    score on the last. A row without response tokens gets nothing (no action to credit)."""
+    """scores [B], kl [B, T], mask [B, T] -> rewards [B, T]: -beta * kl on every response token,
+    plus the score on the last. A row without response tokens gets nothing (no action to credit)."""
     mask = mask.bool()
     rewards = torch.where(mask, -beta * kl, 0.0)
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
@@ -150,9 +154,10 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, num_tokens=None, eps_low: float = 0.2, eps_high: float = 0.2,
                 dual_clip: float | None = None) -> PolicyLoss:
-    """The clipped surrogate max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old_logp).
-    dual_clip c > 1 also bounds a negative-advantage token's loss by -A c (a huge r on a bad token
-    cannot dominate). num_tokens: response tokens of the global batch (default: this batch's)."""
+    """The clipped surrogate max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp -
+    old_logp). dual_clip c > 1 also bounds a negative-advantage token's loss by -A c (a huge r on a
+    bad token cannot dominate). num_tokens: response tokens of the global batch (default: this
+    batch's)."""
     if dual_clip is not None and dual_clip <= 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     mask = mask.bool()
@@ -173,7 +178,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                mask: torch.Tensor, num_tokens=None, clip: float | None = 0.2) -> ValueLoss:
-    """0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean over the global batch."""
+    """0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean over the global
+    batch."""
     mask = mask.bool()
     num_tokens = mask.sum() if num_tokens is None else num_tokens
     values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
@@ -197,8 +203,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
-    """Iteration `step`'s learning-rate multiplier: linear warmup over warmup_steps, then constant, or
-    cosine down to 10% at total_steps. A pure function of the step: nothing to checkpoint."""
+    """Iteration `step`'s learning-rate multiplier: linear warmup over warmup_steps, then constant,
+    or cosine down to 10% at total_steps. A pure function of the step: nothing to checkpoint."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -213,8 +219,8 @@ class AdaptiveKLController:
 
     def __init__(self, init_beta: float, target: float | None = None, horizon: int = 10_000):
         if init_beta < 0 or (target is not None and target <= 0) or horizon <= 0:
-            raise ValueError(f"need init_beta >= 0, target > 0, horizon > 0; got {init_beta}, {target}, "
-                             f"{horizon}")
+            raise ValueError(f"need init_beta >= 0, target > 0, horizon > 0; got {init_beta}, "
+                             f"{target}, {horizon}")
         self.beta, self.target, self.horizon = init_beta, target, horizon
 
     def update(self, kl: float, n_sequences: int) -> float:

@@ -1,18 +1,20 @@
-"""Rewards: from (target-language response, the pivot's English reference, optional gold answer) to a float.
+"""Rewards: from (target-language response, the pivot's English reference, optional gold answer)
+to a float.
 
-Every reward is a callable `reward(samples) -> {"reward": [B] fp32, <component>: [B], ...}` with a stated range
-[low, high]; an empty or garbled response gets `low`, never NaN or an exception.
+Every reward is a callable `reward(samples) -> {"reward": [B] fp32, <component>: [B], ...}` with a
+stated range [low, high]; an empty or garbled response gets `low`, never NaN or an exception.
 
-    ExactMatch          gold label, the "traditional PPO" baseline; the only reward that reads labels  [0, 1]
-    AnswerAgreement     response's final number == reference's final number                          [0, 1]
-    EmbeddingReward     cosine of multilingual embeddings of response and reference, clipped at 0   [0, 1]
-    MTReward            translate the response into English, then the embedding cosine               [0, 1]
-    FormatReward        the response states its answer with the language's answer phrase             [0, 1]
-    LanguageConsistency share of the response written in the target language (heuristic)             [0, 1]
-    HybridReward        a weighted sum of any of the above                                 sum of w * range
+    ExactMatch           gold label, the "traditional PPO" baseline; the only one that reads labels
+    AnswerAgreement      the response's final number == the reference's final number
+    EmbeddingReward      cosine of multilingual embeddings of response and reference, clipped at 0
+    MTReward             the response translated into English, then the embedding cosine
+    FormatReward         the response states its answer with its language's answer phrase
+    LanguageConsistency  the share of the response written in the target language (heuristic)
+    HybridReward         a weighted sum of any of the above (range: the weighted sum of theirs)
+Each but the hybrid lies in [0, 1].
 
-The paper (arXiv 2509.25543) does not publish its reward models or weights; the defaults here are ours and are
-justified where they are set.
+The paper (arXiv 2509.25543) does not publish its reward models or weights; the defaults here are
+ours and are justified where they are set.
 """
 from __future__ import annotations
 
@@ -44,18 +46,21 @@ def _blank(text: str) -> bool:
 
 
 class ExactMatch:
-    """1 when the response's final number equals the gold answer (lm-eval's MGSM extraction), else 0."""
+    """1 when the response's final number equals the gold answer (lm-eval's MGSM extraction), else
+    0."""
     name, low, high = "exact_match", 0.0, 1.0
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         if any(s.gold is None for s in samples):
-            raise ValueError("ExactMatch needs a gold answer on every sample (it is the labelled baseline)")
+            raise ValueError("ExactMatch needs a gold answer on every sample (it is the labelled "
+                             "baseline)")
         score = [float(extract_number(s.response) == s.gold) for s in samples]
         return {"reward": torch.tensor(score), self.name: torch.tensor(score)}
 
 
 class AnswerAgreement:
-    """1 when the response and the pivot's reference end on the same number, else 0 (no gold label needed)."""
+    """1 when the response and the pivot's reference end on the same number, else 0 (no gold label
+    needed)."""
     name, low, high = "agreement", 0.0, 1.0
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
@@ -75,11 +80,12 @@ class FormatReward:
         return {"reward": score, self.name: score}
 
 
-# Unicode blocks of the MGSM languages with their own scripts; the Latin-script ones are told apart by frequent
-# function words. A heuristic, not a language identifier: it catches a policy drifting into English (or another
-# language), which is the failure a semantic reward against an English reference invites.
-_SCRIPTS = {"ru": "\u0400-\u04ff", "zh": "\u4e00-\u9fff", "ja": "\u3040-\u30ff\u4e00-\u9fff", "th": "\u0e00-\u0e7f",
-            "bn": "\u0980-\u09ff", "te": "\u0c00-\u0c7f"}
+# Unicode blocks of the MGSM languages with their own scripts; the Latin-script ones are told apart
+# by frequent function words. A heuristic, not a language identifier: it catches a policy drifting
+# into English (or another language), which is the failure a semantic reward against an English
+# reference invites.
+_SCRIPTS = {"ru": "\u0400-\u04ff", "zh": "\u4e00-\u9fff", "ja": "\u3040-\u30ff\u4e00-\u9fff",
+            "th": "\u0e00-\u0e7f", "bn": "\u0980-\u09ff", "te": "\u0c00-\u0c7f"}
 _FUNCTION_WORDS = {
     "en": "the and is of to in he she it has have how many what was are his her they with for",
     "es": "el la los las y es de que en un una tiene cuántos cuántas su por con para",
@@ -91,8 +97,9 @@ _WORDS = {lang: set(words.split()) for lang, words in _FUNCTION_WORDS.items()}
 
 
 def language_share(text: str, lang: str) -> float:
-    """Fraction of the text in `lang`: for script languages the share of letters in that script; for Latin-script
-    languages the share of recognised function words that belong to it. 0 when nothing is recognised."""
+    """Fraction of the text in `lang`: for script languages the share of letters in that script; for
+    Latin-script languages the share of recognised function words that belong to it. 0 when nothing
+    is recognised."""
     language(lang)
     letters = [c for c in text if c.isalpha()]
     if lang in _SCRIPTS:
@@ -116,36 +123,42 @@ class LanguageConsistency:
         return {"reward": score, self.name: score}
 
 
-POOLING_DIR = "1_Pooling"  # sentence-transformers' pooling settings, shipped with e.g. Qwen3-Embedding
+# sentence-transformers' pooling settings, shipped with e.g. Qwen3-Embedding
+POOLING_DIR = "1_Pooling"
 
 
 def checkpoint_pooling(directory: Path) -> str:
-    """The pooling an embedding checkpoint asks for in 1_Pooling/config.json ('last' when it says nothing)."""
+    """The pooling an embedding checkpoint asks for in 1_Pooling/config.json ('last' when it says
+    nothing)."""
     file = directory / POOLING_DIR / "config.json"
     if not file.is_file():
         return "last"
     chosen = [key for key, on in read_json(file).items() if key.startswith("pooling_mode_") and on]
     modes = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
     if len(chosen) != 1 or chosen[0] not in modes:
-        raise ValueError(f"{file}: pbrl pools by last token or mean, one of them; this asks for {chosen}")
+        raise ValueError(f"{file}: pbrl pools by last token or mean, one of them; this asks for "
+                         f"{chosen}")
     return modes[chosen[0]]
 
 
 class Embedder:
-    """Sentence embeddings from a decoder model loaded with pbrl's Transformer (e.g. Qwen3-Embedding-0.6B).
+    """Sentence embeddings from a decoder model loaded with pbrl's Transformer (e.g.
+    Qwen3-Embedding-0.6B).
 
-    pooling 'last': the final hidden state of the last token (decoder embedders are trained this way; Qwen3-Embedding
-    appends its eos token, which append_eos reproduces); 'mean': the average over the tokens. L2-normalised."""
+    pooling 'last': the final hidden state of the last token (decoder embedders are trained this
+    way; Qwen3-Embedding appends its eos token, which append_eos reproduces); 'mean': the average
+    over the tokens. L2-normalised."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, pooling: str = "last", append_eos: bool = True,
-                 batch_size: int = 32):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, pooling: str = "last",
+                 append_eos: bool = True, batch_size: int = 32):
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
         self.append_eos, self.batch_size = append_eos, batch_size
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, pooling: str = "auto", **kwargs) -> "Embedder":
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, pooling: str = "auto",
+                        **kwargs) -> "Embedder":
         """pooling 'auto': what the checkpoint's 1_Pooling/config.json asks for, else 'last'."""
         model, tokenizer = load_pretrained(path_or_id, dtype=dtype, device=device)
         if pooling == "auto":
@@ -157,7 +170,8 @@ class Embedder:
         if self.append_eos and self.tokenizer.eos_id is not None:
             ids.append(self.tokenizer.eos_id)
         if not ids:
-            ids = [self.tokenizer.pad_id or 0]  # an empty text still gets a (meaningless) vector; callers floor it
+            # an empty text still gets a (meaningless) vector; callers floor it
+            ids = [self.tokenizer.pad_id or 0]
         return ids
 
     @torch.inference_mode()
@@ -170,7 +184,8 @@ class Embedder:
             batch = [self.encode_ids(t) for t in texts[start:start + self.batch_size]]
             longest = max(len(ids) for ids in batch)
             if longest > context:
-                raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of {context} tokens")
+                raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of "
+                                 f"{context} tokens")
             ids, mask = (t.to(device) for t in pad_rows(batch))
             hidden = self.model(ids, output="hidden").float()
             last = hidden[torch.arange(len(batch), device=device), mask.sum(1) - 1]
@@ -181,8 +196,9 @@ class Embedder:
 
 
 class EmbeddingReward:
-    """max(0, cos(embed(response), embed(reference))). Negative cosines are clipped: between sentence embeddings
-    they are rare and carry no useful 'more wrong' signal, and a [0, 1] range mixes cleanly with the 0/1 terms."""
+    """max(0, cos(embed(response), embed(reference))). Negative cosines are clipped: between
+    sentence embeddings they are rare and carry no useful 'more wrong' signal, and a [0, 1] range
+    mixes cleanly with the 0/1 terms."""
     name, low, high = "embedding", 0.0, 1.0
 
     def __init__(self, embedder: Embedder):
@@ -190,7 +206,8 @@ class EmbeddingReward:
 
     def similarity(self, texts: list[str], references: list[str]) -> torch.Tensor:
         score = torch.zeros(len(texts))
-        keep = [i for i, (t, r) in enumerate(zip(texts, references)) if not _blank(t) and not _blank(r)]
+        keep = [i for i, (t, r) in enumerate(zip(texts, references))
+                if not _blank(t) and not _blank(r)]
         if keep:
             a = self.embedder([texts[i] for i in keep])
             b = self.embedder([references[i] for i in keep])
@@ -203,8 +220,8 @@ class EmbeddingReward:
 
 
 class MTReward:
-    """Machine-translation reward: translate the response into English, then max(0, cosine) of its embedding with
-    the reference's. English responses are compared as they are."""
+    """Machine-translation reward: translate the response into English, then max(0, cosine) of its
+    embedding with the reference's. English responses are compared as they are."""
     name, low, high = "mt", 0.0, 1.0
 
     def __init__(self, translator: Translator, embedder: Embedder):
@@ -213,16 +230,18 @@ class MTReward:
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         texts = [s.response for s in samples]
         todo = [i for i, s in enumerate(samples) if s.lang != "en" and not _blank(s.response)]
-        for i, english in zip(todo, self.translator([texts[i] for i in todo], [samples[i].lang for i in todo])):
+        for i, english in zip(todo,
+                              self.translator([texts[i] for i in todo],
+                                              [samples[i].lang for i in todo])):
             texts[i] = english
         score = self.similarity(texts, [s.reference or "" for s in samples])
         return {"reward": score, self.name: score}
 
 
 class HybridReward:
-    """sum_i w_i * r_i over (weight, reward) pairs; every component is reported too. The default PB-RLSVR hybrid
-    (see train's config) weighs semantic similarity and answer agreement equally: similarity rewards a faithful
-    chain of thought, agreement makes the final answer decisive."""
+    """sum_i w_i * r_i over (weight, reward) pairs; every component is reported too. The default
+    PB-RLSVR hybrid (see train's config) weighs semantic similarity and answer agreement equally:
+    similarity rewards a faithful chain of thought, agreement makes the final answer decisive."""
     name = "hybrid"
 
     def __init__(self, components: list[tuple[float, object]]):
@@ -244,8 +263,8 @@ class HybridReward:
 
 
 def build_reward(cfg, embedder: str, translator: str, dtype=None, device=None):
-    """The reward a RewardConfig (pbrl/config.py) names; models are loaded only for the components it uses, and one
-    embedder serves both the embedding and the MT components."""
+    """The reward a RewardConfig (pbrl/config.py) names; models are loaded only for the components
+    it uses, and one embedder serves both the embedding and the MT components."""
     if cfg.kind == "exact_match":
         return ExactMatch()
     if cfg.kind == "agreement":
@@ -254,11 +273,13 @@ def build_reward(cfg, embedder: str, translator: str, dtype=None, device=None):
         if cfg.uses_embedder() else None
 
     def mt():
-        return MTReward(load_translator(translator, dtype, device, cfg.translate_max_new_tokens), shared)
+        return MTReward(load_translator(translator, dtype, device, cfg.translate_max_new_tokens),
+                        shared)
     if cfg.kind == "embedding":
         return EmbeddingReward(shared)
     if cfg.kind == "mt":
         return mt()
-    parts = [(cfg.embedding_weight, lambda: EmbeddingReward(shared)), (cfg.agreement_weight, AnswerAgreement),
-             (cfg.mt_weight, mt), (cfg.format_weight, FormatReward), (cfg.language_weight, LanguageConsistency)]
+    parts = [(cfg.embedding_weight, lambda: EmbeddingReward(shared)),
+             (cfg.agreement_weight, AnswerAgreement), (cfg.mt_weight, mt),
+             (cfg.format_weight, FormatReward), (cfg.language_weight, LanguageConsistency)]
     return HybridReward([(weight, make()) for weight, make in parts if weight > 0])

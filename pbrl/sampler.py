@@ -1,12 +1,13 @@
 """Batched generation with a KV cache: one prefill over the prompts, then one token per step.
 
 Prompts are right padded: row b's token at position p sits in cache slot p, and each decoding step
-writes every row's new token at its own position (pbrl/model.py: prefill, decode). The n samples of a
-prompt share its prefill. Sampling draws with Gumbel noise hashed from each row's seed and the step
-(kernels.sample_tokens), so a row's sample does not depend on its batch. The host looks at the batch every
-SYNC_EVERY steps: to stop once every row has finished, and to drop finished rows (the live ones move to
-the front of the same buffers; the batch shrinks to the next of BATCH_SIZES). A decoding step has static
-shapes and never syncs with the host: pbrl/graphs.py runs it as one CUDA graph. docs/sampler.md has more.
+writes every row's new token at its own position (pbrl/model.py: prefill, decode). The n samples of
+a prompt share its prefill. Sampling draws with Gumbel noise hashed from each row's seed and the
+step (kernels.sample_tokens), so a row's sample does not depend on its batch. The host looks at the
+batch every SYNC_EVERY steps: to stop once every row has finished, and to drop finished rows (the
+live ones move to the front of the same buffers; the batch shrinks to the next of BATCH_SIZES). A
+decoding step has static shapes and never syncs with the host: pbrl/graphs.py runs it as one CUDA
+graph. docs/sampler.md has more.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import kernels
 from pbrl.model import KVCache, Transformer, pad_rows
 
 SYNC_EVERY = 8  # decoding steps between the host's looks at which rows have finished
-# The sizes a batch shrinks to as its rows finish: two per octave, few shapes to compile, little waste.
+# The sizes a batch shrinks to as its rows finish: two per octave, few shapes to compile, little
+# waste.
 BATCH_SIZES = sorted({1} | {c << k for k in range(16) for c in (2, 3)})  # 1, 2, 3, 4, 6, 8, 12, ...
 
 
@@ -61,8 +63,9 @@ class DecodeState:
     cache: KVCache
 
     def keep(self, rows: torch.Tensor) -> DecodeState:
-        """These batch rows only: moved to the front of the same buffers (cache rows too) and returned as
-        views of the first len(rows) rows, so that a batch size always has the same addresses."""
+        """These batch rows only: moved to the front of the same buffers (cache rows too) and
+        returned as views of the first len(rows) rows, so that a batch size always has the same
+        addresses."""
         batch = ("ids", "positions", "seeds", "done", "live")
         for t in [getattr(self, name) for name in batch] + self.cache.k + self.cache.v:
             t[:len(rows)] = t[rows]  # t[rows] is a copy: no row is overwritten before it is read
@@ -76,7 +79,8 @@ class DecodeState:
 
 
 def new_state(model: Transformer, rows: int, slots: int, max_new_tokens: int) -> DecodeState:
-    """A zeroed state for `rows` rows, a cache of `slots` slots and max_new_tokens output columns."""
+    """A zeroed state for `rows` rows, a cache of `slots` slots and max_new_tokens output
+    columns."""
     device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
 
     def zeros(*shape, dtype=torch.long):
@@ -84,8 +88,9 @@ def new_state(model: Transformer, rows: int, slots: int, max_new_tokens: int) ->
     return DecodeState(
         ids=zeros(rows), positions=zeros(rows), seeds=zeros(rows),
         done=zeros(rows, dtype=torch.bool), live=torch.arange(rows, device=device), step=zeros(1),
-        tokens=zeros(rows, max_new_tokens), logprobs=zeros(rows, max_new_tokens, dtype=torch.float32),
-        lengths=zeros(rows), cache=KVCache(model.args, rows, slots, dtype, device))
+        tokens=zeros(rows, max_new_tokens), lengths=zeros(rows),
+        logprobs=zeros(rows, max_new_tokens, dtype=torch.float32),
+        cache=KVCache(model.args, rows, slots, dtype, device))
 
 
 def sample_next(logits: torch.Tensor, s: Sampling, keys: torch.Tensor):
@@ -126,7 +131,8 @@ def record(logits: torch.Tensor, st: DecodeState, s: Sampling) -> None:
 
 
 def decode_step(model: Transformer, st: DecodeState, s: Sampling) -> None:
-    """One token for every row: the model reads each row's last token, then `record` draws the next."""
+    """One token for every row: the model reads each row's last token, then `record` draws the
+    next."""
     logits = model.decode(st.ids, st.positions, st.cache)
     st.positions += 1
     st.step += 1
@@ -156,12 +162,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     """Up to max_new_tokens after each prompt (token ids), n samples per prompt.
 
     seeds: one per row (row i*n + j is sample j of prompt i), for samples that do not depend on the
-    batch; else `seed` derives them, else torch's RNG draws them. Log-probs are those of the tempered,
-    untruncated distribution, the quantity a trainer recomputes: top-k/top-p only change which token is
-    drawn. slots: the cache's length (default: the longest prompt + max_new_tokens). graphs: a
-    pbrl.graphs.CudaGraphs, to decode through CUDA graphs on buffers it keeps between calls."""
+    batch; else `seed` derives them, else torch's RNG draws them. Log-probs are those of the
+    tempered, untruncated distribution, the quantity a trainer recomputes: top-k/top-p only change
+    which token is drawn. slots: the cache's length (default: the longest prompt + max_new_tokens).
+    graphs: a pbrl.graphs.CudaGraphs, to decode through CUDA graphs on buffers it keeps between
+    calls."""
     check_request(model, prompts, max_new_tokens, n, temperature, top_k, top_p, slots)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=model.embed_tokens.weight.device)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long,
+                        device=model.embed_tokens.weight.device)
     s = Sampling(max_new_tokens, n, temperature, top_k, top_p, stop, pad_id)
     return complete(model, prompts, s, row_seeds(len(prompts) * n, seed, seeds), slots, graphs)
 
@@ -171,14 +179,14 @@ def complete(model: Transformer, prompts: list[list[int]], s: Sampling, seeds: t
              slots: int | None = None, graphs=None) -> Completions:
     """generate's work, on a request already checked (the trainer checks its own once, at setup):
     seeds [len(prompts) * s.n], one per row."""
-    device, rows, max_new_tokens = model.embed_tokens.weight.device, len(prompts) * s.n, s.max_new_tokens
+    rows, new_tokens = len(prompts) * s.n, s.max_new_tokens
     start, step = (new_state, decode_step) if graphs is None else (graphs.state, graphs.step)
-    st = start(model, rows, slots or max(map(len, prompts)) + max_new_tokens, max_new_tokens)
+    st = start(model, rows, slots or max(map(len, prompts)) + new_tokens, new_tokens)
     st.seeds.copy_(seeds)
     st.tokens.fill_(s.pad_id)
     record(prefill(model, st, prompts, s.n), st, s)  # the first token
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    for t in range(1, max_new_tokens):
+    finished = torch.zeros_like(st.done)
+    for t in range(1, new_tokens):
         if t % SYNC_EVERY == 0:  # the host's look: stop, or drop finished rows to a smaller batch
             alive = int((~st.done).sum())
             if alive == 0:
@@ -197,16 +205,18 @@ def complete(model: Transformer, prompts: list[list[int]], s: Sampling, seeds: t
 
 def check_request(model, prompts, max_new_tokens, n, temperature, top_k, top_p, slots) -> None:
     if not prompts or not all(prompts):
-        raise ValueError("generate() needs at least one prompt and every prompt needs at least one token")
+        raise ValueError("generate() needs at least one prompt and every prompt needs at least one "
+                         "token")
     if max_new_tokens < 1 or n < 1:
         raise ValueError(f"max_new_tokens and n must be >= 1, got {max_new_tokens} and {n}")
-    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
+    bad_top_p, bad_top_k = top_p is not None and not 0 < top_p <= 1, top_k is not None and top_k < 1
+    if temperature < 0 or bad_top_p or bad_top_k:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got {temperature}, "
                          f"{top_p}, {top_k}")
     longest, context = max(map(len, prompts)), model.args.max_position_embeddings
     if longest + max_new_tokens > context:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
-                         f"model's context of {context} tokens (max_position_embeddings)")
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                         f"the model's context of {context} tokens (max_position_embeddings)")
     if slots is not None and longest + max_new_tokens > slots:
         raise ValueError(f"slots={slots} cannot hold the longest prompt ({longest} tokens) + "
                          f"max_new_tokens={max_new_tokens}")
@@ -217,7 +227,8 @@ def check_request(model, prompts, max_new_tokens, n, temperature, top_k, top_p, 
 
 
 def row_seeds(rows: int, seed: int | None, seeds) -> torch.Tensor:
-    """[N] int64: the given per-row seeds, or N seeds derived from `seed`, or drawn from torch's RNG."""
+    """[N] int64: the given per-row seeds, or N seeds derived from `seed`, or drawn from torch's
+    RNG."""
     if seeds is not None:
         seeds = torch.as_tensor(seeds, dtype=torch.int64).flatten()
         if len(seeds) != rows:
@@ -225,4 +236,5 @@ def row_seeds(rows: int, seed: int | None, seeds) -> torch.Tensor:
         return seeds
     if seed is None:
         return torch.randint(-2**63, 2**63 - 1, (rows,), dtype=torch.int64)
-    return (seed % 2**31) * 2**32 + torch.arange(rows)  # row r of a seeded call: (seed, r) in one int64
+    # row r of a seeded call: (seed, r) in one int64
+    return (seed % 2**31) * 2**32 + torch.arange(rows)

@@ -2,12 +2,12 @@
 
     trainer = prepare(cfg)   # then trainer.run()
 
-Settings, the run directory, the data and the checkpoints' headers come first: a mistake in any of them
-is found in seconds, before a weight is read. Then the pivot writes the references the cache lacks, and
-last the models load: the actor and (for GAE) the critic with their optimizers, the frozen reference and
-the reward models. Precision: trained models keep fp32 parameters and optimizer states and compute in
-the compute dtype through FSDP2's mixed precision, in one process too (a one-rank process group); frozen
-models are stored in the compute dtype.
+Settings, the run directory, the data and the checkpoints' headers come first: a mistake in any of
+them is found in seconds, before a weight is read. Then the pivot writes the references the cache
+lacks, and last the models load: the actor and (for GAE) the critic with their optimizers, the
+frozen reference and the reward models. Precision: trained models keep fp32 parameters and optimizer
+states and compute in the compute dtype through FSDP2's mixed precision, in one process too (a
+one-rank process group); frozen models are stored in the compute dtype.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, latest_ch
                              load_model, load_pretrained, load_training_checkpoint)
 from pbrl.cli import DTYPES
 from pbrl.config import Config, validate
-from pbrl.data import Problem, encode_prompt, load_problems
+from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
 from pbrl.graphs import CudaGraphs, cache_slots
 from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
 from pbrl.rewards import build_reward
@@ -43,10 +43,7 @@ def prepare(cfg: Config, log=print) -> Trainer:
     out = Path(cfg.run.out_dir)
     pivot_cache = Path(cfg.data.pivot_cache or out / "pivot.jsonl")
     lock = claim_run_dir_on_rank0(out, cfg.run.resume, allowed=(pivot_cache,))
-    data = cfg.data
-    train = load_problems("mgsm", data.path, data.langs)
-    held_out = load_problems("mgsm", data.eval_path, data.eval_langs, data.eval_limit) if data.eval_path else []
-    english = load_problems("mgsm", data.path, ["en"])
+    train, english, held_out = load_data(cfg)
     policy_dir, tokenizer = check_checkpoints(cfg)
     prompts = render_prompts(cfg, tokenizer, train, load_args(policy_dir).max_position_embeddings)
     longest = max(map(len, prompts.values()))
@@ -58,14 +55,18 @@ def prepare(cfg: Config, log=print) -> Trainer:
     actor = trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr)
     critic = None
     if cfg.ppo.advantage == "gae":
-        model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute, True)
+        model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute,
+                     True)
         critic = trained(cfg, model, cfg.ppo.critic_lr)
-    reference = load(cfg, cfg.models.reference or cfg.models.policy, dtype, device).requires_grad_(False)
+    reference = load(cfg, cfg.models.reference or cfg.models.policy, dtype,
+                     device).requires_grad_(False)
     trainer = Trainer(
         cfg=cfg, log=log, rank=rank, world=world, device=device, dtype=dtype, out=out, lock=lock,
         tokenizer=tokenizer, policy_dir=policy_dir, train_problems=train, prompts=prompts,
-        eval_problems=held_out, references=references, actor=actor, critic=critic, reference=reference,
-        reward_fn=build_reward(cfg.reward, cfg.models.embedder, cfg.models.translator, dtype, device),
+        eval_problems=held_out, references=references, actor=actor, critic=critic,
+                      reference=reference,
+        reward=build_reward(cfg.reward, cfg.models.embedder, cfg.models.translator, dtype,
+                               device),
         kl=ppo.AdaptiveKLController(cfg.ppo.kl_beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
         sampling=rollout_sampling(cfg, tokenizer, device))
     if cfg.rollout.compile:  # under FSDP, rollouts decode on a copy whose parameters never move
@@ -84,6 +85,17 @@ def rollout_sampling(cfg: Config, tokenizer: Tokenizer, device) -> Sampling:
                     tokenizer.pad_id or 0)
 
 
+def load_data(cfg: Config) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """(the training problems, their English originals, the held-out problems). English is read
+    with the target languages, in one call: their files must line up row by row."""
+    data = cfg.data
+    by_lang = load_mgsm(data.path, list(dict.fromkeys(["en", *data.langs])))
+    held_out = []
+    if data.eval_path:
+        held_out = load_problems("mgsm", data.eval_path, data.eval_langs, data.eval_limit)
+    return [p for lang in data.langs for p in by_lang[lang]], by_lang["en"], held_out
+
+
 def check_checkpoints(cfg: Config) -> tuple[Path, Tokenizer]:
     """The policy's directory and tokenizer, checked without reading weights; the critic and the
     reference read the policy's token ids, so its tokenizer must fit them too."""
@@ -98,20 +110,21 @@ def check_checkpoints(cfg: Config) -> tuple[Path, Tokenizer]:
 
 def render_prompts(cfg: Config, tokenizer: Tokenizer, problems: list[Problem],
                    context: int) -> dict[Problem, list[int]]:
-    """Every training problem's prompt as token ids, rendered once through the chat template. A prompt
-    that leaves no room for rollout.max_new_tokens in the policy's context is refused now."""
+    """Every training problem's prompt as token ids, rendered once through the chat template. A
+    prompt that leaves no room for rollout.max_new_tokens in the policy's context is refused now."""
     prompts = {problem: encode_prompt(tokenizer, problem) for problem in problems}
     problem, ids = max(prompts.items(), key=lambda item: len(item[1]))
     if len(ids) + cfg.rollout.max_new_tokens > context:
-        raise ValueError(f"training problem {problem.id} ({problem.lang}, {cfg.data.path}) has a prompt of "
-                         f"{len(ids)} tokens; with rollout.max_new_tokens={cfg.rollout.max_new_tokens} it "
-                         f"exceeds the policy's context of {context} tokens (max_position_embeddings)")
+        raise ValueError(f"training problem {problem.id} ({problem.lang}, {cfg.data.path}) has a "
+                         f"prompt of {len(ids)} tokens; with "
+                         f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} it exceeds the "
+                         f"policy's context of {context} tokens (max_position_embeddings)")
     return prompts
 
 
 def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, device, log):
-    """problem id -> the pivot's English reference; the pivot (the policy when models.pivot is empty)
-    first answers, on every rank, the problems the cache lacks."""
+    """problem id -> the pivot's English reference; the pivot (the policy when models.pivot is
+    empty) first answers, on every rank, the problems the cache lacks."""
     if not cache.is_file():
         pivot, tokenizer = load_pretrained(cfg.models.pivot or cfg.models.policy, dtype, device)
         tokenizer.template_args["enable_thinking"] = cfg.models.enable_thinking
@@ -142,7 +155,8 @@ def resume(trainer: Trainer) -> None:
     coefficient and RNG state."""
     ckpt = latest_checkpoint(trainer.out)
     if ckpt is None:
-        trainer.log(f"resume: no checkpoint under {trainer.out / 'checkpoints'}; starting from step 0")
+        trainer.log(f"resume: no checkpoint under {trainer.out / 'checkpoints'}; starting from "
+                    f"step 0")
         return
     trained = trainer.trained
     state = load_training_checkpoint(ckpt, {k: t.model for k, t in trained.items()},
@@ -150,5 +164,6 @@ def resume(trainer: Trainer) -> None:
                                      trainer.cfg.run.steps)
     trainer.step, trainer.kl.beta = state["step"], state["kl_beta"]
     torch.set_rng_state(state["torch_rng"])
-    done = " (the run is complete: nothing to train)" if trainer.step == trainer.cfg.run.steps else ""
-    trainer.log(f"resumed from {ckpt} at step {trainer.step}{done}")
+    done = trainer.step == trainer.cfg.run.steps
+    trainer.log(f"resumed from {ckpt} at step {trainer.step}"
+                + (" (the run is complete: nothing to train)" if done else ""))

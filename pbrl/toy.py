@@ -1,22 +1,23 @@
 """A toy multilingual world in which the whole PB-RLSVR method runs on a CPU in minutes.
 
-Templated word problems ("Anna has 7 apples. Anna loses 3. How many apples does Anna have now?") in English (the
-pivot language), German, French and Swahili, written with real phrases and sharing problem ids across languages;
-a worked answer "7 - 3 = 4. The answer is 4." ends with the language's MGSM answer phrase. What makes a language
-hard is its verbs: whether "verschenkt", "donne" or "anatoa" adds or subtracts is exactly what a model that never
-saw a solved target-language problem does not know.
+Templated word problems ("Anna has 7 apples. Anna loses 3. How many apples does Anna have now?") in
+English (the pivot language), German, French and Swahili, written with real phrases and sharing
+problem ids across languages; a worked answer "7 - 3 = 4. The answer is 4." ends with the language's
+MGSM answer phrase. What makes a language hard is its verbs: whether "verschenkt", "donne" or
+"anatoa" adds or subtracts is exactly what a model that never saw a solved target-language problem
+does not know.
 
 Artifacts, built from a seed and cached under .cache/pbrl/toy-{seed}/ (a rerun reuses them):
-  data/{train,eval}/mgsm_{lang}.tsv   problems in MGSM's layout; eval ids are disjoint from train ids
-  warmstart/    a tiny Llama (pbrl's own model code) trained by supervised learning on English solutions plus
-                target-language questions *without* solutions: good at English, poor at the rest. It is also
-                the pivot (prompted in English).
-  embedder/     averaged aligned word vectors, the classic cross-lingual sentence embedding: every word of the
-                toy lexicon maps to its concept's vector in every language; a 0-layer pbrl Transformer whose
-                embedding table holds them, with a 1_Pooling/config.json that asks for mean pooling.
-  translator/   lexicon.json, for a word-by-word translation into English (rewards.LexiconTranslator).
-A config value 'toy' names these artifacts (use_world resolves it); past that, a toy run takes the same path through
-the code as a run on real checkpoints.
+  data/{train,eval}/  mgsm_{lang}.tsv, problems in MGSM's layout (eval ids disjoint from train ids)
+  warmstart/   a tiny Llama (pbrl's own model code) trained by supervised learning on English
+               solutions plus target-language questions *without* solutions: good at English, poor
+               at the rest. It is also the pivot (prompted in English).
+  embedder/    averaged aligned word vectors, the classic cross-lingual sentence embedding: every
+               word of the toy lexicon maps to its concept's vector in every language; a 0-layer
+               pbrl Transformer holds them, and its 1_Pooling/config.json asks for mean pooling.
+  translator/  lexicon.json, a word-by-word translation into English (a LexiconTranslator).
+A config value 'toy' names these artifacts (use_world resolves it); past that, a toy run takes the
+same path through the code as a run on real checkpoints.
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ from pbrl.tokenizer import Tokenizer, chat_tokenizer, save_tokenizer, train_bpe
 VERSION = "toy-v6"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The world
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 LANGS = ("en", "de", "fr", "sw")
 NAMES = ["Anna", "Ben", "Lea", "Omar", "Juma", "Marie", "Paul", "Zawadi", "Amina", "Tom"]
 ITEMS = {  # concept -> plural noun per language
@@ -61,8 +62,11 @@ VERBS = {  # concept -> (operation, phrase per language with {b})
                     "sw": "anapata {b} zaidi"}),
     "gets": ("+", {"en": "gets {b} more", "de": "bekommt {b} weitere", "fr": "reçoit {b} de plus",
                    "sw": "anapokea {b} zaidi"}),
-    "loses": ("-", {"en": "loses {b}", "de": "verliert {b}", "fr": "perd {b}", "sw": "anapoteza {b}"}),
-    "gives": ("-", {"en": "gives away {b}", "de": "verschenkt {b}", "fr": "donne {b}", "sw": "anatoa {b}"}),
+    "loses": ("-",
+              {"en": "loses {b}", "de": "verliert {b}", "fr": "perd {b}", "sw": "anapoteza {b}"}),
+    "gives": ("-",
+              {"en": "gives away {b}", "de": "verschenkt {b}", "fr": "donne {b}",
+               "sw": "anatoa {b}"}),
     "sells": ("-", {"en": "sells {b}", "de": "verkauft {b}", "fr": "vend {b}", "sw": "anauza {b}"}),
 }
 TEMPLATES = {
@@ -71,13 +75,15 @@ TEMPLATES = {
     "fr": "{name} a {a} {item}. {name} {verb}. Combien de {item} a {name} maintenant ?",
     "sw": "{name} ana {item} {a}. {name} {verb}. {name} ana {item} ngapi sasa?",
 }
-PHRASES = {"en": "The answer is", "de": "Die Antwort lautet", "fr": "La réponse est", "sw": "Jibu ni"}
-# Words of the frame sentences, for the lexicon (target word -> English word) and the aligned embedder.
+PHRASES = {"en": "The answer is", "de": "Die Antwort lautet", "fr": "La réponse est",
+           "sw": "Jibu ni"}
+# Words of the frame sentences, for the lexicon (target word -> English word) and the aligned
+# embedder.
 FRAME = {
-    "de": {"hat": "has", "wie": "how", "viele": "many", "jetzt": "now", "die": "the", "antwort": "answer",
-           "lautet": "is"},
-    "fr": {"a": "has", "combien": "how", "de": "many", "maintenant": "now", "la": "the", "réponse": "answer",
-           "est": "is"},
+    "de": {"hat": "has", "wie": "how", "viele": "many", "jetzt": "now", "die": "the",
+           "antwort": "answer", "lautet": "is"},
+    "fr": {"a": "has", "combien": "how", "de": "many", "maintenant": "now", "la": "the",
+           "réponse": "answer", "est": "is"},
     "sw": {"ana": "has", "ngapi": "many", "sasa": "now", "jibu": "answer", "ni": "is"},
 }
 
@@ -122,30 +128,34 @@ def lexicon() -> dict[str, dict[str, str]]:
             target = [w for w in phrases[lang].lower().split() if w != "{b}"]
             english = [w for w in phrases["en"].lower().split() if w != "{b}"]
             words[target[0]] = english[0]
-            for w in target[1:]:  # "weitere", "de plus", "zaidi" -> "more"; "away" has no counterpart
+            # "weitere", "de plus", "zaidi" -> "more"; "away" has no counterpart
+            for w in target[1:]:
                 words.setdefault(w, english[-1] if english[-1] != english[0] else english[0])
         out[lang] = words
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building the artifacts
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def artifacts(root: Path) -> dict[str, Path]:
-    """Config key -> the toy artifact it names when set to 'toy': ordinary HF directories, MGSM-layout data
-    directories and a lexicon translator directory, read by the same code as any real model or data set."""
+    """Config key -> the toy artifact it names when set to 'toy': ordinary HF directories,
+    MGSM-layout data directories and a lexicon translator directory, read by the same code as any
+    real model or data set."""
     warm = root / "warmstart"
-    return {"models.policy": warm, "models.critic": warm, "models.reference": warm, "models.pivot": warm,
+    return {"models.policy": warm, "models.critic": warm, "models.reference": warm,
+            "models.pivot": warm,
             "models.embedder": root / "embedder", "models.translator": root / "translator",
             "data.path": root / "data" / "train", "data.eval_path": root / "data" / "eval"}
 
 
 def use_world(cfg: Config, log=print) -> Config:
-    """cfg with every model or data path that says 'toy' replaced by the toy world of cfg.run.seed, which rank 0
-    builds first (minutes, once: it is cached) while the other ranks wait. The config is validated before that,
-    so a mistake in it is found in seconds."""
+    """cfg with every model or data path that says 'toy' replaced by the toy world of cfg.run.seed,
+    which rank 0 builds first (minutes, once: it is cached) while the other ranks wait. The config
+    is validated before that, so a mistake in it is found in seconds."""
     validate(cfg, dist.init()[1])
-    unused = {"models.embedder": not cfg.reward.uses_embedder(), "models.translator": not cfg.reward.uses_translator()}
+    unused = {"models.embedder": not cfg.reward.uses_embedder(),
+              "models.translator": not cfg.reward.uses_translator()}
     keys = [key for key in artifacts(Path()) if _get(cfg, key) == TOY and not unused.get(key)]
     if not keys:
         return cfg
@@ -164,14 +174,14 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 300, sft_steps: int = 1200,
-                width: int = 128, layers: int = 4, log=print) -> Path:
-    """Build (or reuse) every toy artifact for this seed under `root` (returned); width and layers size the
-    warm-start model."""
+def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 300,
+                sft_steps: int = 1200, width: int = 128, layers: int = 4, log=print) -> Path:
+    """Build (or reuse) every toy artifact for this seed under `root` (returned); width and layers
+    size the warm-start model."""
     root = Path(root or f".cache/pbrl/toy-{seed}")
     marker = root / "complete.json"
-    settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval, "sft_steps": sft_steps,
-                "width": width, "layers": layers}
+    settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
+                "sft_steps": sft_steps, "width": width, "layers": layers}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     t0 = time.perf_counter()
@@ -181,13 +191,14 @@ def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 300,
         d = root / "data" / split
         d.mkdir(parents=True, exist_ok=True)
         for lang in LANGS:
-            (d / f"mgsm_{lang}.tsv").write_text("".join(f"{render(p, lang)}\t{answer(p)}\n" for p in part),
-                                                encoding="utf-8")
+            rows = "".join(f"{render(p, lang)}\t{answer(p)}\n" for p in part)
+            (d / f"mgsm_{lang}.tsv").write_text(rows, encoding="utf-8")
     (root / "translator").mkdir(parents=True, exist_ok=True)
-    (root / "translator" / LEXICON_FILE).write_text(json.dumps(lexicon(), ensure_ascii=False, indent=1),
-                                                    encoding="utf-8")
+    words = json.dumps(lexicon(), ensure_ascii=False, indent=1)
+    (root / "translator" / LEXICON_FILE).write_text(words, encoding="utf-8")
     build_embedder(root / "embedder", seed)
-    log(f"toy world: {n_train} train and {n_eval} eval problems in {', '.join(LANGS)}; training the warm start")
+    log(f"toy world: {n_train} train and {n_eval} eval problems in {', '.join(LANGS)}; training "
+        f"the warm start")
     train_warmstart(root, problems[:n_train], seed, sft_steps, width, layers, log)
     marker.write_text(json.dumps(settings))
     log(f"toy world built in {time.perf_counter() - t0:.0f}s under {root}")
@@ -195,8 +206,9 @@ def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 300,
 
 
 def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
-    """Aligned word vectors as a 0-layer Transformer: token -> its concept's random unit vector (the same in every
-    language); frame words and punctuation, which every sentence shares, get zero vectors."""
+    """Aligned word vectors as a 0-layer Transformer: token -> its concept's random unit vector (the
+    same in every language); frame words and punctuation, which every sentence shares, get zero
+    vectors."""
     g = torch.Generator().manual_seed(seed + 1)
     concepts: dict[str, list[str]] = {}
     for concept, names in ITEMS.items():
@@ -218,27 +230,31 @@ def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
                 vectors.append(v)
     tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits()])
-    args = ModelArgs(vocab_size=len(vocab), hidden_size=dim, intermediate_size=1, num_hidden_layers=0,
-                     num_attention_heads=1, num_key_value_heads=1, head_dim=dim, max_position_embeddings=4096)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits()])
+    args = ModelArgs(vocab_size=len(vocab), hidden_size=dim, intermediate_size=1,
+                     num_hidden_layers=0, num_attention_heads=1, num_key_value_heads=1,
+                     head_dim=dim, max_position_embeddings=4096)
     model = Transformer(args, lm_head=False)
     with torch.no_grad():
         model.embed_tokens.weight.copy_(torch.stack(vectors))
     save_tokenizer(Tokenizer(tok, {}), out)
     save_model(model, out)
-    (out / POOLING_DIR).mkdir(exist_ok=True)  # the sentence-transformers convention: this embedder mean-pools
+    # the sentence-transformers convention: this embedder mean-pools
+    (out / POOLING_DIR).mkdir(exist_ok=True)
     (out / POOLING_DIR / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
 
 
-SEEN_VERBS = ("buys", "loses")  # the only verbs with solved target-language examples in the warm start
+# the only verbs with solved target-language examples in the warm start
+SEEN_VERBS = ("buys", "loses")
 SOLVED_PER_LANGUAGE = 60
 
 
 def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
-    """Two pools of (token ids, index where the loss starts).
-    Solutions: every English problem (chat prompt + worked solution, loss on the solution), plus a handful of
-    solved problems per target language that only use SEEN_VERBS: the little target-language math a multilingual
-    pretrained model has seen. Questions: every target-language question as plain text (loss on all of it): the
+    """Two pools of (token ids, index where the loss starts). Solutions: every English problem (chat
+    prompt + worked solution, loss on the solution), plus a handful of solved problems per target
+    language that only use SEEN_VERBS: the little target-language math a multilingual pretrained
+    model has seen. Questions: every target-language question as plain text (loss on all of it): the
     model reads the languages, but what their other verbs do to the numbers it never sees solved."""
     solved, questions = [], []
     seen = {lang: 0 for lang in LANGS[1:]}
@@ -249,21 +265,26 @@ def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
                 if p["verb"] not in SEEN_VERBS or seen[lang] >= SOLVED_PER_LANGUAGE:
                     continue
                 seen[lang] += 1
-            prompt_ids = encode_prompt(tok, Problem(f"toy-{i}", lang, render(p, lang), str(answer(p))))
-            solved.append((prompt_ids + tok.encode(" " + solution(p["a"], op, p["b"], lang)) + [tok.eos_id],
-                           len(prompt_ids)))
+            problem = Problem(f"toy-{i}", lang, render(p, lang), str(answer(p)))
+            prompt_ids = encode_prompt(tok, problem)
+            worked = tok.encode(" " + solution(p["a"], op, p["b"], lang)) + [tok.eos_id]
+            solved.append((prompt_ids + worked, len(prompt_ids)))
         for lang in LANGS[1:]:
             questions.append((tok.encode(render(p, lang)) + [tok.eos_id], 0))
     return solved, questions
 
 
-def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, width: int, layers: int, log) -> None:
-    texts = [render(p, lang) for p in problems for lang in LANGS] + \
-        [solution(p["a"], VERBS[p["verb"]][0], p["b"], lang) for p in problems for lang in LANGS] + \
-        [mgsm_prompt(Problem("x", lang, "q", "0")) for lang in LANGS]
+def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, width: int,
+                    layers: int, log) -> None:
+    texts = [render(p, lang) for p in problems for lang in LANGS]
+    texts += [solution(p["a"], VERBS[p["verb"]][0], p["b"], lang)
+              for p in problems for lang in LANGS]
+    texts += [mgsm_prompt(Problem("x", lang, "q", "0")) for lang in LANGS]
     tok = chat_tokenizer(train_bpe(texts, vocab_size=700))
-    model = random_llama(tok.vocab_size, width, layers, seed, tok.token_id("<|begin_of_text|>"), tok.eos_id)
-    # Solutions and questions come in separate batches (similar lengths, little padding), questions every 4th.
+    model = random_llama(tok.vocab_size, width, layers, seed, tok.token_id("<|begin_of_text|>"),
+                         tok.eos_id)
+    # Solutions and questions come in separate batches (similar lengths, little padding), questions
+    # every 4th.
     pools = sft_examples(problems, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -278,7 +299,8 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
             loss_mask[i, :max(start, 1)] = False
         for group in opt.param_groups:  # linear decay to 10%
             group["lr"] = 3e-3 * (1 - 0.9 * step / steps)
-        logp, _ = model(ids[:, :-1], output="logprobs", labels=ids[:, 1:], label_mask=loss_mask[:, 1:])
+        logp, _ = model(ids[:, :-1], output="logprobs", labels=ids[:, 1:],
+                        label_mask=loss_mask[:, 1:])
         loss = -logp.sum() / loss_mask[:, 1:].sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -286,7 +308,8 @@ def train_warmstart(root: Path, problems: list[dict], seed: int, steps: int, wid
         opt.step()
         bar.update()
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            log(f"  warm start step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+            log(f"  warm start step {step + 1}/{steps}: loss {loss.item():.3f} "
+                f"({time.perf_counter() - t0:.0f}s)")
     bar.close()
     out = root / "warmstart"
     save_tokenizer(tok, out)

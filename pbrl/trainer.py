@@ -1,12 +1,13 @@
 """The PB-RLSVR training loop: PPO on target-language prompts, rewarded against an English pivot.
 
-pbrl/setup.py builds a Trainer (checks, data, pivot references, models, optimizers); this file is what
-the Trainer does with it. One iteration, `train_step`, in seven numbered, timed phases (as verl's):
+pbrl/setup.py builds a Trainer (checks, data, pivot references, models, optimizers); this file is
+what the Trainer does with it. One iteration, `train_step`, in seven numbered, timed phases (as
+verl's):
   1. sample      this rank's share of the step's problems (a seeded function of the step)
   2. rollout     n samples per problem with the KV-cached sampler, the actor gathered once
   3. reward      the configured reward, against the pivot's English reference of the same problem id
   4. forward     old and reference log-probs, and the critic's values, over the same sequences
-  5. advantages  GAE over per-token rewards; or (grpo, rloo) each response against its prompt's others
+  5. advantages  GAE over per-token rewards; or (grpo, rloo) each response against its group
   6. update      PPO epochs over minibatches of micro-batches: the actor, then the critic
   7. metrics     one line on stdout, one JSON line in {out_dir}/metrics.jsonl
 Sampling noise is seeded per sequence by (seed, step, problem, sample), so a run samples the same
@@ -67,10 +68,10 @@ class Trainer:
     actor: Trained
     critic: Trained | None              # None: a critic-free estimator (grpo, rloo)
     reference: Transformer              # frozen: the KL anchor
-    reward_fn: Callable
+    reward: Callable                    # samples -> {"reward": [B], component: [B], ...}
     kl: ppo.AdaptiveKLController
     sampling: Sampling                  # the rollouts' settings (setup checks them once)
-    graphs: CudaGraphs | None = None    # rollout.compile: decoding through CUDA graphs
+    graphs: CudaGraphs | None = None    # rollout.compile: decode through CUDA graphs
     slots: int | None = None            # rollout.compile: one KV-cache length for every rollout
     step: int = 0
     eval_records: dict[int, list[dict]] = field(default_factory=dict)  # step -> eval records
@@ -83,9 +84,10 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, r, p, n = self.cfg, self.cfg.rollout, self.cfg.ppo, self.cfg.rollout.samples_per_prompt
         timings, start = {}, time.perf_counter()
+        factor = ppo.lr_factor(self.step, p.warmup_steps, p.schedule, cfg.run.steps)
         for t in self.trained.values():
             for group in t.optimizer.param_groups:
-                group["lr"] = t.lr * ppo.lr_factor(self.step, p.warmup_steps, p.schedule, cfg.run.steps)
+                group["lr"] = t.lr * factor
         # 1. sample
         problems = rollout.problems_for_step(self.train_problems, self.step, r.prompts_per_step,
                                              cfg.run.seed, self.rank, self.world)
@@ -99,11 +101,12 @@ class Trainer:
             # 3. reward
             with timed(timings, "reward"):
                 texts = [self.tokenizer.decode(ids) for ids in completions.as_lists()]
-                samples, rewards = rollout.score(self.reward_fn, problems, texts, self.references, n)
+                samples, rewards = rollout.score(self.reward, problems, texts, self.references, n)
                 scores = rewards["reward"].to(self.device)
             # 4. forward: old and reference log-probs, values
             rows = [prompt for prompt in prompts for _ in range(n)]
-            tokens, lengths, mask, sampled = (t.to(self.device) for t in rollout.sequences(rows, completions))
+            sequences = rollout.sequences(rows, completions)
+            tokens, lengths, mask, sampled = (t.to(self.device) for t in sequences)
             seqs = (tokens, lengths, mask)
             with timed(timings, "old_logprobs"):
                 old = self.per_token(self.actor.model, "logprobs", seqs)
@@ -127,8 +130,8 @@ class Trainer:
         return self.metrics(exp, samples, rewards, stats, timings, time.perf_counter() - start)
 
     def sampling_policy(self):
-        """The model a rollout decodes on: the actor with every FSDP unit gathered, or (rollout.compile)
-        the decoding copy that CudaGraphs keeps."""
+        """The model a rollout decodes on: the actor with every FSDP unit gathered, or
+        (rollout.compile) the decoding copy that CudaGraphs keeps."""
         if self.graphs is None:
             return dist.gathered(self.actor.model)
         return self.graphs.policy(self.actor.model)
@@ -141,7 +144,8 @@ class Trainer:
         return torch.cat([part[0] if output == "logprobs" else part for part in parts])
 
     def update(self, exp: rollout.Experience) -> dict[str, float]:
-        """PPO epochs over minibatches; a minibatch's loss is normalised by its token count on all ranks."""
+        """PPO epochs over minibatches; a minibatch's loss is normalised by its token count on all
+        ranks."""
         p, sums, norms = self.cfg.ppo, {}, []
         losses = [(self.actor, rollout.actor_loss)]
         losses += [(self.critic, rollout.critic_loss)] if self.critic else []
@@ -156,14 +160,16 @@ class Trainer:
         passes, tokens = p.epochs * p.minibatches, max(s["tokens"], 1.0)
         per_token = ("entropy", "clipfrac", "approx_kl", "value_clipfrac", "kl_loss")
         return {**{k: s[k] / passes for k in ("policy_loss", "value_loss") if k in s},
-                **{k: s[k] / tokens for k in per_token if k in s}, "grad_norm": sum(norms) / len(norms)}
+                **{k: s[k] / tokens for k in per_token if k in s},
+                "grad_norm": sum(norms) / len(norms)}
 
     def optimize(self, trained: Trained, loss_fn, exp: rollout.Experience, num_tokens):
-        """One optimizer step over these rows, micro-batch by micro-batch; returns (sums of the losses'
-        statistics, the gradient norm before clipping)."""
+        """One optimizer step over these rows, micro-batch by micro-batch; returns (sums of the
+        losses' statistics, the gradient norm before clipping)."""
         trained.optimizer.zero_grad(set_to_none=True)
         sums = {}
-        for rows in torch.arange(len(exp.tokens), device=self.device).split(self.cfg.ppo.micro_batch_size):
+        for rows in torch.arange(len(exp.tokens),
+                                 device=self.device).split(self.cfg.ppo.micro_batch_size):
             loss, stats = loss_fn(trained.model, exp.rows(rows), num_tokens, self.cfg.ppo,
                                   self.cfg.rollout.temperature, self.kl.beta)
             loss.backward()
@@ -174,23 +180,28 @@ class Trainer:
         return sums, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def metrics(self, exp, samples, rewards, stats, timings, seconds) -> dict:
-        """Step 7: the iteration's numbers, over all ranks; the KL controller moves by the batch's KL."""
+        """Step 7: the iteration's numbers, over all ranks; the KL controller moves by the batch's
+        KL."""
         r = self.cfg.rollout
         kl_sum, tokens = dist.all_reduce_sum(torch.stack([ppo.masked_sum(exp.kl, exp.mask),
                                                           exp.mask.sum().float()])).tolist()
         self.kl.update(kl_sum / max(tokens, 1.0), r.prompts_per_step * r.samples_per_prompt)
         metrics = {"step": self.step + 1, "kl": kl_sum / max(tokens, 1.0), **stats,
                    **rollout.rollout_metrics(samples, rewards, exp, dist.all_reduce_sum,
-                                             dist.all_gather_objects, critic=self.critic is not None)}
+                                             dist.all_gather_objects,
+                                             critic=self.critic is not None)}
         metrics["seconds"] = seconds
         metrics["tokens_per_s"] = metrics["response_tokens"] / seconds
         metrics.update({f"time/{k}": v for k, v in timings.items()})
-        metrics["peak_memory_mb"] = (torch.cuda.max_memory_allocated() if self.device.type == "cuda" else
-                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated() if cuda else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        metrics["peak_memory_mb"] = peak / 2**20
         metrics["lr"], metrics["kl_beta"] = self.actor.optimizer.param_groups[0]["lr"], self.kl.beta
         return metrics
 
-    # ---------------------------------------------------------------------------------- around the loop
+    # ---------------------------------------------------------------------------------- around the
+    # loop
     def run(self, steps: int | None = None) -> list[dict]:
         """Train until run.steps (or `steps` more iterations); returns this call's metrics. The run
         directory's lock is released when it returns or fails."""
@@ -228,14 +239,17 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy accuracy per language on the held-out problems, each rank every world-th problem.
-        Records already kept for this step are reused (runs that share a warm start share its eval)."""
+        Records already kept for this step are reused (runs that share a warm start share its
+        eval)."""
         if self.step not in self.eval_records:
             with dist.gathered(self.actor.model) as model:
                 records = evaluate(model, self.tokenizer, self.eval_problems[self.rank::self.world],
                                    batch_size=64, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                    progress=False)
-            self.eval_records[self.step] = [r for part in dist.all_gather_objects(records) for r in part]
-        return {f"acc/{k}": v for k, v in accuracy_by_language(self.eval_records[self.step]).items()}
+            gathered = dist.all_gather_objects(records)
+            self.eval_records[self.step] = [r for part in gathered for r in part]
+        accuracy = accuracy_by_language(self.eval_records[self.step])
+        return {f"acc/{k}": v for k, v in accuracy.items()}
 
     def save(self) -> None:
         trained = self.trained
@@ -266,11 +280,13 @@ class Trainer:
         if self.rank == 0:
             self.loggers.log(metrics)
             shown = [f"step {metrics['step']:>4}/{self.cfg.run.steps}"]
-            for key, fmt in (("reward", ".3f"), ("kl", ".4f"), ("clipfrac", ".3f"), ("entropy", ".3f"),
+            for key, fmt in (("reward", ".3f"), ("kl", ".4f"), ("clipfrac", ".3f"),
+                             ("entropy", ".3f"),
                              ("value_loss", ".4f"), ("response_length", ".1f"), ("seconds", ".2f")):
                 if key in metrics:
                     shown.append(f"{key} {metrics[key]:{fmt}}")
-            shown += [f"{k.removeprefix('acc/')} {v:.1f}%" for k, v in metrics.items() if k.startswith("acc/")]
+            shown += [f"{k.removeprefix('acc/')} {v:.1f}%"
+                      for k, v in metrics.items() if k.startswith("acc/")]
             self.log(" | ".join(shown))
         return metrics
 

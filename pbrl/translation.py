@@ -1,15 +1,17 @@
-"""Training data for paper-scale runs: English problems (GSM8K's train split), their questions translated
-into the target languages by an instruct model through pbrl's own sampler, in MGSM's layout.
+"""Training data for paper-scale runs: English problems (GSM8K's train split), their questions
+translated into the target languages by an instruct model through pbrl's own sampler, in MGSM's
+layout.
 
-    python -m pbrl.translation --model TRANSLATOR --source openai/gsm8k --split train --langs de,fr,sw \
-        --out DIR
+    python -m pbrl.translation --model TRANSLATOR --source openai/gsm8k --split train \
+        --langs de,fr,sw --out DIR
 
-PB-RLSVR needs target-language questions only: gold answers (for the labelled baseline and for eval) come
-from the English source. A translation must keep every number of the English question (compared as
-written numbers, in any script): one that loses or changes a number is retried once with sampling, then
-dropped. Translations are cached per language in DIR/translations/{lang}.jsonl a batch at a time, so an
-interrupted run resumes. At the end DIR/mgsm_en.tsv and DIR/mgsm_{lang}.tsv hold the problems every
-language kept, in the source's order: row k is the same problem (id mgsm-k) in every file, as in MGSM.
+PB-RLSVR needs target-language questions only: gold answers (for the labelled baseline and for eval)
+come from the English source. A translation must keep every number of the English question (compared
+as written numbers, in any script): one that loses or changes a number is retried once with
+sampling, then dropped. Translations are cached per language in DIR/translations/{lang}.jsonl a
+batch at a time, so an interrupted run resumes. At the end DIR/mgsm_en.tsv and DIR/mgsm_{lang}.tsv
+hold the problems every language kept, in the source's order: row k is the same problem (id mgsm-k)
+in every file, as in MGSM.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from pbrl.files import append_records, read_records, write_atomic
 from pbrl.translators import load_translator
 
 FIELDS = ("id", "question", "translation", "numbers_kept", "attempts")
-TO_LANGUAGE_PROMPT = ("Translate the following English text into {language}. Keep every number exactly "
-                      "as written. Reply with the translation only.\n\n{text}")
+TO_LANGUAGE_PROMPT = ("Translate the following English text into {language}. Keep every number "
+                      "exactly as written. Reply with the translation only.\n\n{text}")
 RETRY_TEMPERATURE = 0.7
 
 
@@ -42,8 +44,8 @@ def one_line(text: str) -> str:
 
 def translate_problems(translator, problems: list[Problem], langs: list[str], out: Path,
                        batch_size: int = 16, log=print) -> dict[str, Counter]:
-    """Every problem into every language (resuming what DIR/translations holds), then the MGSM files.
-    Returns per language the counts of kept, retried and dropped translations."""
+    """Every problem into every language (resuming what DIR/translations holds), then the MGSM
+    files. Returns per language the counts of kept, retried and dropped translations."""
     (Path(out) / "translations").mkdir(parents=True, exist_ok=True)
     translations = {lang: translate_language(translator, problems, lang, out, batch_size, log)
                     for lang in langs}
@@ -68,13 +70,15 @@ def translate_problems(translator, problems: list[Problem], langs: list[str], ou
 
 
 def translate_language(translator, problems, lang: str, out: Path, batch_size: int, log) -> dict:
-    """id -> translation record of every problem in one language, the cache filled a batch at a time."""
+    """id -> translation record of every problem in one language, the cache filled a batch at a
+    time."""
     cache = Path(out) / "translations" / f"{lang}.jsonl"
     done = read_records(cache, FIELDS)
     for p in problems:
         if p.id in done and done[p.id]["question"] != p.question:
-            raise ValueError(f"{cache}: the translation of id {p.id!r} is of another question; the cache "
-                             f"was written for other problems: delete it or choose another --out")
+            raise ValueError(f"{cache}: the translation of id {p.id!r} is of another question; the "
+                             f"cache was written for other problems: delete it or choose another "
+                             f"--out")
     todo = [p for p in problems if p.id not in done]
     log(f"translate {lang}: {len(problems) - len(todo)} of {len(problems)} cached, {len(todo)} to "
         f"translate")
@@ -89,7 +93,8 @@ def translate_language(translator, problems, lang: str, out: Path, batch_size: i
                 again = translator([r["question"] for r in retry], [lang] * len(retry),
                                    temperature=RETRY_TEMPERATURE, seed=start)
                 for r, t in zip(retry, again):
-                    r.update(translation=t, attempts=2, numbers_kept=keeps_numbers(r["question"], t))
+                    r.update(translation=t, attempts=2,
+                             numbers_kept=keeps_numbers(r["question"], t))
             append_records(cache, records, FIELDS)
             bar.update(len(batch))
     return read_records(cache, FIELDS)
@@ -98,12 +103,15 @@ def translate_language(translator, problems, lang: str, out: Path, batch_size: i
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pbrl.translation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="an instruct model (HF directory or hub id), or a "
+    ap.add_argument("--model", required=True,
+                    help="an instruct model (HF directory or hub id), or a "
                                                    "directory with lexicon.json (a dictionary)")
     ap.add_argument("--source", required=True, help="GSM8K: a hub dataset id (openai/gsm8k), a "
-                                                    "directory or a JSONL file with question and answer")
+                                                    "directory or a JSONL file with question and "
+                                                    "answer")
     ap.add_argument("--split", default="train")
-    ap.add_argument("--langs", required=True, help="target languages, comma-separated (de,fr,sw,...)")
+    ap.add_argument("--langs", required=True,
+                    help="target languages, comma-separated (de,fr,sw,...)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--limit", type=positive_int, help="only the first N problems")
     shared_flags(ap, "device", "batch-size", "max-new-tokens")

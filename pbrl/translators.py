@@ -1,8 +1,8 @@
-"""Translators, text in one language to another: what the MT reward (pbrl/rewards.py) and the training
-data builder (pbrl/translation.py) both use.
+"""Translators, text in one language to another: what the MT reward (pbrl/rewards.py) and the
+training data builder (pbrl/translation.py) both use.
 
     Translator          an instruct model, prompted, decoded greedily by pbrl's sampler
-    LexiconTranslator   word by word through a dictionary (a baseline, and the toy world's translator)
+    LexiconTranslator   word by word through a dictionary (a baseline; the toy world's translator)
 A translator is called as translator(texts, langs, temperature=0.0, seed=None) -> texts.
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ from pbrl.model import Transformer
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
 
-TRANSLATE_PROMPT = ("Translate the following {language} text into English. Keep every number. Reply "
-                    "with the translation only.\n\n{text}")
-TRANSLATE_BATCH_SIZE = 16  # texts translated at once (the memory planner counts this batch's KV cache)
+TRANSLATE_PROMPT = ("Translate the following {language} text into English. Keep every number. "
+                    "Reply with the translation only.\n\n{text}")
+# texts translated at once (the memory planner counts this batch's KV cache)
+TRANSLATE_BATCH_SIZE = 16
 LEXICON_FILE = "lexicon.json"
 
 
@@ -47,8 +48,8 @@ class Translator:
 
 
 class LexiconTranslator:
-    """Word by word through a lexicon {lang: {word (lowercase): word}}; numbers and symbols pass through
-    and unknown words are dropped. Deterministic: temperature and seed are ignored."""
+    """Word by word through a lexicon {lang: {word (lowercase): word}}; numbers and symbols pass
+    through and unknown words are dropped. Deterministic: temperature and seed are ignored."""
     _WORD = re.compile(r"\w+|[^\w\s]")
 
     def __init__(self, words: dict[str, dict[str, str]]):

@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny random HF checkpoints written by transformers (the oracle) and an in-memory tokenizer."""
+"""Shared fixtures: tiny random HF checkpoints written by transformers (the oracle) and an in-memory
+tokenizer."""
 import json
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: the kernels run on the CPU
+# before anything imports triton: the kernels run on the CPU
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -14,24 +16,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def subprocess_env() -> dict:
-    """The environment of an entry point a test runs in a fresh process: as a CPU user's, kernels on their PyTorch
-    paths (no TRITON_INTERPRET: tests/test_kernels.py runs the Triton kernels), one thread per process."""
+    """The environment of an entry point a test runs in a fresh process: as a CPU user's, kernels on
+    their PyTorch paths (no TRITON_INTERPRET: tests/test_kernels.py runs the Triton kernels), one
+    thread per process."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
 def sampling_in_pytorch(request, monkeypatch):
-    """Decoding calls the sampling kernel once per step, and the interpreter takes ~5 ms per row for it: tests
-    sample through the kernel's PyTorch specification (what a CPU runs), except those marked `triton_sampling`
-    (the kernel's own tests and one end-to-end sampler test), which run the Triton kernel in the interpreter."""
+    """Decoding calls the sampling kernel once per step, and the interpreter takes ~5 ms per row for
+    it: tests sample through the kernel's PyTorch specification (what a CPU runs), except those
+    marked `triton_sampling` (the kernel's own tests and one end-to-end sampler test), which run the
+    Triton kernel in the interpreter."""
     if "triton_sampling" not in request.keywords:
         monkeypatch.setattr(kernels.sampling, "use_triton", lambda t: t.is_cuda)
 
 
 CORPUS = ["The answer is 42.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
-          "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant", "system",
-          "You are a helpful assistant.", "Hello there, how are you today?"] * 20
+          "Janet has 3 apples and buys 5 more. How many apples does she have?", "user", "assistant",
+          "system", "You are a helpful assistant.", "Hello there, how are you today?"] * 20
 
 
 def build_tokenizer():
@@ -39,15 +43,16 @@ def build_tokenizer():
     return train_bpe(CORPUS, vocab_size=300)
 
 
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
 def hf_config(family: str, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
     kw = {**TINY, **overrides}
     if family == "llama":
-        kw.setdefault("rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+        kw.setdefault("rope_parameters",
+                      {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                           "original_max_position_embeddings": 32})
         return LlamaConfig(**kw)
@@ -60,7 +65,8 @@ def hf_config(family: str, **overrides):
 
 
 def randomize(model, seed: int = 0):
-    """Random values in every parameter, biases and norm weights included, so no term can hide at its init."""
+    """Random values in every parameter, biases and norm weights included, so no term can hide at
+    its init."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -69,21 +75,25 @@ def randomize(model, seed: int = 0):
     return model
 
 
-# Written for these tests in the shape of Llama 3.1's template: a default system prompt with today's date
-# (strftime_now), role alternation enforced with raise_exception, the generation prompt added on loop.last.
+# Written for these tests in the shape of Llama 3.1's template: a default system prompt with today's
+# date (strftime_now), role alternation enforced with raise_exception, the generation prompt added
+# on loop.last.
 REAL_TEMPLATE = """{{- bos_token }}
 {%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] | trim %}
     {%- set messages = messages[1:] %}
 {%- else %}
-    {%- set system_message = "You are a careful assistant. Today is " + strftime_now("%d %B %Y") + "." %}
+    {%- set system_message = "You are a careful assistant. Today is "
+                             + strftime_now("%d %B %Y") + "." %}
 {%- endif %}
 {{- "<|start_header_id|>system<|end_header_id|>\n\n" + system_message + "<|eot_id|>" }}
 {%- for message in messages %}
     {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
-        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+        {{- raise_exception('Conversation roles must alternate '
+                            + 'user/assistant/user/assistant/...') }}
     {%- endif %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'
+        + message['content'] | trim }}
     {{- '<|eot_id|>' }}
     {%- if loop.last and add_generation_prompt %}
         {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
@@ -92,7 +102,8 @@ REAL_TEMPLATE = """{{- bos_token }}
 """
 
 
-def save_hf_model(directory, family: str = "llama", seed: int = 0, chat_template: str | None = None, **overrides):
+def save_hf_model(directory, family: str = "llama", seed: int = 0, chat_template: str | None = None,
+                  **overrides):
     """Write a tiny random transformers model and the test tokenizer (with `chat_template` in its
     tokenizer_config.json, if given) to `directory`; returns the HF model."""
     from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
@@ -102,8 +113,9 @@ def save_hf_model(directory, family: str = "llama", seed: int = 0, chat_template
     model.save_pretrained(directory)
     build_tokenizer().save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|eot_id|>" if family == "llama" else "<|im_end|>", "pad_token": "<|endoftext|>",
-                   "bos_token": "<|begin_of_text|>", **({"chat_template": chat_template} if chat_template else {})}, f)
+        json.dump({"eos_token": "<|eot_id|>" if family == "llama" else "<|im_end|>",
+                   "pad_token": "<|endoftext|>", "bos_token": "<|begin_of_text|>",
+                   **({"chat_template": chat_template} if chat_template else {})}, f)
     return model
 
 
@@ -118,12 +130,14 @@ def hf_tensors(directory) -> dict:
     from pathlib import Path
 
     from safetensors.torch import load_file
-    return {k: v for f in sorted(Path(directory).glob("*.safetensors")) for k, v in load_file(f).items()}
+    files = sorted(Path(directory).glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
 
 
 def observe_compiled_steps(monkeypatch) -> list:
-    """Make sampler.generate(compile=True) run the eager step and record, per step, (batch size, the addresses of
-    the model's parameters and of every state tensor the step reads): what a CUDA graph would be recorded on."""
+    """Make decoding through CudaGraphs run the eager step and record, per step, (batch size, the
+    addresses of the model's parameters and of every state tensor the step reads): what a CUDA graph
+    would be recorded on."""
     seen = []
 
     def compile_recording_addresses(fn, **options):  # stands in for torch.compile
@@ -136,8 +150,8 @@ def observe_compiled_steps(monkeypatch) -> list:
 
 
 def each_batch_size_kept_its_addresses(seen: list) -> dict:
-    """Assert that every step of a batch size read the same addresses (seen: from observe_compiled_steps); returns
-    batch size -> addresses."""
+    """Assert that every step of a batch size read the same addresses (seen: from
+    observe_compiled_steps); returns batch size -> addresses."""
     addresses = {}
     for size, pointers in seen:
         assert addresses.setdefault(size, pointers) == pointers, f"batch size {size} moved"

@@ -73,7 +73,8 @@ def test_unknown_model_type(llama_dir):
     cfg = json.loads((llama_dir / "config.json").read_text())
     cfg["model_type"] = "mamba"
     (llama_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model_type 'mamba' is not supported; pbrl supports \('llama'"):
+    with pytest.raises(ValueError,
+                       match=r"model_type 'mamba' is not supported; pbrl supports \('llama'"):
         load_model(llama_dir)
 
 
@@ -115,7 +116,9 @@ def test_shape_mismatch(llama_dir):
     state = load_file(file)
     state["model.norm.weight"] = torch.ones(65)
     save_file(state, file)
-    with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' has shape \[65\], config.json implies \[64\]"):
+    with pytest.raises(ValueError,
+                       match=r"tensor 'model.norm.weight' has shape \[65\], config.json implies "
+                             r"\[64\]"):
         load_model(llama_dir)
 
 
@@ -133,7 +136,8 @@ def test_bad_path_is_not_sent_to_the_hub(tmp_path):
 
 
 def test_hub_id_goes_through_snapshot_download(monkeypatch, llama_dir):
-    """Hub ids are resolved by huggingface_hub; here it answers with a local snapshot (no network)."""
+    """Hub ids are resolved by huggingface_hub; here it answers with a local snapshot (no
+    network)."""
     import huggingface_hub
     calls = []
 
@@ -146,20 +150,25 @@ def test_hub_id_goes_through_snapshot_download(monkeypatch, llama_dir):
 
 
 def test_untied_checkpoint_without_lm_head_is_refused(llama_dir):
-    """tie_word_embeddings=false and no lm_head.weight: the output layer is missing, not 'a backbone'."""
+    """tie_word_embeddings=false and no lm_head.weight: the output layer is missing, not 'a
+    backbone'."""
     file = llama_dir / "model.safetensors"
     state = load_file(file)
     del state["lm_head.weight"]
     save_file(state, file)
-    with pytest.raises(KeyError, match="no lm_head.weight, and config.json has tie_word_embeddings=false"):
+    with pytest.raises(KeyError,
+                       match="no lm_head.weight, and config.json has tie_word_embeddings=false"):
         load_model(llama_dir)
 
 
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.pop("hidden_size"), r"config.json: missing key 'hidden_size'"),
-    (lambda c: c.update(num_hidden_layers="2"), r"config.json: num_hidden_layers must be an integer, got '2'"),
-    (lambda c: c.update(rms_norm_eps=[1e-5]), r"config.json: rms_norm_eps must be a number, got \[1e-05\]"),
-    (lambda c: c.update(tie_word_embeddings="no"), r"config.json: tie_word_embeddings must be true or false"),
+    (lambda c: c.update(num_hidden_layers="2"),
+     r"config.json: num_hidden_layers must be an integer, got '2'"),
+    (lambda c: c.update(rms_norm_eps=[1e-5]),
+     r"config.json: rms_norm_eps must be a number, got \[1e-05\]"),
+    (lambda c: c.update(tie_word_embeddings="no"),
+     r"config.json: tie_word_embeddings must be true or false"),
     (lambda c: c.update(vocab_size=0), r"config.json: vocab_size must be > 0, got 0"),
     (lambda c: c.update(rope_scaling="llama3"), r"config.json: rope_scaling must be an object"),
 ])
@@ -184,20 +193,25 @@ def test_config_json_that_is_not_utf8_or_not_json(llama_dir):
 def test_load_pretrained_refuses_a_tokenizer_the_model_cannot_embed(tmp_path):
     from pbrl.checkpoint import load_pretrained
     save_hf_model(tmp_path, "llama", vocab_size=200)  # the test tokenizer has 300 tokens
-    with pytest.raises(ValueError, match=r"the tokenizer has 300 tokens but the model embeds only 200"):
+    with pytest.raises(ValueError,
+                       match=r"the tokenizer has 300 tokens but the model embeds only 200"):
         load_pretrained(tmp_path)
 
 
 def test_backbone_saves_with_bare_names_that_transformers_reads(tmp_path):
-    """A model without LM head (an embedder) is written as HF writes LlamaModel: no `model.` prefix."""
+    """A model without LM head (an embedder) is written as HF writes LlamaModel: no `model.`
+    prefix."""
     from transformers import AutoModel
     save_hf_model(tmp_path / "src", "llama")
     full = load_model(tmp_path / "src")
     backbone = Transformer(full.args, lm_head=False)
-    backbone.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("lm_head")})
+    backbone.load_state_dict({k: v for k, v in full.state_dict().items()
+                              if not k.startswith("lm_head")})
     save_model(backbone, tmp_path / "out")
-    assert not any(k.startswith(("model.", "lm_head")) for k in load_file(tmp_path / "out" / "model.safetensors"))
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaModel"]
+    assert not any(k.startswith(("model.", "lm_head"))
+                   for k in load_file(tmp_path / "out" / "model.safetensors"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaModel"]
     again = load_model(tmp_path / "out")
     hf = AutoModel.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
@@ -207,13 +221,14 @@ def test_backbone_saves_with_bare_names_that_transformers_reads(tmp_path):
 
 
 def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
-    """Under torchrun with 2 ranks: the sharded load equals a full load, and no read ever returned more than half
-    (rounded up) of a tensor's rows."""
+    """Under torchrun with 2 ranks: the sharded load equals a full load, and no read ever returned
+    more than half (rounded up) of a tensor's rows."""
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    save_hf_model(tmp_path / "m", "qwen3", tie_word_embeddings=True, vocab_size=321)  # odd rows: uneven shards
+    # odd rows: uneven shards
+    save_hf_model(tmp_path / "m", "qwen3", tie_word_embeddings=True, vocab_size=321)
     out = tmp_path / "out.json"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--standalone", str(root / "tests" / "scripts" / "sharded_load.py"),
@@ -226,8 +241,10 @@ def test_sharded_loading_reads_only_each_ranks_rows(tmp_path):
     for name, value in result["state"].items():
         assert torch.equal(torch.tensor(value), full[name]), name
     largest_tensor = full["embed_tokens.weight"].numel()  # 321 x 64
-    assert result["largest_read"] == 161 * 64 < largest_tensor  # rank 0's 161 of the 321 embedding rows
-    from pbrl.memory import model_args, parameter_shapes, shard_bytes  # the planner's exact term, 2 ranks
+    # rank 0's 161 of the 321 embedding rows
+    assert result["largest_read"] == 161 * 64 < largest_tensor
+    # the planner's exact term, 2 ranks
+    from pbrl.memory import model_args, parameter_shapes, shard_bytes
     shapes = parameter_shapes(model_args(str(tmp_path / "m")), value_head=True)
     assert result["rank0_parameter_bytes"] == shard_bytes(shapes, 2, 4)
 
@@ -237,30 +254,35 @@ def torchrun(script, *args):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                           str(root / "tests" / "scripts" / script), *map(str, args)], cwd=root, capture_output=True,
-                          text=True, env=subprocess_env())
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(root / "tests" / "scripts" / script),
+                           *map(str, args)], cwd=root, capture_output=True, text=True,
+                          env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_sharded_checkpoint_never_materialises_a_whole_tensor(tmp_path):
-    """2 ranks save and load a DCP checkpoint of a sharded actor and critic with their AdamW states: nothing is
-    gathered, every tensor read from disk is at most one rank's rows, each rank's shard file holds about half the
-    bytes, and the fresh models and optimizers equal the saved ones shard for shard."""
+    """2 ranks save and load a DCP checkpoint of a sharded actor and critic with their AdamW states:
+    nothing is gathered, every tensor read from disk is at most one rank's rows, each rank's shard
+    file holds about half the bytes, and the fresh models and optimizers equal the saved ones shard
+    for shard."""
     save_hf_model(tmp_path / "m", "qwen3", tie_word_embeddings=True, vocab_size=321)
     torchrun("dcp_probe.py", tmp_path / "m", tmp_path / "report.json", tmp_path / "run")
     reports = json.loads((tmp_path / "report.json").read_text())
     for report in reports:
-        assert report["same"] and report["full_tensor"] == report["redistribute"] == report["float_gathers"] == 0
-        assert 0 < report["largest_read"] <= 161 * 64 < 321 * 64  # half the embedding rows, rounded up
+        assert (report["same"]
+                and report["full_tensor"] == report["redistribute"] == report["float_gathers"] == 0)
+        # half the embedding rows, rounded up
+        assert 0 < report["largest_read"] <= 161 * 64 < 321 * 64
     ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
     sizes = [(ckpt / f"__{rank}_0.distcp").stat().st_size for rank in range(2)]
     assert all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
 
 
 def test_export_streams_one_block_at_a_time_and_transformers_reads_it(tmp_path, monkeypatch):
-    """A training checkpoint of a 6-layer model, exported to bf16: every read from the checkpoint is one file's worth
-    (the embeddings, one block, or the rest), and transformers' model of the export gives the trained logits."""
+    """A training checkpoint of a 6-layer model, exported to bf16: every read from the checkpoint is
+    one file's worth (the embeddings, one block, or the rest), and transformers' model of the export
+    gives the trained logits."""
     import pbrl.checkpoint as ckpt_module
     from transformers import AutoModelForCausalLM
     save_hf_model(tmp_path / "src", "llama", num_hidden_layers=6)
@@ -281,39 +303,47 @@ def test_export_streams_one_block_at_a_time_and_transformers_reads_it(tmp_path, 
     embedding = state["embed_tokens.weight"].numel() * 4
     assert len(reads) == 6 + 2 and max(reads) == max(block, embedding) < sum(reads) / 4
     exported = load_file(tmp_path / "hf" / "model-00002-of-00008.safetensors")
-    assert all(name.startswith("model.layers.0.") and t.dtype == torch.bfloat16 for name, t in exported.items())
+    assert all(name.startswith("model.layers.0.") and t.dtype == torch.bfloat16
+               for name, t in exported.items())
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
     ours = load_model(tmp_path / "hf", dtype=torch.float32)
     with torch.no_grad():
-        assert torch.equal(hf(X).logits, hf(X).logits) and (hf(X).logits - ours(X)).abs().max() <= 1e-4
+        assert torch.equal(hf(X).logits,
+                           hf(X).logits) and (hf(X).logits - ours(X)).abs().max() <= 1e-4
         rounded = Transformer(model.args)
         rounded.load_state_dict({k: v.bfloat16().float() for k, v in state.items()})
-        assert torch.equal(ours(X), rounded(X))  # the export is the trained weights, rounded to bf16
+        # the export is the trained weights, rounded to bf16
+        assert torch.equal(ours(X), rounded(X))
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
 def test_export_command_peak_memory_is_about_one_block(tmp_path):
-    """`python -m pbrl.checkpoint export` in a fresh process on a 150 MB checkpoint: the process's peak resident
-    memory grows by far less than the model while exporting (a gathered export would add the whole model)."""
+    """`python -m pbrl.checkpoint export` in a fresh process on a 150 MB checkpoint: the process's
+    peak resident memory grows by far less than the model while exporting (a gathered export would
+    add the whole model)."""
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    save_hf_model(tmp_path / "src", "llama", hidden_size=512, intermediate_size=1024, num_attention_heads=8,
-                  num_key_value_heads=4, num_hidden_layers=16)
+    save_hf_model(tmp_path / "src", "llama", hidden_size=512, intermediate_size=1024,
+                  num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=16)
     model = load_model(tmp_path / "src", dtype=torch.float32)
     from pbrl.checkpoint import save_training_checkpoint
     ckpt = save_training_checkpoint(tmp_path / "run", 1, {"actor": model}, {}, {"step": 1})
     model_bytes = sum(t.numel() * 4 for t in model.state_dict().values())
-    block_bytes = sum(t.numel() * 4 for n, t in model.state_dict().items() if n.startswith("layers.0."))
-    # VmHWM is this process's peak resident memory (ru_maxrss would carry over the forking pytest's).
+    block_bytes = sum(t.numel() * 4 for n, t in model.state_dict().items()
+                      if n.startswith("layers.0."))
+    # VmHWM is this process's peak resident memory (ru_maxrss would carry over the forking
+    # pytest's).
     script = ("import re, torch.distributed.checkpoint; from pbrl.checkpoint import main; "
-              "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read())[1]); "
+              "status = lambda: open('/proc/self/status').read(); "
+              "kib = lambda key: int(re.search(key + r':\\s+(\\d+)', status())[1]); "
               "before = kib('VmRSS'); "
               f"main(['export', {str(ckpt)!r}, {str(tmp_path / 'hf')!r}]); "
               "print((kib('VmHWM') - before) * 1024)")
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     extra = int(done.stdout.split()[-1])
     assert extra < 4 * block_bytes < model_bytes / 3, (extra, block_bytes, model_bytes)

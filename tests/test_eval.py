@@ -13,32 +13,37 @@ def test_eval_end_to_end(tmp_path, capsys):
         save_hf_model(tmp_path / name, "qwen2", seed=seed, tie_word_embeddings=True)
     data = tmp_path / "mgsm"
     data.mkdir()
-    for lang, q in (("en", "Janet has 3 apples."), ("de", "Janet hat 3 Äpfel."), ("sw", "Janet ana tufaha 3.")):
-        (data / f"mgsm_{lang}.tsv").write_text(f"{q}\t3\n{q} Und 2?\t5\n{q} 1?\t4\n", encoding="utf-8")
+    for lang, q in (("en", "Janet has 3 apples."), ("de", "Janet hat 3 Äpfel."),
+                    ("sw", "Janet ana tufaha 3.")):
+        (data / f"mgsm_{lang}.tsv").write_text(f"{q}\t3\n{q} Und 2?\t5\n{q} 1?\t4\n",
+                                               encoding="utf-8")
     out = tmp_path / "out"
-    eval_cli.main(["--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--data", str(data),
-                   "--langs", "en,de,sw", "--limit", "2", "--max-new-tokens", "4", "--batch-size", "4",
-                   "--out", str(out)])
+    eval_cli.main(["--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"),
+                   "--data", str(data), "--langs", "en,de,sw", "--limit", "2",
+                   "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out)])
     printed = capsys.readouterr()
     scores = json.loads((out / "scores.json").read_text())["scores"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 * 3 * 2 and set(samples[0]) == {"model", "id", "lang", "prompt", "response",
-                                                              "extracted", "gold", "correct"}
+    assert len(samples) == 2 * 3 * 2
+    assert set(samples[0]) == {"model", "id", "lang", "prompt", "response", "extracted", "gold",
+                               "correct"}
     for model in scores:  # the scores are what the samples say
         for lang in ("en", "de", "sw"):
             rows = [s for s in samples if s["model"] == model and s["lang"] == lang]
             assert scores[model][lang] == 100 * sum(s["correct"] for s in rows) / len(rows)
         assert scores[model]["avg"] == (scores[model]["de"] + scores[model]["sw"]) / 2
-    assert "| avg (non-en) |" in printed.out and "a: 6/6 (100%)" in printed.err and "b: 6/6 (100%)" in printed.err
+    assert ("| avg (non-en) |" in printed.out and "a: 6/6 (100%)" in printed.err
+            and "b: 6/6 (100%)" in printed.err)
 
 
 def test_accuracy_and_table():
-    records = [{"lang": "en", "correct": True}, {"lang": "de", "correct": False}, {"lang": "de", "correct": True},
-               {"lang": "sw", "correct": False}]
+    records = [{"lang": "en", "correct": True}, {"lang": "de", "correct": False},
+               {"lang": "de", "correct": True}, {"lang": "sw", "correct": False}]
     acc = accuracy_by_language(records)
     assert acc == {"de": 50.0, "en": 100.0, "sw": 0.0, "avg": 25.0}
     table = format_table({"warm": acc, "ppo": {"en": 90.0, "de": 60.0}})
-    assert table.splitlines()[2] == "| en | 100.0 | 90.0 |" and table.splitlines()[-1] == "| avg (non-en) | 25.0 | - |"
+    assert (table.splitlines()[2] == "| en | 100.0 | 90.0 |"
+            and table.splitlines()[-1] == "| avg (non-en) | 25.0 | - |")
 
 
 def test_gsm8k_is_english_only():
@@ -50,16 +55,18 @@ def test_gsm8k_is_english_only():
 def exemplar_files(root):
     from pbrl.data import language
     (root / "exemplars").mkdir(parents=True)
-    for lang, solved in (("en", "Tom had {n} pens, so the answer is {n}."), ("de", "Tom hatte {n} Stifte, also {n}.")):
+    for lang, solved in (("en", "Tom had {n} pens, so the answer is {n}."),
+                         ("de", "Tom hatte {n} Stifte, also {n}.")):
         prefix = language(lang).answer
         (root / "exemplars" / f"mgsm_{lang}_train.tsv").write_text("".join(
-            f"Q{lang}{n}: Tom has {n} pens.\t{prefix} {solved.format(n=n)}\t{n}\n" for n in (1, 2, 3)),
+            f"Q{lang}{n}: Tom has {n} pens.\t{prefix} "
+            f"{solved.format(n=n)}\t{n}\n" for n in (1, 2, 3)),
             encoding="utf-8")
 
 
 def test_fewshot_prompts_put_native_exemplars_first(tmp_path):
-    """With a real chat template: the exemplars as earlier user/assistant turns, in the problem's language and
-    order, their answer prefix not doubled; without chat, as solved prompts."""
+    """With a real chat template: the exemplars as earlier user/assistant turns, in the problem's
+    language and order, their answer prefix not doubled; without chat, as solved prompts."""
     from conftest import REAL_TEMPLATE
     from pbrl.data import Problem, encode_prompt, language, load_mgsm_exemplars
     from pbrl.tokenizer import Tokenizer
@@ -70,14 +77,17 @@ def test_fewshot_prompts_put_native_exemplars_first(tmp_path):
     assert shots["de"] == [("Qde1: Tom has 1 pens.", "Tom hatte 1 Stifte, also 1."),
                            ("Qde2: Tom has 2 pens.", "Tom hatte 2 Stifte, also 2.")]
     problem = Problem("mgsm-0", "de", "Wie viel ist 2 + 2?", "4")
-    text = tok.decode(encode_prompt(tok, problem, chat=True, shots=shots["de"]), skip_special_tokens=False)
+    text = tok.decode(encode_prompt(tok, problem, chat=True, shots=shots["de"]),
+                      skip_special_tokens=False)
     f = language("de")
     order = [text.index(s) for s in ("Qde1", "also 1.", "Qde2", "also 2.", "Wie viel ist 2 + 2?")]
-    assert order == sorted(order) and text.count(f.answer) == 3  # two exemplar prompts and the question's
-    assert text.endswith(tok.decode(encode_prompt(tok, problem, chat=True), skip_special_tokens=False)
-                         .split("Wie viel ist 2 + 2?")[1])
+    # two exemplar prompts and the question's
+    assert order == sorted(order) and text.count(f.answer) == 3
+    asked = tok.decode(encode_prompt(tok, problem, chat=True), skip_special_tokens=False)
+    assert text.endswith(asked.split("Wie viel ist 2 + 2?")[1])
     plain = tok.decode(encode_prompt(tok, problem, chat=False, shots=shots["de"]))
-    assert plain.startswith(f"{f.question} Qde1: Tom has 1 pens.\n{f.answer} Tom hatte 1 Stifte, also 1.\n\n")
+    assert plain.startswith(f"{f.question} Qde1: Tom has 1 pens.\n{f.answer} Tom hatte 1 Stifte, "
+                            f"also 1.\n\n")
 
 
 def test_eval_fewshot_end_to_end_and_errors(tmp_path, capsys):
@@ -87,12 +97,14 @@ def test_eval_fewshot_end_to_end_and_errors(tmp_path, capsys):
     for lang, q in (("en", "Janet has 3 apples."), ("de", "Janet hat 3 Äpfel.")):
         (data / f"mgsm_{lang}.tsv").write_text(f"{q}\t3\n{q} Und 2?\t5\n", encoding="utf-8")
     exemplar_files(data)
-    args = ["--model", str(tmp_path / "m"), "--data", str(data), "--langs", "en,de", "--max-new-tokens", "3",
-            "--out", str(tmp_path / "out")]
+    args = ["--model", str(tmp_path / "m"), "--data", str(data), "--langs", "en,de",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "out")]
     eval_cli.main(args + ["--num-fewshot", "3"])
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 4
-    with pytest.raises(ValueError, match=r"mgsm_en_train.tsv: 3 exemplars, fewer than the 4 asked for"):
+    with pytest.raises(ValueError,
+                       match=r"mgsm_en_train.tsv: 3 exemplars, fewer than the 4 asked for"):
         eval_cli.main(args + ["--num-fewshot", "4"])
     with pytest.raises(FileNotFoundError,
-                       match=r"m: expected one exemplar file for en \(\*en_train\*.tsv or train/\*en.tsv\), found 0"):
+                       match=r"m: expected one exemplar file for en \(\*en_train\*.tsv or "
+                             r"train/\*en.tsv\), found 0"):
         eval_cli.main(args + ["--num-fewshot", "1", "--fewshot-data", str(tmp_path / "m")])

@@ -1,5 +1,6 @@
-"""The quick variant of the default experiment: a smaller toy world, a short PB-RLSVR run through the real loop.
-A regression guard, not a timing: reward rises, target-language accuracy rises, English does not collapse."""
+"""The quick variant of the default experiment: a smaller toy world, a short PB-RLSVR run through
+the real loop. A regression guard, not a timing: reward rises, target-language accuracy rises,
+English does not collapse."""
 import time
 
 import pytest
@@ -14,38 +15,43 @@ from pbrl.setup import prepare
 
 
 def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
-    # The kernels' own tests run Triton's interpreter; this run uses their PyTorch path, as a CPU run does.
+    # The kernels' own tests run Triton's interpreter; this run uses their PyTorch path, as a CPU
+    # run does.
     monkeypatch.setattr(kernels.logprobs, "use_triton", lambda t: False)
     monkeypatch.setattr(kernels.cosine, "use_triton", lambda t: False)
     t0 = time.perf_counter()
-    world = toy.build_world(0, root=tmp_path / "toy", n_train=400, n_eval=50, sft_steps=1000, width=64, layers=3,
-                            log=lambda *a: None)
+    world = toy.build_world(0, root=tmp_path / "toy", n_train=400, n_eval=50, sft_steps=1000,
+                            width=64, layers=3, log=lambda *a: None)
     monkeypatch.setattr(toy, "build_world", lambda seed, log=None: world)
     cfg = Config()
-    cfg.reward.kind = "hybrid"  # no gold labels: 0.5 embedding + 0.5 agreement with the English pivot
+    # no gold labels: 0.5 embedding + 0.5 agreement with the English pivot
+    cfg.reward.kind = "hybrid"
     cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every = 20, 20, None
     cfg.run.out_dir = str(tmp_path / "run")
     trainer = prepare(toy.use_world(cfg), log=lambda *a: None)
     fixed = trainer.train_problems[::8]  # a fixed set of training prompts, all target languages
 
     def greedy_reward() -> float:
-        """Mean reward of greedy answers on the fixed prompts: the training reward without sampling noise."""
-        records = evaluate(trainer.actor.model, trainer.tokenizer, fixed, batch_size=64, max_new_tokens=24,
-                           progress=False)
-        samples = [Sample(p.lang, r["response"], trainer.references[p.id]) for p, r in zip(fixed, records)]
-        return float(trainer.reward_fn(samples)["reward"].mean())
+        """Mean reward of greedy answers on the fixed prompts: the training reward without sampling
+        noise."""
+        records = evaluate(trainer.actor.model, trainer.tokenizer, fixed, batch_size=64,
+                           max_new_tokens=24, progress=False)
+        samples = [Sample(p.lang, r["response"], trainer.references[p.id])
+                   for p, r in zip(fixed, records)]
+        return float(trainer.reward(samples)["reward"].mean())
 
     before = greedy_reward()
     history = trainer.run()
     after = greedy_reward()
     start, end = history[0], history[-1]
-    print(f"quick variant: {time.perf_counter() - t0:.0f}s, target accuracy {start['acc/avg']:.1f} -> "
-          f"{end['acc/avg']:.1f}, English {start['acc/en']:.1f} -> {end['acc/en']:.1f}, "
-          f"greedy reward {before:.3f} -> {after:.3f}")
+    print(f"quick variant: {time.perf_counter() - t0:.0f}s, target accuracy {start['acc/avg']:.1f} "
+          f"-> {end['acc/avg']:.1f}, English {start['acc/en']:.1f} -> {end['acc/en']:.1f}, greedy "
+          f"reward {before:.3f} -> {after:.3f}")
     assert after > before
     assert end["acc/avg"] > start["acc/avg"]
     assert end["acc/en"] >= start["acc/en"] - 10
-    assert all(0 < h["entropy"] for h in history if "entropy" in h)  # no collapse to a deterministic policy
+    # no collapse to a deterministic policy
+    assert all(0 < h["entropy"] for h in history if "entropy" in h)
 
 
 def test_a_rerun_never_writes_into_earlier_results(tmp_path):
@@ -68,13 +74,15 @@ def test_gain_interval_is_paired_over_problems_and_seeds():
     from pbrl.experiment import gain_interval
     wrong = {"en": [True] * 40, "de": [False] * 40, "sw": [False] * 40}
     right = [{"en": [True] * 40, "de": [True] * 40, "sw": [True] * 40}] * 3
-    assert gain_interval(wrong, right) == {"mean": 100.0, "low": 100.0, "high": 100.0}  # every resample: +100
+    # every resample: +100
+    assert gain_interval(wrong, right) == {"mean": 100.0, "low": 100.0, "high": 100.0}
     warm = {"en": [True] * 40, "de": [False] * 20 + [True] * 20, "sw": [False] * 40}
-    noisy = [{"en": [True] * 40, "de": [i % k == 0 for i in range(40)], "sw": [i % k == 1 for i in range(40)]}
-             for k in (2, 3, 4)]
+    noisy = [{"en": [True] * 40, "de": [i % k == 0 for i in range(40)],
+              "sw": [i % k == 1 for i in range(40)]} for k in (2, 3, 4)]
     g = gain_interval(warm, noisy)
     exact = 100 * (sum(sum(s["de"]) + sum(s["sw"]) for s in noisy) / (3 * 80) - 20 / 80)
-    assert g["mean"] == pytest.approx(exact) and g["low"] < exact < g["high"] and g["high"] - g["low"] < 40
+    assert (g["mean"] == pytest.approx(exact) and g["low"] < exact < g["high"]
+            and g["high"] - g["low"] < 40)
 
 
 def test_seeds_give_mean_rows_and_a_shaded_range():
@@ -91,9 +99,9 @@ def test_seeds_give_mean_rows_and_a_shaded_range():
 
 
 def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path, monkeypatch):
-    """The experiment's bookkeeping with a stand-in trainer (the real loop is the quick test's): each arm runs once
-    per seed in its own directory with its own run.seed, results.json keeps every seed, results.md the intervals,
-    curves.svg a band per arm and panel."""
+    """The experiment's bookkeeping with a stand-in trainer (the real loop is the quick test's):
+    each arm runs once per seed in its own directory with its own run.seed, results.json keeps every
+    seed, results.md the intervals, curves.svg a band per arm and panel."""
     import json
     import xml.etree.ElementTree as ET
 
@@ -107,32 +115,39 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
             runs.append((cfg.run.out_dir, cfg.run.seed, cfg.reward.kind))
 
         def run(self):
-            given.append(0 in self.eval_records)  # the warm start's eval, handed over by the experiment
+            # the warm start's eval, handed over by the experiment
+            given.append(0 in self.eval_records)
             s = self.cfg.run.seed
 
             def right(k):  # eval records: the first k of 10 problems right in every language
-                return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k} for lang in ("en", "de", "sw")
-                        for i in range(10)]
+                return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k}
+                        for lang in ("en", "de", "sw") for i in range(10)]
             self.eval_records = {0: right(3), 4: right(5 + s)}
-            return [{"step": 0, "acc/avg": 30.0, "acc/de": 30.0, "acc/sw": 30.0, "acc/en": 30.0}] + \
+            last = {k: 50.0 + 10 * s for k in ("acc/avg", "acc/de", "acc/sw", "acc/en")}
+            first = {k: 30.0 for k in last}
+            return [{"step": 0, **first}] + \
                 [{"step": t, "reward": 0.1 * t + s} for t in range(1, 4)] + \
-                [{"step": 4, "reward": 0.4 + s, "acc/avg": 50.0 + 10 * s, "acc/de": 50.0 + 10 * s,
-                  "acc/sw": 50.0 + 10 * s, "acc/en": 50.0 + 10 * s}]
+                [{"step": 4, "reward": 0.4 + s, **last}]
     monkeypatch.setattr(experiment, "prepare", StandIn)
     worlds = []
-    monkeypatch.setattr(experiment, "use_world", lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
+    monkeypatch.setattr(experiment, "use_world",
+                        lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
     summary = experiment.run_experiment(tmp_path, steps=4, seed=0, seeds=3, log=lambda *a: None)
-    assert len(runs) == 3 * len(experiment.RUNS) and {seed for _, seed, _ in runs} == {0, 1, 2}
-    assert set(worlds) == {0}  # every run from the same world and warm start: only the RL seed varies
+    assert len(runs) == 3 * len(experiment.ARMS) and {seed for _, seed, _ in runs} == {0, 1, 2}
+    # every run from the same world and warm start: only the RL seed varies
+    assert set(worlds) == {0}
     assert given == [False] + [True] * (len(runs) - 1)  # the warm start is evaluated once
-    assert len({out for out, _, _ in runs}) == len(runs) and runs[1][0].endswith("ppo-gold-exact-match/seed-1")
+    assert (len({out for out, _, _ in runs}) == len(runs)
+            and runs[1][0].endswith("ppo-gold-exact-match/seed-1"))
     saved = json.loads((tmp_path / "results.json").read_text())
     arm = "PB-RLSVR hybrid"
     assert saved["accuracy"][arm] == {"0": {"avg": 50.0, "de": 50.0, "sw": 50.0, "en": 50.0},
                                       "1": {"avg": 60.0, "de": 60.0, "sw": 60.0, "en": 60.0},
                                       "2": {"avg": 70.0, "de": 70.0, "sw": 70.0, "en": 70.0}}
-    assert saved["warm start"]["avg"] == 30.0 and saved["gain"][arm]["mean"] == pytest.approx(30.0)  # 60 - 30
-    assert saved["gain"][arm]["low"] < 30.0 < saved["gain"][arm]["high"] and summary["seeds"] == [0, 1, 2]
+    # 60 - 30
+    assert saved["warm start"]["avg"] == 30.0 and saved["gain"][arm]["mean"] == pytest.approx(30.0)
+    assert (saved["gain"][arm]["low"] < 30.0 < saved["gain"][arm]["high"]
+            and summary["seeds"] == [0, 1, 2])
     assert f"| {arm} | +30.0 | [" in (tmp_path / "results.md").read_text()
     svg = ET.parse(tmp_path / "curves.svg").getroot()
-    assert len(list(svg.iter("{http://www.w3.org/2000/svg}polygon"))) == 2 * len(experiment.RUNS)
+    assert len(list(svg.iter("{http://www.w3.org/2000/svg}polygon"))) == 2 * len(experiment.ARMS)

@@ -1,6 +1,6 @@
-"""Kernels against their PyTorch references (kernels/reference.py) and an fp32 reference, on both backends:
-'triton' runs the real Triton kernels (in interpreter mode on the CPU, TRITON_INTERPRET=1 set by conftest),
-'torch' the chunked PyTorch path the CPU uses without the interpreter."""
+"""Kernels against their PyTorch references (kernels/reference.py) and an fp32 reference, on both
+backends: 'triton' runs the real Triton kernels (in interpreter mode on the CPU, TRITON_INTERPRET=1
+set by conftest), 'torch' the chunked PyTorch path the CPU uses without the interpreter."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,13 +32,15 @@ def row_logprobs(logits, labels, temperature=1.0):
 
 
 def row_gradient(logits, labels, temperature, grad_logp, grad_entropy):
-    """The row kernels' gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. the logits."""
+    """The row kernels' gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. the
+    logits."""
     logp, entropy, m, log_s = _forward(logits, labels, 1.0 / temperature)
     return _backward(logits, labels, m, log_s, entropy, grad_logp, grad_entropy, 1.0 / temperature,
                      out=torch.empty_like(logits))
 
 
-# Tolerances: fp32 kernels agree with the fp32 reference to float rounding over a log-sum-exp of up to ~150K terms.
+# Tolerances: fp32 kernels agree with the fp32 reference to float rounding over a log-sum-exp of up
+# to ~150K terms.
 LOGP_ATOL = 2e-5
 
 
@@ -56,7 +58,8 @@ def test_row_kernels_match_reference(backend, n, v, temperature):
 
 
 def test_row_kernels_bf16_input_accumulates_in_fp32(backend):
-    """bf16 logits: the kernel must be as accurate as the fp32 reference run on the same (bf16-rounded) values."""
+    """bf16 logits: the kernel must be as accurate as the fp32 reference run on the same
+    (bf16-rounded) values."""
     logits = (torch.randn(4, 50_000, generator=gen(1)) * 3).bfloat16()
     labels = torch.randint(0, 50_000, (4,), generator=gen(2))
     logp, entropy = row_logprobs(logits, labels, 0.8)
@@ -83,8 +86,8 @@ def test_extreme_logits(backend, case, dtype):
     ref_logp, ref_entropy = token_logprobs_ref(logits.double(), labels)
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
     assert (logp <= 0).all() and (entropy >= 0).all()
-    assert torch.allclose(logp.double(), ref_logp, atol=1e-4) and torch.allclose(entropy.double(), ref_entropy,
-                                                                                 atol=1e-4)
+    assert torch.allclose(logp.double(), ref_logp, atol=1e-4)
+    assert torch.allclose(entropy.double(), ref_entropy, atol=1e-4)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -94,29 +97,36 @@ def test_row_kernels_gradient(backend, temperature, with_entropy):
     labels = torch.randint(0, 3001, (6,), generator=gen(4))
     w_logp, w_ent = torch.randn(6, generator=gen(5)), torch.randn(6, generator=gen(6))
     logp, entropy = token_logprobs_ref(logits, labels, temperature)
-    ref, = torch.autograd.grad((w_logp * logp).sum() + ((w_ent * entropy).sum() if with_entropy else 0), logits)
-    grad = row_gradient(logits.detach(), labels, temperature, w_logp, w_ent if with_entropy else None)
-    assert torch.allclose(grad, ref, atol=1e-6, rtol=1e-4)  # fp32 throughout; per-element gradients are ~1e-4
+    loss = (w_logp * logp).sum() + ((w_ent * entropy).sum() if with_entropy else 0)
+    ref, = torch.autograd.grad(loss, logits)
+    grad = row_gradient(logits.detach(), labels, temperature, w_logp,
+                        w_ent if with_entropy else None)
+    # fp32 throughout; per-element gradients are ~1e-4
+    assert torch.allclose(grad, ref, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("n,h,v", [(1, 16, 11), (37, 24, 1000), (5, 8, 151_936)])
 def test_linear_token_logprobs_forward_and_gradients(backend, monkeypatch, n, h, v):
-    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 4 * v)  # several token chunks even at small N
+    # several token chunks even at small N
+    monkeypatch.setattr(kernels.logprobs, "CHUNK_ELEMENTS", 4 * v)
     hidden = torch.randn(n, h, generator=gen(7)).requires_grad_()
     weight = (torch.randn(v, h, generator=gen(8)) * 0.5).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=gen(9))
     w_logp, w_ent = torch.randn(n, generator=gen(10)), torch.randn(n, generator=gen(11))
     logp, entropy = kernels.linear_token_logprobs(hidden, weight, labels, 0.9)
     ref_logp, ref_entropy = linear_token_logprobs_ref(hidden, weight, labels, 0.9)
-    assert torch.allclose(logp, ref_logp, atol=LOGP_ATOL) and torch.allclose(entropy, ref_entropy, atol=LOGP_ATOL)
+    assert (torch.allclose(logp, ref_logp, atol=LOGP_ATOL)
+            and torch.allclose(entropy, ref_entropy, atol=LOGP_ATOL))
     grads = torch.autograd.grad((w_logp * logp).sum() + (w_ent * entropy).sum(), (hidden, weight))
-    refs = torch.autograd.grad((w_logp * ref_logp).sum() + (w_ent * ref_entropy).sum(), (hidden, weight))
+    refs = torch.autograd.grad((w_logp * ref_logp).sum() + (w_ent * ref_entropy).sum(),
+                               (hidden, weight))
     for g, r in zip(grads, refs):  # fp32; sums over up to N or V terms
         assert torch.allclose(g, r, atol=1e-5, rtol=1e-4)
 
 
 def test_linear_token_logprobs_bf16_is_as_accurate_as_the_bf16_reference(backend):
-    """Liger's criterion: |kernel - fp32 ref| is no worse than |reference in bf16 - fp32 ref| (plus slack)."""
+    """Liger's criterion: |kernel - fp32 ref| is no worse than |reference in bf16 - fp32 ref| (plus
+    slack)."""
     hidden = torch.randn(16, 64, generator=gen(12))
     weight = torch.randn(5000, 64, generator=gen(13)) * 0.2
     labels = torch.randint(0, 5000, (16,), generator=gen(14))
@@ -127,8 +137,8 @@ def test_linear_token_logprobs_bf16_is_as_accurate_as_the_bf16_reference(backend
 
 
 class LargestTensor(TorchDispatchMode):
-    """Records the size in bytes of the largest tensor any operation produces (the Triton interpreter's host copies
-    are byte tensors, hence bytes rather than elements)."""
+    """Records the size in bytes of the largest tensor any operation produces (the Triton
+    interpreter's host copies are byte tensors, hence bytes rather than elements)."""
 
     def __init__(self):
         super().__init__()
@@ -160,16 +170,17 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"labels must be \[N\] = \[2\]"):
         kernels.linear_token_logprobs(torch.zeros(2, 10), eye, torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        kernels.linear_token_logprobs(torch.zeros(2, 10), eye, torch.tensor([0, 1]), temperature=0.0)
+        kernels.linear_token_logprobs(torch.zeros(2, 10), eye, torch.tensor([0, 1]),
+                                      temperature=0.0)
     with pytest.raises(ValueError, match=r"need hidden \[N, H\] and weight \[V, H\]"):
         kernels.linear_token_logprobs(torch.zeros(2, 4), torch.zeros(10, 5), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"cosine similarity needs \[N, D\] and \[N, D\]"):
         kernels.cosine_similarity(torch.zeros(2, 4), torch.zeros(3, 4))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Cosine similarity
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def fp64_cosine(a, b):
     a, b = a.double(), b.double()
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
@@ -203,14 +214,16 @@ def test_cosine_bf16_input(backend):
     b = torch.randn(9, 300, generator=gen(5)).bfloat16()
     got = kernels.cosine_similarity(a, b)
     assert got.dtype == torch.float32
-    assert torch.allclose(got.double(), fp64_cosine(a, b), atol=1e-6)  # exact on the bf16 values: fp32 accumulation
+    # exact on the bf16 values: fp32 accumulation
+    assert torch.allclose(got.double(), fp64_cosine(a, b), atol=1e-6)
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
-    """The interpreter is lenient; ptxas is not. Each kernel is compiled for real (PTX and cubin, no GPU needed)
-    with fp32 and bf16 inputs, at the largest blocks the wrappers launch; cuobjdump must show no local memory
-    (where spilled registers go) and at most 255 registers. (The bf16-logits forward kernel gets an 8-byte stack
-    frame at sm_90 from Triton's ptxas call; ptxas -v on its PTX reports 0 spill stores and loads.)"""
+    """The interpreter is lenient; ptxas is not. Each kernel is compiled for real (PTX and cubin, no
+    GPU needed) with fp32 and bf16 inputs, at the largest blocks the wrappers launch; cuobjdump must
+    show no local memory (where spilled registers go) and at most 255 registers. (The bf16-logits
+    forward kernel gets an 8-byte stack frame at sm_90 from Triton's ptxas call; ptxas -v on its PTX
+    reports 0 spill stores and loads.)"""
     import json
     import os
     import subprocess
@@ -218,22 +231,25 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "compile_kernels.py")], cwd=root,
+    done = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "compile_kernels.py")],
+                          cwd=root,
                           env={**env, "PYTHONPATH": str(root), "TRITON_DEFAULT_FP_FUSION": "1"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     kernels_compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
-    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel", "_sample_kernel"):
+    for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel",
+                 "_sample_kernel"):
         for arch in ("sm_80", "sm_90"):
             assert {(name, arch, "fp32"), (name, arch, "bf16")} <= kernels_compiled
     for r in rows:
         assert r["local"] == 0 and 0 < r["reg"] <= 255, r
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sampling: the Triton kernel (interpreter) against its PyTorch specification, and the specification against softmax
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Sampling: the Triton kernel (interpreter) against its PyTorch specification, and the specification
+# against softmax
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.triton_sampling
 @pytest.mark.parametrize("vocab", [7, 4099, 50_000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -247,14 +263,16 @@ def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
     ref_tokens, ref_logp = sample_tokens_ref(logits, temperature, keys)
     assert torch.equal(tokens, ref_tokens)
     assert torch.allclose(logp, ref_logp, atol=1e-5, rtol=0)
-    exact = (logits.double() / (temperature or 1.0)).log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    exact = (logits.double() / (temperature or 1.0)).log_softmax(-1)
+    exact = exact.gather(-1, tokens[:, None]).squeeze(-1)
     assert torch.allclose(logp.double(), exact, atol=1e-5, rtol=0)  # and against fp64
     if temperature == 0:
         assert torch.equal(tokens, logits.float().argmax(-1))
 
 
 @pytest.mark.triton_sampling
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on -inf - -inf
+# the interpreter's numpy on -inf - -inf
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_sampling_kernel_ignores_masked_tokens():
     from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
     logits = torch.full((3, 5000), float("-inf"))
@@ -274,9 +292,9 @@ def chi_square(tokens: torch.Tensor, probs: torch.Tensor) -> float:
 
 @pytest.mark.triton_sampling
 def test_counter_based_noise_draws_from_softmax():
-    """Pearson's chi-square of 60,000 draws on a 6-token vocabulary, over rows (seeds) and over decoding steps of
-    one seed: 5 degrees of freedom, below 20.5 with probability 0.999 for an exact sampler. The kernel takes the
-    same draws (first 300 rows)."""
+    """Pearson's chi-square of 60,000 draws on a 6-token vocabulary, over rows (seeds) and over
+    decoding steps of one seed: 5 degrees of freedom, below 20.5 with probability 0.999 for an exact
+    sampler. The kernel takes the same draws (first 300 rows)."""
     from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0])
     n = 60_000
@@ -292,7 +310,8 @@ def test_counter_based_noise_draws_from_softmax():
 
 
 def test_noise_hash_equals_a_plain_python_uint32_hash():
-    """The int32 emulation of the uint32 hash (wrapping multiplies, masked shifts) against Python integers."""
+    """The int32 emulation of the uint32 hash (wrapping multiplies, masked shifts) against Python
+    integers."""
     import math
 
     from kernels.sampling import gumbel_noise, row_keys
@@ -312,4 +331,5 @@ def test_noise_hash_equals_a_plain_python_uint32_hash():
     for row, key in enumerate(keys.tolist()):
         for token in (0, 1, 777, 4999):
             u = ((mix(token ^ (key & 0xFFFFFFFF)) >> 8) + 0.5) / 2**24
-            assert noise[row, token].item() == pytest.approx(-math.log(-math.log(u)), rel=1e-5)  # fp32 logs
+            # fp32 logs
+            assert noise[row, token].item() == pytest.approx(-math.log(-math.log(u)), rel=1e-5)

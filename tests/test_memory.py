@@ -1,5 +1,5 @@
-"""The memory planner: exact terms against the real tensors of a small model, the activation estimate against
-the bytes autograd actually saves, and the command line."""
+"""The memory planner: exact terms against the real tensors of a small model, the activation
+estimate against the bytes autograd actually saves, and the command line."""
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +24,13 @@ def test_parameter_gradient_and_adamw_terms_are_exact(tmp_path, tied):
     assert memory.shard_bytes(shapes, 1, 4) == sum(p.numel() * p.element_size() for p in params)
     ids = torch.randint(0, 320, (2, 9))
     (model(ids, output="values").sum() + model(ids).float().sum()).backward()
-    assert memory.shard_bytes(shapes, 1, 4) == sum(p.grad.numel() * p.grad.element_size() for p in params)
+    assert memory.shard_bytes(shapes, 1,
+                              4) == sum(p.grad.numel() * p.grad.element_size() for p in params)
     opt = torch.optim.AdamW(params)
     opt.step()
     states = [t for s in opt.state.values() for t in s.values()]
-    assert memory.shard_bytes(shapes, 1, 8) + 4 * len(shapes) == sum(t.numel() * t.element_size() for t in states)
+    held = sum(t.numel() * t.element_size() for t in states)
+    assert memory.shard_bytes(shapes, 1, 8) + 4 * len(shapes) == held
 
 
 def saved_bytes(model, ids) -> int:
@@ -45,7 +47,8 @@ def saved_bytes(model, ids) -> int:
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("layers", [2, 4])
 def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(checkpointing, layers):
-    args = ModelArgs(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=layers,
+    args = ModelArgs(vocab_size=256, hidden_size=64, intermediate_size=160,
+                     num_hidden_layers=layers,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     model = Transformer(args).train()
     model.activation_checkpointing = checkpointing
@@ -58,15 +61,18 @@ def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(checkpo
 def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_path):
     save_hf_model(tmp_path / "m", "llama")
     env = subprocess_env()
-    args = [sys.executable, "-m", "pbrl.memory", "--gpus", "2", "--models.policy", str(tmp_path / "m"),
+    args = [sys.executable, "-m", "pbrl.memory", "--gpus", "2", "--models.policy",
+            str(tmp_path / "m"),
             "--reward.kind", "agreement", "--data.path", str(tmp_path), "--data.eval_path", ""]
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "actor AdamW states" in done.stdout and "peak (" in done.stdout and "critic" in done.stdout
-    done = subprocess.run(args + ["--ppo.advantage", "grpo", "--gpu-memory", "0.001"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    assert ("actor AdamW states" in done.stdout and "peak (" in done.stdout
+            and "critic" in done.stdout)
+    done = subprocess.run(args + ["--ppo.advantage", "grpo", "--gpu-memory", "0.001"], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "critic" not in done.stdout  # critic-free: no critic terms
-    assert done.stderr.startswith("error: the run does not fit: its peak") and "actor AdamW states" in done.stderr
+    assert (done.stderr.startswith("error: the run does not fit: its peak")
+            and "actor AdamW states" in done.stderr)
 
 
 def test_an_instruct_translator_adds_a_reward_phase_and_a_lexicon_does_not(tmp_path):
@@ -75,21 +81,26 @@ def test_an_instruct_translator_adds_a_reward_phase_and_a_lexicon_does_not(tmp_p
     (tmp_path / "lexicon").mkdir()
     (tmp_path / "lexicon" / "lexicon.json").write_text("{}")
     for translator, expected in ((tmp_path / "m", True), (tmp_path / "lexicon", False)):
-        cfg = load_config(None, ["--models.policy", str(tmp_path / "m"), "--models.embedder", str(tmp_path / "m"),
+        cfg = load_config(None,
+                          ["--models.policy", str(tmp_path / "m"), "--models.embedder",
+                           str(tmp_path / "m"),
                                  "--models.translator", str(translator), "--reward.kind", "mt"])
         plan = memory.plan(cfg, 2, 100)
-        assert ("reward" in plan.phases) == expected and ("translator (whole)" in plan.terms) == expected
+        assert ("reward" in plan.phases) == expected
+        assert ("translator (whole)" in plan.terms) == expected
         if expected:  # the translator's KV cache for one batch of TRANSLATE_BATCH_SIZE responses
             args = memory.model_args(str(translator))
             tokens = 64 + cfg.rollout.max_new_tokens + cfg.reward.translate_max_new_tokens
-            assert plan.terms["reward: translator KV cache"] == 2 * args.num_hidden_layers * 16 * tokens * \
+            assert plan.terms["reward: translator KV "
+                              "cache"] == 2 * args.num_hidden_layers * 16 * tokens * \
                 args.num_key_value_heads * args.head_dim * 2  # 'auto' plans for CUDA: bf16
 
 
 def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_the_pivot(tmp_path):
-    """With rollout.compile the sampler keeps its state between calls and, under FSDP, the Trainer decodes on a
-    whole copy of the actor (CUDA graphs replay on their addresses): the planner counts both in the update phase
-    too, with the bytes of the tensors the sampler and the Trainer allocate."""
+    """With rollout.compile the sampler keeps its state between calls and, under FSDP, the Trainer
+    decodes on a whole copy of the actor (CUDA graphs replay on their addresses): the planner counts
+    both in the update phase too, with the bytes of the tensors the sampler and the Trainer
+    allocate."""
     from pbrl import sampler
     from pbrl.graphs import cache_slots
     from pbrl.config import load_config
@@ -100,16 +111,23 @@ def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_
     kept = "KV cache, kept (rollout.compile)"
     assert kept in compiled.phases["rollout"] and kept in compiled.phases["update"]
     assert kept not in compiled.phases["pivot"] and "rollout: KV cache" not in compiled.terms
-    assert "rollout: KV cache" in eager.phases["rollout"] and "rollout: KV cache" not in eager.phases["update"]
+    assert ("rollout: KV cache" in eager.phases["rollout"]
+            and "rollout: KV cache" not in eager.phases["update"])
     r = load_config(None, base).rollout
-    model = load_model(tmp_path / "m", dtype=torch.bfloat16)  # the planner's 'auto' dtype plans for CUDA: bf16
+    # the planner's 'auto' dtype plans for CUDA: bf16
+    model = load_model(tmp_path / "m", dtype=torch.bfloat16)
     st = sampler.new_state(model, r.prompts_per_step // 2 * r.samples_per_prompt,
                            cache_slots(100, r.max_new_tokens), r.max_new_tokens)
-    assert compiled.terms[kept] == sum(t.numel() * t.element_size() for t in st.cache.k + st.cache.v)
-    assert compiled.terms[kept] > eager.terms["rollout: KV cache"]  # rounded up to whole 128-slot blocks
+    assert compiled.terms[kept] == sum(t.numel() * t.element_size()
+                                       for t in st.cache.k + st.cache.v)
+    # rounded up to whole 128-slot blocks
+    assert compiled.terms[kept] > eager.terms["rollout: KV cache"]
     copy = "actor copy for compiled rollouts"  # the Trainer's decoder: what it allocates
     assert copy in compiled.phases["update"] and copy not in eager.terms
-    assert "rollout: actor gathered" not in compiled.terms  # refreshed one tensor at a time: the embeddings here
-    assert compiled.terms["rollout: largest actor tensor gathered"] == 2 * model.embed_tokens.weight.numel()
-    assert compiled.terms[copy] == sum(t.numel() * t.element_size() for t in empty_like(model, torch.bfloat16,
+    # refreshed one tensor at a time: the embeddings here
+    assert "rollout: actor gathered" not in compiled.terms
+    assert compiled.terms["rollout: largest actor tensor "
+                          "gathered"] == 2 * model.embed_tokens.weight.numel()
+    assert compiled.terms[copy] == sum(t.numel() * t.element_size()
+                                       for t in empty_like(model, torch.bfloat16,
                                                                                         "cpu").parameters())

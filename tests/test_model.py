@@ -9,8 +9,8 @@ from pbrl.model import ModelArgs, Transformer
 CASES = {
     "llama3-gqa-untied": ("llama", {}),
     "llama3-gqa-tied": ("llama", {"tie_word_embeddings": True}),
-    "llama-attention-bias": ("llama", {"attention_bias": True, "rope_parameters": {"rope_type": "default",
-                                                                                   "rope_theta": 10000.0}}),
+    "llama-attention-bias": ("llama", {"attention_bias": True, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0}}),
     "qwen2-qkv-bias": ("qwen2", {"tie_word_embeddings": True}),
     "qwen3-head-dim": ("qwen3", {"tie_word_embeddings": False}),
 }
@@ -21,7 +21,8 @@ def test_logits_match_transformers(tmp_path, case):
     family, overrides = CASES[case]
     ref = save_hf_model(tmp_path, family, **overrides)
     ours = load_model(tmp_path)
-    # 96 tokens > original_max_position_embeddings (32) of the llama3 cases, so the RoPE scaling matters.
+    # 96 tokens > original_max_position_embeddings (32) of the llama3 cases, so the RoPE scaling
+    # matters.
     x = torch.randint(0, 320, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = ref(x).logits, ours(x)
@@ -29,8 +30,8 @@ def test_logits_match_transformers(tmp_path, case):
 
 
 def test_right_padding_matches_unpadded(tmp_path):
-    """A row right padded to a longer one's length gives, at its real tokens, transformers' logits of the
-    row alone: causal attention alone keeps padding out of every real token's view."""
+    """A row right padded to a longer one's length gives, at its real tokens, transformers' logits
+    of the row alone: causal attention alone keeps padding out of every real token's view."""
     ref = save_hf_model(tmp_path, "qwen3")
     ours = load_model(tmp_path)
     short, long = torch.randint(0, 320, (1, 9)), torch.randint(0, 320, (1, 14))
@@ -42,8 +43,8 @@ def test_right_padding_matches_unpadded(tmp_path):
 
 
 def test_llama3_scaling_changes_long_range_frequencies():
-    """The llama3 rule (hand derivation): wavelengths shorter than old_len/high_freq_factor are untouched, longer
-    than old_len/low_freq_factor are divided by factor."""
+    """The llama3 rule (hand derivation): wavelengths shorter than old_len/high_freq_factor are
+    untouched, longer than old_len/low_freq_factor are divided by factor."""
     import math
     from pbrl.model import rope_inv_freq
     base = ModelArgs(head_dim=64, rope_theta=500000.0)
@@ -65,7 +66,8 @@ def test_value_head_and_hidden_states(llama_dir):
         h = critic(x, output="hidden")
         assert h.shape == (2, 7, 64)
         assert torch.allclose(critic.lm_head(h), critic(x))
-        assert torch.equal(critic(x, output="values"), torch.zeros(2, 7))  # a fresh head starts at zero
+        # a fresh head starts at zero
+        assert torch.equal(critic(x, output="values"), torch.zeros(2, 7))
         critic.value_head.weight.fill_(1.0)
         assert torch.allclose(critic(x, output="values"), h.sum(-1) + critic.value_head.bias)
 
@@ -73,7 +75,8 @@ def test_value_head_and_hidden_states(llama_dir):
 @pytest.mark.parametrize("cfg,message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
     ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "RoPE type 'yarn'"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
     ({"model_type": "llama", "num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
 ])
@@ -86,13 +89,17 @@ def test_unsupported_configs_are_clear_errors(cfg, message):
 
 def test_rope_parameters_and_legacy_rope_fields_agree():
     legacy = ModelArgs.from_hf_config({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
-                                       "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                       "intermediate_size": 16, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2,
                                        "rope_theta": 500000.0, "rope_scaling": {
-                                           "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+                                           "rope_type": "llama3", "factor": 32.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192}})
     new = ModelArgs.from_hf_config({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
-                                    "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                                    "intermediate_size": 16, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2,
+                                    "rope_parameters": {"rope_type": "llama3",
+                                                        "rope_theta": 500000.0,
                                                         "factor": 32.0, "low_freq_factor": 1.0,
                                                         "high_freq_factor": 4.0,
                                                         "original_max_position_embeddings": 8192}})
@@ -120,7 +127,8 @@ def test_fused_logprobs_output_matches_log_softmax_of_logits(llama_dir):
 @pytest.mark.parametrize("output", ["logprobs", "values"])
 def test_activation_checkpointing_gives_identical_gradients(output):
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                     num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, qk_norm=True)
     model = Transformer(args, value_head=True)
     ids = torch.randint(0, 64, (3, 10))
@@ -131,29 +139,33 @@ def test_activation_checkpointing_gives_identical_gradients(output):
         model.activation_checkpointing = on
         model.zero_grad()
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                      lambda t: t):
             out = model(ids, output=output, labels=ids.roll(-1, 1), label_mask=mask) \
                 if output == "logprobs" else model(ids, output=output)
         loss = out[0].sum() + out[1].sum() if output == "logprobs" else out.sum()
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         grads[-1]["saved"] = sum(saved)
-    assert grads[1].pop("saved") < grads[0].pop("saved") / 2  # far fewer activations kept for backward
+    # far fewer activations kept for backward
+    assert grads[1].pop("saved") < grads[0].pop("saved") / 2
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
 def test_training_and_prefill_attend_without_a_mask_and_a_decoding_step_with_one(monkeypatch):
-    """What each SDPA call gets decides the CUDA kernel: flash attention takes GQA but no mask. Training
-    and prefill pass none (right padding: causal attention is exact); a decoding step, one query per row
-    over its own filled slots, passes a [B, 1, 1, S] mask. Outputs equal the full forward's."""
+    """What each SDPA call gets decides the CUDA kernel: flash attention takes GQA but no mask.
+    Training and prefill pass none (right padding: causal attention is exact); a decoding step, one
+    query per row over its own filled slots, passes a [B, 1, 1, S] mask. Outputs equal the full
+    forward's."""
     import torch.nn.functional as F
 
     from pbrl.model import KVCache
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=64)
     model = Transformer(args).eval()
     ids = torch.randint(0, 64, (2, 7))
     calls, real = [], F.scaled_dot_product_attention
@@ -171,7 +183,8 @@ def test_training_and_prefill_attend_without_a_mask_and_a_decoding_step_with_one
         hidden = model.prefill(ids[:, :5], cache)
         assert set(calls) == {(None, True, True, False)}
         calls.clear()
-        # Row 0 continues at position 5; row 1's prompt is 4 tokens (its slot 4 is padding, written over).
+        # Row 0 continues at position 5; row 1's prompt is 4 tokens (its slot 4 is padding, written
+        # over).
         logits = model.decode(torch.tensor([ids[0, 5], ids[1, 4]]), torch.tensor([5, 4]), cache)
         assert set(calls) == {((2, 1, 1, 12), False, True, False)}
     assert torch.allclose(model.lm_head(hidden), full[:, :5], atol=1e-5)
@@ -179,15 +192,17 @@ def test_training_and_prefill_attend_without_a_mask_and_a_decoding_step_with_one
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_blocks_give_the_eager_outputs_and_gradients_with_one_graph_for_all_blocks(checkpointing):
-    """compile_blocks (AOT autograd tracing here, inductor's code generation is for CUDA): the same logits and
-    gradients as eager, with and without activation checkpointing, for unpadded and right-padded batches
-    of different shapes; every block runs the same compiled code (no recompilation per block or per length)."""
+def test_compiled_blocks_give_eager_outputs_and_gradients_with_one_graph_for_all(checkpointing):
+    """compile_blocks (AOT autograd tracing here, inductor's code generation is for CUDA): the same
+    logits and gradients as eager, with and without activation checkpointing, for unpadded and
+    right-padded batches of different shapes; every block runs the same compiled code (no
+    recompilation per block or per length)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+    args = ModelArgs(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                     num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, qk_norm=True)
     eager, compiled = Transformer(args), Transformer(args)
     compiled.load_state_dict(eager.state_dict())
@@ -204,7 +219,8 @@ def test_compiled_blocks_give_the_eager_outputs_and_gradients_with_one_graph_for
             model.zero_grad()
             logits = model(ids)
             (logits * mask[..., None]).square().sum().backward()
-            results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            results.append((logits.detach(), grads))
         assert torch.allclose(results[0][0], results[1][0], atol=1e-5), (t, pad)
         for name, grad in results[0][1].items():
             assert torch.allclose(grad, results[1][1][name], atol=1e-5), (t, pad, name)

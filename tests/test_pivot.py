@@ -9,7 +9,8 @@ from pbrl.checkpoint import load_model
 from pbrl.data import Problem
 from pbrl.tokenizer import Tokenizer
 
-PROBLEMS = [Problem(f"mgsm-{i}", "en", f"Janet has {i} apples and buys 5 more. How many?", str(i + 5))
+PROBLEMS = [Problem(f"mgsm-{i}", "en", f"Janet has {i} apples and buys 5 more. How "
+                                       f"many?", str(i + 5))
             for i in range(5)]
 
 
@@ -27,7 +28,8 @@ def lines(path):
 def test_resume_after_a_crash_writes_each_id_once(tmp_path, pivot_model, monkeypatch):
     _, model, tok = pivot_model
     clean = tmp_path / "clean.jsonl"
-    pivot.write_references(model, tok, PROBLEMS, clean, batch_size=2, max_new_tokens=5, log=lambda m: None)
+    pivot.write_references(model, tok, PROBLEMS, clean, batch_size=2, max_new_tokens=5,
+                           log=lambda m: None)
 
     out = tmp_path / "refs.jsonl"
     real_generate, calls = pivot.generate, []
@@ -39,15 +41,18 @@ def test_resume_after_a_crash_writes_each_id_once(tmp_path, pivot_model, monkeyp
         return real_generate(*args, **kwargs)
     monkeypatch.setattr(pivot, "generate", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None)
+        pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5,
+                               log=lambda m: None)
     assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1"]  # the first batch survived
     with out.open("a") as f:
         f.write('{"id": "mgsm-2", "refer')  # a write torn by the crash
     monkeypatch.setattr(pivot, "generate", real_generate)
-    written = pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None)
+    written = pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5,
+                                     log=lambda m: None)
     assert written == 3
     assert lines(out) == lines(clean)  # same records, each id once, in order
-    assert pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5, log=lambda m: None) == 0
+    assert pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5,
+                                  log=lambda m: None) == 0
 
 
 def record(i: int, question: str | None = None) -> str:
@@ -59,7 +64,8 @@ def test_match_references_lists_missing_ids(tmp_path):
     out = tmp_path / "refs.jsonl"
     out.write_text("".join(record(i) + "\n" for i in (0, 2)))
     assert pivot.match_references(out, PROBLEMS[:1]) == {"mgsm-0": "The answer is 0."}
-    with pytest.raises(KeyError, match="no reference for problem id\\(s\\): mgsm-1, mgsm-3, mgsm-4"):
+    with pytest.raises(KeyError,
+                       match="no reference for problem id\\(s\\): mgsm-1, mgsm-3, mgsm-4"):
         pivot.match_references(out, PROBLEMS)
     out.write_text('{"id": "mgsm-0", "question": "q"}\n')
     with pytest.raises(ValueError, match=r"refs.jsonl:1: missing field\(s\) \['reference'\]"):
@@ -69,10 +75,12 @@ def test_match_references_lists_missing_ids(tmp_path):
 def test_cache_written_for_other_problems_is_refused(tmp_path):
     out = tmp_path / "refs.jsonl"
     out.write_text(record(0) + "\n" + record(1, "Tom has 9 pears. How many?") + "\n")
-    with pytest.raises(ValueError, match=r"refs.jsonl: the reference for id 'mgsm-1' answers another question "
+    with pytest.raises(ValueError,
+                       match=r"refs.jsonl: the reference for id 'mgsm-1' answers another question "
                                          r"\('Tom has 9 pears"):
         pivot.match_references(out, PROBLEMS[:2])
-    with pytest.raises(ValueError, match=r"answers another question"):  # and before generating anything more
+    # and before generating anything more
+    with pytest.raises(ValueError, match=r"answers another question"):
         pivot.write_references(None, None, PROBLEMS, out, log=lambda m: None)
 
 
@@ -87,14 +95,17 @@ def test_complete_last_record_without_newline_is_kept(tmp_path, pivot_model):
     _, model, tok = pivot_model
     out = tmp_path / "refs.jsonl"
     out.write_text(record(0) + "\n" + record(1))  # an editor that drops the final newline
-    assert pivot.match_references(out, PROBLEMS[:2]) == {"mgsm-0": "The answer is 0.", "mgsm-1": "The answer is 1."}
-    assert pivot.write_references(model, tok, PROBLEMS[:3], out, max_new_tokens=3, log=lambda m: None) == 1
+    assert pivot.match_references(out, PROBLEMS[:2]) == {"mgsm-0": "The answer is 0.",
+                                                         "mgsm-1": "The answer is 1."}
+    assert pivot.write_references(model, tok, PROBLEMS[:3], out, max_new_tokens=3,
+                                  log=lambda m: None) == 1
     assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1", "mgsm-2"]
 
 
 def test_cache_that_is_not_utf8_names_the_line(tmp_path):
     out = tmp_path / "refs.jsonl"
-    out.write_bytes(record(0).encode() + b"\n" + record(1).encode("utf-8").replace(b"answer", b"\xe4nswer") + b"\n")
+    damaged = record(1).encode("utf-8").replace(b"answer", b"\xe4nswer")
+    out.write_bytes(record(0).encode() + b"\n" + damaged + b"\n")
     with pytest.raises(ValueError, match=r"refs.jsonl:2: not UTF-8 text"):
         pivot.read_references(out)
 
@@ -102,33 +113,39 @@ def test_cache_that_is_not_utf8_names_the_line(tmp_path):
 def test_cli_on_fixture_data(tmp_path, pivot_model, capsys):
     model_dir, _, _ = pivot_model
     (tmp_path / "mgsm_en.tsv").write_text("".join(f"{p.question}\t{p.answer}\n" for p in PROBLEMS))
-    pivot.main(["--model", str(model_dir), "--data", str(tmp_path), "--out", str(tmp_path / "r.jsonl"),
-                "--limit", "3", "--max-new-tokens", "4"])
+    pivot.main(["--model", str(model_dir), "--data", str(tmp_path),
+                "--out", str(tmp_path / "r.jsonl"), "--limit", "3", "--max-new-tokens", "4"])
     records = lines(tmp_path / "r.jsonl")
     assert [r["id"] for r in records] == ["mgsm-0", "mgsm-1", "mgsm-2"]
     assert set(records[0]) == {"id", "question", "reference", "answer"}
-    assert re.search(r"^pivot: 3/3 \(100%\) \[\d\d:\d\d<00:00, [\d.]+ problems/s\]$", capsys.readouterr().err, re.M)
+    assert re.search(r"^pivot: 3/3 \(100%\) \[\d\d:\d\d<00:00, [\d.]+ problems/s\]$",
+                     capsys.readouterr().err, re.M)
 
 
 def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
-    """`torchrun --nproc_per_node=2 -m pbrl.pivot`: each rank answers its share (2 ids of mgsm-0..4 are already
-    cached), the parts are merged into the one cache, in problem order, equal to a single process's greedy answers."""
+    """`torchrun --nproc_per_node=2 -m pbrl.pivot`: each rank answers its share (2 ids of mgsm-0..4
+    are already cached), the parts are merged into the one cache, in problem order, equal to a
+    single process's greedy answers."""
     import subprocess
     import sys
     from pathlib import Path
     model_dir, model, tok = pivot_model
     root = Path(__file__).resolve().parents[1]
     single = tmp_path / "single.jsonl"
-    pivot.write_references(model, tok, PROBLEMS, single, batch_size=2, max_new_tokens=6, log=lambda m: None)
+    pivot.write_references(model, tok, PROBLEMS, single, batch_size=2, max_new_tokens=6,
+                           log=lambda m: None)
     (tmp_path / "mgsm_en.tsv").write_text("".join(f"{p.question}\t{p.answer}\n" for p in PROBLEMS))
     out = tmp_path / "refs.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in lines(single) if r["id"] in ("mgsm-1", "mgsm-3")))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m",
-                           "pbrl.pivot", "--model", str(model_dir), "--data", str(tmp_path), "--out", str(out),
-                           "--batch-size", "2", "--max-new-tokens", "6"], cwd=root, capture_output=True, text=True,
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines(single)
+                           if r["id"] in ("mgsm-1", "mgsm-3")))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", "-m", "pbrl.pivot", "--model", str(model_dir),
+                           "--data", str(tmp_path), "--out", str(out), "--batch-size", "2",
+                           "--max-new-tokens", "6"], cwd=root, capture_output=True, text=True,
                           env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3 to generate on 2 ranks" in done.stderr and "pivot (rank 0's share of 2): 2/2 (100%)" in done.stderr
+    assert ("3 to generate on 2 ranks" in done.stderr
+            and "pivot (rank 0's share of 2): 2/2 (100%)" in done.stderr)
     assert "1/1" not in done.stderr  # rank 1 works silently
     assert [r["id"] for r in lines(out)] == ["mgsm-1", "mgsm-3", "mgsm-0", "mgsm-2", "mgsm-4"]
     assert sorted(lines(out), key=lambda r: r["id"]) == lines(single)
@@ -136,13 +153,16 @@ def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
 
 
 def test_parts_a_crashed_multi_rank_run_left_are_merged_first(tmp_path, pivot_model):
-    """A 3-rank run died after its ranks wrote parts; a 1-process rerun merges them and generates the rest only."""
+    """A 3-rank run died after its ranks wrote parts; a 1-process rerun merges them and generates
+    the rest only."""
     _, model, tok = pivot_model
     out = tmp_path / "refs.jsonl"
     out.write_text(record(0) + "\n")
     (tmp_path / "refs.jsonl.rank1").write_text(record(1) + "\n" + record(4) + "\n")
-    (tmp_path / "refs.jsonl.rank2").write_text(record(2) + "\n" + '{"id": "mgsm-3", "ques')  # torn by the crash
-    assert pivot.write_references(model, tok, PROBLEMS, out, max_new_tokens=3, log=lambda m: None) == 1
+    # torn by the crash
+    (tmp_path / "refs.jsonl.rank2").write_text(record(2) + "\n" + '{"id": "mgsm-3", "ques')
+    assert pivot.write_references(model, tok, PROBLEMS, out, max_new_tokens=3,
+                                  log=lambda m: None) == 1
     assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1", "mgsm-2", "mgsm-4", "mgsm-3"]
     assert [r["reference"] for r in lines(out)][:4] == [f"The answer is {i}." for i in (0, 1, 2, 4)]
     assert not list(tmp_path.glob("refs.jsonl.rank*"))

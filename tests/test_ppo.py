@@ -22,8 +22,8 @@ def gae_loop(rewards, values, mask, gamma, lam):
 
 
 def test_gae_hand_case():
-    """values = rewards = [0, 0, 0, 1]: deltas r_t + g V_{t+1} - V_t = [0, 0, g, 0], so A = [g^3 l^2, g^2 l, g, 0]
-    and returns = A + V = [g^3 l^2, g^2 l, g, 1]."""
+    """values = rewards = [0, 0, 0, 1]: deltas r_t + g V_{t+1} - V_t = [0, 0, g, 0], so A = [g^3
+    l^2, g^2 l, g, 0] and returns = A + V = [g^3 l^2, g^2 l, g, 1]."""
     g, lam = 0.9, 0.95
     x = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
     adv, ret = ppo.gae(x, x, torch.ones_like(x), g, lam)
@@ -60,8 +60,8 @@ def test_gae_ignores_values_and_rewards_at_masked_positions():
     junk = torch.where(mask, 0.0, torch.randn(4, 9, generator=g) * 1e6)
     adv2, ret2 = ppo.gae(rewards + junk, values + junk, mask, 0.9, 0.8)
     assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
-    adv3, _ = ppo.gae(rewards.masked_fill(~mask, float("nan")), values.masked_fill(~mask, float("inf")), mask, 0.9,
-                      0.8)
+    adv3, _ = ppo.gae(rewards.masked_fill(~mask, float("nan")),
+                      values.masked_fill(~mask, float("inf")), mask, 0.9, 0.8)
     assert torch.equal(adv, adv3)
 
 
@@ -76,7 +76,8 @@ def test_masked_statistics():
     assert torch.isclose(ppo.masked_mean(w, mask), torch.tensor(0.0), atol=1e-6)
     assert torch.isclose(ppo.masked_var(w, mask), torch.tensor(1.0), atol=1e-5)
     assert w[0, 2] == 0 and w[1, 1] == 0
-    assert torch.isclose(ppo.masked_mean(ppo.whiten(x, mask, shift_mean=False), mask), torch.tensor(2.5))
+    assert torch.isclose(ppo.masked_mean(ppo.whiten(x, mask, shift_mean=False), mask),
+                         torch.tensor(2.5))
     assert ppo.masked_mean(x, torch.zeros_like(mask)) == 0
 
 
@@ -89,7 +90,8 @@ def test_kl_estimators():
     assert torch.allclose(ppo.kl_estimate(logp, ref, "k1"), lr)
     assert torch.allclose(ppo.kl_estimate(logp, ref, "k2"), 0.5 * lr ** 2)
     # k3 = (1/r - 1) + log r: at log r = 0.5, e^-0.5 - 1 + 0.5
-    assert torch.allclose(ppo.kl_estimate(logp, ref, "k3"), torch.tensor([math.exp(-0.5) - 0.5, math.e - 2, 0.0]))
+    assert torch.allclose(ppo.kl_estimate(logp, ref, "k3"),
+                          torch.tensor([math.exp(-0.5) - 0.5, math.e - 2, 0.0]))
     assert (ppo.kl_estimate(torch.randn(1000), torch.randn(1000), "k3") >= 0).all()
     with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
         ppo.kl_estimate(logp, ref, "k4")
@@ -115,19 +117,24 @@ def test_per_token_rewards():
 def test_policy_loss_hand_cases():
     mask = torch.ones(1, 1)
     old = torch.zeros(1, 1)
-    # ratio e with A = 1: the objective is clipped at 1 + eps -> loss -(1 + eps), and the gradient is 0.
+    # ratio e with A = 1: the objective is clipped at 1 + eps -> loss -(1 + eps), and the gradient
+    # is 0.
     logp = torch.ones(1, 1, requires_grad=True)
     out = ppo.policy_loss(logp, old, torch.ones(1, 1), mask, eps_low=0.2, eps_high=0.28)
     assert torch.isclose(out.loss, torch.tensor(-1.28)) and out.clipfrac == 1
     out.loss.backward()
     assert logp.grad.item() == 0
-    # A = -1, ratio e^-1: clipped at 1 - eps_low -> loss = 0.8 (max(-A r, -A clip(r)) = max(0.37, 0.8)).
-    out = ppo.policy_loss(torch.full((1, 1), -1.0), old, -torch.ones(1, 1), mask, eps_low=0.2, eps_high=0.28)
+    # A = -1, ratio e^-1: clipped at 1 - eps_low -> loss = 0.8 (max(-A r, -A clip(r)) = max(0.37,
+    # 0.8)).
+    out = ppo.policy_loss(torch.full((1, 1), -1.0), old, -torch.ones(1, 1), mask, eps_low=0.2,
+                          eps_high=0.28)
     assert torch.isclose(out.loss, torch.tensor(0.8))
     # A = -1, ratio e^2 = 7.39: unclipped loss 7.39; dual clip 3 bounds it at 3.
     big = torch.full((1, 1), 2.0)
-    assert torch.isclose(ppo.policy_loss(big, old, -torch.ones(1, 1), mask).loss, torch.tensor(math.e ** 2))
-    assert torch.isclose(ppo.policy_loss(big, old, -torch.ones(1, 1), mask, dual_clip=3.0).loss, torch.tensor(3.0))
+    assert torch.isclose(ppo.policy_loss(big, old, -torch.ones(1, 1), mask).loss,
+                         torch.tensor(math.e ** 2))
+    assert torch.isclose(ppo.policy_loss(big, old, -torch.ones(1, 1), mask, dual_clip=3.0).loss,
+                         torch.tensor(3.0))
     # Inside the trust region the loss is -A r and its gradient -A r.
     logp = torch.full((1, 1), 0.1, requires_grad=True)
     out = ppo.policy_loss(logp, old, torch.full((1, 1), 2.0), mask)
@@ -139,7 +146,8 @@ def test_policy_loss_hand_cases():
 
 
 def test_losses_are_split_invariant_and_ignore_masked_garbage():
-    """Summing micro-batch losses normalised by the global token count gives the full-batch loss and gradient."""
+    """Summing micro-batch losses normalised by the global token count gives the full-batch loss and
+    gradient."""
     g = torch.Generator().manual_seed(0)
     b, t = 8, 10
     logp = (torch.randn(b, t, generator=g) * 0.1).requires_grad_()
@@ -150,16 +158,16 @@ def test_losses_are_split_invariant_and_ignore_masked_garbage():
     full = ppo.policy_loss(logp, old, adv, mask).loss
     grad_full, = torch.autograd.grad(full, logp)
     total = mask.sum()
-    parts = sum(ppo.policy_loss(logp[i:i + 3], old[i:i + 3], adv[i:i + 3], mask[i:i + 3], num_tokens=total).loss
-                for i in range(0, b, 3))
+    parts = sum(ppo.policy_loss(logp[i:i + 3], old[i:i + 3], adv[i:i + 3], mask[i:i + 3],
+                                num_tokens=total).loss for i in range(0, b, 3))
     grad_parts, = torch.autograd.grad(parts, logp)
     assert torch.isclose(full, parts) and torch.allclose(grad_full, grad_parts)
     assert torch.isfinite(grad_full).all() and (grad_full[~mask] == 0).all()
     values = torch.randn(b, t, generator=g, requires_grad=True)
     ret, old_v = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
     v_full = ppo.value_loss(values, old_v, ret, mask).loss
-    v_parts = sum(ppo.value_loss(values[i:i + 3], old_v[i:i + 3], ret[i:i + 3], mask[i:i + 3], num_tokens=total).loss
-                  for i in range(0, b, 3))
+    v_parts = sum(ppo.value_loss(values[i:i + 3], old_v[i:i + 3], ret[i:i + 3], mask[i:i + 3],
+                                 num_tokens=total).loss for i in range(0, b, 3))
     assert torch.isclose(v_full, v_parts)
 
 
@@ -168,22 +176,26 @@ def test_value_loss_hand_case():
     values = torch.tensor([[1.0, 0.05]])
     old = torch.tensor([[0.0, 0.0]])
     returns = torch.tensor([[0.0, 1.0]])
-    # token 0: unclipped (1-0)^2 = 1, clipped V = 0.2 -> 0.04; max 1. token 1: unclipped 0.9025, clipped same.
+    # token 0: unclipped (1-0)^2 = 1, clipped V = 0.2 -> 0.04; max 1. token 1: unclipped 0.9025,
+    # clipped same.
     out = ppo.value_loss(values, old, returns, mask, clip=0.2)
     assert torch.isclose(out.loss, torch.tensor(0.5 * (1 + 0.9025) / 2))
-    assert torch.isclose(ppo.value_loss(values, old, returns, mask, clip=None).loss, torch.tensor(0.5 * 1.9025 / 2))
+    assert torch.isclose(ppo.value_loss(values, old, returns, mask, clip=None).loss,
+                         torch.tensor(0.5 * 1.9025 / 2))
 
 
 def test_explained_variance():
     mask = torch.ones(1, 4)
     returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     assert ppo.explained_variance(returns, returns, mask) == 1
-    assert torch.isclose(ppo.explained_variance(torch.full_like(returns, 2.5), returns, mask), torch.tensor(0.0))
+    assert torch.isclose(ppo.explained_variance(torch.full_like(returns, 2.5), returns, mask),
+                         torch.tensor(0.0))
 
 
 def test_adaptive_kl_controller():
     c = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
-    assert math.isclose(c.update(kl=12.0, n_sequences=10), 0.1 * (1 + 0.2 * 0.1))  # error clipped at +0.2
+    # error clipped at +0.2
+    assert math.isclose(c.update(kl=12.0, n_sequences=10), 0.1 * (1 + 0.2 * 0.1))
     assert math.isclose(c.update(kl=5.4, n_sequences=10), 0.1 * 1.02 * (1 - 0.1 * 0.1))
     fixed = ppo.AdaptiveKLController(0.05)
     assert fixed.update(100.0, 10) == 0.05
@@ -192,7 +204,8 @@ def test_adaptive_kl_controller():
 
 
 def test_whitening_and_explained_variance_across_ranks_equal_one_process():
-    """Two 'ranks' hold half the rows each; reduce= adds the other rank's sums, as an all-reduce would."""
+    """Two 'ranks' hold half the rows each; reduce= adds the other rank's sums, as an all-reduce
+    would."""
     g = torch.Generator().manual_seed(3)
     x, values = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     mask = torch.rand(6, 5, generator=g) > 0.3
@@ -204,7 +217,8 @@ def test_whitening_and_explained_variance_across_ranks_equal_one_process():
         return captured
 
     for fn in (lambda rows, reduce: ppo.whiten(x[rows], mask[rows], reduce=reduce),
-               lambda rows, reduce: ppo.explained_variance(values[rows], x[rows], mask[rows], reduce=reduce)):
+               lambda rows, reduce: ppo.explained_variance(values[rows], x[rows], mask[rows],
+                                                           reduce=reduce)):
         whole = fn(slice(None), ppo._identity)
         for mine, other in (halves, halves[::-1]):
             theirs = iter(sums_of(other, fn))
@@ -213,12 +227,13 @@ def test_whitening_and_explained_variance_across_ranks_equal_one_process():
             assert torch.allclose(got, expected, atol=1e-6)
 
 
-MASK2 = torch.tensor([[True, True, False], [True, False, False], [True, True, True], [True, True, False]])
+MASK2 = torch.tensor([[True, True, False], [True, False, False], [True, True, True],
+                      [True, True, False]])
 
 
 def test_grpo_hand_derived():
-    """One group of 4 scores [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 1/sqrt(3), so the
-    advantages are +-0.5 * sqrt(3); without the std division (Dr. GRPO) +-0.5."""
+    """One group of 4 scores [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 1/sqrt(3), so
+    the advantages are +-0.5 * sqrt(3); without the std division (Dr. GRPO) +-0.5."""
     scores, groups = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long)
     adv = ppo.grpo_advantages(scores, groups, MASK2, eps=0.0)
     expected = torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 * 3 ** 0.5
@@ -228,7 +243,8 @@ def test_grpo_hand_derived():
 
 
 def test_rloo_baseline_leaves_the_sample_out():
-    """Groups [3, 1, 2] and [4]: for 3 the baseline is mean(1, 2) = 1.5, for 1 it is 2.5, for 2 it is 2."""
+    """Groups [3, 1, 2] and [4]: for 3 the baseline is mean(1, 2) = 1.5, for 1 it is 2.5, for 2 it
+    is 2."""
     scores, groups = torch.tensor([3.0, 1.0, 5.0, 2.0, 7.0]), torch.tensor([0, 0, 9, 0, 9])
     mask = torch.ones(5, 2, dtype=torch.bool)
     adv = ppo.rloo_advantages(scores, groups, mask)

@@ -1,5 +1,5 @@
-"""pbrl.cli: Progress (tqdm's bar in a terminal, plain lines with rate and ETA elsewhere, nothing when disabled)
-and run_main's one-line errors."""
+"""pbrl.cli: Progress (tqdm's bar in a terminal, plain lines with rate and ETA elsewhere, nothing
+when disabled) and run_main's one-line errors."""
 import io
 import re
 
@@ -17,7 +17,8 @@ def test_plain_lines_when_stderr_is_not_a_terminal(capsys):
             bar.update()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 4 and "\r" not in "".join(lines)
-    assert re.fullmatch(r"pivot: 1/4 \(25%\) \[00:00<00:0\d, [\d.]+ problems/s\]", lines[0]), lines[0]
+    assert re.fullmatch(r"pivot: 1/4 \(25%\) \[00:00<00:0\d, [\d.]+ problems/s\]",
+                        lines[0]), lines[0]
     assert lines[-1].startswith("pivot: 4/4 (100%) [00:00<00:00, ")
 
 
@@ -26,7 +27,8 @@ def test_at_most_one_plain_line_per_interval_and_the_last(capsys):
         for _ in range(1000):
             bar.update()
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(" [")[0] for line in lines] == ["eval: 1/1000 (0%)", "eval: 1000/1000 (100%)"]
+    assert [line.split(" [")[0]
+            for line in lines] == ["eval: 1/1000 (0%)", "eval: 1000/1000 (100%)"]
 
 
 def test_tqdm_bar_in_a_terminal(monkeypatch):
@@ -51,15 +53,17 @@ def test_disabled_progress_prints_nothing(capsys, monkeypatch):
 
 
 def test_a_missing_optional_package_ends_with_one_line(capsys):
-    """run_main turns an ImportError that names the package to install (parquet without pyarrow) into `error:`."""
+    """run_main turns an ImportError that names the package to install (parquet without pyarrow)
+    into `error:`."""
     import pytest
 
     from pbrl.cli import run_main
 
     def main(argv):
-        raise ImportError("x.parquet: reading parquet needs pyarrow (pip install pyarrow), or convert it to JSONL")
+        raise ImportError("x.parquet: reading parquet needs pyarrow (pip install pyarrow), or "
+                          "convert it to JSONL")
     with pytest.raises(SystemExit) as exit_:
         run_main(main)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == ("error: x.parquet: reading parquet needs pyarrow (pip install pyarrow), "
-                                       "or convert it to JSONL\n")
+    assert capsys.readouterr().err == ("error: x.parquet: reading parquet needs pyarrow (pip "
+                                       "install pyarrow), or convert it to JSONL\n")

@@ -6,8 +6,8 @@ import torch
 
 from conftest import hf_config, randomize, save_hf_model
 from pbrl.checkpoint import load_model
-from pbrl.rewards import (AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward, HybridReward,
-                          LanguageConsistency, MTReward, Sample, language_share)
+from pbrl.rewards import (AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward,
+                          HybridReward, LanguageConsistency, MTReward, Sample, language_share)
 from pbrl.translators import TRANSLATE_PROMPT, Translator
 from pbrl.tokenizer import Tokenizer
 
@@ -39,40 +39,46 @@ def embed_alone(model, tokenizer, text, pooling="last"):
     return v / v.norm()
 
 
-TEXTS = ["Janet has 3 apples. The answer is 3.", "Die Antwort lautet 7.", "La réponse est 12.", "Jibu ni 3.",
-         "Hello there, how are you today?"]
-REFS = ["The answer is 3.", "The answer is 7.", "You are a helpful assistant.", "The answer is 42.", "user"]
+TEXTS = ["Janet has 3 apples. The answer is 3.", "Die Antwort lautet 7.", "La réponse est 12.",
+         "Jibu ni 3.", "Hello there, how are you today?"]
+REFS = ["The answer is 3.", "The answer is 7.", "You are a helpful assistant.", "The answer is 42.",
+        "user"]
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_embedding_reward_matches_one_at_a_time_cosine(embedder_dir, pooling):
-    embedder = Embedder.from_pretrained(embedder_dir, pooling=pooling, batch_size=2)  # batches of mixed lengths
+    # batches of mixed lengths
+    embedder = Embedder.from_pretrained(embedder_dir, pooling=pooling, batch_size=2)
     reward = EmbeddingReward(embedder)
     samples = [Sample("en", t, r) for t, r in zip(TEXTS, REFS)]
     got = reward(samples)
     expected = [max(0.0, float(embed_alone(embedder.model, embedder.tokenizer, t, pooling)
-                               @ embed_alone(embedder.model, embedder.tokenizer, r, pooling))) for t, r in
+                               @ embed_alone(embedder.model, embedder.tokenizer, r,
+                                             pooling))) for t, r in
                 zip(TEXTS, REFS)]
     assert torch.allclose(got["reward"], torch.tensor(expected), atol=1e-5)
     assert torch.equal(got["reward"], got["embedding"])
-    assert torch.allclose(reward([Sample("de", t, t) for t in TEXTS])["reward"], torch.ones(5), atol=1e-5)
+    assert torch.allclose(reward([Sample("de", t, t) for t in TEXTS])["reward"], torch.ones(5),
+                          atol=1e-5)
 
 
 def test_embedding_reward_floor_for_empty_and_garbage(embedder_dir):
     reward = EmbeddingReward(Embedder.from_pretrained(embedder_dir))
-    out = reward([Sample("de", "", "The answer is 3."), Sample("de", "   \n", "x"), Sample("de", "\x00\ufffd%%", "x"),
-                  Sample("de", "Die Antwort lautet 3.", None)])["reward"]
+    out = reward([Sample("de", "", "The answer is 3."), Sample("de", "   \n", "x"),
+                  Sample("de", "\x00\ufffd%%", "x"), Sample("de", "Die Antwort lautet 3.", None)])
+    out = out["reward"]
     assert out[0] == 0 and out[1] == 0 and out[3] == 0
     assert torch.isfinite(out).all() and 0 <= out[2] <= 1
 
 
 def test_mt_reward_translates_through_the_sampler(embedder_dir, translator_dir):
-    """The translation is what greedy decoding by full forward passes gives for the stated prompt; the reward is the
-    embedding reward of that translation against the reference."""
+    """The translation is what greedy decoding by full forward passes gives for the stated prompt;
+    the reward is the embedding reward of that translation against the reference."""
     embedder = Embedder.from_pretrained(embedder_dir)
     model, tok = load_model(translator_dir), Tokenizer.from_pretrained(translator_dir)
     reward = MTReward(Translator(model, tok, max_new_tokens=6, batch_size=2), embedder)
-    samples = [Sample("de", "Die Antwort lautet 7.", "The answer is 7."), Sample("en", "The answer is 3.", "3"),
+    samples = [Sample("de", "Die Antwort lautet 7.", "The answer is 7."),
+               Sample("en", "The answer is 3.", "3"),
                Sample("sw", "Jibu ni 3.", "The answer is 3."), Sample("fr", "", "The answer is 1.")]
     got = reward(samples)["reward"]
     expected = []
@@ -80,8 +86,8 @@ def test_mt_reward_translates_through_the_sampler(embedder_dir, translator_dir):
         text = s.response
         if s.lang != "en" and s.response:
             names = {"de": "German", "sw": "Swahili"}
-            ids = tok.encode_chat([{"role": "user", "content": TRANSLATE_PROMPT.format(language=names[s.lang],
-                                                                                         text=s.response)}])
+            asked = TRANSLATE_PROMPT.format(language=names[s.lang], text=s.response)
+            ids = tok.encode_chat([{"role": "user", "content": asked}])
             new = []
             with torch.no_grad():
                 for _ in range(6):
@@ -90,9 +96,9 @@ def test_mt_reward_translates_through_the_sampler(embedder_dir, translator_dir):
                     if nxt in tok.stop_ids:
                         break
             text = tok.decode(new)
-        expected.append(0.0 if not text.strip() else max(0.0, float(
-            embed_alone(embedder.model, embedder.tokenizer, text) @ embed_alone(embedder.model, embedder.tokenizer,
-                                                                                 s.reference))))
+        cosine = embed_alone(embedder.model, embedder.tokenizer, text) @ \
+            embed_alone(embedder.model, embedder.tokenizer, s.reference)
+        expected.append(0.0 if not text.strip() else max(0.0, float(cosine)))
     assert torch.allclose(got, torch.tensor(expected), atol=1e-5)
     assert got[3] == 0
 
@@ -104,7 +110,8 @@ def test_exact_match_and_agreement():
                Sample("sw", "", "The answer is 5", "5"),
                Sample("sw", "no number", "no number either", "5")]
     assert ExactMatch()(samples)["reward"].tolist() == [1, 0, 1, 0, 0]
-    assert AnswerAgreement()(samples)["reward"].tolist() == [1, 0, 1, 0, 0]  # two missing answers do not agree
+    # two missing answers do not agree
+    assert AnswerAgreement()(samples)["reward"].tolist() == [1, 0, 1, 0, 0]
     with pytest.raises(ValueError, match="ExactMatch needs a gold answer"):
         ExactMatch()([Sample("de", "x", "y")])
 
@@ -112,7 +119,8 @@ def test_exact_match_and_agreement():
 def test_format_and_language_consistency():
     samples = [Sample("de", "Sie hat 3 und kauft 5, also 8. Die Antwort lautet 8."),
                Sample("de", "She has 3 and buys 5, so 8. The answer is 8."),
-               Sample("th", "คำตอบคือ 8"), Sample("sw", ""), Sample("fr", "Elle a 3 pommes et la réponse est 8.")]
+               Sample("th", "คำตอบคือ 8"), Sample("sw", ""),
+               Sample("fr", "Elle a 3 pommes et la réponse est 8.")]
     assert FormatReward()(samples)["reward"].tolist() == [1, 0, 1, 0, 1]
     share = LanguageConsistency()(samples)["reward"]
     assert share[0] == 1 and share[1] == 0 and share[2] == 1 and share[3] == 0 and share[4] > 0.5
@@ -120,7 +128,8 @@ def test_format_and_language_consistency():
 
 
 def test_hybrid_weights_and_components():
-    hybrid = HybridReward([(0.5, AnswerAgreement()), (0.3, FormatReward()), (0.2, LanguageConsistency())])
+    hybrid = HybridReward([(0.5, AnswerAgreement()), (0.3, FormatReward()),
+                           (0.2, LanguageConsistency())])
     assert (hybrid.low, hybrid.high) == (0.0, 1.0)
     out = hybrid([Sample("de", "Sie hat 8. Die Antwort lautet 8.", "The answer is 8."),
                   Sample("de", "", "The answer is 8.")])

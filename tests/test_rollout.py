@@ -1,5 +1,6 @@
-"""The pieces of one PPO iteration, each alone: problem choice per step and rank, sequence seeds, packing,
-scoring, response log-probs and values at the right positions, the LR schedule, padding, the metrics."""
+"""The pieces of one PPO iteration, each alone: problem choice per step and rank, sequence seeds,
+packing, scoring, response log-probs and values at the right positions, the LR schedule, padding,
+the metrics."""
 import math
 
 import pytest
@@ -15,19 +16,25 @@ PROBLEMS = [Problem(f"mgsm-{i}", "de", f"Frage {i}", str(i)) for i in range(10)]
 
 
 def test_each_step_takes_the_next_problems_of_a_seeded_permutation_per_pass():
-    steps = [rollout.problems_for_step(PROBLEMS, step, 4, seed=7, rank=0, world=1) for step in range(5)]
+    steps = [rollout.problems_for_step(PROBLEMS, step, 4, seed=7, rank=0, world=1)
+             for step in range(5)]
     first_pass = [p.id for s in steps[:2] for p in s] + [p.id for p in steps[2][:2]]
-    assert sorted(first_pass) == sorted(p.id for p in PROBLEMS)  # 10 problems: steps 0, 1 and half of 2
+    # 10 problems: steps 0, 1 and half of 2
+    assert sorted(first_pass) == sorted(p.id for p in PROBLEMS)
     second_pass = [p.id for p in steps[2][2:]] + [p.id for s in steps[3:] for p in s]
-    assert len(set(second_pass)) == len(second_pass) == 10 and second_pass != first_pass  # a new permutation
-    assert steps == [rollout.problems_for_step(PROBLEMS, s, 4, seed=7, rank=0, world=1) for s in range(5)]
-    assert steps != [rollout.problems_for_step(PROBLEMS, s, 4, seed=8, rank=0, world=1) for s in range(5)]
+    # a new permutation
+    assert len(set(second_pass)) == len(second_pass) == 10 and second_pass != first_pass
+    assert steps == [rollout.problems_for_step(PROBLEMS, s, 4, seed=7, rank=0, world=1)
+                     for s in range(5)]
+    assert steps != [rollout.problems_for_step(PROBLEMS, s, 4, seed=8, rank=0, world=1)
+                     for s in range(5)]
 
 
 def test_ranks_split_a_step_into_disjoint_slices_that_add_up_to_one_process():
     for step in range(4):
         whole = rollout.problems_for_step(PROBLEMS, step, 4, seed=0, rank=0, world=1)
-        parts = [rollout.problems_for_step(PROBLEMS, step, 4, seed=0, rank=r, world=2) for r in range(2)]
+        parts = [rollout.problems_for_step(PROBLEMS, step, 4, seed=0, rank=r, world=2)
+                 for r in range(2)]
         assert parts[0] + parts[1] == whole and len(parts[0]) == 2
     with pytest.raises(ValueError, match="4 problems per step do not split over 3 ranks"):
         rollout.problems_for_step(PROBLEMS, 0, 4, seed=0, rank=0, world=3)
@@ -35,7 +42,8 @@ def test_ranks_split_a_step_into_disjoint_slices_that_add_up_to_one_process():
 
 def test_sequence_seed_depends_on_every_part_and_not_on_position():
     p, q = PROBLEMS[0], Problem("mgsm-0", "fr", "Question 0", "0")
-    seeds = {rollout.sequence_seed(0, 1, p, 0), rollout.sequence_seed(1, 1, p, 0), rollout.sequence_seed(0, 2, p, 0),
+    seeds = {rollout.sequence_seed(0, 1, p, 0), rollout.sequence_seed(1, 1, p, 0),
+             rollout.sequence_seed(0, 2, p, 0),
              rollout.sequence_seed(0, 1, p, 1), rollout.sequence_seed(0, 1, q, 0)}
     assert len(seeds) == 5  # seed, step, problem id + language and sample index all matter
     assert rollout.sequence_seed(0, 1, p, 0) == rollout.sequence_seed(0, 1, p, 0)
@@ -43,12 +51,13 @@ def test_sequence_seed_depends_on_every_part_and_not_on_position():
 
 def test_pad_rows_right_pads():
     ids, mask = pad_rows([[5, 6, 7], [8]], pad_id=9)
-    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[True] * 3, [True, False, False]]
+    assert (ids.tolist() == [[5, 6, 7], [8, 9, 9]]
+            and mask.tolist() == [[True] * 3, [True, False, False]])
 
 
 def test_sequences_put_each_response_after_its_prompt_right_padded():
-    completions = Completions(tokens=torch.tensor([[11, 12, 2], [13, 2, 2]]), lengths=torch.tensor([3, 1]),
-                              finished=torch.tensor([True, False]),
+    completions = Completions(tokens=torch.tensor([[11, 12, 2], [13, 2, 2]]),
+                              lengths=torch.tensor([3, 1]), finished=torch.tensor([True, False]),
                               logprobs=torch.tensor([[-0.1, -0.2, -0.3], [-0.4, 0.0, 0.0]]))
     tokens, lengths, mask, sampled = rollout.sequences([[1, 2], [3, 4, 5]], completions)
     # the pad id 2 after row 1's single token is not a response token, and is written as 0
@@ -61,25 +70,29 @@ def test_sequences_put_each_response_after_its_prompt_right_padded():
 def test_score_pairs_each_sample_with_its_problem_and_reference():
     problems = PROBLEMS[:2]
     texts = ["Die Antwort lautet 0.", "Die Antwort lautet 5.", "1", "Die Antwort lautet 1."]
-    references = {"mgsm-0": "The answer is 0.", "mgsm-1": "The answer is 7."}  # the pivot got mgsm-1 wrong
-    samples, rewards = rollout.score(AnswerAgreement(), problems, texts, references, samples_per_prompt=2)
-    assert [(s.lang, s.reference, s.gold) for s in samples][1:3] == [("de", "The answer is 0.", "0"),
-                                                                     ("de", "The answer is 7.", "1")]
+    # the pivot got mgsm-1 wrong
+    references = {"mgsm-0": "The answer is 0.", "mgsm-1": "The answer is 7."}
+    samples, rewards = rollout.score(AnswerAgreement(), problems, texts, references,
+                                     samples_per_prompt=2)
+    assert [(s.lang, s.reference, s.gold) for s in samples][1:3] == [
+        ("de", "The answer is 0.", "0"), ("de", "The answer is 7.", "1")]
     assert rewards["reward"].tolist() == [1.0, 0.0, 0.0, 0.0]
-    assert rollout.score(ExactMatch(), problems, texts, references, 2)[1]["reward"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert rollout.score(ExactMatch(), problems, texts, references,
+                         2)[1]["reward"].tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
     return Transformer(args, value_head=True).eval()
 
 
 def test_per_token_logprobs_and_values_read_the_positions_before_each_response_token(tiny):
-    """Oracle: log_softmax of the full logits of the row alone at position P + t - 1, gathered at its
-    response token t, in column P + t - 1 of the [B, L - 1] layout."""
+    """Oracle: log_softmax of the full logits of the row alone at position P + t - 1, gathered at
+    its response token t, in column P + t - 1 of the [B, L - 1] layout."""
     prompts, responses = [[3, 4, 5], [6]], [[7, 8], [9, 10, 11]]
     completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
                               torch.tensor([True, False]), torch.zeros(2, 3))
@@ -93,10 +106,11 @@ def test_per_token_logprobs_and_values_read_the_positions_before_each_response_t
             full_values = tiny(alone, output="values")[0]
             for t, token in enumerate(response):
                 position = len(prompt) + t - 1
-                assert logp[i, position] == pytest.approx(log_softmax[position, token].item(), abs=1e-5)
+                expected = log_softmax[position, token].item()
+                assert logp[i, position] == pytest.approx(expected, abs=1e-5)
                 probs = log_softmax[position].exp()
-                assert entropy[i, position] == pytest.approx(-(probs * log_softmax[position]).sum().item(),
-                                                             abs=1e-5)
+                expected = -(probs * log_softmax[position]).sum().item()
+                assert entropy[i, position] == pytest.approx(expected, abs=1e-5)
                 assert values[i, position] == pytest.approx(full_values[position].item(), abs=1e-5)
         for x in (logp, entropy, values):  # nothing outside the response tokens
             assert x[~mask].eq(0).all()
@@ -105,7 +119,8 @@ def test_per_token_logprobs_and_values_read_the_positions_before_each_response_t
 @pytest.mark.parametrize("step,expected", [(0, 0.25), (3, 1.0), (4, 1.0), (14, 0.1), (20, 0.1),
                                            (9, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))])
 def test_lr_schedule_cosine(step, expected):
-    assert ppo.lr_factor(step, warmup_steps=4, schedule="cosine", total_steps=14) == pytest.approx(expected)
+    assert ppo.lr_factor(step, warmup_steps=4, schedule="cosine",
+                         total_steps=14) == pytest.approx(expected)
 
 
 def test_lr_schedule_constant():
@@ -119,7 +134,8 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     exp = rollout.Experience(torch.zeros(b, t + 1), torch.full((b,), 3), mask,
                              *(torch.randn(b, t, generator=g) for _ in range(7)))
     samples = [type("S", (), {"lang": lang})() for lang in ("de", "de", "fr", "fr")]
-    rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]), "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]),
+               "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
     whole = rollout.rollout_metrics(samples, rewards, exp, lambda x: x, lambda o: [o])
     assert whole["reward/de"] == 0.5 and whole["reward/fr"] == 0.5 and whole["agreement"] == 0.5
     assert whole["response_tokens"] == mask.sum().item()
@@ -133,18 +149,19 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     for i, h in enumerate(halves):  # record what each 'rank' sends into its collectives
         sent = captured[i] = []
         e, s, r = local(h)
-        rollout.rollout_metrics(s, r, e, lambda x, sent=sent: sent.append(x) or x, lambda o, sent=sent:
-                                sent.append(o) or [o])
+        rollout.rollout_metrics(s, r, e, lambda x, sent=sent: sent.append(x) or x,
+                                lambda o, sent=sent: sent.append(o) or [o])
     e, s, r = local(halves[0])
     theirs = iter(captured[1])
-    split = rollout.rollout_metrics(s, r, e, lambda x: x + next(theirs), lambda o: [o, next(theirs)])
+    split = rollout.rollout_metrics(s, r, e, lambda x: x + next(theirs),
+                                    lambda o: [o, next(theirs)])
     for key, value in whole.items():
         assert split[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_each_micro_batch_is_as_wide_as_its_longest_row(tiny):
-    """The model sees each row but its last token, as wide as the longest row (5 tokens -> 4 columns),
-    whatever padding the batch carries; the outputs come back in the batch's own width."""
+    """The model sees each row but its last token, as wide as the longest row (5 tokens -> 4
+    columns), whatever padding the batch carries; the outputs come back in the batch's own width."""
     completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
                               torch.tensor([True, False]), torch.zeros(2, 3))
     tokens, lengths, mask, _ = rollout.sequences([[3, 4, 5], [6]], completions)
@@ -155,7 +172,8 @@ def test_each_micro_batch_is_as_wide_as_its_longest_row(tiny):
     with torch.no_grad():
         narrow = rollout.per_token(tiny, tokens, lengths, mask, "logprobs") + \
             (rollout.per_token(tiny, tokens, lengths, mask, "values"),)
-        broad = rollout.per_token(tiny, *wide, "logprobs") + (rollout.per_token(tiny, *wide, "values"),)
+        broad = rollout.per_token(tiny, *wide,
+                                  "logprobs") + (rollout.per_token(tiny, *wide, "values"),)
     hook.remove()
     assert widths == [4] * 4
     for a, b in zip(narrow, broad):
@@ -166,20 +184,27 @@ def test_each_micro_batch_is_as_wide_as_its_longest_row(tiny):
 def test_advantages_by_estimator_and_where_the_kl_goes():
     from pbrl.config import PPOConfig
     g = torch.Generator().manual_seed(2)
-    scores, kl, values = torch.rand(4, generator=g), torch.rand(4, 3, generator=g) * 0.1, torch.rand(4, 3, generator=g)
+    scores, kl = torch.rand(4, generator=g), torch.rand(4, 3, generator=g) * 0.1
+    values = torch.rand(4, 3, generator=g)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
     groups = torch.tensor([0, 0, 1, 1])
     cfg = PPOConfig(whiten_advantages=False)
     adv, returns = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
-    expected = ppo.gae(ppo.per_token_rewards(scores, kl, mask, 0.5), values, mask, cfg.gamma, cfg.lam)
+    expected = ppo.gae(ppo.per_token_rewards(scores, kl, mask, 0.5), values, mask, cfg.gamma,
+                       cfg.lam)
     assert torch.equal(adv, expected[0]) and torch.equal(returns, expected[1])
     cfg = PPOConfig(advantage="rloo")
     adv, returns = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
     sequence = scores - 0.5 * (kl * mask).sum(1)  # the response's summed KL folded into its score
-    assert torch.allclose(adv[:, 0], torch.stack([sequence[0] - sequence[1], sequence[1] - sequence[0],
-                                                  sequence[2] - sequence[3], sequence[3] - sequence[2]]))
+    assert torch.allclose(adv[:, 0],
+                          torch.stack([sequence[0] - sequence[1], sequence[1] - sequence[0],
+                                                  sequence[2] - sequence[3],
+                                       sequence[3] - sequence[2]]))
     assert returns.eq(0).all()
-    cfg = PPOConfig(advantage="grpo", group_std=False, kl_in_loss=True)  # the KL is the loss's, not the reward's
+    # the KL is the loss's, not the reward's
+    cfg = PPOConfig(advantage="grpo", group_std=False, kl_in_loss=True)
     adv, _ = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
-    assert torch.allclose(adv[:, 0], torch.stack([scores[0] - scores[:2].mean(), scores[1] - scores[:2].mean(),
-                                                  scores[2] - scores[2:].mean(), scores[3] - scores[2:].mean()]))
+    assert torch.allclose(adv[:, 0],
+                          torch.stack([scores[0] - scores[:2].mean(), scores[1] - scores[:2].mean(),
+                                                  scores[2] - scores[2:].mean(),
+                                       scores[3] - scores[2:].mean()]))

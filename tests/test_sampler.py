@@ -90,7 +90,8 @@ def draws(logits, top_k, top_p, n):
 
 def test_top_k_and_top_p_truncate():
     logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]])
-    # softmax: p0 ~ 0.50, p1 ~ 0.45, rest ~ 0.05. top_p=0.4 keeps token 0 only; 0.9 keeps tokens 0 and 1.
+    # softmax: p0 ~ 0.50, p1 ~ 0.45, rest ~ 0.05. top_p=0.4 keeps token 0 only; 0.9 keeps tokens 0
+    # and 1.
     assert draws(logits, 1, None, 50) == {0} and draws(logits, 2, None, 200) == {0, 1}
     assert draws(logits, None, 0.4, 50) == {0} and draws(logits, None, 0.9, 300) == {0, 1}
     assert draws(logits, None, None, 300) == {0, 1, 2, 3}
@@ -101,7 +102,9 @@ def test_top_k_and_top_p_truncate():
 
 def test_prompt_longer_than_context_is_an_error(model):
     too_long = [1] * (model.args.max_position_embeddings - 3)
-    with pytest.raises(ValueError, match=r"prompt of 509 tokens \+ max_new_tokens=4 exceeds the model's context"):
+    with pytest.raises(ValueError,
+                       match=r"prompt of 509 tokens \+ max_new_tokens=4 exceeds the model's "
+                             r"context"):
         generate(model, [too_long], max_new_tokens=4)
 
 
@@ -115,15 +118,18 @@ def test_per_row_seeds_make_samples_independent_of_the_batch(model):
     batch = generate(model, PROMPTS, 12, temperature=1.0, n=2, seeds=[10, 11, 20, 21, 30, 31])
     alone = generate(model, PROMPTS[1:2], 12, temperature=1.0, n=2, seeds=[20, 21])
     assert batch.as_lists()[2:4] == alone.as_lists()
-    with pytest.raises(ValueError, match="one seed per row: need len\\(prompts\\) \\* n = 3, got 2"):
+    with pytest.raises(ValueError,
+                       match="one seed per row: need len\\(prompts\\) \\* n = 3, got 2"):
         generate(model, PROMPTS, 4, temperature=1.0, seeds=[1, 2])
 
 
 def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
-    """Rows that stop early leave the batch (looked at every 2 steps here): every row's tokens and log-probs equal
-    the same generation without compaction (SYNC_EVERY beyond the length) and the row generated alone."""
+    """Rows that stop early leave the batch (looked at every 2 steps here): every row's tokens and
+    log-probs equal the same generation without compaction (SYNC_EVERY beyond the length) and the
+    row generated alone."""
     import pbrl.sampler as sampler
-    prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62], [7, 7, 7, 7, 7]]
+    prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62],
+               [7, 7, 7, 7, 7]]
     seeds = list(range(100, 112))
     free = generate(model, prompts, 12, temperature=1.0, n=2, seeds=seeds).as_lists()
     stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
@@ -133,10 +139,12 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
     monkeypatch.setattr(sampler, "SYNC_EVERY", 2)
     batch_sizes = []
     real_step = sampler.decode_step
-    monkeypatch.setattr(sampler, "decode_step", lambda model, st, *a: batch_sizes.append(len(st.ids)) or
+    monkeypatch.setattr(sampler, "decode_step", lambda model, st,
+                        *a: batch_sizes.append(len(st.ids)) or
                         real_step(model, st, *a))
     compacted = generate(model, prompts, 12, **kwargs)
-    assert compacted.as_lists() == whole.as_lists() and torch.equal(compacted.lengths, whole.lengths)
+    assert (compacted.as_lists() == whole.as_lists()
+            and torch.equal(compacted.lengths, whole.lengths))
     assert torch.equal(compacted.finished, whole.finished)
     assert torch.allclose(compacted.logprobs, whole.logprobs, atol=1e-6)
     assert batch_sizes[0] == 12 and min(batch_sizes) < 8  # the batch did shrink
@@ -147,12 +155,14 @@ def test_compacting_finished_rows_changes_no_output(model, monkeypatch):
 
 
 def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypatch):
-    """A CUDA graph reads its inputs where they were when it was recorded. With CudaGraphs every step of a batch
-    size reads the same tensor addresses, within a call (compaction moves live rows to the front of the same
-    buffers) and across calls of one shape (the state is kept); each call's results are its own copies, the same as
-    eager decoding's; a call of another shape replaces the kept state."""
+    """A CUDA graph reads its inputs where they were when it was recorded. With CudaGraphs every
+    step of a batch size reads the same tensor addresses, within a call (compaction moves live rows
+    to the front of the same buffers) and across calls of one shape (the state is kept); each call's
+    results are its own copies, the same as eager decoding's; a call of another shape replaces the
+    kept state."""
     import pbrl.sampler as sampler
-    prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62], [7, 7, 7, 7, 7]]
+    prompts = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44], [9], [60, 61, 62],
+               [7, 7, 7, 7, 7]]
     free = generate(model, prompts, 12, temperature=1.0, n=2, seed=1).as_lists()
     stops = sorted({row[i] for row, i in zip(free, (1, 3, 2, 6, 0, 9, 4, 11, 5, 2, 8, 1))})
     kwargs = dict(temperature=1.0, n=2, stop_ids=stops)
@@ -164,7 +174,8 @@ def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypat
     kept = [t.clone() for t in first[:3]]
     second = generate(model, prompts, 12, seed=1, graphs=graphs, **kwargs)
     eager = generate(model, prompts, 12, seed=1, **kwargs)
-    assert all(torch.equal(a, b) for a, b in zip(first[:3], kept))  # the second call did not write into the first's
+    # the second call did not write into the first's
+    assert all(torch.equal(a, b) for a, b in zip(first[:3], kept))
     assert second.as_lists() == eager.as_lists() and torch.equal(second.finished, eager.finished)
     assert torch.allclose(second.logprobs, eager.logprobs, atol=1e-6)
     addresses = each_batch_size_kept_its_addresses(seen)
@@ -174,11 +185,13 @@ def test_compiled_calls_give_each_batch_size_the_same_addresses(model, monkeypat
 
 
 def test_calls_given_one_cache_length_keep_one_shape_whatever_their_prompts(model, monkeypatch):
-    """Each call's own cache is its longest prompt + max_new_tokens, rounded to 128 slots when compiling: prompts of
-    3 and 60 tokens with 70 new tokens need 128 and 256 slots, a new state and new CUDA graphs at every switch.
-    Given slots=256, every call steps on the same addresses, and decodes what a cache of its own length decodes."""
+    """Each call's own cache is its longest prompt + max_new_tokens, rounded to 128 slots when
+    compiling: prompts of 3 and 60 tokens with 70 new tokens need 128 and 256 slots, a new state and
+    new CUDA graphs at every switch. Given slots=256, every call steps on the same addresses, and
+    decodes what a cache of its own length decodes."""
     short, long = [[5, 17, 33]], [[(7 * i) % 50 + 1 for i in range(60)]]
-    with pytest.raises(ValueError, match=r"slots=129 cannot hold the longest prompt \(60 tokens\) \+ max_new_"):
+    with pytest.raises(ValueError,
+                       match=r"slots=129 cannot hold the longest prompt \(60 tokens\) \+ max_new_"):
         generate(model, long, 70, slots=129)
     own = [generate(model, p, 70, temperature=1.0, seed=2) for p in (short, long, short)]
     seen = observe_compiled_steps(monkeypatch)
@@ -190,8 +203,9 @@ def test_calls_given_one_cache_length_keep_one_shape_whatever_their_prompts(mode
 
 
 def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, monkeypatch):
-    """CudaGraphs' step with fullgraph=True (AOT autograd tracing instead of inductor code generation, to keep the test
-    fast): a graph break is an error; greedy and sampled tokens equal the eager step's."""
+    """CudaGraphs' step with fullgraph=True (AOT autograd tracing instead of inductor code
+    generation, to keep the test fast): a graph break is an error; greedy and sampled tokens equal
+    the eager step's."""
     import pbrl.graphs
     import pbrl.sampler as sampler
     torch._dynamo.reset()
@@ -207,8 +221,8 @@ def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, mon
 
 
 def test_the_host_looks_at_the_batch_once_every_sync_every_steps(model):
-    """Host syncs (tensor -> Python scalar: .item(), bool(), int()) during 40 decoding steps: one per SYNC_EVERY
-    steps, plus the prefill's padding check and the final width."""
+    """Host syncs (tensor -> Python scalar: .item(), bool(), int()) during 40 decoding steps: one
+    per SYNC_EVERY steps, plus the prefill's padding check and the final width."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import pbrl.sampler as sampler
@@ -227,9 +241,9 @@ def test_the_host_looks_at_the_batch_once_every_sync_every_steps(model):
 
 
 def test_between_decoding_steps_the_host_launches_nothing_but_its_periodic_look(model, monkeypatch):
-    """Everything a decoding step does (model, sampling, recording, finishing) is inside decode_step, the function
-    that compiles to one CUDA graph: between two steps the host runs no tensor operation, except at its look at
-    the batch every SYNC_EVERY steps."""
+    """Everything a decoding step does (model, sampling, recording, finishing) is inside
+    decode_step, the function that compiles to one CUDA graph: between two steps the host runs no
+    tensor operation, except at its look at the batch every SYNC_EVERY steps."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import pbrl.sampler as sampler
@@ -252,4 +266,5 @@ def test_between_decoding_steps_the_host_launches_nothing_but_its_periodic_look(
     between = events[first:last]
     assert between.count("step") == 39
     looks = (40 - 1) // sampler.SYNC_EVERY
-    assert between.count("op") <= 4 * looks, between.count("op")  # (~done).sum() and its int(): a few ops per look
+    # (~done).sum() and its int(): a few ops per look
+    assert between.count("op") <= 4 * looks, between.count("op")

@@ -1,4 +1,5 @@
-"""The toy world's pieces: parallel problems, the lexicon translator, the aligned-word-vector embedder."""
+"""The toy world's pieces: parallel problems, the lexicon translator, the aligned-word-vector
+embedder."""
 import random
 
 import torch
@@ -24,7 +25,8 @@ def test_problems_are_parallel_and_answers_follow_the_verb():
 
 def test_lexicon_translator_maps_target_sentences_to_english_words():
     translate = LexiconTranslator(toy.lexicon())
-    assert translate(["7 - 3 = 4. Die Antwort lautet 4."], ["de"]) == ["7 - 3 = 4 . the answer is 4 ."]
+    assert translate(["7 - 3 = 4. Die Antwort lautet 4."],
+                     ["de"]) == ["7 - 3 = 4 . the answer is 4 ."]
     assert translate(["Anna verschenkt 3."], ["de"]) == ["Anna gives 3 ."]
     assert translate(["Jibu ni 9"], ["sw"]) == ["answer is 9"]
     assert translate(["The answer is 2."], ["en"]) == ["The answer is 2 ."]
@@ -35,7 +37,8 @@ def test_aligned_embedder_is_cross_lingual(tmp_path):
     embedder = Embedder.from_pretrained(tmp_path)
     assert embedder.pooling == "mean"  # the checkpoint's own 1_Pooling/config.json says so
     english = "12 - 5 = 7. The answer is 7."
-    same = ["12 - 5 = 7. Die Antwort lautet 7.", "12 - 5 = 7. La réponse est 7.", "12 - 5 = 7. Jibu ni 7."]
+    same = ["12 - 5 = 7. Die Antwort lautet 7.", "12 - 5 = 7. La réponse est 7.",
+            "12 - 5 = 7. Jibu ni 7."]
     wrong = ["12 + 5 = 17. Die Antwort lautet 17.", "12 - 5 = 6. La réponse est 6."]
     e = embedder([english] + same + wrong)
     cos = kernels.cosine_similarity(e[:1].expand(len(e) - 1, -1), e[1:])
@@ -46,8 +49,8 @@ def test_aligned_embedder_is_cross_lingual(tmp_path):
     assert pair[0] > 0.99 and pair[1] < 0.9
     reward = EmbeddingReward(embedder)([Sample("de", s, english) for s in same + wrong])["reward"]
     assert reward[:3].min() > reward[3:].max()
-    mt = MTReward(LexiconTranslator(toy.lexicon()), embedder)([Sample("sw", same[2], english),
-                                                                   Sample("sw", "", english)])["reward"]
+    mt = MTReward(LexiconTranslator(toy.lexicon()), embedder)
+    mt = mt([Sample("sw", same[2], english), Sample("sw", "", english)])["reward"]
     assert mt[0] > 0.99 and mt[1] == 0
 
 
@@ -59,8 +62,10 @@ def test_use_world_turns_toy_values_into_ordinary_paths(tmp_path, monkeypatch):
     cfg.models.critic, cfg.data.eval_path, cfg.run.seed = "org/critic", "", 3
     cfg = toy.use_world(cfg, log=lambda *a: None)
     assert cfg.models.policy == str(tmp_path / "warmstart") and cfg.models.critic == "org/critic"
-    assert cfg.models.embedder == str(tmp_path / "embedder") and cfg.data.path == str(tmp_path / "data" / "train")
-    assert cfg.models.translator == "toy"  # the default hybrid reward translates nothing: not resolved, not built
+    assert (cfg.models.embedder == str(tmp_path / "embedder")
+            and cfg.data.path == str(tmp_path / "data" / "train"))
+    # the default hybrid reward translates nothing: not resolved, not built
+    assert cfg.models.translator == "toy"
     assert cfg.data.eval_path == "" and built and set(built) == {3}
 
 
@@ -71,13 +76,17 @@ def test_translator_and_pooling_come_from_the_artifact_directories(tmp_path):
     from pbrl.translators import load_translator
     (tmp_path / "lexicon.json").write_text(json.dumps({"de": {"hat": "has"}}))
     assert load_translator(tmp_path)(["Anna hat 3"], ["de"]) == ["has 3"]
-    assert checkpoint_pooling(tmp_path) == "last"  # nothing said: decoder embedders pool the last token
+    # nothing said: decoder embedders pool the last token
+    assert checkpoint_pooling(tmp_path) == "last"
     (tmp_path / "1_Pooling").mkdir()
     for settings, expected in (({"pooling_mode_lasttoken": True}, "last"),
-                               ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean")):
+                               ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False},
+                                "mean")):
         (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(settings))
         assert checkpoint_pooling(tmp_path) == expected
-    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    cls = json.dumps({"pooling_mode_cls_token": True})
+    (tmp_path / "1_Pooling" / "config.json").write_text(cls)
     import pytest
-    with pytest.raises(ValueError, match=r"1_Pooling/config.json: pbrl pools by last token or mean"):
+    with pytest.raises(ValueError,
+                       match=r"1_Pooling/config.json: pbrl pools by last token or mean"):
         checkpoint_pooling(tmp_path)

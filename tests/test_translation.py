@@ -1,4 +1,5 @@
-"""`python -m pbrl.translation`: GSM8K questions into MGSM-layout training files, numbers checked, resumable."""
+"""`python -m pbrl.translation`: GSM8K questions into MGSM-layout training files, numbers checked,
+resumable."""
 import json
 import subprocess
 import sys
@@ -12,8 +13,10 @@ from pbrl.files import read_records
 from pbrl.translation import FIELDS, translate_problems
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?", "Ana reads 12 pages a day for 5 days. How many?",
-             "A box holds 1,250 pens. 250 are sold. How many are left?", "Ben runs 7 km and walks 2 km. How far?",
+QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?",
+             "Ana reads 12 pages a day for 5 days. How many?",
+             "A box holds 1,250 pens. 250 are sold. How many are left?",
+             "Ben runs 7 km and walks 2 km. How far?",
              "Lia bakes 24 cakes and eats 6. How many remain?"]
 ANSWERS = ["7", "60", "1000", "9", "18"]
 
@@ -27,8 +30,8 @@ def source(tmp_path):
 
 
 class Scripted:
-    """A translator whose mistakes the test chooses: it drops the numbers of problems listed in `lose` (on the
-    first attempt, or on every attempt for those in `always`)."""
+    """A translator whose mistakes the test chooses: it drops the numbers of problems listed in
+    `lose` (on the first attempt, or on every attempt for those in `always`)."""
 
     def __init__(self, lose=(), always=(), die_after=None):
         self.lose, self.always, self.die_after, self.calls = set(lose), set(always), die_after, []
@@ -41,62 +44,75 @@ class Scripted:
         for text, lang in zip(texts, langs):
             i = QUESTIONS.index(text)
             lost = i in self.always or (i in self.lose and temperature == 0)
-            out.append(f"[{lang}] " + (" ".join(w for w in text.split() if not w[0].isdigit()) if lost else text))
+            kept = " ".join(w for w in text.split() if not w[0].isdigit()) if lost else text
+            out.append(f"[{lang}] " + kept)
         return out
 
 
 def test_numbers_are_checked_retried_and_dropped_and_rows_stay_aligned(tmp_path, source):
     problems = load_gsm8k(source, "train")
     translator = Scripted(lose={1}, always={3})
-    summary = translate_problems(translator, problems, ["de", "fr"], tmp_path / "out", batch_size=2, log=print)
+    summary = translate_problems(translator, problems, ["de", "fr"], tmp_path / "out", batch_size=2,
+                                 log=print)
     for lang in ("de", "fr"):
         assert summary[lang] == {"kept": 4, "retried": 2, "dropped": 1}
     retries = [texts for texts, temperature in translator.calls if temperature > 0]
-    assert retries == [[QUESTIONS[1]], [QUESTIONS[3]]] * 2  # one sampled retry per failing problem and language
+    # one sampled retry per failing problem and language
+    assert retries == [[QUESTIONS[1]], [QUESTIONS[3]]] * 2
     mgsm = load_mgsm(tmp_path / "out", ["en", "de", "fr"])
     kept = [0, 1, 2, 4]
     assert [p.question for p in mgsm["en"]] == [QUESTIONS[i] for i in kept]
     assert [p.question for p in mgsm["de"]] == [f"[de] {QUESTIONS[i]}" for i in kept]
-    for lang in ("en", "de", "fr"):  # row k is problem mgsm-k in every language, with the English gold answer
-        assert [(p.id, p.answer) for p in mgsm[lang]] == [(f"mgsm-{k}", ANSWERS[i]) for k, i in enumerate(kept)]
+    # row k is problem mgsm-k in every language, with the English gold answer
+    for lang in ("en", "de", "fr"):
+        assert [(p.id, p.answer)
+                for p in mgsm[lang]] == [(f"mgsm-{k}", ANSWERS[i]) for k, i in enumerate(kept)]
 
 
 def test_an_interrupted_translation_resumes(tmp_path, source):
     problems = load_gsm8k(source, "train")
     with pytest.raises(KeyboardInterrupt):
-        translate_problems(Scripted(die_after=1), problems, ["de"], tmp_path / "out", batch_size=2, log=print)
+        translate_problems(Scripted(die_after=1), problems, ["de"], tmp_path / "out", batch_size=2,
+                           log=print)
     assert list(read_records(tmp_path / "out" / "translations" / "de.jsonl", FIELDS)) == \
         ["gsm8k-train-0", "gsm8k-train-1"]
     again = Scripted()
     translate_problems(again, problems, ["de"], tmp_path / "out", batch_size=2, log=print)
-    assert [texts for texts, _ in again.calls] == [QUESTIONS[2:4], QUESTIONS[4:]]  # only what was missing
+    # only what was missing
+    assert [texts for texts, _ in again.calls] == [QUESTIONS[2:4], QUESTIONS[4:]]
     assert len(load_mgsm(tmp_path / "out", ["de"])["de"]) == 5
 
 
 def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source):
-    """End to end in fresh processes: a word-by-word dictionary (numbers pass through, but it splits "1,250" into
-    "1 , 250", which the check catches), and a tiny random instruct model through pbrl's sampler (its noise keeps no
-    numbers: all retried, then dropped)."""
+    """End to end in fresh processes: a word-by-word dictionary (numbers pass through, but it splits
+    "1,250" into "1 , 250", which the check catches), and a tiny random instruct model through
+    pbrl's sampler (its noise keeps no numbers: all retried, then dropped)."""
     lexicon = tmp_path / "lexicon"
     lexicon.mkdir()
-    (lexicon / "lexicon.json").write_text(json.dumps({"de": {"apples": "Äpfel", "how": "wie", "many": "viele"}}))
-    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon), "--source",
-                           str(source), "--langs", "de", "--out", str(tmp_path / "a")], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
+    words = {"de": {"apples": "Äpfel", "how": "wie", "many": "viele"}}
+    (lexicon / "lexicon.json").write_text(json.dumps(words))
+    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon),
+                           "--source", str(source), "--langs", "de", "--out", str(tmp_path / "a")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "translate de: 4 kept, 1 retried, 1 dropped" in done.stdout
-    assert load_mgsm(tmp_path / "a", ["de"])["de"][0].question == "3 Äpfel 4 . wie viele Äpfel ?"  # unknown: dropped
+    # unknown: dropped
+    assert load_mgsm(tmp_path / "a", ["de"])["de"][0].question == "3 Äpfel 4 . wie viele Äpfel ?"
     save_hf_model(tmp_path / "model", "llama", seed=5)
-    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(tmp_path / "model"),
-                           "--source", str(source), "--langs", "sw", "--out", str(tmp_path / "b"), "--limit", "3",
-                           "--max-new-tokens", "8", "--device", "cpu"], cwd=ROOT, env=subprocess_env(),
+    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model",
+                           str(tmp_path / "model"), "--source", str(source), "--langs", "sw",
+                           "--out", str(tmp_path / "b"), "--limit", "3", "--max-new-tokens", "8",
+                           "--device", "cpu"], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "translate sw: 0 kept, 3 retried, 3 dropped (a number lost or changed)" in done.stdout
     assert "wrote 0 of 3 problems" in done.stdout
     records = read_records(tmp_path / "b" / "translations" / "sw.jsonl", FIELDS)
-    assert len(records) == 3 and all(r["attempts"] == 2 and not r["numbers_kept"] for r in records.values())
-    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon), "--source",
-                           str(source), "--langs", "en,de", "--out", str(tmp_path / "c")], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.startswith("error: --langs lists the target languages")
+    assert len(records) == 3 and all(r["attempts"] == 2 and not r["numbers_kept"]
+                                     for r in records.values())
+    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon),
+                           "--source", str(source), "--langs", "en,de",
+                           "--out", str(tmp_path / "c")],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: --langs lists the target "
+                                                           "languages")

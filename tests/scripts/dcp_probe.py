@@ -1,8 +1,9 @@
-"""Run under torchrun by tests/test_checkpoint.py: save a sharded training checkpoint (a sharded actor and critic
-with AdamW states after one step) and load it into fresh models, while probes record every way a rank could
-materialise a whole tensor: DTensor.full_tensor / redistribute, floating-point all-gathers (pickled plans travel as
-uint8), and the size of every tensor DCP reads from a file. Writes (rank 0) a JSON report to argv[2], argv[1] being a
-HF checkpoint and argv[3] the run directory."""
+"""Run under torchrun by tests/test_checkpoint.py: save a sharded training checkpoint (a sharded
+actor and critic with AdamW states after one step) and load it into fresh models, while probes
+record every way a rank could materialise a whole tensor: DTensor.full_tensor / redistribute,
+floating-point all-gathers (pickled plans travel as uint8), and the size of every tensor DCP reads
+from a file. Writes (rank 0) a JSON report to argv[2], argv[1] being a HF checkpoint and argv[3] the
+run directory."""
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch.distributed.checkpoint.filesystem as dcp_files
 from torch.distributed.tensor import DTensor
 
 from pbrl import distributed as dist
-from pbrl.checkpoint import latest_checkpoint, load_model, load_training_checkpoint, save_training_checkpoint
+from pbrl.checkpoint import (latest_checkpoint, load_model, load_training_checkpoint,
+                             save_training_checkpoint)
 
 events = {"full_tensor": 0, "redistribute": 0, "float_gathers": 0, "largest_read": 0}
 
@@ -49,7 +51,8 @@ def measured_load(*args, **kwargs):
 
 def build():
     models = {"actor": load_model(sys.argv[1], dtype=torch.float32, shard=dist.shard),
-              "critic": load_model(sys.argv[1], dtype=torch.float32, value_head=True, shard=dist.shard)}
+              "critic": load_model(sys.argv[1], dtype=torch.float32, value_head=True,
+                                   shard=dist.shard)}
     return models, {name: torch.optim.AdamW(m.parameters(), lr=1e-2) for name, m in models.items()}
 
 
@@ -59,14 +62,16 @@ def main():  # the sharded models are locals: freed before the process exits (se
     models, optimizers = build()
     ids = torch.arange(12).view(2, 6)
     for name, model in models.items():
-        (model(ids) if name == "actor" else model(ids, output="values")).float().square().mean().backward()
+        (model(ids) if name == "actor"
+         else model(ids, output="values")).float().square().mean().backward()
         optimizers[name].step()
 
     probe(DTensor, "full_tensor", count("full_tensor"))
     probe(DTensor, "redistribute", count("redistribute"))
     for name in ("all_gather", "all_gather_into_tensor"):
         probe(c10d, name, gathered)
-    dcp_files.torch.load = measured_load  # the module's own reference to torch, used for every tensor it reads
+    # the module's own reference to torch, used for every tensor it reads
+    dcp_files.torch.load = measured_load
     save_training_checkpoint(out, 1, models, optimizers, {"step": 1})
     fresh, fresh_optimizers = build()
     load_training_checkpoint(latest_checkpoint(out), fresh, fresh_optimizers, max_step=1)
@@ -75,10 +80,12 @@ def main():  # the sharded models are locals: freed before the process exits (se
     same = all(torch.equal(a.to_local(), b.to_local()) for name in models
                for a, b in zip(models[name].parameters(), fresh[name].parameters()))
     for name in models:
-        saved, loaded = optimizers[name].state_dict()["state"], fresh_optimizers[name].state_dict()["state"]
+        saved = optimizers[name].state_dict()["state"]
+        loaded = fresh_optimizers[name].state_dict()["state"]
         same &= saved.keys() == loaded.keys() and all(
             torch.equal(saved[k][s].to_local() if isinstance(saved[k][s], DTensor) else saved[k][s],
-                        loaded[k][s].to_local() if isinstance(loaded[k][s], DTensor) else loaded[k][s])
+                        loaded[k][s].to_local() if isinstance(loaded[k][s], DTensor)
+                        else loaded[k][s])
             for k in saved for s in saved[k])
     reports = dist.all_gather_objects({**events, "same": bool(same)})
     if rank == 0:

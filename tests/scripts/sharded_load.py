@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_checkpoint.py: load a checkpoint sharded, record the largest tensor slice any
-read returned and rank 0's parameter bytes, gather the full state and write them (rank 0) to the JSON file named by
-argv[2]."""
+"""Run under torchrun by tests/test_checkpoint.py: load a checkpoint sharded, record the largest
+tensor slice any read returned and rank 0's parameter bytes, gather the full state and write them
+(rank 0) to the JSON file named by argv[2]."""
 import json
 import sys
 
