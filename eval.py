@@ -9,14 +9,13 @@ answer and verdict).
 """
 import argparse
 import json
-from pathlib import Path
 
 from pbrl.checkpoint import check_pretrained, load_pretrained
-from pbrl.cli import DTYPES, positive_int, run_main, shared_flags
+from pbrl.cli import DTYPES, natural_int, positive_int, run_main, shared_flags
 from pbrl.data import load_mgsm_exemplars, load_problems
 from pbrl.distributed import resolve_device
 from pbrl.evaluate import accuracy_by_language, evaluate, format_table
-from pbrl.files import write_atomic
+from pbrl.files import results_dir, write_atomic
 
 DEFAULT_DATA = {"mgsm": "juletxara/mgsm", "gsm8k": "openai/gsm8k", "mmlu_prox": "li-lab/MMLU-ProX"}
 
@@ -33,14 +32,15 @@ def main(argv=None):
     ap.add_argument("--limit", type=positive_int, help="first N problems per language")
     ap.add_argument("--no-chat", action="store_true",
                     help="raw prompts instead of the chat template")
-    ap.add_argument("--num-fewshot", type=int, default=0,
+    ap.add_argument("--num-fewshot", type=natural_int, default=0,
                     help="K solved exemplars in the problem's language before each question (mgsm; "
                          "default 0)")
     ap.add_argument("--fewshot-data",
                     help="MGSM's native exemplars: a directory or hub dataset with a "
                                            "*{lang}_train*.tsv per language (default: --data)")
     shared_flags(ap, "device", "dtype", "batch-size", "max-new-tokens", "enable-thinking")
-    ap.add_argument("--out", default="runs/eval")
+    ap.add_argument("--out", help="results directory, which must not hold an earlier evaluation "
+                                  "(default: runs/eval, or runs/eval-2, -3, ... if it does)")
     args = ap.parse_args(argv)
 
     # Everything that can be wrong with the input is found before the first model spends minutes
@@ -50,14 +50,15 @@ def main(argv=None):
         raise ValueError(f"--model names the same checkpoint twice: {args.model}")
     langs = [code.strip() for code in args.langs.split(",") if code.strip()]
     problems = load_problems(args.task, args.data or DEFAULT_DATA[args.task], langs, args.limit)
-    if args.num_fewshot < 0 or (args.num_fewshot and args.task != "mgsm"):
-        raise ValueError(f"--num-fewshot must be >= 0, and is for --task mgsm; got "
-                         f"{args.num_fewshot} for {args.task}")
+    if args.num_fewshot and args.task != "mgsm":
+        raise ValueError(f"--num-fewshot is for --task mgsm; got {args.num_fewshot} for "
+                         f"{args.task}")
     shots = load_mgsm_exemplars(args.fewshot_data or args.data or DEFAULT_DATA["mgsm"], langs,
                                 args.num_fewshot) \
         if args.num_fewshot else None
     for path in args.model:
         check_pretrained(path)
+    out = results_dir(args.out, "runs/eval", ("scores.json", "samples.jsonl"))
     scores, samples = {}, []
     for path in args.model:
         model, tokenizer = load_pretrained(path, dtype=DTYPES.get(args.dtype), device=device)
@@ -67,8 +68,6 @@ def main(argv=None):
         samples += [{"model": path, **r} for r in records]
         scores[path] = accuracy_by_language(records)
         del model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with write_atomic(out / "samples.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples),
                        encoding="utf-8")

@@ -17,19 +17,13 @@ def main(argv: list[str]) -> None:
         experiment()
         return
     from pbrl import distributed
-    from pbrl.config import load_config
+    from pbrl.config import load_config, parse_command_line
     from pbrl.setup import prepare
     from pbrl.toy import use_world
-    config = None
-    if argv[0] == "--config":
-        if len(argv) < 2:
-            raise SystemExit("--config needs a file")
-        config, argv = argv[1], argv[2:]
-    cfg = load_config(config, argv)
-    try:
+    cfg = load_config(*parse_command_line(argv))
+    # Under torchrun the process group is created here, once, with the run's timeout.
+    with distributed.process_group(cfg.run.timeout_minutes):
         prepare(use_world(cfg)).run()
-    finally:
-        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ directory with
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -249,7 +251,7 @@ def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[s
     a directory that looks complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / "config.json", out / SINGLE_FILE, out / INDEX_FILE,
+    for stale in [out / "config.json", out / SINGLE_FILE, out / INDEX_FILE, out / EXPORT_MARK,
                   *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     stored = [[n for n in names if hf_name(n, args, backbone) is not None] for names in shards]
@@ -277,6 +279,24 @@ def write_hf_model(out_dir, args: ModelArgs, backbone: bool, shards: list[list[s
     with write_atomic(out / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2))
     return out
+
+
+EXPORT_MARK = "pbrl_export.json"  # what an export writes beside the weights: it made this directory
+
+
+def check_export_target(out: Path, overwrite: bool) -> None:
+    """An export writes into an empty or absent directory, or (overwrite) over an earlier export;
+    never over files pbrl did not write (a source model's own directory, say)."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the export writes a directory")
+    if held and not (out / EXPORT_MARK).is_file():
+        raise FileExistsError(f"{out} already holds files pbrl did not export "
+                              f"({', '.join(held[:5])}); choose an empty or new directory "
+                              f"(nothing was changed)")
+    if held and not overwrite:
+        raise FileExistsError(f"{out} holds an earlier export; --overwrite replaces it (nothing "
+                              f"was changed)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,6 +330,8 @@ def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
     import fcntl
     import socket
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"run.out_dir {out} is a file, not a directory")
     allowed_names = {LOCK_FILE} | {p.name for p in allowed
                                    if Path(p).parent.resolve() == out.resolve()}
     earlier = [] if not out.is_dir() else \
@@ -318,8 +340,16 @@ def claim_run_dir(out: Path, resume: bool, allowed: tuple[Path, ...] = ()):
         raise FileExistsError(f"run.out_dir {out} already holds a run ({', '.join(earlier[:5])}); "
                               f"continue it with --run.resume true, or choose another run.out_dir "
                               f"(nothing was changed)")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK_FILE, "a+")
+    if earlier and not (out / LOCK_FILE).is_file():  # every run pbrl made holds its lock file
+        raise FileExistsError(f"run.out_dir {out} holds files no pbrl run made ("
+                              f"{', '.join(earlier[:5])}): --run.resume continues a pbrl run's "
+                              f"directory only (nothing was changed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise FileExistsError(f"run.out_dir {out} cannot be made this run's directory: "
+                              f"{e.strerror or e}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -374,20 +404,54 @@ def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp)
+    with disk_full_named(tmp):
+        dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp)
+        if rank == 0:
+            torch.save({**trainer_state, "world_size": dist.init()[1]}, tmp / TRAINER_FILE)
+            for name, model in models.items():
+                config = model.args.to_hf_config(next(model.parameters()).dtype,
+                                                 model.lm_head is None)
+                (tmp / name).mkdir()
+                (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
+                if name == "actor" and source_dir is not None:
+                    copy_side_files(source_dir, tmp / name)
     if rank == 0:
-        torch.save({**trainer_state, "world_size": dist.init()[1]}, tmp / TRAINER_FILE)
-        for name, model in models.items():
-            config = model.args.to_hf_config(next(model.parameters()).dtype, model.lm_head is None)
-            (tmp / name).mkdir()
-            (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
-            if name == "actor" and source_dir is not None:
-                copy_side_files(source_dir, tmp / name)
         os.replace(tmp, final)
         for old in finished_checkpoints(out)[:-keep] if keep else []:
             shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+@contextmanager
+def disk_full_named(tmp: Path):
+    """A write into `tmp` that fails for want of space is reported as that, and the partial `tmp`
+    removed, whatever layer raised it (DCP gathers each rank's failure into a CheckpointException,
+    a BaseException; torch.save says 'enforce fail at inline_container.cc'); earlier checkpoints
+    stay as they were."""
+    try:
+        yield
+    except BaseException as e:
+        if not _no_space(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(tmp.parent).free if tmp.parent.is_dir() else 0
+        raise OSError(errno.ENOSPC, f"no space left on the device holding {tmp.parent} while "
+                                    f"writing {tmp} ({free / 2**20:.0f} MiB free); the earlier "
+                                    f"checkpoints are kept") from None
+
+
+def _no_space(error: BaseException) -> bool:
+    """Whether an error, or any error it wraps, is a full disk."""
+    todo, seen = [error], []
+    while todo and len(seen) < 50:
+        e = todo.pop()
+        seen.append(e)
+        # DCP's CheckpointException maps each failed rank to (exception, traceback)
+        todo += [failure[0] for failure in getattr(e, "failures", {}).values()]
+        todo += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return any(getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+               or "file write failed" in str(e) for e in seen)
 
 
 def finished_checkpoints(out: Path) -> list[Path]:
@@ -414,10 +478,13 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
         raise ValueError(f"run.steps = {max_step} is below the step of the checkpoint to resume, "
                          f"{ckpt} (step {trainer_state['step']}); raise run.steps to continue the "
                          f"run")
-    stored = {key.split(".")[0] for key in checkpoint_metadata(ckpt).state_dict_metadata}
+    metadata = checkpoint_metadata(ckpt).state_dict_metadata
+    stored = {key.split(".")[0] for key in metadata}
     if set(models) - stored:
         raise ValueError(f"{ckpt} holds {', '.join(sorted(stored))} but this run trains "
                          f"{', '.join(sorted(models))}: resume with the run's own ppo.advantage")
+    for name, model in models.items():
+        check_same_model(ckpt, name, model, metadata)
     state = sharded_state(models, optimizers)
     try:
         dcp.load(state, checkpoint_id=ckpt)
@@ -436,13 +503,30 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
     return trainer_state
 
 
+def check_same_model(ckpt: Path, name: str, model: Transformer, metadata: dict) -> None:
+    """The checkpoint holds this model: every parameter, in its shape. A checkpoint of other
+    models is healthy, and an error that says so, not that it is damaged."""
+    for key, param in model.named_parameters():
+        stored = metadata.get(f"{name}.model.{key}")
+        if stored is None or tuple(stored.size) != tuple(param.shape):
+            found = "no such tensor" if stored is None else f"shape {list(stored.size)}"
+            raise ValueError(f"{ckpt} holds another {name} than this run's: its {key} has {found}, "
+                             f"this run's {list(param.shape)} (another models.policy or "
+                             f"models.critic?); resume with the run's own models, or choose "
+                             f"another run.out_dir")
+
+
 def checkpoint_metadata(ckpt: Path):
     """The DCP metadata of a training checkpoint: every stored key with its full size and dtype."""
     from torch.distributed.checkpoint import FileSystemReader
     if not (Path(ckpt) / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt}: no DCP .metadata; expected a training checkpoint "
                                 f"(RUN/checkpoints/step_N), or the checkpoint is incomplete")
-    return FileSystemReader(str(ckpt)).read_metadata()
+    try:
+        return FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as e:  # a truncated or corrupt file: pickle's or torch's own errors
+        raise ValueError(f"{ckpt}/.metadata cannot be read ({type(e).__name__}); the checkpoint "
+                         f"is damaged: delete it to resume from the one before") from None
 
 
 def read_checkpoint_tensors(ckpt: Path, model: str,
@@ -459,22 +543,26 @@ def read_checkpoint_tensors(ckpt: Path, model: str,
     return {n: state[prefix + n] for n in names}
 
 
-def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None) -> Path:
+def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None,
+           overwrite: bool = False) -> Path:
     """Write one model of a training checkpoint as a HF model directory in `dtype` (None: as
     stored), streamed: one file per transformer block (plus one for the embeddings and one for the
     rest), each read from the checkpoint only when it is written, so peak host memory is about one
-    block (or the embedding matrix), not the model."""
-    ckpt = Path(ckpt)
+    block (or the embedding matrix), not the model. `out` must be new or empty, or (overwrite) an
+    earlier export."""
+    ckpt, out = Path(ckpt), Path(out)
     names = read_checkpoint_names(ckpt, model)
+    check_export_target(out, overwrite)
     args = load_args(ckpt / model)
     blocks = [[n for n in names if n.startswith(f"layers.{i}.")]
               for i in range(args.num_hidden_layers)]
     first = [n for n in names if n.startswith("embed_tokens.")]
     rest = [n for n in names if n not in first and not n.startswith("layers.")]
     backbone = "lm_head.weight" not in names
-    return write_hf_model(out, args, backbone, [first, *blocks, rest],
-                          lambda group: read_checkpoint_tensors(ckpt, model, group), dtype,
-                          ckpt / model)
+    write_hf_model(out, args, backbone, [first, *blocks, rest],
+                   lambda group: read_checkpoint_tensors(ckpt, model, group), dtype, ckpt / model)
+    (out / EXPORT_MARK).write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "model": model}))
+    return out
 
 
 def read_checkpoint_names(ckpt: Path, model: str) -> list[str]:
@@ -498,8 +586,9 @@ def load_state(path: Path) -> dict:
     # torch raises RuntimeError, pickle or zip errors for a truncated or corrupt file
     except Exception as e:
         raise ValueError(f"{path}: cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); the checkpoint {path.parent} is "
-                         f"damaged: delete it to resume from the one before") from None
+                         f"{(str(e).splitlines() or [''])[0][:200]}); the checkpoint "
+                         f"{path.parent} is damaged: delete it to resume from the one before") \
+            from None
 
 
 def main(argv=None):
@@ -515,9 +604,11 @@ def main(argv=None):
                     help="which trained model: actor (the policy) or critic")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="the exported weights' dtype (default: as trained, fp32 masters)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier export in OUT (never other files)")
     args = ap.parse_args(argv)
     out = export(args.checkpoint, args.out, args.model,
-                 getattr(torch, args.dtype) if args.dtype else None)
+                 getattr(torch, args.dtype) if args.dtype else None, args.overwrite)
     print(f"wrote {out}")
 
 

@@ -10,6 +10,7 @@ well.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -19,14 +20,35 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind, what: str, ok) -> int | float:
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
+
+
+def natural_int(text: str) -> int:
+    """0, 1, 2, ... up to 2^31 - 1 (a seed, a count that may be 0)."""
+    return _number(text, int, "an integer from 0 to 2147483647", lambda v: 0 <= v < 2**31)
+
+
+def nonnegative_float(text: str) -> float:
+    return _number(text, float, "a finite number >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a finite number > 0", lambda v: v > 0)
+
+
+def fraction(text: str) -> float:
+    return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def shared_flags(ap: argparse.ArgumentParser, *names: str, batch_size: int = 16,
@@ -52,10 +74,16 @@ def shared_flags(ap: argparse.ArgumentParser, *names: str, batch_size: int = 16,
 def run_main(main, argv=None) -> None:
     try:
         main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as e:
-        if os.environ.get("PBRL_TRACEBACK") == "1":
-            raise
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError, OSError,
+            RuntimeError, ArithmeticError) as e:
+        from pbrl.distributed import timed_out
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, RuntimeError):
+            message = timed_out(e)
+        elif type(e) is OSError or isinstance(e, PermissionError):  # not FileNotFoundError's kin
+            message = f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
+        if message is None or os.environ.get("PBRL_TRACEBACK") == "1":
+            raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 

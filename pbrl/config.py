@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pbrl.data import LANGUAGES
-from pbrl.files import is_hub_id
+from pbrl.files import is_hub_id, read_text
 
 TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, built on first use
 
@@ -136,7 +136,7 @@ class RewardConfig:
 class RunConfig:
     out_dir: str = "runs/pbrl"
     steps: int = setting(40, gt=0)
-    seed: int = 0
+    seed: int = setting(0, ge=0, le=2**31 - 1)
     checkpoint_every: int | None = setting(10, gt=0)  # off = only at the end
     keep_checkpoints: int | None = setting(3, gt=0)   # the newest N checkpoints are kept; off = all
     # the longest any rank may wait in a collective
@@ -214,6 +214,21 @@ def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
     setattr(part, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
 
 
+def parse_command_line(argv: list[str]) -> tuple[str | None, list[str]]:
+    """train.py's arguments -> (the --config file or None, the overrides as `--section.key value`
+    pairs); `--config=FILE` and `--section.key=value` are accepted too."""
+    args = [part for arg in argv for part in
+            (arg.split("=", 1) if arg.startswith("--") and "=" in arg else [arg])]
+    path = None
+    if args[:1] == ["--config"]:
+        if len(args) < 2:
+            raise ValueError("--config needs a file: --config FILE.toml")
+        path, args = args[1], args[2:]
+    if "--config" in args:
+        raise ValueError("--config comes first, before the --section.key value overrides")
+    return path, args
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the TOML file, then `--section.key value` pairs."""
     cfg = Config()
@@ -222,7 +237,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         if not file.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            table = tomllib.loads(file.read_text())
+            table = tomllib.loads(read_text(file))
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
         for section, values in table.items():
@@ -306,6 +321,7 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          f"reward.kind={w.kind} compares embeddings: set models.embedder"),
         (bool(cfg.models.translator) or not w.uses_translator(),
          f"reward.kind={w.kind} translates responses: set models.translator"),
+        (bool(cfg.run.out_dir.strip()), "run.out_dir must name a directory, got an empty string"),
         (cfg.run.device != "cuda" or torch.cuda.is_available(),
          f"run.device = cuda, but CUDA is not available here (torch {torch.__version__}, "
          f"torch.cuda.is_available() is False); use run.device auto or cpu"),

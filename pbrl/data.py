@@ -271,6 +271,8 @@ def load_mgsm(path_or_id, langs: list[str]) -> dict[str, list[Problem]]:
             out[lang] = _read_mgsm_tsv(tsv, lang)
         elif jsonl.is_file():
             rows = read_jsonl(jsonl, required=("question", "answer_number"))
+            if not rows:
+                raise ValueError(f"{jsonl}: no problems (an empty file)")
             out[lang] = [Problem(f"mgsm-{i}", lang, r["question"],
                                  _gold(r["answer_number"], f"{jsonl}:{i + 1}"),
                                  r.get("answer") or None)

@@ -12,22 +12,33 @@ import torch
 import torch.distributed as dist
 
 
+DEFAULT_TIMEOUT_MINUTES = 60.0  # run.timeout_minutes' default
+_timeout_minutes: float | None = None  # the process group's, when init created it
+
+
 def init(one_rank_group: bool = False,
          timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
     """(rank, world_size, device). Under torchrun: NCCL on CUDA (one GPU per local rank), gloo on
     CPU. Outside torchrun, one_rank_group starts a process group of one rank anyway, so that FSDP2
     (and with it the mixed-precision recipe) runs in a single process exactly as on N ranks.
-    timeout_minutes bounds how long a rank waits in any collective (None: torch's default, 10
-    minutes for NCCL). Calling it again returns the same."""
+    timeout_minutes bounds how long a rank waits in any collective (None: 60). The group is created
+    once, by the first call that needs it; a later call returns the same, and one that asks for
+    another timeout is an error (a group's timeout cannot change)."""
+    global _timeout_minutes
     torchrun = "RANK" in os.environ
     device = torch.device("cuda",
                           int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     if not (torchrun or one_rank_group or is_distributed()):
         return 0, 1, device
+    if is_distributed() and None not in (timeout_minutes, _timeout_minutes) and \
+            timeout_minutes != _timeout_minutes:
+        raise ValueError(f"the process group was created with a timeout of {_timeout_minutes} "
+                         f"minutes; run.timeout_minutes = {timeout_minutes} cannot apply to it")
     if not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+        _timeout_minutes = DEFAULT_TIMEOUT_MINUTES if timeout_minutes is None else timeout_minutes
+        timeout = timedelta(minutes=_timeout_minutes)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if torchrun:
@@ -58,16 +69,31 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = True) -> None:
     """Barrier, tear down, then free what is no longer reachable. A rank that destroys its gloo
     group while a peer is still working (rank 0 writing results) can abort with "terminate called
     without an active exception"; so can one whose sharded models (their device meshes hold the
     process group) are only freed at interpreter exit: keep models out of module globals, and cycles
-    unreachable by now are collected here, while the interpreter runs."""
+    unreachable by now are collected here, while the interpreter runs. A rank that is failing does
+    not wait for its peers (they may be the reason it fails)."""
     if is_distributed():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
         gc.collect()
+
+
+@contextmanager
+def process_group(timeout_minutes: float | None = None):
+    """init() for the duration, then shutdown(): with a barrier when the body finished, without one
+    when it raised, so the error that ended this rank is the one reported."""
+    place = init(timeout_minutes=timeout_minutes)
+    try:
+        yield place
+    except BaseException:
+        shutdown(wait_for_peers=False)
+        raise
+    shutdown()
 
 
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -136,3 +162,16 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def timed_out(error: BaseException) -> str | None:
+    """What to tell the user when `error` is a collective that waited past the process group's
+    timeout (gloo and NCCL say "timed out" in their own words), else None. It is asked after the
+    failing rank has torn its group down, so it reads what init() recorded."""
+    text = str(error)
+    if _timeout_minutes is None or not isinstance(error, RuntimeError) or \
+            "timed out" not in text.lower():
+        return None
+    return (f"rank {os.environ.get('RANK', 0)} waited longer than the process group's timeout "
+            f"({_timeout_minutes} minutes, run.timeout_minutes) in a collective: another rank "
+            f"stalled or died (its own output says why). {text.splitlines()[0][:200]}")

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 from pbrl import distributed as dist
-from pbrl.cli import positive_int
+from pbrl.cli import natural_int, positive_int
 from pbrl.config import Config, load_config
 from pbrl.evaluate import accuracy_by_language, format_table
+from pbrl.files import fresh_dir
 from pbrl.plot import svg_panels
 from pbrl.setup import prepare
 from pbrl.toy import use_world
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=positive_int, default=STEPS)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=natural_int, default=0)
     ap.add_argument("--seeds", type=positive_int, default=3,
                     help="RL seeds per arm (seed, seed + 1, ...), all from the same warm start; "
                          "intervals need >= 3")
@@ -192,13 +193,10 @@ def main(argv=None) -> None:
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} already holds results; choose an empty or new "
                               f"directory")
-    dist.init()
-    out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, before any rank writes
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+    with dist.process_group():
+        out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, before any writes
+        out.mkdir(parents=True, exist_ok=True)
         run_experiment(out, args.steps, args.seed, seeds=args.seeds, arms=arms)
-    finally:
-        dist.shutdown()
 
 
 def choose_arms(names: list[str] | None, custom: list[str]) -> dict[str, dict]:
@@ -220,11 +218,7 @@ def choose_arms(names: list[str] | None, custom: list[str]) -> dict[str, dict]:
     return arms
 
 
-def fresh_dir(base: Path) -> Path:
-    """base, or the first of base-2, base-3, ... that is empty or absent: a rerun never touches
-    earlier results."""
-    candidates = (base if i == 1 else base.with_name(f"{base.name}-{i}") for i in range(1, 10_000))
-    return next(c for c in candidates if not (c.is_dir() and any(c.iterdir())))
+
 
 
 if __name__ == "__main__":

@@ -22,16 +22,28 @@ def resolve(path_or_id, repo_type: str = "model",
             allow_patterns=("*.json", "*.safetensors", "*.jinja")) -> Path:
     """A local path as is (a model must be a directory); a hub id 'org/name' is fetched with
     huggingface_hub's snapshot_download (only the files matching allow_patterns); anything else is
-    an error that says which."""
+    an error that says which. 'data/gsm8k_train' could be either: when it is not here, the error
+    says so, and why it could not be fetched either."""
     path = Path(path_or_id)
     if path.is_dir() or (path.is_file() and repo_type == "dataset"):
         return path
     text = str(path_or_id)
+    what = "local model directory" if repo_type == "model" else "local file or directory"
     if path.exists() or not is_hub_id(text):
-        what = "local model directory" if repo_type == "model" else "local file or directory"
         raise FileNotFoundError(f"{text!r} is neither a {what} nor a hub id of the form 'org/name'")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(text, repo_type=repo_type, allow_patterns=list(allow_patterns)))
+    try:
+        return Path(snapshot_download(text, repo_type=repo_type,
+                                      allow_patterns=list(allow_patterns)))
+    except Exception as e:  # offline, an unknown or gated repository, a network error...
+        raise FileNotFoundError(hub_failure(text, what, e)) from None
+
+
+def hub_failure(text: str, what: str, error: Exception) -> str:
+    """Why a path that could be local or a hub id was neither."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return (f"{text!r}: no such {what} (looked in {Path.cwd()}), and fetching it as a hub id "
+            f"failed: {type(error).__name__}: {reason}")
 
 
 def read_text(path) -> str:
@@ -93,27 +105,31 @@ def write_atomic(path):
 # "id", written one batch at a time and flushed, so a crash loses at most the batch in flight and a
 # rerun resumes.
 # --------------------------------------------------------------------------------------------------
-def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
-    """id -> record of a cache. A last line without its newline is kept when it is a complete record
-    and ignored when it is not (a crash mid-write). A repeated id is an error."""
+def read_appended(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a file written by appending JSON lines. A last line
+    without its newline is kept when it is complete and skipped when it is not (a crash, or a full
+    disk, mid-write); any other bad line is an error naming the file and the line."""
     path = Path(path)
     if not path.is_file():
-        return {}
-    lines = read_text(path).split("\n")
-    records, first_line = {}, {}
+        return []
+    lines, out = read_text(path).split("\n"), []
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        where = f"{path}:{line_no}"
-        if line_no == len(lines):  # no newline after it: complete, or torn by a crash
-            try:
-                record = parse_jsonl_line(line, where, fields)
-            except ValueError:
-                continue
-        else:
-            record = parse_jsonl_line(line, where, fields)
+        try:
+            out.append((line_no, parse_jsonl_line(line, f"{path}:{line_no}", fields)))
+        except ValueError:
+            if line_no < len(lines):  # not the torn last line
+                raise
+    return out
+
+
+def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
+    """id -> record of a cache (read_appended's lines). A repeated id is an error."""
+    records, first_line = {}, {}
+    for line_no, record in read_appended(path, fields):
         if record["id"] in records:
-            raise ValueError(f"{where}: id {record['id']!r} repeats line "
+            raise ValueError(f"{path}:{line_no}: id {record['id']!r} repeats line "
                              f"{first_line[record['id']]}; a cache holds one record per id")
         records[record["id"]], first_line[record["id"]] = record, line_no
     return records
@@ -138,3 +154,29 @@ def append_records(path, records: list[dict], fields: tuple[str, ...]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def fresh_dir(base: Path) -> Path:
+    """base, or the first of base-2, base-3, ... that is empty or absent: a rerun never touches
+    earlier results."""
+    candidates = (base if i == 1 else base.with_name(f"{base.name}-{i}") for i in range(1, 10_000))
+    return next(c for c in candidates if not (c.is_dir() and any(c.iterdir())))
+
+
+def results_dir(given: str | None, default: str, holds: tuple[str, ...]) -> Path:
+    """Where an entry point writes its results, made now (a path that cannot be a directory fails
+    before any work): `given`, which must not hold earlier results (`holds`), or the first of
+    default, default-2, ... that is empty or absent."""
+    out = Path(given) if given else fresh_dir(Path(default))
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; the results are a directory")
+    earlier = [name for name in holds if (out / name).exists()]
+    if earlier:
+        raise FileExistsError(f"--out {out} already holds results ({', '.join(earlier)}); choose "
+                              f"another --out (nothing was changed)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FileExistsError(f"--out {out} cannot be made a directory: {e.strerror or e}") \
+            from None
+    return out

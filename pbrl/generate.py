@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 from pbrl.checkpoint import load_pretrained, save_model
-from pbrl.cli import DTYPES, positive_int, run_main, shared_flags
+from pbrl.cli import (DTYPES, fraction, natural_int, nonnegative_float, positive_int, run_main,
+                       shared_flags)
 from pbrl.distributed import resolve_device
 from pbrl.model import random_llama
 from pbrl.sampler import generate
@@ -46,10 +47,10 @@ def main(argv=None):
     ap.add_argument("--prompt",
                     default="Janet has 3 apples and buys 5 more. How many apples does she have?")
     ap.add_argument("--system", help="system message")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=positive_int)
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-p", type=fraction)
+    ap.add_argument("--seed", type=natural_int, default=0)
     shared_flags(ap, "device", "dtype", "max-new-tokens", "enable-thinking", max_new_tokens=64)
     args = ap.parse_args(argv)
 

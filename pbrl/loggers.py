@@ -9,9 +9,10 @@ reward itself as `reward/mean`), the PPO statistics under `ppo/`, throughput and
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from pbrl.files import read_text
+from pbrl.files import read_appended
 
 REWARD = {"reward": "mean", "agreement": "agreement", "embedding": "embedding", "mt": "mt",
           "format": "format", "language": "language", "exact_match": "exact_match"}
@@ -36,10 +37,10 @@ class Loggers:
     def __init__(self, out: Path, names: list[str], run_name: str, config: dict,
                  wandb_project: str = "pbrl", wandb_mode: str = "online", after_step: int = 0):
         self.jsonl = Path(out) / "metrics.jsonl"
-        if self.jsonl.is_file():
-            kept = [line for line in read_text(self.jsonl).splitlines()
-                    if json.loads(line)["step"] <= after_step]
-            self.jsonl.write_text("".join(line + "\n" for line in kept))
+        if self.jsonl.is_file():  # a torn last line (a crash mid-write) is dropped with the rest
+            kept = [row for _, row in read_appended(self.jsonl, ("step",))
+                    if row["step"] <= after_step]
+            self.jsonl.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.tensorboard = self.wandb = None
         if "tensorboard" in names:
             from torch.utils.tensorboard import SummaryWriter
@@ -50,8 +51,11 @@ class Loggers:
                                     dir=str(out), config=config, resume="allow")
 
     def log(self, metrics: dict) -> None:
+        # strict JSON: a value that is not finite is written as null, never as a bare NaN
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in metrics.items()}
         with self.jsonl.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
         step = metrics["step"]
         scalars = {scalar_name(k): v for k, v in metrics.items()
                    if k != "step" and isinstance(v, (int, float))}

@@ -25,11 +25,12 @@ import torch
 
 from kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.checkpoint import load_args, shard_rows
+from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, validate
-from pbrl.files import is_hub_id, read_json, resolve
+from pbrl.files import hub_failure, is_hub_id, read_json, resolve
+from pbrl.graphs import cache_slots
 from pbrl.model import ModelArgs, Transformer
 from pbrl.pivot import PIVOT_BATCH_SIZE
-from pbrl.graphs import cache_slots
 from pbrl.translators import LEXICON_FILE, TRANSLATE_BATCH_SIZE
 
 GB = 2**30
@@ -41,8 +42,11 @@ def model_args(path: str) -> ModelArgs:
     if Path(path).exists() or not is_hub_id(path):
         return load_args(resolve(path))
     from huggingface_hub import hf_hub_download
-    return ModelArgs.from_hf_config(read_json(hf_hub_download(path, "config.json")),
-                                    where=f"{path}/config.json")
+    try:
+        config = hf_hub_download(path, "config.json")
+    except Exception as e:  # offline, an unknown or gated repository, a network error...
+        raise FileNotFoundError(hub_failure(path, "local model directory", e)) from None
+    return ModelArgs.from_hf_config(read_json(config), where=f"{path}/config.json")
 
 
 def parameter_shapes(args: ModelArgs, value_head: bool = False) -> list[torch.Size]:
@@ -215,9 +219,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a training config (TOML); default: the toy's")
-    ap.add_argument("--gpus", type=int, required=True)
-    ap.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
-    ap.add_argument("--prompt-tokens", type=int, default=256, help="the longest prompt, in tokens")
+    ap.add_argument("--gpus", type=positive_int, required=True)
+    ap.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GB per GPU")
+    ap.add_argument("--prompt-tokens", type=positive_int, default=256,
+                    help="the longest prompt, in tokens")
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     validate(cfg, args.gpus)

@@ -5,23 +5,28 @@ by id.
         [--batch-size 16]
     torchrun --nproc_per_node=8 -m pbrl.pivot ...     (each rank answers its share of the problems)
 
-Each line is {"id", "question", "reference", "answer"}. The English question is what ties a
-reference to its problem: a cache written for other problems (another data set, an edited file) is
-refused, naming the first id whose question differs, rather than used. The file is appended one
-batch at a time and flushed, so a crash loses at most the batch in flight; a rerun skips the ids
-already written (a torn last line is dropped).
+Each line is {"id", "question", "reference", "answer", "pivot"}. The English question is what ties
+a reference to its problem: a cache written for other problems (another data set, an edited file)
+is refused, naming the first id whose question differs, rather than used. "pivot" says what wrote
+the reference (the model, a hash of its config.json, the generation settings): a cache begun by one
+pivot is not completed by another. The file is appended one batch at a time and flushed, so a crash
+loses at most the batch in flight; a rerun skips the ids already written (a torn last line is
+dropped). A writer holds a lock on the cache: a second one is refused, not interleaved.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pbrl.checkpoint import load_pretrained
 from pbrl.cli import Progress, positive_int, run_main, shared_flags
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
 from pbrl import distributed as dist
-from pbrl.files import append_records, read_records
+from pbrl.files import append_records, read_records, resolve
 from pbrl.model import Transformer
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
@@ -59,22 +64,70 @@ def match_references(path, problems: list[Problem]) -> dict[str, str]:
     return {p.id: records[p.id]["reference"] for p in problems}
 
 
+def pivot_writer(path_or_id, max_new_tokens: int, enable_thinking: bool) -> dict:
+    """What writes a pivot cache's references, as each record keeps it."""
+    config = (resolve(path_or_id) / "config.json").read_bytes()
+    return {"model": str(path_or_id), "config_sha256": hashlib.sha256(config).hexdigest()[:16],
+            "max_new_tokens": max_new_tokens, "enable_thinking": enable_thinking}
+
+
+def check_writer(records: dict[str, dict], writer: dict, path) -> None:
+    """Every record of the cache was written by `writer` (else completing it would mix pivots)."""
+    for record in records.values():
+        if record.get("pivot") != writer:
+            theirs = record.get("pivot") or "a pivot it did not record"
+            raise ValueError(f"pivot cache {path} was begun by {theirs} and would be completed "
+                             f"by {writer}; one cache holds one pivot's references: complete it "
+                             f"with the same model and settings, or point data.pivot_cache "
+                             f"(--out) elsewhere")
+
+
+@contextmanager
+def writing(out: Path):
+    """Rank 0 holds an exclusive lock on the cache while its run writes it; a second writer is
+    refused on every rank, before it generates anything."""
+    lock, refusal = None, None
+    if dist.init()[0] == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.with_name(out.name + ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refusal = f"pivot cache {out} is being written by another run; wait for it to end"
+    refusal = dist.all_gather_objects(refusal)[0]
+    try:
+        if refusal:
+            raise FileExistsError(refusal)
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Problem], out,
-                     batch_size: int = 16, max_new_tokens: int = 512, log=print) -> int:
+                     writer: dict, batch_size: int = 16, max_new_tokens: int = 512,
+                     log=print) -> int:
     """Generate references for the problems the cache at `out` lacks (greedy, chat-formatted, native
     CoT prompt); returns how many this rank wrote. Under several ranks (a collective) each rank
     takes every world-th missing problem and appends to its own part file, `out`.rank{r}; the parts
     are merged into `out` at the end, and any parts a crashed run left (whatever its number of
-    ranks) at the start, so a rerun resumes where it stopped."""
+    ranks) at the start, so a rerun resumes where it stopped. `writer` (pivot_writer) is recorded
+    with each reference and must be the one that wrote the cache so far."""
     out = Path(out)
+    with writing(out):
+        return _write(model, tokenizer, problems, out, writer, batch_size, max_new_tokens, log)
+
+
+def _write(model, tokenizer, problems, out: Path, writer, batch_size, max_new_tokens, log) -> int:
     rank, world, _ = dist.init()
     if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
         _merge_parts(out, problems)
     dist.barrier()
     done = read_references(out)
     check_questions(done, problems, out)
     todo = [p for p in problems if p.id not in done]
+    if todo:
+        check_writer(done, writer, out)
     log(f"pivot: {len(problems) - len(todo)} of {len(problems)} references cached, {len(todo)} to "
         f"generate"
         + (f" on {world} ranks" if world > 1 else ""))
@@ -89,7 +142,7 @@ def write_references(model: Transformer, tokenizer: Tokenizer, problems: list[Pr
                                pad_id=tokenizer.pad_id or 0)
         texts = [tokenizer.decode(ids) for ids in completions.as_lists()]
         append_records(part, [{"id": problem.id, "question": problem.question, "reference": text,
-                               "answer": extract_number(text)}
+                               "answer": extract_number(text), "pivot": writer}
                               for problem, text in zip(batch, texts)], FIELDS)
         bar.update(len(batch))
     bar.close()
@@ -131,16 +184,19 @@ def main(argv=None):
     shared_flags(ap, "device", "batch-size", "max-new-tokens", "enable-thinking")
     args = ap.parse_args(argv)
     problems = load_mgsm(args.data, ["en"])["en"][:args.limit]
-    check_questions(read_references(args.out), problems, args.out)  # before the model loads
+    writer = pivot_writer(args.model, args.max_new_tokens, args.enable_thinking)
+    done = read_references(args.out)  # checked before the model loads
+    check_questions(done, problems, args.out)
+    if any(p.id not in done for p in problems):
+        check_writer(done, writer, args.out)
     device = dist.resolve_device(args.device)
     # under torchrun: one process group, each rank on its own GPU (LOCAL_RANK)
-    _, _, local = dist.init()
-    model, tokenizer = load_pretrained(args.model,
-                                       device=local if args.device == "auto" else device)
-    tokenizer.template_args["enable_thinking"] = args.enable_thinking
-    write_references(model, tokenizer, problems, args.out, args.batch_size, args.max_new_tokens,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
-    dist.shutdown()
+    with dist.process_group() as (_, _, local):
+        model, tokenizer = load_pretrained(args.model,
+                                           device=local if args.device == "auto" else device)
+        tokenizer.template_args["enable_thinking"] = args.enable_thinking
+        write_references(model, tokenizer, problems, args.out, writer, args.batch_size,
+                         args.max_new_tokens, log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

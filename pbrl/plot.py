@@ -126,6 +126,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     runs = {str(d): read_run(d) for d in args.runs}
     metrics = [m for m in args.metrics.split(",") if m]
+    logged = {k for rows in runs.values() for row in rows for k in row}
+    unknown = [m for m in metrics if m not in logged and m not in PANELS]  # a typo, say
+    if not metrics or unknown:
+        raise ValueError(f"--metrics: no run logged {unknown[0] if unknown else 'anything'!r}; "
+                         f"they logged: {', '.join(sorted(logged - {'step'}))}")
     Path(args.out).write_text(svg_panels(runs, metrics))
     print(f"wrote {args.out} ({len(runs)} runs, metrics {', '.join(metrics)})")
 

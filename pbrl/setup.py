@@ -24,7 +24,8 @@ from pbrl.cli import DTYPES
 from pbrl.config import Config, validate
 from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
 from pbrl.graphs import CudaGraphs, cache_slots
-from pbrl.pivot import PIVOT_BATCH_SIZE, match_references, write_references
+from pbrl.pivot import (PIVOT_BATCH_SIZE, check_questions, check_writer, match_references,
+                        pivot_writer, read_references, write_references)
 from pbrl.rewards import build_reward
 from pbrl.sampler import Sampling
 from pbrl.tokenizer import Tokenizer
@@ -124,11 +125,17 @@ def render_prompts(cfg: Config, tokenizer: Tokenizer, problems: list[Problem],
 
 def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, device, log):
     """problem id -> the pivot's English reference; the pivot (the policy when models.pivot is
-    empty) first answers, on every rank, the problems the cache lacks."""
-    if not cache.is_file():
-        pivot, tokenizer = load_pretrained(cfg.models.pivot or cfg.models.policy, dtype, device)
-        tokenizer.template_args["enable_thinking"] = cfg.models.enable_thinking
-        write_references(pivot, tokenizer, english, cache, batch_size=PIVOT_BATCH_SIZE,
+    empty) first answers, on every rank, the problems the cache lacks: a run interrupted while its
+    pivot wrote continues where it stopped. A cache begun by another pivot is refused."""
+    done = read_references(cache)
+    check_questions(done, english, cache)
+    if any(p.id not in done for p in english):
+        path, m = cfg.models.pivot or cfg.models.policy, cfg.models
+        writer = pivot_writer(path, cfg.rollout.max_new_tokens, m.enable_thinking)
+        check_writer(done, writer, cache)  # before the pivot loads
+        pivot, tokenizer = load_pretrained(path, dtype, device)
+        tokenizer.template_args["enable_thinking"] = m.enable_thinking
+        write_references(pivot, tokenizer, english, cache, writer, batch_size=PIVOT_BATCH_SIZE,
                          max_new_tokens=cfg.rollout.max_new_tokens, log=log)
         del pivot
     return match_references(cache, english)

@@ -17,6 +17,7 @@ iteration top to bottom.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from contextlib import contextmanager
@@ -176,8 +177,14 @@ class Trainer:
             sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
         params = [q for q in trained.model.parameters() if q.requires_grad]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.ppo.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):  # the same on every rank: the norm is global
+            raise FloatingPointError(f"step {self.step + 1}: the {loss_fn.__name__}'s gradient "
+                                     f"norm is {norm} (a reward, advantage or loss is not "
+                                     f"finite); training stopped before applying it, and the "
+                                     f"last checkpoint is kept")
         trained.optimizer.step()
-        return sums, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return sums, norm
 
     def metrics(self, exp, samples, rewards, stats, timings, seconds) -> dict:
         """Step 7: the iteration's numbers, over all ranks; the KL controller moves by the batch's
@@ -264,7 +271,7 @@ class Trainer:
         if self.rank == 0:
             ckpt = latest_checkpoint(self.out)
             self.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
-            export(ckpt, self.out / "final", "actor", self.dtype)
+            export(ckpt, self.out / "final", "actor", self.dtype, overwrite=True)  # its own
             self.log(f"final policy: {self.out / 'final'}")
         dist.barrier()
 

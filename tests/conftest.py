@@ -2,6 +2,7 @@
 tokenizer."""
 import json
 import os
+from pathlib import Path
 
 # before anything imports triton: the kernels run on the CPU
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -156,3 +157,53 @@ def each_batch_size_kept_its_addresses(seen: list) -> dict:
     for size, pointers in seen:
         assert addresses.setdefault(size, pointers) == pointers, f"batch size {size} moved"
     return addresses
+
+
+# A training world shared by the trainer's tests: tiny policy, German and English problems, pivot.
+QUESTIONS = {"en": "Janet has {a} apples and buys {b} more. How many apples does she have?",
+             "de": "Janet hat {a} Äpfel und kauft {b} weitere. Wie viele Äpfel hat sie?"}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny random policy, 8 problems in English and German, and a complete pivot cache."""
+    root = tmp_path_factory.mktemp("world")
+    save_hf_model(root / "policy", "qwen2", seed=4, tie_word_embeddings=True,
+                  max_position_embeddings=256)
+    data = root / "data"
+    data.mkdir()
+    pairs = [(a, b) for a in range(2, 6) for b in range(1, 3)]
+    for lang, q in QUESTIONS.items():
+        rows = "".join(f"{q.format(a=a, b=b)}\t{a + b}\n" for a, b in pairs)
+        (data / f"mgsm_{lang}.tsv").write_text(rows, encoding="utf-8")
+    (root / "pivot.jsonl").write_text("".join(
+        json.dumps({"id": f"mgsm-{i}", "question": QUESTIONS["en"].format(a=a, b=b),
+                    "reference": f"{a} + {b} = {a + b}. The answer is {a + b}."}) + "\n"
+        for i, (a, b) in enumerate(pairs)))
+    return root
+
+
+def overrides(world, out, **extra):
+    args = {"models.policy": world / "policy", "data.path": world / "data", "data.langs": "de",
+            "data.pivot_cache": world / "pivot.jsonl", "data.eval_path": "",
+            "reward.kind": "agreement",
+            "rollout.prompts_per_step": 4, "rollout.samples_per_prompt": 2,
+            "rollout.max_new_tokens": 6,
+            "ppo.micro_batch_size": 4, "ppo.epochs": 2, "ppo.lr": 1e-3, "ppo.critic_lr": 1e-3,
+            "ppo.entropy_coef": 0.01, "run.steps": 2, "run.out_dir": out,
+            "run.checkpoint_every": "off", **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def no_model_loads(monkeypatch):
+    import pbrl.checkpoint
+    import pbrl.setup
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the error")
+    for module in (pbrl.checkpoint, pbrl.setup):
+        monkeypatch.setattr(module, "load_model", refuse)

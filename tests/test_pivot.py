@@ -12,6 +12,7 @@ from pbrl.tokenizer import Tokenizer
 PROBLEMS = [Problem(f"mgsm-{i}", "en", f"Janet has {i} apples and buys 5 more. How "
                                        f"many?", str(i + 5))
             for i in range(5)]
+WRITER = {"model": "pivot-under-test", "max_new_tokens": 5}  # what the records say wrote them
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def lines(path):
 def test_resume_after_a_crash_writes_each_id_once(tmp_path, pivot_model, monkeypatch):
     _, model, tok = pivot_model
     clean = tmp_path / "clean.jsonl"
-    pivot.write_references(model, tok, PROBLEMS, clean, batch_size=2, max_new_tokens=5,
+    pivot.write_references(model, tok, PROBLEMS, clean, WRITER, batch_size=2, max_new_tokens=5,
                            log=lambda m: None)
 
     out = tmp_path / "refs.jsonl"
@@ -41,23 +42,23 @@ def test_resume_after_a_crash_writes_each_id_once(tmp_path, pivot_model, monkeyp
         return real_generate(*args, **kwargs)
     monkeypatch.setattr(pivot, "generate", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5,
+        pivot.write_references(model, tok, PROBLEMS, out, WRITER, batch_size=2, max_new_tokens=5,
                                log=lambda m: None)
     assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1"]  # the first batch survived
     with out.open("a") as f:
         f.write('{"id": "mgsm-2", "refer')  # a write torn by the crash
     monkeypatch.setattr(pivot, "generate", real_generate)
-    written = pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5,
-                                     log=lambda m: None)
+    written = pivot.write_references(model, tok, PROBLEMS, out, WRITER, batch_size=2,
+                                     max_new_tokens=5, log=lambda m: None)
     assert written == 3
     assert lines(out) == lines(clean)  # same records, each id once, in order
-    assert pivot.write_references(model, tok, PROBLEMS, out, batch_size=2, max_new_tokens=5,
+    assert pivot.write_references(model, tok, PROBLEMS, out, WRITER, batch_size=2, max_new_tokens=5,
                                   log=lambda m: None) == 0
 
 
 def record(i: int, question: str | None = None) -> str:
     return json.dumps({"id": f"mgsm-{i}", "question": question or PROBLEMS[i].question,
-                       "reference": f"The answer is {i}."})
+                       "reference": f"The answer is {i}.", "pivot": WRITER})
 
 
 def test_match_references_lists_missing_ids(tmp_path):
@@ -81,7 +82,7 @@ def test_cache_written_for_other_problems_is_refused(tmp_path):
         pivot.match_references(out, PROBLEMS[:2])
     # and before generating anything more
     with pytest.raises(ValueError, match=r"answers another question"):
-        pivot.write_references(None, None, PROBLEMS, out, log=lambda m: None)
+        pivot.write_references(None, None, PROBLEMS, out, WRITER, log=lambda m: None)
 
 
 def test_repeated_id_is_an_error(tmp_path):
@@ -97,7 +98,7 @@ def test_complete_last_record_without_newline_is_kept(tmp_path, pivot_model):
     out.write_text(record(0) + "\n" + record(1))  # an editor that drops the final newline
     assert pivot.match_references(out, PROBLEMS[:2]) == {"mgsm-0": "The answer is 0.",
                                                          "mgsm-1": "The answer is 1."}
-    assert pivot.write_references(model, tok, PROBLEMS[:3], out, max_new_tokens=3,
+    assert pivot.write_references(model, tok, PROBLEMS[:3], out, WRITER, max_new_tokens=3,
                                   log=lambda m: None) == 1
     assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1", "mgsm-2"]
 
@@ -117,7 +118,8 @@ def test_cli_on_fixture_data(tmp_path, pivot_model, capsys):
                 "--out", str(tmp_path / "r.jsonl"), "--limit", "3", "--max-new-tokens", "4"])
     records = lines(tmp_path / "r.jsonl")
     assert [r["id"] for r in records] == ["mgsm-0", "mgsm-1", "mgsm-2"]
-    assert set(records[0]) == {"id", "question", "reference", "answer"}
+    assert set(records[0]) == {"id", "question", "reference", "answer", "pivot"}
+    assert records[0]["pivot"] == pivot.pivot_writer(model_dir, 4, False)
     assert re.search(r"^pivot: 3/3 \(100%\) \[\d\d:\d\d<00:00, [\d.]+ problems/s\]$",
                      capsys.readouterr().err, re.M)
 
@@ -132,7 +134,8 @@ def test_two_ranks_write_each_id_once_as_one_rank_does(tmp_path, pivot_model):
     model_dir, model, tok = pivot_model
     root = Path(__file__).resolve().parents[1]
     single = tmp_path / "single.jsonl"
-    pivot.write_references(model, tok, PROBLEMS, single, batch_size=2, max_new_tokens=6,
+    writer = pivot.pivot_writer(model_dir, 6, False)  # as the command line will record it
+    pivot.write_references(model, tok, PROBLEMS, single, writer, batch_size=2, max_new_tokens=6,
                            log=lambda m: None)
     (tmp_path / "mgsm_en.tsv").write_text("".join(f"{p.question}\t{p.answer}\n" for p in PROBLEMS))
     out = tmp_path / "refs.jsonl"
@@ -161,7 +164,7 @@ def test_parts_a_crashed_multi_rank_run_left_are_merged_first(tmp_path, pivot_mo
     (tmp_path / "refs.jsonl.rank1").write_text(record(1) + "\n" + record(4) + "\n")
     # torn by the crash
     (tmp_path / "refs.jsonl.rank2").write_text(record(2) + "\n" + '{"id": "mgsm-3", "ques')
-    assert pivot.write_references(model, tok, PROBLEMS, out, max_new_tokens=3,
+    assert pivot.write_references(model, tok, PROBLEMS, out, WRITER, max_new_tokens=3,
                                   log=lambda m: None) == 1
     assert [r["id"] for r in lines(out)] == ["mgsm-0", "mgsm-1", "mgsm-2", "mgsm-4", "mgsm-3"]
     assert [r["reference"] for r in lines(out)][:4] == [f"The answer is {i}." for i in (0, 1, 2, 4)]

@@ -9,52 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (each_batch_size_kept_its_addresses, hf_tensors, observe_compiled_steps,
-                      save_hf_model, subprocess_env)
+from conftest import (each_batch_size_kept_its_addresses, hf_tensors, metrics, no_model_loads,
+                      observe_compiled_steps, overrides, subprocess_env)
 from pbrl.checkpoint import checkpoint_metadata, latest_checkpoint, read_checkpoint_tensors
 from pbrl.config import Config, load_config, validate
 from pbrl.setup import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = {"en": "Janet has {a} apples and buys {b} more. How many apples does she have?",
-             "de": "Janet hat {a} Äpfel und kauft {b} weitere. Wie viele Äpfel hat sie?"}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny random policy, 8 problems in English and German, and a complete pivot cache."""
-    root = tmp_path_factory.mktemp("world")
-    save_hf_model(root / "policy", "qwen2", seed=4, tie_word_embeddings=True,
-                  max_position_embeddings=256)
-    data = root / "data"
-    data.mkdir()
-    pairs = [(a, b) for a in range(2, 6) for b in range(1, 3)]
-    for lang, q in QUESTIONS.items():
-        rows = "".join(f"{q.format(a=a, b=b)}\t{a + b}\n" for a, b in pairs)
-        (data / f"mgsm_{lang}.tsv").write_text(rows, encoding="utf-8")
-    (root / "pivot.jsonl").write_text("".join(
-        json.dumps({"id": f"mgsm-{i}", "question": QUESTIONS["en"].format(a=a, b=b),
-                    "reference": f"{a} + {b} = {a + b}. The answer is {a + b}."}) + "\n"
-        for i, (a, b) in enumerate(pairs)))
-    return root
-
-
-def overrides(world, out, **extra):
-    args = {"models.policy": world / "policy", "data.path": world / "data", "data.langs": "de",
-            "data.pivot_cache": world / "pivot.jsonl", "data.eval_path": "",
-            "reward.kind": "agreement",
-            "rollout.prompts_per_step": 4, "rollout.samples_per_prompt": 2,
-            "rollout.max_new_tokens": 6,
-            "ppo.micro_batch_size": 4, "ppo.epochs": 2, "ppo.lr": 1e-3, "ppo.critic_lr": 1e-3,
-            "ppo.entropy_coef": 0.01, "run.steps": 2, "run.out_dir": out,
-            "run.checkpoint_every": "off", **extra}
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
 STABLE = ("reward", "agreement", "kl", "policy_loss", "value_loss", "entropy", "clipfrac",
           "approx_kl", "response_length", "explained_variance", "logprob_mismatch")
 
@@ -236,13 +197,16 @@ def test_toml_file_and_overrides(tmp_path):
         load_config(str(file))
 
 
-def test_pivot_cache_missing_ids_fails_before_any_model_loads(world, tmp_path, monkeypatch):
+def test_a_partial_pivot_cache_of_another_pivot_fails_before_any_model_loads(world, tmp_path,
+                                                                              monkeypatch):
+    """The trainer would complete the cache with the policy as pivot; these references do not say
+    what wrote them, so completing it could mix two pivots' references: refused."""
     partial = tmp_path / "partial.jsonl"
     first_five = (world / "pivot.jsonl").read_text().splitlines()[:5]
     partial.write_text("".join(line + "\n" for line in first_five))
     no_model_loads(monkeypatch)
-    with pytest.raises(KeyError,
-                       match="no reference for problem id\\(s\\): mgsm-5, mgsm-6, mgsm-7"):
+    with pytest.raises(ValueError, match=r"partial.jsonl was begun by a pivot it did not record "
+                                         r"and would be completed by \{'model'"):
         prepare(load_config(None, overrides(world, tmp_path / "x",
                                             **{"data.pivot_cache": partial})))
 
@@ -256,16 +220,6 @@ def test_a_prompt_that_leaves_no_room_for_the_response_fails_before_any_model_lo
                              r"256 tokens"):
         prepare(load_config(None, overrides(world, tmp_path / "x",
                                             **{"rollout.max_new_tokens": 200})))
-
-
-def no_model_loads(monkeypatch):
-    import pbrl.checkpoint
-    import pbrl.trainer
-
-    def refuse(*a, **k):
-        raise AssertionError("a model was loaded before the error")
-    for module in (pbrl.checkpoint, pbrl.setup):
-        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def test_an_earlier_run_is_refused_before_any_model_loads(world, tmp_path, monkeypatch):

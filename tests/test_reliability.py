@@ -1,0 +1,338 @@
+"""A careless user's cases (issue 25): nothing trains on the wrong data, nothing overwrites what
+pbrl does not own, no rank waits forever, and every error says what to do."""
+import errno
+import fcntl
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import metrics, no_model_loads, overrides, subprocess_env
+from pbrl.config import load_config, parse_command_line, validate
+from pbrl.setup import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, expect=0, env=None):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env=env or subprocess_env(), timeout=300)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+# ------------------------------------------------------------------------- 1. wrong training data
+def test_a_language_file_with_a_row_missing_is_refused_before_any_model_loads(world, tmp_path,
+                                                                              monkeypatch):
+    data = shutil.copytree(world / "data", tmp_path / "data")
+    lines = (data / "mgsm_de.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (data / "mgsm_de.tsv").write_text("".join(lines[:3] + lines[4:]), encoding="utf-8")
+    no_model_loads(monkeypatch)
+    with pytest.raises(ValueError, match=r"row 5 of mgsm_de answers 6 but row 5 of mgsm_en "
+                                         r"answers 5: the files do not line up"):
+        prepare(load_config(None, overrides(world, tmp_path / "x", **{"data.path": data})))
+    (data / "mgsm_de.tsv").write_text("".join(lines + lines[-1:]), encoding="utf-8")  # one extra
+    with pytest.raises(ValueError, match="mgsm_de has 9 problems and mgsm_en 8"):
+        prepare(load_config(None, overrides(world, tmp_path / "y", **{"data.path": data})))
+
+
+@pytest.mark.parametrize("key,value", [("ppo.kl_beta", "inf"), ("ppo.weight_decay", "inf"),
+                                       ("rollout.top_p", "nan"), ("ppo.critic_lr", "-inf")])
+def test_every_number_must_be_finite(key, value):
+    with pytest.raises(ValueError, match=f"{key} must be a finite number, got {value}"):
+        validate(load_config(None, [f"--{key}", value]), world_size=1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--run.out_dir", ""], "run.out_dir must name a directory, got an empty string"),
+    (["--run.seed", str(2**40)], r"run.seed must be >= 0 and <= 2147483647, got 1099511627776"),
+    (["--ppo.kl_horizon", "0"], "ppo.kl_horizon must be > 0, got 0"),
+    (["--data.eval_langs", "en,en"], "data.eval_langs must list at least one value, each once"),
+])
+def test_settings_that_mean_nothing_are_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(None, args), world_size=1)
+
+
+def test_a_non_finite_gradient_stops_the_run_keeping_the_last_checkpoint(world, tmp_path,
+                                                                         monkeypatch):
+    out = tmp_path / "run"
+    trainer = prepare(load_config(None, overrides(world, out, **{
+        "run.steps": 4, "run.checkpoint_every": 1})), log=lambda *a: None)
+    trainer.run(2)
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    real = trainer.reward
+
+    def poisoned(samples):
+        out = real(samples)
+        out["reward"][0] = math.nan
+        return out
+    trainer.reward = poisoned
+    with pytest.raises(FloatingPointError, match=r"step 3: the actor_loss's gradient norm is nan"):
+        trainer.run()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before  # step 2 is kept
+    assert not (out / "final").exists()
+    assert [m["step"] for m in metrics(out)] == [1, 2]  # strict JSON, no step 3
+
+
+def test_metrics_that_are_not_finite_are_written_as_null(tmp_path):
+    from pbrl.loggers import Loggers
+    logs = Loggers(tmp_path, ["jsonl"], "x", {})
+    logs.log({"step": 1, "reward": math.nan, "kl": math.inf, "ok": 1.5})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "reward": None,
+                                                                    "kl": None, "ok": 1.5}
+
+
+def test_a_pivot_cache_begun_by_one_pivot_is_not_completed_by_another(tmp_path):
+    from conftest import save_hf_model
+    from pbrl import pivot
+    from pbrl.data import Problem
+    save_hf_model(tmp_path / "a", "llama", seed=1)
+    save_hf_model(tmp_path / "b", "llama", seed=2, intermediate_size=128)
+    problems = [Problem(f"mgsm-{i}", "en", f"Q{i}?", str(i)) for i in range(3)]
+    ours = pivot.pivot_writer(tmp_path / "a", 8, False)
+    cache = tmp_path / "refs.jsonl"
+    record = {"id": "mgsm-0", "question": "Q0?", "reference": "0", "pivot": ours}
+    cache.write_text(json.dumps(record) + "\n")
+    for theirs in (pivot.pivot_writer(tmp_path / "b", 8, False),   # another model
+                   pivot.pivot_writer(tmp_path / "a", 16, False)):  # another max_new_tokens
+        with pytest.raises(ValueError, match="was begun by .* and would be completed by"):
+            pivot.write_references(None, None, problems, cache, theirs, log=lambda m: None)
+    (tmp_path / "mgsm_en.tsv").write_text("Q0?\t0\nQ1?\t1\nQ2?\t2\n")
+    with pytest.raises(ValueError, match="was begun by"):  # the command line too, before loading
+        pivot.main(["--model", str(tmp_path / "b"), "--data", str(tmp_path), "--out", str(cache),
+                    "--max-new-tokens", "8"])
+
+
+# ------------------------------------------------------------------- 2. files pbrl does not own
+def test_resume_takes_over_only_a_directory_a_pbrl_run_made(world, tmp_path, monkeypatch):
+    from conftest import save_hf_model
+    model = tmp_path / "model"
+    save_hf_model(model, "llama")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    no_model_loads(monkeypatch)
+    with pytest.raises(FileExistsError, match=r"holds files no pbrl run made \(.*config.json.*\): "
+                                              r"--run.resume continues a pbrl run's directory"):
+        prepare(load_config(None, overrides(world, model, **{"run.resume": "true"})))
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_an_out_dir_that_cannot_be_a_directory_is_a_clear_error(world, tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("x")
+    no_model_loads(monkeypatch)
+    with pytest.raises(FileExistsError, match=r"file.txt/run cannot be made this run's directory"):
+        prepare(load_config(None, overrides(world, tmp_path / "file.txt" / "run")))
+
+
+def test_export_refuses_a_directory_it_did_not_write_and_replaces_its_own_only_when_asked(
+        world, tmp_path):
+    out = tmp_path / "run"
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    before = {p.name: p.read_bytes() for p in (world / "policy").iterdir()}
+
+    def export(target, *flags):  # the command in-process (tests/test_checkpoint runs it as one)
+        from pbrl.checkpoint import main
+        main(["export", str(ckpt), str(target), *flags])
+    with pytest.raises(FileExistsError, match="already holds files pbrl did not export"):
+        export(world / "policy")
+    assert {p.name: p.read_bytes() for p in (world / "policy").iterdir()} == before
+    export(tmp_path / "hf")
+    first = (tmp_path / "hf" / "model.safetensors.index.json").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="holds an earlier export; --overwrite replaces it"):
+        export(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").stat().st_mtime_ns == first
+    export(tmp_path / "hf", "--overwrite")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").stat().st_mtime_ns != first
+
+
+def test_eval_checks_its_out_before_evaluating_and_never_replaces_results(world, tmp_path,
+                                                                          monkeypatch):
+    import eval as eval_cli
+    evaluated = []
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: evaluated.append(a) or [])
+    args = ["--model", str(world / "policy"), "--data", str(world / "data"), "--langs", "en,de"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="--out .*file is a file"):
+        eval_cli.main([*args, "--out", str(tmp_path / "file")])
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "scores.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds results \(scores.json\)"):
+        eval_cli.main([*args, "--out", str(tmp_path / "earlier")])
+    assert evaluated == [] and (tmp_path / "earlier" / "scores.json").read_text() == "{}"
+
+
+def test_a_pivot_cache_being_written_refuses_a_second_writer(tmp_path):
+    from pbrl import pivot
+    cache = tmp_path / "refs.jsonl"
+    with open(tmp_path / "refs.jsonl.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a first run, writing
+        with pytest.raises(FileExistsError, match="is being written by another run"):
+            pivot.write_references(None, None, [], cache, {}, log=lambda m: None)
+
+
+def test_a_run_interrupted_while_its_pivot_wrote_continues_it(world, tmp_path):
+    from pbrl.data import load_mgsm
+    from pbrl.pivot import pivot_writer, read_references
+    out = tmp_path / "run"
+    writer = pivot_writer(world / "policy", 6, False)
+    records = [json.loads(line) for line in (world / "pivot.jsonl").read_text().splitlines()[:3]]
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps({**r, "pivot": writer}) + "\n"
+                                                 for r in records))
+    trainer = prepare(load_config(None, overrides(world, out, **{
+        "data.pivot_cache": tmp_path / "refs.jsonl"})), log=lambda *a: None)
+    english = load_mgsm(world / "data", ["en"])["en"]
+    cached = read_references(tmp_path / "refs.jsonl")
+    assert set(cached) == {p.id for p in english} and len(trainer.references) == len(english)
+    assert [cached[r["id"]]["reference"] for r in records] == [r["reference"] for r in records]
+
+
+# --------------------------------------------------------------------------- 3. waiting forever
+def test_a_stalled_rank_makes_its_peer_exit_with_a_clear_message_within_the_timeout(world,
+                                                                                    tmp_path):
+    """Rank 1 stalls before its first iteration; rank 0 waits in a collective for
+    run.timeout_minutes (3 s here), then exits with one line that says so. torchrun's own
+    process group default (30 minutes on gloo) must not apply."""
+    script = tmp_path / "stall.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import pbrl.trainer\n"
+        "real = pbrl.trainer.Trainer.train_step\n"
+        "def stalled(self):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        time.sleep(120)\n"
+        "    return real(self)\n"
+        "pbrl.trainer.Trainer.train_step = stalled\n"
+        f"sys.argv = ['train.py', *{[str(a) for a in overrides(world, tmp_path / 'run')]!r},\n"
+        "            '--run.timeout_minutes', '0.05']\n"
+        "import runpy; runpy.run_path('train.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(script)], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=100)
+    assert done.returncode != 0
+    assert "error: rank 0 waited longer than the process group's timeout (0.05 minutes, " \
+           "run.timeout_minutes) in a collective" in done.stderr, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------- 4. errors a user can act on
+def test_a_torn_last_line_of_metrics_does_not_stop_a_resume(world, tmp_path):
+    out = tmp_path / "run"
+    prepare(load_config(None, overrides(world, out, **{"run.steps": 3, "run.checkpoint_every": 1})),
+            log=lambda *a: None).run(2)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "rew')  # a crash, or a full disk, mid-write
+    resumed = prepare(load_config(None, overrides(world, out, **{
+        "run.steps": 3, "run.checkpoint_every": 1, "run.resume": "true"})), log=lambda *a: None)
+    resumed.run()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_resuming_with_other_models_says_so_and_not_that_the_checkpoint_is_damaged(world, tmp_path):
+    from conftest import save_hf_model
+    out = tmp_path / "run"
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    bigger = tmp_path / "bigger"
+    save_hf_model(bigger, "qwen2", seed=4, tie_word_embeddings=True, max_position_embeddings=256,
+                  intermediate_size=128)
+    with pytest.raises(ValueError, match=r"holds another actor than this run's: its "
+                                         r"layers.0.mlp.gate_proj.weight has shape \[96, 64\], "
+                                         r"this run's \[128, 64\]"):
+        prepare(load_config(None, overrides(world, out, **{"models.policy": bigger,
+                                                           "run.resume": "true"})))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / ".metadata").write_bytes((d / ".metadata").read_bytes()[:20]),
+     r"\.metadata cannot be read \(.*\); the checkpoint is damaged"),
+    (lambda d: (d / "trainer.pt").write_bytes(b""), r"trainer.pt: cannot be read"),
+])
+def test_a_damaged_checkpoint_file_is_named(world, tmp_path, damage, message):
+    out = tmp_path / "run"
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    damage(sorted((out / "checkpoints").iterdir())[-1])
+    with pytest.raises(ValueError, match=message):
+        prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_keeps_the_earlier_checkpoint(world, tmp_path,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    trainer = prepare(load_config(None, overrides(world, out, **{
+        "run.steps": 3, "run.checkpoint_every": 1})), log=lambda *a: None)
+    trainer.run(1)
+    real = torch.save
+
+    def full(obj, path, *a, **k):
+        if "step_000002" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
+                               "failed writing file data/0: file write failed")
+        return real(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"no space left on the device holding .*checkpoints while "
+                                      r"writing .*step_000002.tmp") as raised:
+        trainer.run(1)
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
+
+
+def test_a_path_that_could_be_local_says_it_is_not_here(tmp_path, monkeypatch):
+    from pbrl.files import resolve
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"'data/gsm8k_train': no such local file or "
+                                                r"directory \(looked in .*\), and fetching it as "
+                                                r"a hub id failed"):
+        resolve("data/gsm8k_train", repo_type="dataset")
+
+
+def test_config_files_with_a_bom_and_overrides_with_an_equals_sign(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_bytes("\ufeff[ppo]\nlr = 3e-5\n".encode("utf-8"))
+    path, args = parse_command_line([f"--config={file}", "--ppo.epochs=3", "--run.steps", "7"])
+    cfg = load_config(path, args)
+    assert (cfg.ppo.lr, cfg.ppo.epochs, cfg.run.steps) == (3e-5, 3, 7)
+    with pytest.raises(ValueError, match="--config comes first"):
+        parse_command_line(["--ppo.lr", "1", "--config", str(file)])
+
+
+@pytest.mark.parametrize("command,message", [
+    (["-m", "pbrl.memory", "--gpus", "-1"], "--gpus: expected a positive integer, got -1"),
+    (["-m", "pbrl.generate", "--temperature", "inf"],
+     "--temperature: expected a finite number >= 0, got inf"),
+    (["-m", "pbrl.generate", "--top-p", "0"], "--top-p: expected a number in (0, 1], got 0.0"),
+])
+def test_command_line_numbers_are_checked(command, message):
+    assert message in run(*command, expect=2).stderr
+
+
+def test_plot_refuses_a_metric_no_run_has(tmp_path):
+    from pbrl.plot import main
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n')
+    with pytest.raises(ValueError, match="--metrics: no run logged 'rewrad'; they logged: reward"):
+        main([str(tmp_path / "run"), "--out", str(tmp_path / "x.svg"), "--metrics", "rewrad"])
+
+
+def test_empty_data_files_are_refused(tmp_path):
+    from pbrl.data import load_mgsm
+    (tmp_path / "mgsm_en.tsv").write_text("")
+    with pytest.raises(ValueError, match=r"mgsm_en.tsv: no problems \(an empty file\)"):
+        load_mgsm(tmp_path, ["en"])
+    (tmp_path / "mgsm_en.tsv").unlink()
+    (tmp_path / "mgsm_en.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"mgsm_en.jsonl: no problems \(an empty file\)"):
+        load_mgsm(tmp_path, ["en"])
+
+
+def test_a_chat_template_that_fails_on_its_own_names_its_file():
+    from conftest import build_tokenizer
+    from pbrl.tokenizer import Tokenizer
+    tok = Tokenizer(build_tokenizer(), {"chat_template": "{{ 1 / 0 }}"},
+                    source="chat template of /x/tokenizer_config.json")
+    with pytest.raises(ValueError, match=r"/x/tokenizer_config.json: ZeroDivisionError"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
