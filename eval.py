@@ -11,7 +11,7 @@ import argparse
 import json
 
 from pbrl.checkpoint import check_pretrained, load_pretrained
-from pbrl.cli import DTYPES, natural_int, positive_int, run_main, shared_flags
+from pbrl.cli import DTYPES, languages, natural_int, positive_int, run_main, shared_flags
 from pbrl.data import load_mgsm_exemplars, load_problems
 from pbrl.distributed import resolve_device
 from pbrl.evaluate import accuracy_by_language, evaluate, format_table
@@ -28,7 +28,7 @@ def main(argv=None):
     ap.add_argument("--task", choices=list(DEFAULT_DATA), default="mgsm")
     ap.add_argument("--data",
                     help="local directory/file or hub dataset id (default: the task's hub dataset)")
-    ap.add_argument("--langs", default="en", help="comma-separated language codes")
+    ap.add_argument("--langs", type=languages, default="en", help="comma-separated language codes")
     ap.add_argument("--limit", type=positive_int, help="first N problems per language")
     ap.add_argument("--no-chat", action="store_true",
                     help="raw prompts instead of the chat template")
@@ -48,7 +48,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     if len(set(args.model)) != len(args.model):
         raise ValueError(f"--model names the same checkpoint twice: {args.model}")
-    langs = [code.strip() for code in args.langs.split(",") if code.strip()]
+    langs = args.langs
     problems = load_problems(args.task, args.data or DEFAULT_DATA[args.task], langs, args.limit)
     if args.num_fewshot and args.task != "mgsm":
         raise ValueError(f"--num-fewshot is for --task mgsm; got {args.num_fewshot} for "

@@ -47,6 +47,15 @@ def positive_float(text: str) -> float:
     return _number(text, float, "a finite number > 0", lambda v: v > 0)
 
 
+def languages(text: str) -> list[str]:
+    """A comma-separated list of language codes, at least one, each once (de,fr,sw)."""
+    codes = [code.strip() for code in text.split(",") if code.strip()]
+    if not codes or len(set(codes)) < len(codes):
+        raise argparse.ArgumentTypeError(f"expected comma-separated language codes, at least one, "
+                                         f"each once; got {text!r}")
+    return codes
+
+
 def fraction(text: str) -> float:
     return _number(text, float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 

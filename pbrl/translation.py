@@ -19,7 +19,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from pbrl.cli import Progress, positive_int, run_main, shared_flags
+from pbrl.cli import Progress, languages, positive_int, run_main, shared_flags
 from pbrl.data import Problem, language, load_gsm8k, written_numbers
 from pbrl.distributed import resolve_device
 from pbrl.files import append_records, read_records, write_atomic
@@ -110,13 +110,13 @@ def main(argv=None) -> None:
                                                     "directory or a JSONL file with question and "
                                                     "answer")
     ap.add_argument("--split", default="train")
-    ap.add_argument("--langs", required=True,
+    ap.add_argument("--langs", required=True, type=languages,
                     help="target languages, comma-separated (de,fr,sw,...)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--limit", type=positive_int, help="only the first N problems")
     shared_flags(ap, "device", "batch-size", "max-new-tokens")
     args = ap.parse_args(argv)
-    langs = [lang for lang in args.langs.split(",") if lang]
+    langs = args.langs
     for lang in langs:
         language(lang)  # an unknown code is an error before any model loads
     if "en" in langs:

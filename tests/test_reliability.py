@@ -310,6 +310,18 @@ def test_command_line_numbers_are_checked(command, message):
     assert message in run(*command, expect=2).stderr
 
 
+@pytest.mark.parametrize("langs", ["de,de", "", ","])
+def test_language_lists_name_each_language_once(langs, capsys):
+    import eval as eval_cli
+    from pbrl.translation import main as translate
+    for main in (eval_cli.main, translate):
+        with pytest.raises(SystemExit) as stop:
+            main(["--model", "m", "--source", "s", "--out", "o", "--langs", langs])
+        assert stop.value.code == 2
+        assert ("--langs: expected comma-separated language codes, at least one, each once; got "
+                f"{langs!r}") in capsys.readouterr().err
+
+
 def test_plot_refuses_a_metric_no_run_has(tmp_path):
     from pbrl.plot import main
     (tmp_path / "run").mkdir()
