@@ -77,12 +77,22 @@ class RolloutConfig:
     # The decoding step through CUDA graphs (pbrl/graphs.py). Memory: the sampler's state and, under
     # FSDP, a whole copy of the actor stay allocated between rollouts (pbrl.memory counts both).
     compile: bool = False
+    # DAPO: drop groups whose samples all score alike and sample more problems, up to this many
+    # rounds of rollouts, until the batch is full of informative groups (else: what there is)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = setting(3, gt=0)
+    # responses that hit max_new_tokens unfinished: off | filter (out of the loss) | penalty (DAPO's
+    # linear length penalty over the last overlong_buffer tokens, added to the score)
+    overlong: str = setting("off", choices=("off", "filter", "penalty"))
+    overlong_buffer: int = setting(16, gt=0)
 
 
 @dataclass
 class PPOConfig:
-    # gae (a critic) | grpo | rloo (critic-free: baselines from the prompt's other samples)
-    advantage: str = setting("gae", choices=("gae", "grpo", "rloo"))
+    # gae (a critic) | grpo | rloo (baselines from the prompt's other samples) | reinforce_pp |
+    # reinforce_pp_baseline (returns whitened over the batch; the latter minus the group mean first)
+    advantage: str = setting("gae", choices=("gae", "grpo", "rloo", "reinforce_pp",
+                                             "reinforce_pp_baseline"))
     group_std: bool = True         # grpo: divide by the group's std (false: Dr. GRPO)
     # KL to the reference as a k3 loss term (GRPO's) instead of a reward
     kl_in_loss: bool = False
@@ -101,6 +111,15 @@ class PPOConfig:
     eps_low: float = setting(0.2, gt=0)
     eps_high: float = setting(0.2, gt=0)
     dual_clip: float | None = setting(None, gt=1)
+    policy_loss: str = setting("ppo", choices=("ppo", "gspo", "cispo"))  # ppo.POLICY_LOSSES
+    loss_agg: str = setting("token_mean", choices=("token_mean", "seq_mean_token_mean",
+                                                   "seq_mean_token_sum_norm"))
+    # the sampler/trainer mismatch: off | tis | seq_tis (weights truncated at correction_clip) | mis
+    # | seq_mis (tokens or responses whose ratio is outside [correction_low, correction_high] drop)
+    rollout_correction: str = setting("off", choices=("off", "tis", "seq_tis", "mis", "seq_mis"))
+    correction_clip: float = setting(2.0, gt=0)
+    correction_low: float = setting(0.5, gt=0)
+    correction_high: float = setting(2.0, gt=0)
     value_clip: float | None = setting(0.2, gt=0)
     kl_beta: float = setting(0.1, ge=0)
     # off = fixed beta; else the adaptive controller's
@@ -109,6 +128,10 @@ class PPOConfig:
     kl_estimator: str = setting("k1", choices=("k1", "k2", "k3"))  # the per-token KL in the reward
     whiten_advantages: bool = True
     entropy_coef: float = setting(0.0, ge=0)
+
+    def uses_reference(self) -> bool:
+        """kl_beta 0 (which no adaptive controller moves): no KL, no reference model to load."""
+        return self.kl_beta > 0
 
 
 @dataclass
@@ -310,11 +333,22 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
                                                f"divisible by the world size {world_size}"),
         (per_rank % p.minibatches == 0, f"each rank's {per_rank} sequences must split into "
                                         f"ppo.minibatches={p.minibatches} equal minibatches"),
-        (p.advantage == "gae" or r.samples_per_prompt >= 2,
+        (p.advantage not in ("grpo", "rloo", "reinforce_pp_baseline") or r.samples_per_prompt >= 2,
          f"ppo.advantage={p.advantage} compares the samples of a prompt: "
          f"rollout.samples_per_prompt must be >= 2"),
+        (not r.dynamic_sampling or r.samples_per_prompt >= 2,
+         "rollout.dynamic_sampling keeps prompts whose samples score differently: "
+         "rollout.samples_per_prompt must be >= 2"),
         (p.advantage == "gae" or not cfg.models.critic,
          f"ppo.advantage={p.advantage} trains no critic, but models.critic is set"),
+        (p.dual_clip is None or p.policy_loss == "ppo",
+         f"ppo.dual_clip bounds the ppo loss; ppo.policy_loss={p.policy_loss} has none"),
+        (p.correction_low <= 1 <= p.correction_high,
+         f"ppo.correction_low <= 1 <= ppo.correction_high must hold (a ratio of 1 is no "
+         f"mismatch); got {p.correction_low} and {p.correction_high}"),
+        (r.overlong != "penalty" or r.overlong_buffer <= r.max_new_tokens,
+         f"rollout.overlong_buffer={r.overlong_buffer} must be at most rollout.max_new_tokens="
+         f"{r.max_new_tokens}"),
         (w.kind != "hybrid" or sum(weights) > 0,
          "reward.kind=hybrid needs at least one positive weight"),
         (bool(cfg.models.embedder) or not w.uses_embedder(),

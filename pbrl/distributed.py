@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 
 DEFAULT_TIMEOUT_MINUTES = 60.0  # run.timeout_minutes' default
@@ -104,7 +105,7 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> t
     models, fp32 runs)."""
     if not is_distributed():
         return model
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype,
                               reduce_dtype=torch.float32) if compute_dtype is not None \
         else MixedPrecisionPolicy()
@@ -126,21 +127,16 @@ def gathered(model: torch.nn.Module):
     """Hold every FSDP unit's full parameters for the duration (rollout): one all-gather per
     generation instead of one per block per decoding step. Restores FSDP's defaults (reshard after
     forward, except the root)."""
-    from torch.distributed.fsdp import FSDPModule
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    if not units:
-        yield model
-        return
-    model.set_reshard_after_forward(False, recurse=True)
     for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield model
     finally:
         for unit in units:
             unit.reshard()
-        model.set_reshard_after_forward(True, recurse=True)
-        model.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

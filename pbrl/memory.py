@@ -137,8 +137,9 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         out.terms[f"{name} parameters (fp32)"] = shard_bytes(shapes, gpus, 4)
         out.terms[f"{name} gradients (fp32)"] = shard_bytes(shapes, gpus, 4)
         out.terms[f"{name} AdamW states"] = shard_bytes(shapes, gpus, 8) + 4 * len(shapes)
-    reference = parameter_shapes(model_args(m.reference or m.policy))
-    out.terms["reference (shards)"] = shard_bytes(reference, gpus, compute)
+    if p.uses_reference():  # a KL-free run (ppo.kl_beta = 0) loads none
+        reference = parameter_shapes(model_args(m.reference or m.policy))
+        out.terms["reference (shards)"] = shard_bytes(reference, gpus, compute)
     rewards = reward_terms(cfg, out, compute)
     rollout_terms(cfg, out, actor, trained["actor"], gpus, prompt_tokens, compute)
     tokens = p.micro_batch_size * (prompt_tokens + r.max_new_tokens)

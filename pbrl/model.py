@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 import kernels
 
@@ -275,12 +276,9 @@ def block_forward(block: Block, x, cos, sin, attend):
 
 def pad_rows(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> ids [B, L] right padded with pad_id, and mask [B, L] (True on real tokens)."""
-    ids = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = True
-    return ids, mask
+    ids = pad_sequence([torch.tensor(row, dtype=torch.long) for row in rows], batch_first=True,
+                       padding_value=pad_id)
+    return ids, torch.arange(ids.shape[1]) < torch.tensor([len(row) for row in rows])[:, None]
 
 
 class Transformer(nn.Module):

@@ -1,13 +1,16 @@
 """PPO maths as small pure functions over [B, T] tensors with an explicit mask.
 
 mask[b, t] is True where column t holds an action (a response token); every function ignores the
-values elsewhere. Losses are sums over tokens divided by `num_tokens`, the response tokens of the
-*global* batch (every micro-batch on every rank): the micro-batch losses then add up to the full
-batch's token mean exactly, however the batch is split.
+values elsewhere. Losses are normalised by totals of the *global* batch (`Counts`: its tokens and
+responses over every micro-batch on every rank), so the micro-batch losses add up to the whole
+batch's loss exactly, however the batch is split.
 
 References: GAE, Schulman et al. 2016 (eq. 16); GRPO, Shao et al. 2024; RLOO, Ahmadian et al. 2024;
-clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip, Ye et al. 2020; KL estimators k1/k2/k3,
-Schulman 2020 ("Approximating KL divergence"); adaptive KL coefficient, Ziegler et al. 2019.
+REINFORCE++, Hu et al. 2025; clipped surrogate, Schulman et al. 2017 (eq. 7); dual-clip, Ye et al.
+2020; GSPO, Zheng et al. 2025; CISPO, MiniMax 2025; truncated and masked importance sampling against
+the sampler, Yao et al. 2025 and ICEPOP; KL estimators k1/k2/k3, Schulman 2020 ("Approximating KL
+divergence"); adaptive KL coefficient, Ziegler et al. 2019. Options are dicts of small functions
+chosen by name: POLICY_LOSSES, AGGREGATIONS, CORRECTIONS.
 """
 from __future__ import annotations
 
@@ -58,26 +61,20 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, reduc
     return masked_moments(x, mask, unbiased, reduce)[1]
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-           reduce=_identity) -> torch.Tensor:
-    """(x - mean) / std over the masked positions (0 elsewhere); shift_mean=False keeps the mean."""
+def whiten(x, mask, eps: float = 1e-8, reduce=_identity) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (0 elsewhere)."""
     mean, var = masked_moments(x, mask, reduce=reduce)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask.bool(), out, 0.0)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     """Generalised advantage estimation, a reverse scan over each row: rewards, values, mask [B, T]
     -> (advantages, returns) [B, T], 0 outside the mask. delta_t = r_t + gamma V_{t+1} - V_t and A_t
     = delta_t + gamma lam A_{t+1}, where t+1 is the next masked position (columns outside the mask
     are skipped, not steps) and V = A = 0 after the last one. returns = A + V, the critic's
     target."""
     mask = mask.bool()
-    next_value = torch.zeros_like(values[:, 0])
-    next_adv = torch.zeros_like(values[:, 0])
+    next_value = next_adv = torch.zeros_like(values[:, 0])
     advantages = torch.zeros_like(values)
     for t in reversed(range(values.shape[1])):
         m = mask[:, t]
@@ -131,15 +128,11 @@ KL_ESTIMATORS = {"k1": lambda log_ratio: log_ratio,
                  "k3": lambda log_ratio: torch.expm1(-log_ratio) + log_ratio}
 
 
-def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                kind: str = "k1") -> torch.Tensor:
-    if kind not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kind!r}; expected 'k1', 'k2' or 'k3'")
-    return KL_ESTIMATORS[kind](logprobs - ref_logprobs)
+def kl_estimate(logprobs, ref_logprobs, kind: str = "k1") -> torch.Tensor:
+    return KL_ESTIMATORS[kind](logprobs - ref_logprobs)  # kind: config.validate checks it
 
 
-def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                      beta: float) -> torch.Tensor:
+def per_token_rewards(scores, kl, mask, beta: float) -> torch.Tensor:
     """scores [B], kl [B, T], mask [B, T] -> rewards [B, T]: -beta * kl on every response token,
     plus the score on the last. A row without response tokens gets nothing (no action to credit)."""
     mask = mask.bool()
@@ -151,54 +144,181 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     return rewards
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, num_tokens=None, eps_low: float = 0.2, eps_high: float = 0.2,
-                dual_clip: float | None = None) -> PolicyLoss:
-    """The clipped surrogate max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp -
-    old_logp). dual_clip c > 1 also bounds a negative-advantage token's loss by -A c (a huge r on a
-    bad token cannot dominate). num_tokens: response tokens of the global batch (default: this
-    batch's)."""
-    if dual_clip is not None and dual_clip <= 1:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                            beta: float, groups: torch.Tensor | None = None,
+                            reduce=_identity) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025): each token's return (the score at the end, -beta * KL on every
+    token, no discount), whitened over the global batch (reduce: over all ranks). With groups (the
+    baseline variant) each score first loses its group's mean. scores [B], kl and mask [B, T] ->
+    [B, T], 0 outside the mask."""
+    if groups is not None:
+        size, total = _group_sums(scores, groups)
+        scores = scores - total / size
+    rewards = per_token_rewards(scores, kl, mask, beta)  # 0 outside the mask
+    returns = rewards.flip(1).cumsum(1).flip(1)
+    return whiten(returns, mask, reduce=reduce)
+
+
+# Rollout correction: the sampler's log-probs and the trainer's (old) ones of the same tokens differ
+# (bf16 decoding against the FSDP forward, other kernels). log r = old - sampler [B, T], 0 outside
+# the mask -> (each token's weight in the loss, which tokens the correction truncated or masked).
+def no_correction(log_ratio, mask, clip, low, high):
+    return torch.ones_like(log_ratio), torch.zeros_like(mask)
+
+
+def tis(log_ratio, mask, clip, low, high):
+    """Truncated importance sampling (Yao et al. 2025): weight min(pi_old / pi_sampler, clip)."""
+    return log_ratio.clamp(max=math.log(clip)).exp(), log_ratio > math.log(clip)
+
+
+def seq_tis(log_ratio, mask, clip, low, high):
+    """TIS with the sequence's ratio, exp(sum_t log r_t), on every token of the response."""
+    return tis(masked_sum(log_ratio, mask, dim=1)[:, None].expand_as(log_ratio), mask, clip, low,
+               high)
+
+
+def mis(log_ratio, mask, clip, low, high):
+    """Masked importance sampling (ICEPOP): a token whose ratio lies outside [low, high] drops out
+    of the loss; the others count once."""
+    outside = (log_ratio < math.log(low)) | (log_ratio > math.log(high))
+    return (~outside).to(log_ratio.dtype), outside
+
+
+def seq_mis(log_ratio, mask, clip, low, high):
+    """MIS by the sequence's geometric-mean ratio, exp(mean_t log r_t): whole responses drop."""
+    return mis(masked_mean(log_ratio, mask, dim=1)[:, None].expand_as(log_ratio), mask, clip, low,
+               high)
+
+
+CORRECTIONS = {"off": no_correction, "tis": tis, "seq_tis": seq_tis, "mis": mis,
+               "seq_mis": seq_mis}
+
+
+def correction_weights(kind: str, old_logprobs, sampler_logprobs, mask, clip: float = 2.0,
+                       low: float = 0.5, high: float = 2.0):
+    """Each token's weight in the policy loss under the correction `kind` (CORRECTIONS) [B, T], 0
+    outside the mask; and which tokens it truncated or masked [B, T] bool."""
     mask = mask.bool()
-    num_tokens = mask.sum() if num_tokens is None else num_tokens
-    # Zeros outside the mask first: a NaN there would reach the gradient through 0 * NaN.
-    advantages = torch.where(mask, advantages, 0.0)
-    ratio = torch.where(mask, logprobs - old_logprobs, 0.0).exp()
+    weights, changed = CORRECTIONS[kind](torch.where(mask, old_logprobs - sampler_logprobs, 0.0),
+                                         mask, clip, low, high)
+    return torch.where(mask, weights, 0.0), changed & mask
+
+
+class Counts(NamedTuple):
+    """What a loss is normalised by: totals over the global batch (every micro-batch on every
+    rank), so the micro-batch losses add up to the whole batch's loss however it is split."""
+    tokens: torch.Tensor | float      # tokens that take part in the loss
+    sequences: torch.Tensor | float   # rows with at least one such token
+    max_new_tokens: int = 1           # seq_mean_token_sum_norm's constant
+
+
+def count(weights: torch.Tensor, max_new_tokens: int = 1, reduce=_identity) -> Counts:
+    """The Counts of a batch whose token weights (or mask) are `weights` [B, T]; reduce sums them
+    over ranks."""
+    keep = weights > 0
+    tokens, sequences = reduce(torch.stack([keep.sum(), keep.any(1).sum()]).float())
+    return Counts(tokens, sequences, max_new_tokens)
+
+
+# Loss aggregation: [B, T] per-token losses, their weights (0: not in the loss) -> the scalar share
+# of this micro-batch in the global batch's loss.
+def token_mean(x: torch.Tensor, weights: torch.Tensor, counts: Counts) -> torch.Tensor:
+    """Every token of the global batch counts alike (PPO's, DAPO's): long responses weigh more."""
+    return masked_sum(x * weights, weights > 0) / counts.tokens
+
+
+def seq_mean_token_mean(x: torch.Tensor, weights: torch.Tensor, counts: Counts) -> torch.Tensor:
+    """Each response's token mean, then the mean over responses (GRPO's paper, GSPO)."""
+    keep = weights > 0
+    per_row = masked_sum(x * weights, keep, dim=1) / keep.sum(1).clamp(min=1)
+    return per_row.sum() / counts.sequences
+
+
+def seq_mean_token_sum_norm(x: torch.Tensor, weights: torch.Tensor,
+                            counts: Counts) -> torch.Tensor:
+    """Each response's token sum over one constant, max_new_tokens, then the mean over responses
+    (Dr. GRPO): no length bias either way."""
+    return masked_sum(x * weights, weights > 0) / (counts.max_new_tokens * counts.sequences)
+
+
+AGGREGATIONS = {"token_mean": token_mean, "seq_mean_token_mean": seq_mean_token_mean,
+                "seq_mean_token_sum_norm": seq_mean_token_sum_norm}
+
+
+# Policy losses: log r = logp - old_logp [B, T] (0 outside the mask), advantages [B, T] ->
+# (per-token losses, which tokens were clipped) [B, T] each.
+def clipped_surrogate(log_ratio, advantages, mask, eps_low, eps_high, dual_clip=None):
+    """PPO (Schulman et al. 2017): max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)). dual_clip c
+    > 1 also bounds a negative-advantage token's loss by -A c (Ye et al. 2020)."""
+    ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    return loss, clipped > unclipped
+
+
+def gspo(log_ratio, advantages, mask, eps_low, eps_high, dual_clip=None):
+    """GSPO (Zheng et al. 2025): PPO's clip on the sequence's ratio s = exp(mean_t log r_t), the
+    same value on every token of the response. Each token carries s with the gradient of its own
+    log-prob (GSPO-token), so under seq_mean_token_mean the gradient is GSPO's, A grad s."""
+    sequence = masked_mean(log_ratio, mask, dim=1)[:, None].detach()
+    return clipped_surrogate(log_ratio - log_ratio.detach() + sequence, advantages, mask,
+                             eps_low, eps_high)
+
+
+def cispo(log_ratio, advantages, mask, eps_low, eps_high, dual_clip=None):
+    """CISPO (MiniMax 2025): -stopgrad(clip(r, 1 - eps_low, 1 + eps_high)) A log pi. A clipped
+    token keeps its gradient, scaled by the clipped ratio. The loss's value is -clip(r) A."""
+    ratio = log_ratio.exp()
+    weight = ratio.clamp(1 - eps_low, 1 + eps_high).detach()
+    # exp(x - x.detach()) is 1 with the gradient of x (of log pi): the gradient is -weight A grad
+    # log pi
+    return -advantages * weight * torch.exp(log_ratio - log_ratio.detach()), weight != ratio
+
+
+POLICY_LOSSES = {"ppo": clipped_surrogate, "gspo": gspo, "cispo": cispo}
+
+
+def policy_loss(logprobs, old_logprobs, advantages, weights, counts: Counts | None = None,
+                eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None,
+                kind: str = "ppo", agg: str = "token_mean") -> PolicyLoss:
+    """The policy loss `kind` (POLICY_LOSSES) of each token, aggregated by `agg` (AGGREGATIONS).
+    weights [B, T]: how much each token counts (a bool mask: 1 or 0; rollout correction and
+    overlong filtering make others). counts: the global batch's (default: this batch's). dual_clip
+    is for the ppo loss only (config.validate checks it)."""
+    mask = weights > 0
+    # Zeros outside the mask first: a NaN there would reach the gradient through 0 * NaN.
+    advantages = torch.where(mask, advantages, 0.0)
+    log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
+    loss, clipped = POLICY_LOSSES[kind](log_ratio, advantages, mask, eps_low, eps_high, dual_clip)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        clipfrac = masked_mean(clipped.float(), mask)
         approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
-    return PolicyLoss(masked_sum(loss, mask) / num_tokens, clipfrac, approx_kl)
+    return PolicyLoss(AGGREGATIONS[agg](loss, weights, counts or count(weights)), clipfrac,
+                      approx_kl)
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, num_tokens=None, clip: float | None = 0.2) -> ValueLoss:
+def value_loss(values, old_values, returns, mask, num_tokens=None, clip: float | None = 0.2):
     """0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2), token mean over the global
     batch."""
     mask = mask.bool()
     num_tokens = mask.sum() if num_tokens is None else num_tokens
     values, old_values, returns = (torch.where(mask, x, 0.0) for x in (values, old_values, returns))
     loss = (values - returns) ** 2
-    clipfrac = torch.zeros(())
-    if clip is not None:
-        clipped_loss = (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
-        with torch.no_grad():
-            clipfrac = masked_mean((clipped_loss > loss).float(), mask)
-        loss = torch.maximum(loss, clipped_loss)
-    return ValueLoss(0.5 * masked_sum(loss, mask) / num_tokens, clipfrac)
+    clipped = loss if clip is None else \
+        (old_values + (values - old_values).clamp(-clip, clip) - returns) ** 2
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > loss).float(), mask)
+    return ValueLoss(0.5 * masked_sum(torch.maximum(loss, clipped), mask) / num_tokens, clipfrac)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       reduce=_identity) -> torch.Tensor:
+def explained_variance(values, returns, mask, reduce=_identity) -> torch.Tensor:
     """1 - Var(R - V) / Var(R) over the masked positions: 1 is a perfect critic, 0 no better than a
     constant (and 0 when the returns do not vary)."""
-    var_returns = masked_var(returns, mask, reduce=reduce)
-    var_error = masked_var(returns - values, mask, reduce=reduce)
+    var_returns = masked_moments(returns, mask, reduce=reduce)[1]
+    var_error = masked_moments(returns - values, mask, reduce=reduce)[1]
     return torch.where(var_returns > 1e-8, 1 - var_error / var_returns.clamp(min=1e-8), 0.0)
 
 

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from pbrl import ppo
 from pbrl.data import Problem
@@ -38,27 +39,37 @@ class Experience(NamedTuple):
     kl: torch.Tensor                # [B, L - 1] per-token KL estimate to the reference
     advantages: torch.Tensor        # [B, L - 1]
     returns: torch.Tensor           # [B, L - 1] the critic's regression targets
+    # [B, L - 1] each token's weight in the losses, 0 where it takes no part: the mask, times the
+    # rollout correction (ppo.CORRECTIONS), without responses rollout.overlong filters out
+    weights: torch.Tensor
 
     def rows(self, index: torch.Tensor) -> Experience:
         return Experience(*(t[index] for t in self))
 
 
-def problems_for_step(problems: list[Problem], step: int, per_step: int, seed: int, rank: int,
-                      world: int) -> list[Problem]:
+class Groups(NamedTuple):
+    """Phases 1-3 of an iteration on one rank: problems, their completions (row i*n + j is sample j
+    of problems[i]) and what the reward made of them."""
+    problems: list[Problem]
+    completions: Completions
+    samples: list[Sample]
+    rewards: dict[str, torch.Tensor]  # name -> [B]: "reward" (the score), then its components
+    keep: torch.Tensor                # [B] bool: the response takes part in the loss
+    stats: dict                       # what dynamic sampling reports (empty without it)
+
+
+def problems_for_step(problems: list[Problem], step: int, per_step: int, seed: int, rank, world):
     """This rank's share of step `step`'s problems. Steps walk through the problems in a seeded
     permutation per pass, continuing into the next pass's: a pure function, no loader state to
     save."""
     if per_step % world:
         raise ValueError(f"{per_step} problems per step do not split over {world} ranks")
-    n, start = len(problems), (step * per_step) % len(problems)
-    order: list[int] = []
-    epoch = (step * per_step) // n
-    while len(order) < start + per_step:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order += torch.randperm(n, generator=generator).tolist()
-        epoch += 1
-    share = per_step // world
-    return [problems[i] for i in order[start:start + per_step][rank * share:(rank + 1) * share]]
+    first, n, share = step * per_step, len(problems), per_step // world
+    passes = range(first // n, (first + per_step - 1) // n + 1)  # those this step reaches into
+    order = [i for p in passes for i in torch.randperm(
+        n, generator=torch.Generator().manual_seed(seed * 100_003 + p)).tolist()]
+    mine = order[first % n:first % n + per_step][rank * share:(rank + 1) * share]
+    return [problems[i] for i in mine]
 
 
 def sequence_seed(seed: int, step: int, problem: Problem, sample: int) -> int:
@@ -69,8 +80,7 @@ def sequence_seed(seed: int, step: int, problem: Problem, sample: int) -> int:
 def sequences(prompts: list[list[int]], completions: Completions):
     """One prompt per completion row -> tokens [B, L], lengths [B], mask [B, L - 1] and the
     sampler's log-probs in the same layout [B, L - 1]."""
-    responses = completions.as_lists()
-    tokens, real = pad_rows([p + r for p, r in zip(prompts, responses)])
+    tokens, real = pad_rows([p + r for p, r in zip(prompts, completions.as_lists())])
     starts = torch.tensor([len(p) for p in prompts])
     mask = (real & (torch.arange(tokens.shape[1]) >= starts[:, None]))[:, 1:]
     generated = torch.arange(completions.tokens.shape[1]) < completions.lengths[:, None]
@@ -78,14 +88,36 @@ def sequences(prompts: list[list[int]], completions: Completions):
     return tokens, real.sum(1), mask, torch.zeros(mask.shape).masked_scatter(mask, sampled)
 
 
-def score(reward_fn, problems: list[Problem], texts: list[str], references: dict[str, str],
-          samples_per_prompt: int):
+def score(reward_fn, problems: list[Problem], texts: list[str], references, samples_per_prompt):
     """Each response against its problem's English reference (and gold answer, which only ExactMatch
     reads); texts[i * n + j] is sample j of problems[i]. Returns the samples and reward_fn's {name:
     [B]}."""
     repeated = [p for p in problems for _ in range(samples_per_prompt)]
     samples = [Sample(p.lang, text, references[p.id], p.answer) for p, text in zip(repeated, texts)]
     return samples, reward_fn(samples)
+
+
+# rollout.overlong: what becomes of responses that hit max_new_tokens without a stop token.
+# (rewards, completions, max_new_tokens, buffer) -> (rewards, keep [B]).
+def overlong_off(rewards, completions, max_new_tokens, buffer):
+    return rewards, torch.ones_like(completions.finished)
+
+
+def overlong_filter(rewards, completions, max_new_tokens, buffer):
+    """DAPO's overlong filtering: a truncated response takes no part in the loss."""
+    return rewards, completions.finished
+
+
+def overlong_penalty(rewards, completions, max_new_tokens, buffer):
+    """DAPO's soft overlong punishment, added to the score: 0 up to max_new_tokens - buffer
+    tokens, then down linearly to -1 at max_new_tokens."""
+    length = completions.lengths.to(rewards["reward"])
+    penalty = ((max_new_tokens - buffer - length) / buffer).clamp(-1.0, 0.0)
+    return {**rewards, "reward": rewards["reward"] + penalty, "overlong_penalty": penalty}, \
+        torch.ones_like(completions.finished)
+
+
+OVERLONG = {"off": overlong_off, "filter": overlong_filter, "penalty": overlong_penalty}
 
 
 def per_token(model: Transformer, tokens, lengths, mask, output: str, temperature: float = 1.0):
@@ -101,19 +133,22 @@ def per_token(model: Transformer, tokens, lengths, mask, output: str, temperatur
     return tuple(F.pad(x, pad) for x in out)
 
 
-def advantages(cfg, scores, kl, values, mask, groups, kl_beta: float, reduce):
-    """(advantages, returns) [B, L - 1] by the estimator cfg.advantage names. gae: the score on each
-    response's last token and -kl_beta * KL on every token, GAE over the critic's values, optionally
-    whitened over all ranks (reduce). grpo | rloo: the score minus kl_beta * the summed KL (as verl
-    folds a per-token KL into the sequence reward) against the other samples of its group; no
-    returns. With cfg.kl_in_loss the KL stays out of the reward (the actor's loss holds it)."""
-    beta = 0.0 if cfg.kl_in_loss else kl_beta
-    if cfg.advantage == "gae":
-        token_rewards = ppo.per_token_rewards(scores, kl, mask, beta)
-        advantage, returns = ppo.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantage = ppo.whiten(advantage, mask, reduce=reduce)
-        return advantage, returns
+# Advantage estimators, ppo.advantage: (cfg, scores [B], kl, values, mask [B, L - 1], groups [B],
+# beta, reduce) -> (advantages, returns) [B, L - 1]. beta weighs the KL in the reward (0 with
+# ppo.kl_in_loss: the actor's loss holds it); reduce sums over ranks.
+def gae_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """The score on each response's last token and -beta * KL on every token, GAE over the
+    critic's values, optionally whitened over all ranks."""
+    token_rewards = ppo.per_token_rewards(scores, kl, mask, beta)
+    advantage, returns = ppo.gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantage = ppo.whiten(advantage, mask, reduce=reduce)
+    return advantage, returns
+
+
+def group_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """grpo | rloo: the score minus beta * the summed KL (as verl folds a per-token KL into the
+    sequence reward) against the other samples of its group; no returns."""
     sequence = scores - beta * ppo.masked_sum(kl, mask, dim=1)
     advantage = ppo.grpo_advantages(sequence, groups, mask,
                                     cfg.group_std) if cfg.advantage == "grpo" \
@@ -121,53 +156,128 @@ def advantages(cfg, scores, kl, values, mask, groups, kl_beta: float, reduce):
     return advantage, torch.zeros_like(advantage)
 
 
-def actor_loss(actor, exp: Experience, num_tokens, cfg, temperature: float, kl_beta: float):
-    """The clipped surrogate minus the entropy bonus (plus kl_beta * k3 KL to the reference with
-    cfg.kl_in_loss) of one micro-batch, as its share of the global token mean; returns (loss, sums
-    of its statistics)."""
+def reinforce_pp_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """reinforce_pp | reinforce_pp_baseline: returns whitened over the global batch."""
+    baseline = groups if cfg.advantage == "reinforce_pp_baseline" else None
+    advantage = ppo.reinforce_pp_advantages(scores, kl, mask, beta, baseline, reduce)
+    return advantage, torch.zeros_like(advantage)
+
+
+ADVANTAGES = {"gae": gae_advantages, "grpo": group_advantages, "rloo": group_advantages,
+              "reinforce_pp": reinforce_pp_advantages,
+              "reinforce_pp_baseline": reinforce_pp_advantages}
+
+
+def advantages(cfg, scores, kl, values, mask, groups, kl_beta: float, reduce):
+    """(advantages, returns) [B, L - 1] by the estimator cfg.advantage names (ADVANTAGES)."""
+    beta = 0.0 if cfg.kl_in_loss else kl_beta
+    return ADVANTAGES[cfg.advantage](cfg, scores, kl, values, mask, groups, beta, reduce)
+
+
+def actor_loss(actor, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_beta):
+    """The policy loss (cfg.policy_loss, aggregated by cfg.loss_agg over the global batch's counts)
+    minus the entropy bonus (plus kl_beta * k3 KL to the reference with cfg.kl_in_loss) of one
+    micro-batch; returns (loss, sums of its statistics)."""
     logp, entropy = per_token(actor, exp.tokens, exp.lengths, exp.mask, "logprobs", temperature)
-    out = ppo.policy_loss(logp, exp.old_logprobs, exp.advantages, exp.mask, num_tokens, cfg.eps_low,
-                          cfg.eps_high, cfg.dual_clip)
-    entropy_sum, tokens = ppo.masked_sum(entropy, exp.mask), exp.mask.sum()
-    stats = {"policy_loss": out.loss.detach(), "entropy": entropy_sum.detach(),
-             "clipfrac": out.clipfrac * tokens, "approx_kl": out.approx_kl * tokens,
-             "tokens": tokens}
-    loss = out.loss - cfg.entropy_coef * entropy_sum / num_tokens
+    out = ppo.policy_loss(logp, exp.old_logprobs, exp.advantages, exp.weights, counts, cfg.eps_low,
+                          cfg.eps_high, cfg.dual_clip, cfg.policy_loss, cfg.loss_agg)
+    aggregate, keep = ppo.AGGREGATIONS[cfg.loss_agg], exp.weights > 0
+    entropy_sum, tokens = ppo.masked_sum(entropy, keep), keep.sum()
+    stats = {"policy_loss": out.loss.detach(), "entropy": entropy_sum.detach(), "tokens": tokens,
+             "clipfrac": out.clipfrac * tokens, "approx_kl": out.approx_kl * tokens}
+    loss = out.loss - cfg.entropy_coef * aggregate(entropy, exp.weights, counts)
     if cfg.kl_in_loss:
-        kl_sum = ppo.masked_sum(ppo.kl_estimate(logp, exp.ref_logprobs, "k3"), exp.mask)
-        stats["kl_loss"] = kl_sum.detach()
-        loss = loss + kl_beta * kl_sum / num_tokens
+        kl = ppo.kl_estimate(logp, exp.ref_logprobs, "k3")
+        stats["kl_loss"] = ppo.masked_sum(kl, keep).detach()
+        loss = loss + kl_beta * aggregate(kl, exp.weights, counts)
     return loss, stats
 
 
-def critic_loss(critic, exp: Experience, num_tokens, cfg, temperature: float, kl_beta: float):
-    """The clipped value loss of one micro-batch; returns (loss, sums of its statistics)."""
+def critic_loss(critic, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_beta):
+    """The clipped value loss of one micro-batch, a mean over the tokens of the loss; returns (loss,
+    sums of its statistics)."""
     values = per_token(critic, exp.tokens, exp.lengths, exp.mask, "values")
-    out = ppo.value_loss(values, exp.values, exp.returns, exp.mask, num_tokens, cfg.value_clip)
-    return out.loss, {"value_loss": out.loss.detach(),
-                      "value_clipfrac": out.clipfrac * exp.mask.sum()}
+    keep = exp.weights > 0
+    out = ppo.value_loss(values, exp.values, exp.returns, keep, counts.tokens, cfg.value_clip)
+    return out.loss, {"value_loss": out.loss.detach(), "value_clipfrac": out.clipfrac * keep.sum()}
 
 
-def rollout_metrics(samples, rewards: dict[str, torch.Tensor], exp: Experience, reduce, gather,
+def rollout_metrics(batch: Groups, exp: Experience, corrected, reduce, gather,
                     critic: bool = True) -> dict:
-    """Reward per component and language, response length, the critic's fit (when there is one) and
-    the sampler/trainer log-prob mismatch, over all ranks: reduce sums tensors and gather collects
-    objects (identities in one process)."""
-    mask = exp.mask
+    """Reward per component and language, response length, the share of responses cut at
+    max_new_tokens, the critic's fit (when there is one), the sampler/trainer log-prob mismatch and
+    the share of tokens the rollout correction changed, over all ranks: reduce sums tensors and
+    gather collects objects (identities in one process)."""
+    mask, rewards = exp.mask, batch.rewards
     per_sample = [{"lang": s.lang, **{k: float(v[i]) for k, v in rewards.items()}}
-                  for i, s in enumerate(samples)]
+                  for i, s in enumerate(batch.samples)]
     everything = [x for part in gather(per_sample) for x in part]
-    mismatch, tokens, sequence_tokens = reduce(torch.stack([
-        ppo.masked_sum((exp.sampler_logprobs - exp.old_logprobs).abs(), mask), mask.sum().float(),
-        exp.lengths.sum().float()])).tolist()
-    metrics = {"logprob_mismatch": mismatch / max(tokens, 1.0), "response_tokens": tokens,
-               "sequence_tokens": sequence_tokens, "response_length": tokens / len(everything)}
+    gap = exp.sampler_logprobs - exp.old_logprobs  # the sampler's log-probs against the trainer's
+    token_means = {"kl": exp.kl, "logprob_mismatch": gap.abs(), "corrected": corrected.float(),
+                   "logprob_mismatch_k3": ppo.KL_ESTIMATORS["k3"](gap)}
+    *sums, tokens, sequence_tokens, finished = reduce(torch.stack([
+        *(ppo.masked_sum(x, mask) for x in token_means.values()), mask.sum().float(),
+        exp.lengths.sum().float(), batch.completions.finished.sum().to(gap)])).tolist()
+    metrics = {**{k: s / max(tokens, 1.0) for k, s in zip(token_means, sums)},
+               "response_tokens": tokens, "response_length": tokens / len(everything),
+               "sequence_tokens": sequence_tokens, "truncated": 1 - finished / len(everything)}
     if critic:
         metrics["explained_variance"] = float(ppo.explained_variance(exp.values, exp.returns, mask,
                                                                      reduce=reduce))
-    for key in rewards:
-        metrics[key] = sum(x[key] for x in everything) / len(everything)
-    for lang in sorted({x["lang"] for x in everything}):
-        mine = [x["reward"] for x in everything if x["lang"] == lang]
-        metrics[f"reward/{lang}"] = sum(mine) / len(mine)
-    return metrics
+    by_lang = {lang: [x["reward"] for x in everything if x["lang"] == lang]
+               for lang in sorted({x["lang"] for x in everything})}
+    return {**metrics, **{k: sum(x[k] for x in everything) / len(everything) for k in rewards},
+            **{f"reward/{lang}": sum(mine) / len(mine) for lang, mine in by_lang.items()}}
+
+
+# Dynamic sampling (rollout.dynamic_sampling): which groups teach something, and the step's batch
+# chosen from several rounds of them in one global order.
+def informative(scores: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
+    """[B] scores -> [B / n] bool: the group's samples do not all score alike (under GRPO or RLOO a
+    group that does has advantage 0 everywhere)."""
+    groups = scores.view(-1, samples_per_prompt)
+    return groups.amax(1) > groups.amin(1)
+
+
+def group_records(rounds: list[Groups], n: int) -> list[dict]:
+    """Each group of each round as plain objects, to send to every rank."""
+    records = []
+    for k, batch in enumerate(rounds):
+        rows, c = batch.completions.as_lists(), batch.completions
+        found = informative(batch.rewards["reward"], n).tolist()
+        for i, problem in enumerate(batch.problems):
+            part = slice(i * n, (i + 1) * n)
+            records.append({
+                "round": k, "index": i, "informative": found[i], "problem": problem,
+                "tokens": rows[part], "samples": batch.samples[part],
+                "logprobs": [lp[:len(t)] for lp, t in zip(c.logprobs[part].tolist(), rows[part])],
+                "finished": c.finished[part].tolist(), "keep": batch.keep[part].tolist(),
+                "rewards": {key: v[part].tolist() for key, v in batch.rewards.items()}})
+    return records
+
+
+def choose_groups(rounds: list[Groups], size: int, n: int, rank: int, world: int, gather,
+                  pad_id: int) -> Groups:
+    """This rank's share of the step's `size` groups: every rank's groups of every round in their
+    global draw order (round, then rank, then position: the order problems_for_step deals them),
+    the informative ones first, the first `size` of them, dealt out to ranks in that order."""
+    everything = [(r["round"], owner, r["index"], r)
+                  for owner, part in enumerate(gather(group_records(rounds, n))) for r in part]
+    ordered = [r for *_, r in sorted(everything, key=lambda x: x[:3])]
+    chosen = sorted(ordered, key=lambda r: not r["informative"])[:size]
+    share = size // world
+    mine = chosen[rank * share:(rank + 1) * share]
+    device = rounds[0].completions.tokens.device
+
+    def stack(key, pad, dtype=None):  # the rows of `key` of my groups, right padded
+        rows = [torch.tensor(row, dtype=dtype) for r in mine for row in r[key]]
+        return pad_sequence(rows, batch_first=True, padding_value=pad).to(device)
+    lengths = torch.tensor([len(row) for r in mine for row in r["tokens"]], device=device)
+    finished = torch.tensor([f for r in mine for f in r["finished"]], device=device)
+    completions = Completions(stack("tokens", pad_id, torch.long), lengths, finished,
+                              stack("logprobs", 0.0, torch.float32))
+    rewards = {key: torch.tensor([v for r in mine for v in r["rewards"][key]])
+               for key in mine[0]["rewards"]}
+    return Groups([r["problem"] for r in mine], completions,
+                  [s for r in mine for s in r["samples"]], rewards,
+                  torch.tensor([k for r in mine for k in r["keep"]]), {})

@@ -60,12 +60,12 @@ def prepare(cfg: Config, log=print) -> Trainer:
                      True)
         critic = trained(cfg, model, cfg.ppo.critic_lr)
     reference = load(cfg, cfg.models.reference or cfg.models.policy, dtype,
-                     device).requires_grad_(False)
+                     device).requires_grad_(False) if cfg.ppo.uses_reference() else None
     trainer = Trainer(
         cfg=cfg, log=log, rank=rank, world=world, device=device, dtype=dtype, out=out, lock=lock,
         tokenizer=tokenizer, policy_dir=policy_dir, train_problems=train, prompts=prompts,
         eval_problems=held_out, references=references, actor=actor, critic=critic,
-                      reference=reference,
+        reference=reference,
         reward=build_reward(cfg.reward, cfg.models.embedder, cfg.models.translator, dtype,
                                device),
         kl=ppo.AdaptiveKLController(cfg.ppo.kl_beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
@@ -104,7 +104,8 @@ def check_checkpoints(cfg: Config) -> tuple[Path, Tokenizer]:
     policy_dir, tokenizer = check_pretrained(models.policy)
     tokenizer.template_args["enable_thinking"] = models.enable_thinking
     critic = (models.critic or models.policy) if cfg.ppo.advantage == "gae" else None
-    for path in filter(None, (critic, models.reference or models.policy)):
+    reference = (models.reference or models.policy) if cfg.ppo.uses_reference() else None
+    for path in filter(None, (critic, reference)):
         check_pretrained(path, tokenizer)
     return policy_dir, tokenizer
 

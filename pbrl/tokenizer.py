@@ -8,6 +8,7 @@ get a hand-written Llama 3 or ChatML format, chosen by which special tokens the 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -105,15 +106,10 @@ class Tokenizer:
         """An id the tokenizer has no token for (a padded row of the model's embedding table, which
         Qwen models have) decodes to U+FFFD, like an undecodable byte: `tokenizers` would drop it
         without a trace."""
-        ids, n = list(ids), self.vocab_size
-        pieces, run = [], []
-        for i in ids:
-            if 0 <= i < n:
-                run.append(i)
-            else:
-                pieces += [self.tok.decode(run, skip_special_tokens=skip_special_tokens), "\ufffd"]
-                run = []
-        return "".join(pieces) + self.tok.decode(run, skip_special_tokens=skip_special_tokens)
+        n = self.tok.get_vocab_size(with_added_tokens=True)  # self.vocab_size
+        return "".join(self.tok.decode(list(run), skip_special_tokens=skip_special_tokens) if known
+                       else "\ufffd" * len(list(run))
+                       for known, run in itertools.groupby(ids, lambda i: 0 <= i < n))
 
     def check_fits(self, model_vocab_size: int, model: str) -> None:
         """Refuse to feed a model ids its embedding table does not have. A model with more rows than

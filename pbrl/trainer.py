@@ -68,7 +68,7 @@ class Trainer:
     references: dict[str, str]          # problem id -> the pivot's English reference
     actor: Trained
     critic: Trained | None              # None: a critic-free estimator (grpo, rloo)
-    reference: Transformer              # frozen: the KL anchor
+    reference: Transformer | None       # frozen: the KL anchor (None: ppo.kl_beta = 0)
     reward: Callable                    # samples -> {"reward": [B], component: [B], ...}
     kl: ppo.AdaptiveKLController
     sampling: Sampling                  # the rollouts' settings (setup checks them once)
@@ -83,78 +83,108 @@ class Trainer:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic else {})}
 
     def train_step(self) -> dict:
-        cfg, r, p, n = self.cfg, self.cfg.rollout, self.cfg.ppo, self.cfg.rollout.samples_per_prompt
+        cfg, p, n = self.cfg, self.cfg.ppo, self.cfg.rollout.samples_per_prompt
         timings, start = {}, time.perf_counter()
         factor = ppo.lr_factor(self.step, p.warmup_steps, p.schedule, cfg.run.steps)
-        for t in self.trained.values():
+        for t in filter(None, (self.actor, self.critic)):
             for group in t.optimizer.param_groups:
                 group["lr"] = t.lr * factor
-        # 1. sample
-        problems = rollout.problems_for_step(self.train_problems, self.step, r.prompts_per_step,
-                                             cfg.run.seed, self.rank, self.world)
-        prompts = [self.prompts[problem] for problem in problems]
-        # 2. rollout
-        with timed(timings, "rollout"), self.sampling_policy() as policy:
-            seeds = torch.tensor([rollout.sequence_seed(cfg.run.seed, self.step, problem, j)
-                                  for problem in problems for j in range(n)])
-            completions = complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
+        # 1-3. sample, rollout, reward; with rollout.dynamic_sampling, rounds of them
+        batch = self.collect_informative(timings) if cfg.rollout.dynamic_sampling else \
+            self.sample_and_score(self.step, timings)
+        scores = batch.rewards["reward"].to(self.device)
         with torch.no_grad():
-            # 3. reward
-            with timed(timings, "reward"):
-                texts = [self.tokenizer.decode(ids) for ids in completions.as_lists()]
-                samples, rewards = rollout.score(self.reward, problems, texts, self.references, n)
-                scores = rewards["reward"].to(self.device)
             # 4. forward: old and reference log-probs, values
-            rows = [prompt for prompt in prompts for _ in range(n)]
-            sequences = rollout.sequences(rows, completions)
-            tokens, lengths, mask, sampled = (t.to(self.device) for t in sequences)
-            seqs = (tokens, lengths, mask)
-            with timed(timings, "old_logprobs"):
-                old = self.per_token(self.actor.model, "logprobs", seqs)
-            with timed(timings, "ref_logprobs"):
-                ref = self.per_token(self.reference, "logprobs", seqs)
-            values = torch.zeros_like(old)
-            if self.critic is not None:
-                with timed(timings, "values"):
-                    values = self.per_token(self.critic.model, "values", seqs)
-            # 5. advantages
+            rows = [self.prompts[problem] for problem in batch.problems for _ in range(n)]
+            *seqs, sampled = (t.to(self.device) for t in rollout.sequences(rows, batch.completions))
+            mask = seqs[2]  # seqs: tokens, lengths, mask
+            old = self.per_token(self.actor.model, "logprobs", seqs, timings, "old_logprobs")
+            # a KL-free run (ppo.kl_beta = 0) has no reference: KL 0
+            ref = self.per_token(self.reference, "logprobs", seqs, timings, "ref_logprobs") \
+                if self.reference else old
+            values = self.per_token(self.critic.model, "values", seqs, timings, "values") \
+                if self.critic else torch.zeros_like(old)
+            # 5. advantages, and each token's weight in the loss
             with timed(timings, "advantages"):
                 kl = ppo.kl_estimate(old, ref, p.kl_estimator)
-                groups = torch.arange(len(problems), device=self.device).repeat_interleave(n)
+                groups = torch.arange(len(batch.problems), device=self.device).repeat_interleave(n)
                 advantages, returns = rollout.advantages(p, scores, kl, values, mask, groups,
                                                          self.kl.beta, dist.all_reduce_sum)
-        exp = rollout.Experience(*seqs, sampled, old, ref, values, kl, advantages, returns)
+                weights, corrected = ppo.correction_weights(  # 0 on responses overlong filtered
+                    p.rollout_correction, old, sampled, mask & batch.keep.to(self.device)[:, None],
+                    p.correction_clip, p.correction_low, p.correction_high)
+        exp = rollout.Experience(*seqs, sampled, old, ref, values, kl, advantages, returns, weights)
         # 6. update
         with timed(timings, "update"):
             stats = self.update(exp)
         # 7. metrics
-        return self.metrics(exp, samples, rewards, stats, timings, time.perf_counter() - start)
+        return self.metrics(exp, batch, corrected, stats, timings, time.perf_counter() - start)
+
+    def sample_and_score(self, draw: int, timings: dict) -> rollout.Groups:
+        """Phases 1-3 for the problems of `draw` (the step, or a dynamic-sampling round's own)."""
+        cfg, r, n = self.cfg, self.cfg.rollout, self.cfg.rollout.samples_per_prompt
+        # 1. sample
+        problems = rollout.problems_for_step(self.train_problems, draw, r.prompts_per_step,
+                                             cfg.run.seed, self.rank, self.world)
+        prompts = [self.prompts[problem] for problem in problems]
+        # 2. rollout
+        with timed(timings, "rollout"), self.sampling_policy() as policy:
+            seeds = torch.tensor([rollout.sequence_seed(cfg.run.seed, draw, problem, j)
+                                  for problem in problems for j in range(n)])
+            completions = complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
+        # 3. reward
+        with timed(timings, "reward"), torch.no_grad():
+            texts = [self.tokenizer.decode(ids) for ids in completions.as_lists()]
+            samples, rewards = rollout.score(self.reward, problems, texts, self.references, n)
+            rewards, keep = rollout.OVERLONG[r.overlong](rewards, completions, r.max_new_tokens,
+                                                         r.overlong_buffer)
+        return rollout.Groups(problems, completions, samples, rewards, keep, {})
+
+    def collect_informative(self, timings: dict) -> rollout.Groups:
+        """DAPO's dynamic sampling: rounds of phases 1-3, each on problems of its own (draw step *
+        R + k: a pure function of the step, so a resumed run continues exactly), until the step's
+        batch can be filled with groups whose samples score differently, or R rounds are spent and
+        the rest of the batch is the uninformative groups in draw order (metrics say how many).
+        Groups are chosen in their global draw order, whatever the number of ranks."""
+        r = self.cfg.rollout
+        rounds, informative = [], 0
+        for k in range(r.max_sampling_rounds):
+            rounds.append(self.sample_and_score(self.step * r.max_sampling_rounds + k, timings))
+            found = rollout.informative(rounds[-1].rewards["reward"], r.samples_per_prompt)
+            informative += int(dist.all_reduce_sum(found.sum().float()))
+            if informative >= r.prompts_per_step:
+                break
+        batch = rollout.choose_groups(rounds, r.prompts_per_step, r.samples_per_prompt, self.rank,
+                                      self.world, dist.all_gather_objects, self.sampling.pad_id)
+        return batch._replace(stats={"sampling_rounds": len(rounds),
+                                     "informative_groups": min(informative, r.prompts_per_step)})
 
     def sampling_policy(self):
         """The model a rollout decodes on: the actor with every FSDP unit gathered, or
         (rollout.compile) the decoding copy that CudaGraphs keeps."""
-        if self.graphs is None:
-            return dist.gathered(self.actor.model)
-        return self.graphs.policy(self.actor.model)
+        return dist.gathered(self.actor.model) if self.graphs is None else \
+            self.graphs.policy(self.actor.model)
 
-    def per_token(self, model: Transformer, output: str, seqs: tuple) -> torch.Tensor:
-        """rollout.per_token's log-probs or values [B, L - 1], micro_batch_size rows at a time."""
+    def per_token(self, model: Transformer, output: str, seqs: tuple, timings: dict, name: str):
+        """rollout.per_token's log-probs or values [B, L - 1], micro_batch_size rows at a time,
+        timed as `name`."""
         size, temperature = self.cfg.ppo.micro_batch_size, self.cfg.rollout.temperature
-        parts = [rollout.per_token(model, *(x[i:i + size] for x in seqs), output, temperature)
-                 for i in range(0, len(seqs[0]), size)]
+        with timed(timings, name):
+            parts = [rollout.per_token(model, *(x[i:i + size] for x in seqs), output, temperature)
+                     for i in range(0, len(seqs[0]), size)]
         return torch.cat([part[0] if output == "logprobs" else part for part in parts])
 
     def update(self, exp: rollout.Experience) -> dict[str, float]:
-        """PPO epochs over minibatches; a minibatch's loss is normalised by its token count on all
-        ranks."""
-        p, sums, norms = self.cfg.ppo, {}, []
+        """PPO epochs over minibatches; a minibatch's loss is normalised by its counts (tokens,
+        responses) over all ranks."""
+        p, r, sums, norms = self.cfg.ppo, self.cfg.rollout, {}, []
         losses = [(self.actor, rollout.actor_loss)]
         losses += [(self.critic, rollout.critic_loss)] if self.critic else []
         for _ in range(p.epochs):
             for rows in torch.arange(len(exp.tokens), device=self.device).chunk(p.minibatches):
-                num_tokens = dist.all_reduce_sum(exp.mask[rows].sum().float())
+                counts = ppo.count(exp.weights[rows], r.max_new_tokens, dist.all_reduce_sum)
                 for trained, loss_fn in losses:
-                    stats, norm = self.optimize(trained, loss_fn, exp.rows(rows), num_tokens)
+                    stats, norm = self.optimize(trained, loss_fn, exp.rows(rows), counts)
                     sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
                     norms += [norm] if trained is self.actor else []
         s = dict(zip(sums, dist.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
@@ -164,48 +194,38 @@ class Trainer:
                 **{k: s[k] / tokens for k in per_token if k in s},
                 "grad_norm": sum(norms) / len(norms)}
 
-    def optimize(self, trained: Trained, loss_fn, exp: rollout.Experience, num_tokens):
+    def optimize(self, trained: Trained, loss_fn, exp: rollout.Experience, counts: ppo.Counts):
         """One optimizer step over these rows, micro-batch by micro-batch; returns (sums of the
         losses' statistics, the gradient norm before clipping)."""
         trained.optimizer.zero_grad(set_to_none=True)
-        sums = {}
-        for rows in torch.arange(len(exp.tokens),
-                                 device=self.device).split(self.cfg.ppo.micro_batch_size):
-            loss, stats = loss_fn(trained.model, exp.rows(rows), num_tokens, self.cfg.ppo,
+        p, sums = self.cfg.ppo, {}
+        for rows in torch.arange(len(exp.tokens), device=self.device).split(p.micro_batch_size):
+            loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
                                   self.cfg.rollout.temperature, self.kl.beta)
             loss.backward()
             sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
-        params = [q for q in trained.model.parameters() if q.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.ppo.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trained.model.parameters(), p.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):  # the same on every rank: the norm is global
             raise FloatingPointError(f"step {self.step + 1}: the {loss_fn.__name__}'s gradient "
-                                     f"norm is {norm} (a reward, advantage or loss is not "
-                                     f"finite); training stopped before applying it, and the "
-                                     f"last checkpoint is kept")
+                                     f"norm is {norm}; stopped before updating (checkpoints kept)")
         trained.optimizer.step()
         return sums, norm
 
-    def metrics(self, exp, samples, rewards, stats, timings, seconds) -> dict:
+    def metrics(self, exp, batch: rollout.Groups, corrected, stats, timings, seconds) -> dict:
         """Step 7: the iteration's numbers, over all ranks; the KL controller moves by the batch's
-        KL."""
-        r = self.cfg.rollout
-        kl_sum, tokens = dist.all_reduce_sum(torch.stack([ppo.masked_sum(exp.kl, exp.mask),
-                                                          exp.mask.sum().float()])).tolist()
-        self.kl.update(kl_sum / max(tokens, 1.0), r.prompts_per_step * r.samples_per_prompt)
-        metrics = {"step": self.step + 1, "kl": kl_sum / max(tokens, 1.0), **stats,
-                   **rollout.rollout_metrics(samples, rewards, exp, dist.all_reduce_sum,
-                                             dist.all_gather_objects,
-                                             critic=self.critic is not None)}
-        metrics["seconds"] = seconds
-        metrics["tokens_per_s"] = metrics["response_tokens"] / seconds
-        metrics.update({f"time/{k}": v for k, v in timings.items()})
-        cuda = self.device.type == "cuda"
-        peak = torch.cuda.max_memory_allocated() if cuda else \
+        KL (a KL-free run reports none)."""
+        metrics = {"step": self.step + 1, **stats, **batch.stats,
+                   **rollout.rollout_metrics(batch, exp, corrected, dist.all_reduce_sum,
+                                             dist.all_gather_objects, self.critic is not None)}
+        self.kl.update(metrics["kl"], len(exp.tokens) * self.world)  # by the global batch's KL
+        if self.reference is None:
+            del metrics["kl"]
+        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        metrics["peak_memory_mb"] = peak / 2**20
-        metrics["lr"], metrics["kl_beta"] = self.actor.optimizer.param_groups[0]["lr"], self.kl.beta
-        return metrics
+        return {**metrics, **{f"time/{k}": v for k, v in timings.items()}, "seconds": seconds,
+                "tokens_per_s": metrics["response_tokens"] / seconds, "kl_beta": self.kl.beta,
+                "lr": self.actor.optimizer.param_groups[0]["lr"], "peak_memory_mb": peak / 2**20}
 
     # ---------------------------------------------------------------------------------- around the
     # loop
@@ -302,4 +322,4 @@ class Trainer:
 def timed(timings: dict, name: str):
     start = time.perf_counter()
     yield
-    timings[name] = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start

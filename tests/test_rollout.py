@@ -132,28 +132,37 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     b, t = 4, 5
     mask = torch.rand(b, t, generator=g) > 0.3
     exp = rollout.Experience(torch.zeros(b, t + 1), torch.full((b,), 3), mask,
-                             *(torch.randn(b, t, generator=g) for _ in range(7)))
+                             *(torch.randn(b, t, generator=g) for _ in range(8)))
     samples = [type("S", (), {"lang": lang})() for lang in ("de", "de", "fr", "fr")]
     rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]),
                "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
-    whole = rollout.rollout_metrics(samples, rewards, exp, lambda x: x, lambda o: [o])
+    finished = torch.tensor([True, False, True, True])
+    completions = Completions(torch.zeros(b, 2), torch.ones(b), finished, torch.zeros(b, 2))
+    corrected = mask & (torch.rand(b, t, generator=g) > 0.5)
+    batch = rollout.Groups([None] * 2, completions, samples, rewards, finished, {})
+    whole = rollout.rollout_metrics(batch, exp, corrected, lambda x: x, lambda o: [o])
     assert whole["reward/de"] == 0.5 and whole["reward/fr"] == 0.5 and whole["agreement"] == 0.5
     assert whole["response_tokens"] == mask.sum().item()
     assert whole["response_length"] == mask.sum().item() / 4
+    assert whole["truncated"] == 0.25
+    assert whole["corrected"] == pytest.approx(corrected.sum().item() / mask.sum().item())
+    gap = exp.sampler_logprobs - exp.old_logprobs  # k3 of the sampler's against the trainer's
+    k3 = torch.exp(-gap) - 1 + gap
+    assert whole["logprob_mismatch_k3"] == pytest.approx(k3[mask].mean().item())
 
     halves = [slice(0, 2), slice(2, 4)]
 
     def local(h):
-        return exp.rows(torch.arange(4)[h]), samples[h], {k: v[h] for k, v in rewards.items()}
+        part = rollout.Groups([None], completions._replace(finished=finished[h]), samples[h],
+                              {k: v[h] for k, v in rewards.items()}, finished[h], {})
+        return part, exp.rows(torch.arange(4)[h]), corrected[h]
     captured = {}
     for i, h in enumerate(halves):  # record what each 'rank' sends into its collectives
         sent = captured[i] = []
-        e, s, r = local(h)
-        rollout.rollout_metrics(s, r, e, lambda x, sent=sent: sent.append(x) or x,
+        rollout.rollout_metrics(*local(h), lambda x, sent=sent: sent.append(x) or x,
                                 lambda o, sent=sent: sent.append(o) or [o])
-    e, s, r = local(halves[0])
     theirs = iter(captured[1])
-    split = rollout.rollout_metrics(s, r, e, lambda x: x + next(theirs),
+    split = rollout.rollout_metrics(*local(halves[0]), lambda x: x + next(theirs),
                                     lambda o: [o, next(theirs)])
     for key, value in whole.items():
         assert split[key] == pytest.approx(value, abs=1e-6), key
