@@ -360,12 +360,12 @@ class Transformer(nn.Module):
         """One token per row: ids [B] at positions [B] (also their cache slots) -> logits [B, V].
         Row b attends to slots 0..positions[b]. No shape depends on the step: compiled, it is one
         CUDA graph."""
-        slot = positions[:, None, None, None]  # [B, 1, 1, 1]
-        seen = torch.arange(cache.k[0].shape[2], device=ids.device) <= slot  # [B, 1, 1, S]
+        rows, slots = torch.arange(len(ids), device=ids.device), cache.k[0].shape[2]
+        seen = torch.arange(slots, device=ids.device) <= positions[:, None, None, None]
 
-        def attend(layer, q, k, v):
-            keys = cache.k[layer].scatter_(2, slot.expand_as(k), k)
-            values = cache.v[layer].scatter_(2, slot.expand_as(v), v)
+        def attend(layer, q, k, v):  # q, k, v [B, heads, 1, D]; seen [B, 1, 1, S]
+            keys, values = cache.k[layer], cache.v[layer]
+            keys[rows, :, positions], values[rows, :, positions] = k[:, :, 0], v[:, :, 0]
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen,
                                                   enable_gqa=q.shape[1] != keys.shape[1])
         return self(ids[:, None], positions=positions[:, None], attend=attend)[:, 0]
