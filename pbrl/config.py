@@ -133,6 +133,13 @@ class PPOConfig:
         """kl_beta 0 (which no adaptive controller moves): no KL, no reference model to load."""
         return self.kl_beta > 0
 
+    def old_from_update(self) -> bool:
+        """One optimizer step per batch and nothing that reads the old log-probs before it (no KL,
+        no rollout correction): the update's own log-probs, detached, are the old ones (ratio 1,
+        as TRL computes it), and no forward pass of its own computes them."""
+        return self.epochs == self.minibatches == 1 and not self.uses_reference() \
+            and self.rollout_correction == "off"
+
 
 @dataclass
 class RewardConfig:

@@ -32,9 +32,9 @@ class Experience(NamedTuple):
     mask: torch.Tensor              # [B, L - 1] bool: token t + 1 is a response token
     # [B, L - 1] the sampler's (compared with old_logprobs as a metric)
     sampler_logprobs: torch.Tensor
-    # [B, L - 1] the policy that sampled, by the trainer's own forward
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor      # [B, L - 1] the frozen reference policy
+    # [B, L - 1] the policy that sampled, by the trainer's own forward (None: by the update's)
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None  # [B, L - 1] the frozen reference policy (None: no KL)
     values: torch.Tensor            # [B, L - 1] the critic's, before each token
     kl: torch.Tensor                # [B, L - 1] per-token KL estimate to the reference
     advantages: torch.Tensor        # [B, L - 1]
@@ -44,7 +44,7 @@ class Experience(NamedTuple):
     weights: torch.Tensor
 
     def rows(self, index: torch.Tensor) -> Experience:
-        return Experience(*(t[index] for t in self))
+        return Experience(*(None if t is None else t[index] for t in self))
 
 
 class Groups(NamedTuple):
@@ -179,14 +179,17 @@ def actor_loss(actor, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_
     minus the entropy bonus (plus kl_beta * k3 KL to the reference with cfg.kl_in_loss) of one
     micro-batch; returns (loss, sums of its statistics)."""
     logp, entropy = per_token(actor, exp.tokens, exp.lengths, exp.mask, "logprobs", temperature)
-    out = ppo.policy_loss(logp, exp.old_logprobs, exp.advantages, exp.weights, counts, cfg.eps_low,
+    old = logp.detach() if exp.old_logprobs is None else exp.old_logprobs  # None: one step
+    out = ppo.policy_loss(logp, old, exp.advantages, exp.weights, counts, cfg.eps_low,
                           cfg.eps_high, cfg.dual_clip, cfg.policy_loss, cfg.loss_agg)
     aggregate, keep = ppo.AGGREGATIONS[cfg.loss_agg], exp.weights > 0
-    entropy_sum, tokens = ppo.masked_sum(entropy, keep), keep.sum()
+    entropy_sum, tokens, gap = ppo.masked_sum(entropy, keep), keep.sum(), exp.sampler_logprobs - old
     stats = {"policy_loss": out.loss.detach(), "entropy": entropy_sum.detach(), "tokens": tokens,
-             "clipfrac": out.clipfrac * tokens, "approx_kl": out.approx_kl * tokens}
+             "clipfrac": out.clipfrac * tokens, "approx_kl": out.approx_kl * tokens,
+             "logprob_mismatch": ppo.masked_sum(gap.abs(), keep),  # the sampler's against ours
+             "logprob_mismatch_k3": ppo.masked_sum(ppo.KL_ESTIMATORS["k3"](gap), keep)}
     loss = out.loss - cfg.entropy_coef * aggregate(entropy, exp.weights, counts)
-    if cfg.kl_in_loss:
+    if cfg.kl_in_loss and exp.ref_logprobs is not None:
         kl = ppo.kl_estimate(logp, exp.ref_logprobs, "k3")
         stats["kl_loss"] = ppo.masked_sum(kl, keep).detach()
         loss = loss + kl_beta * aggregate(kl, exp.weights, counts)
@@ -205,19 +208,17 @@ def critic_loss(critic, exp: Experience, counts: ppo.Counts, cfg, temperature, k
 def rollout_metrics(batch: Groups, exp: Experience, corrected, reduce, gather,
                     critic: bool = True) -> dict:
     """Reward per component and language, response length, the share of responses cut at
-    max_new_tokens, the critic's fit (when there is one), the sampler/trainer log-prob mismatch and
-    the share of tokens the rollout correction changed, over all ranks: reduce sums tensors and
-    gather collects objects (identities in one process)."""
+    max_new_tokens, the critic's fit (when there is one) and the share of tokens the rollout
+    correction changed, over all ranks: reduce sums tensors and gather collects objects (identities
+    in one process). The actor's loss measures the sampler/trainer log-prob mismatch."""
     mask, rewards = exp.mask, batch.rewards
     per_sample = [{"lang": s.lang, **{k: float(v[i]) for k, v in rewards.items()}}
                   for i, s in enumerate(batch.samples)]
     everything = [x for part in gather(per_sample) for x in part]
-    gap = exp.sampler_logprobs - exp.old_logprobs  # the sampler's log-probs against the trainer's
-    token_means = {"kl": exp.kl, "logprob_mismatch": gap.abs(), "corrected": corrected.float(),
-                   "logprob_mismatch_k3": ppo.KL_ESTIMATORS["k3"](gap)}
+    token_means = {"kl": exp.kl, "corrected": corrected.float()}
     *sums, tokens, sequence_tokens, finished = reduce(torch.stack([
         *(ppo.masked_sum(x, mask) for x in token_means.values()), mask.sum().float(),
-        exp.lengths.sum().float(), batch.completions.finished.sum().to(gap)])).tolist()
+        exp.lengths.sum().float(), batch.completions.finished.sum().to(exp.kl)])).tolist()
     metrics = {**{k: s / max(tokens, 1.0) for k, s in zip(token_means, sums)},
                "response_tokens": tokens, "response_length": tokens / len(everything),
                "sequence_tokens": sequence_tokens, "truncated": 1 - finished / len(everything)}

@@ -98,21 +98,25 @@ class Trainer:
             rows = [self.prompts[problem] for problem in batch.problems for _ in range(n)]
             *seqs, sampled = (t.to(self.device) for t in rollout.sequences(rows, batch.completions))
             mask = seqs[2]  # seqs: tokens, lengths, mask
-            old = self.per_token(self.actor.model, "logprobs", seqs, timings, "old_logprobs")
+            zeros = torch.zeros(mask.shape, device=self.device)
+            # None: the update's own (ppo.PPOConfig.old_from_update)
+            old = None if p.old_from_update() else \
+                self.per_token(self.actor.model, "logprobs", seqs, timings, "old_logprobs")
             # a KL-free run (ppo.kl_beta = 0) has no reference: KL 0
             ref = self.per_token(self.reference, "logprobs", seqs, timings, "ref_logprobs") \
-                if self.reference else old
+                if self.reference else None
             values = self.per_token(self.critic.model, "values", seqs, timings, "values") \
-                if self.critic else torch.zeros_like(old)
+                if self.critic else zeros
             # 5. advantages, and each token's weight in the loss
             with timed(timings, "advantages"):
-                kl = ppo.kl_estimate(old, ref, p.kl_estimator)
+                kl = ppo.kl_estimate(old, ref, p.kl_estimator) if self.reference else zeros
                 groups = torch.arange(len(batch.problems), device=self.device).repeat_interleave(n)
                 advantages, returns = rollout.advantages(p, scores, kl, values, mask, groups,
                                                          self.kl.beta, dist.all_reduce_sum)
-                weights, corrected = ppo.correction_weights(  # 0 on responses overlong filtered
-                    p.rollout_correction, old, sampled, mask & batch.keep.to(self.device)[:, None],
-                    p.correction_clip, p.correction_low, p.correction_high)
+                keep = mask & batch.keep.to(self.device)[:, None]  # overlong filtered: False
+                weights, corrected = (keep.float(), zeros.bool()) if old is None else \
+                    ppo.correction_weights(p.rollout_correction, old, sampled, keep,
+                                           p.correction_clip, p.correction_low, p.correction_high)
         exp = rollout.Experience(*seqs, sampled, old, ref, values, kl, advantages, returns, weights)
         # 6. update
         with timed(timings, "update"):
@@ -189,7 +193,8 @@ class Trainer:
                     norms += [norm] if trained is self.actor else []
         s = dict(zip(sums, dist.all_reduce_sum(torch.stack(list(sums.values()))).tolist()))
         passes, tokens = p.epochs * p.minibatches, max(s["tokens"], 1.0)
-        per_token = ("entropy", "clipfrac", "approx_kl", "value_clipfrac", "kl_loss")
+        per_token = ("entropy", "clipfrac", "approx_kl", "value_clipfrac", "kl_loss",
+                     "logprob_mismatch", "logprob_mismatch_k3")
         return {**{k: s[k] / passes for k in ("policy_loss", "value_loss") if k in s},
                 **{k: s[k] / tokens for k in per_token if k in s},
                 "grad_norm": sum(norms) / len(norms)}

@@ -146,9 +146,6 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     assert whole["response_length"] == mask.sum().item() / 4
     assert whole["truncated"] == 0.25
     assert whole["corrected"] == pytest.approx(corrected.sum().item() / mask.sum().item())
-    gap = exp.sampler_logprobs - exp.old_logprobs  # k3 of the sampler's against the trainer's
-    k3 = torch.exp(-gap) - 1 + gap
-    assert whole["logprob_mismatch_k3"] == pytest.approx(k3[mask].mean().item())
 
     halves = [slice(0, 2), slice(2, 4)]
 
@@ -166,6 +163,32 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
                                     lambda o: [o, next(theirs)])
     for key, value in whole.items():
         assert split[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_the_actor_loss_measures_the_sampler_mismatch_and_reads_its_own_old_logprobs(tiny):
+    """Sums over the tokens of the loss of |sampler - old| and k3(sampler || old); with no old
+    log-probs (a one-step update) the old ones are its own forward's: ratio 1, the mismatch
+    against those."""
+    from pbrl.config import PPOConfig
+    g = torch.Generator().manual_seed(3)
+    completions = Completions(torch.tensor([[7, 8, 0], [9, 10, 11]]), torch.tensor([2, 3]),
+                              torch.tensor([True, False]), -torch.rand(2, 3, generator=g))
+    tokens, lengths, mask, sampled = rollout.sequences([[3, 4, 5], [6]], completions)
+    old = torch.where(mask, -torch.rand(mask.shape, generator=g), 0.0)
+    weights = mask & torch.tensor([[True], [False]])  # the second response filtered out
+    exp = rollout.Experience(tokens, lengths, mask, sampled, old, None, *(torch.zeros(mask.shape),)
+                             * 4, weights.float())
+    counts = ppo.count(weights)
+    _, stats = rollout.actor_loss(tiny, exp, counts, PPOConfig(), 1.0, 0.0)
+    gap = (sampled - old)[weights]
+    assert stats["logprob_mismatch"] == pytest.approx(gap.abs().sum().item())
+    assert stats["logprob_mismatch_k3"] == pytest.approx((gap.neg().exp() - 1 + gap).sum().item())
+    _, own = rollout.actor_loss(tiny, exp._replace(old_logprobs=None), counts, PPOConfig(), 1.0,
+                                0.0)
+    with torch.no_grad():
+        logp = rollout.per_token(tiny, tokens, lengths, mask, "logprobs")[0]
+    assert own["approx_kl"] == 0 and own["clipfrac"] == 0
+    assert own["logprob_mismatch"] == pytest.approx((sampled - logp)[weights].abs().sum().item())
 
 
 def test_each_micro_batch_is_as_wide_as_its_longest_row(tiny):
