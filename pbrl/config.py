@@ -99,6 +99,8 @@ class PPOConfig:
     epochs: int = setting(2, gt=0)           # passes over each iteration's rollouts
     minibatches: int = setting(1, gt=0)      # optimizer steps per epoch
     micro_batch_size: int = setting(16, gt=0)  # sequences per forward/backward on one rank
+    # instead: tokens per forward/backward on one rank, the sequences packed into one row
+    micro_batch_tokens: int | None = setting(None, gt=0)
     lr: float = setting(1e-4, gt=0)
     critic_lr: float = setting(5e-4, gt=0)
     warmup_steps: int = setting(0, ge=0)

@@ -142,7 +142,7 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         out.terms["reference (shards)"] = shard_bytes(reference, gpus, compute)
     rewards = reward_terms(cfg, out, compute)
     rollout_terms(cfg, out, actor, trained["actor"], gpus, prompt_tokens, compute)
-    tokens = p.micro_batch_size * (prompt_tokens + r.max_new_tokens)
+    tokens = p.micro_batch_tokens or p.micro_batch_size * (prompt_tokens + r.max_new_tokens)
     recompute = m.activation_checkpointing
     out.terms["update: activations kept, one micro-batch"] = \
         activation_bytes(actor, tokens, compute, recompute)

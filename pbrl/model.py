@@ -11,11 +11,14 @@ One forward, and an attention function per use:
   training, scoring  rows right padded: causal attention, no mask, so the fused kernels run
   prefill            the sampler's right-padded prompts: causal, keys and values written to a cache
   decode             one token per row at its own position, over the cache's slots up to it
+  packed             sequences concatenated into one row: each over its own tokens up to itself
+                     (document_causal)
 
 Shapes: B batch, T tokens, S cache slots, H hidden, V vocab, D head_dim.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import flex_attention as fa
 from torch.nn.utils.rnn import pad_sequence
 
 import kernels
@@ -183,6 +187,30 @@ def causal(layer: int, q, k, v) -> torch.Tensor:
     is_causal = True if q.shape[2] > 1 else False  # a plain bool even when the length is symbolic
     return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+def document_causal(docs: torch.Tensor, flex: bool | None = None):
+    """The attention of sequences packed into one row, docs [T] naming each token's sequence: each
+    token attends to its own sequence's tokens up to itself. FlexAttention with a block mask (on
+    CUDA, the default there: compiled into one fused kernel that skips the blocks no token sees),
+    else causal SDPA over each sequence's slice (a dense [T, T] mask would compute every pair)."""
+    if docs.is_cuda if flex is None else flex:
+        t = len(docs)
+        blocks = fa.create_block_mask(lambda b, h, q, k: (docs[q] == docs[k]) & (q >= k), None,
+                                      None, t, t, device=docs.device)
+        attention = compiled_flex_attention() if docs.is_cuda else fa.flex_attention
+        return lambda layer, q, k, v: attention(q, k, v, block_mask=blocks,
+                                                enable_gqa=q.shape[1] != k.shape[1])
+    ends = torch.unique_consecutive(docs, return_counts=True)[1].cumsum(0).tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
+    return lambda layer, q, k, v: torch.cat(
+        [causal(layer, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in spans], dim=2)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process (uncompiled it runs unfused)."""
+    return torch.compile(fa.flex_attention)
 
 
 class RMSNorm(nn.Module):

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from pbrl import ppo
 from pbrl.data import Problem
-from pbrl.model import Transformer, pad_rows
+from pbrl.model import Transformer, document_causal, pad_rows
 from pbrl.rewards import Sample
 from pbrl.sampler import Completions
 
@@ -120,10 +120,13 @@ def overlong_penalty(rewards, completions, max_new_tokens, buffer):
 OVERLONG = {"off": overlong_off, "filter": overlong_filter, "penalty": overlong_penalty}
 
 
-def per_token(model: Transformer, tokens, lengths, mask, output: str, temperature: float = 1.0):
-    """The model over each row but its last token, as wide as the longest row: (log-probs,
-    entropies) of the response tokens, or the values before them; [B, L - 1] each, 0 where not
-    mask."""
+def per_token(model: Transformer, tokens, lengths, mask, output: str, temperature: float = 1.0,
+              packed: bool = False):
+    """The model over each row but its last token, as wide as the longest row (packed: all in one
+    row, packed_per_token): (log-probs, entropies) of the response tokens, or the values before
+    them; [B, L - 1] each, 0 where not mask."""
+    if packed:
+        return packed_per_token(model, tokens, lengths, mask, output, temperature)
     width = int(lengths.max()) - 1
     out = model(tokens[:, :width], output=output, labels=tokens[:, 1:width + 1],
                 label_mask=mask[:, :width], temperature=temperature)
@@ -131,6 +134,43 @@ def per_token(model: Transformer, tokens, lengths, mask, output: str, temperatur
     if output == "values":
         return F.pad(torch.where(mask[:, :width], out, 0.0), pad)
     return tuple(F.pad(x, pad) for x in out)
+
+
+def packed_per_token(model: Transformer, tokens, lengths, mask, output: str,
+                     temperature: float = 1.0):
+    """per_token with every row's tokens but its last concatenated into one row, positions
+    restarting per row and attention confined to it (model.document_causal): no compute on
+    padding. The same outputs, [B, L - 1]."""
+    real = torch.arange(tokens.shape[1] - 1, device=tokens.device) < lengths[:, None] - 1
+    positions = real.cumsum(1)[real][None] - 1
+    docs = torch.arange(len(tokens), device=tokens.device).repeat_interleave(lengths - 1)
+    out = model(tokens[:, :-1][real][None], output=output, labels=tokens[:, 1:][real][None],
+                label_mask=mask[real][None], temperature=temperature, positions=positions,
+                attend=document_causal(docs))
+    unpacked = [torch.zeros(mask.shape, device=x.device).masked_scatter(real, x[0])
+                for x in (out if output == "logprobs" else (out,))]
+    return tuple(unpacked) if output == "logprobs" else torch.where(mask, unpacked[0], 0.0)
+
+
+def token_micro_batches(widths: list[int], budget: int, gather=lambda k: [k]) -> list[list[int]]:
+    """Rows (widths: each one's tokens) into micro-batches of at most `budget` tokens, as even as
+    the longest-first rule makes them (each row, longest first, joins the lightest micro-batch):
+    the fewest that fit on every rank, so that every rank (gather: every rank's objects) runs the
+    same number of forward and backward passes, as FSDP needs."""
+    if max(widths) > budget:
+        raise ValueError(f"a sequence of {max(widths)} tokens does not fit ppo.micro_batch_tokens="
+                         f"{budget}")
+    count = -(-sum(widths) // budget)
+    while True:
+        count = max(gather(count))
+        loads, rows = [0] * count, [[] for _ in range(count)]
+        for i in sorted(range(len(widths)), key=lambda i: -widths[i]):
+            lightest = loads.index(min(loads))
+            loads[lightest] += widths[i]
+            rows[lightest].append(i)
+        if not any(gather(max(loads) > budget)):
+            return [sorted(r) for r in rows]
+        count += 1
 
 
 # Advantage estimators, ppo.advantage: (cfg, scores [B], kl, values, mask [B, L - 1], groups [B],
@@ -178,7 +218,8 @@ def actor_loss(actor, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_
     """The policy loss (cfg.policy_loss, aggregated by cfg.loss_agg over the global batch's counts)
     minus the entropy bonus (plus kl_beta * k3 KL to the reference with cfg.kl_in_loss) of one
     micro-batch; returns (loss, sums of its statistics)."""
-    logp, entropy = per_token(actor, exp.tokens, exp.lengths, exp.mask, "logprobs", temperature)
+    logp, entropy = per_token(actor, exp.tokens, exp.lengths, exp.mask, "logprobs", temperature,
+                              cfg.micro_batch_tokens is not None)
     old = logp.detach() if exp.old_logprobs is None else exp.old_logprobs  # None: one step
     out = ppo.policy_loss(logp, old, exp.advantages, exp.weights, counts, cfg.eps_low,
                           cfg.eps_high, cfg.dual_clip, cfg.policy_loss, cfg.loss_agg)
@@ -199,7 +240,8 @@ def actor_loss(actor, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_
 def critic_loss(critic, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_beta):
     """The clipped value loss of one micro-batch, a mean over the tokens of the loss; returns (loss,
     sums of its statistics)."""
-    values = per_token(critic, exp.tokens, exp.lengths, exp.mask, "values")
+    values = per_token(critic, exp.tokens, exp.lengths, exp.mask, "values",
+                       packed=cfg.micro_batch_tokens is not None)
     keep = exp.weights > 0
     out = ppo.value_loss(values, exp.values, exp.returns, keep, counts.tokens, cfg.value_clip)
     return out.loss, {"value_loss": out.loss.detach(), "value_clipfrac": out.clipfrac * keep.sum()}

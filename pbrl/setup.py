@@ -121,6 +121,12 @@ def render_prompts(cfg: Config, tokenizer: Tokenizer, problems: list[Problem],
                          f"prompt of {len(ids)} tokens; with "
                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} it exceeds the "
                          f"policy's context of {context} tokens (max_position_embeddings)")
+    budget = cfg.ppo.micro_batch_tokens
+    if budget and len(ids) + cfg.rollout.max_new_tokens - 1 > budget:
+        raise ValueError(f"training problem {problem.id} ({problem.lang}, {cfg.data.path}) has a "
+                         f"prompt of {len(ids)} tokens; with up to rollout.max_new_tokens="
+                         f"{cfg.rollout.max_new_tokens} its sequence does not fit "
+                         f"ppo.micro_batch_tokens={budget}")
     return prompts
 
 

@@ -170,13 +170,24 @@ class Trainer:
             self.graphs.policy(self.actor.model)
 
     def per_token(self, model: Transformer, output: str, seqs: tuple, timings: dict, name: str):
-        """rollout.per_token's log-probs or values [B, L - 1], micro_batch_size rows at a time,
-        timed as `name`."""
-        size, temperature = self.cfg.ppo.micro_batch_size, self.cfg.rollout.temperature
+        """rollout.per_token's log-probs or values [B, L - 1], micro-batch by micro-batch, timed as
+        `name`."""
+        out, cfg = torch.zeros(seqs[2].shape, device=self.device), self.cfg
         with timed(timings, name):
-            parts = [rollout.per_token(model, *(x[i:i + size] for x in seqs), output, temperature)
-                     for i in range(0, len(seqs[0]), size)]
-        return torch.cat([part[0] if output == "logprobs" else part for part in parts])
+            for rows in self.micro_batches(seqs[1]):
+                part = rollout.per_token(model, *(x[rows] for x in seqs), output,
+                                         cfg.rollout.temperature, bool(cfg.ppo.micro_batch_tokens))
+                out[rows] = part[0] if output == "logprobs" else part
+        return out
+
+    def micro_batches(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Each micro-batch's rows: ppo.micro_batch_size at a time, or as many as fit
+        ppo.micro_batch_tokens tokens, packed into one row (rollout.token_micro_batches)."""
+        p = self.cfg.ppo
+        rows = rollout.token_micro_batches((lengths - 1).tolist(), p.micro_batch_tokens,
+                                           dist.all_gather_objects) if p.micro_batch_tokens \
+            else torch.arange(len(lengths)).split(p.micro_batch_size)
+        return [torch.as_tensor(r, device=self.device) for r in rows]
 
     def update(self, exp: rollout.Experience) -> dict[str, float]:
         """PPO epochs over minibatches; a minibatch's loss is normalised by its counts (tokens,
@@ -204,7 +215,7 @@ class Trainer:
         losses' statistics, the gradient norm before clipping)."""
         trained.optimizer.zero_grad(set_to_none=True)
         p, sums = self.cfg.ppo, {}
-        for rows in torch.arange(len(exp.tokens), device=self.device).split(p.micro_batch_size):
+        for rows in self.micro_batches(exp.lengths):
             loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
                                   self.cfg.rollout.temperature, self.kl.beta)
             loss.backward()

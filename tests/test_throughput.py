@@ -3,9 +3,13 @@ log-probs from its own forward pass."""
 import pytest
 import torch
 
-from conftest import overrides
+from conftest import no_model_loads, overrides
+from pbrl import rollout
 from pbrl.config import PPOConfig, load_config
+from pbrl.model import ModelArgs, Transformer, document_causal
+from pbrl.sampler import Completions
 from pbrl.setup import prepare
+from test_objectives import run_train
 
 ONE_STEP = {"ppo.advantage": "grpo", "ppo.kl_beta": 0, "ppo.epochs": 1, "ppo.minibatches": 1}
 
@@ -40,3 +44,99 @@ def test_a_one_step_update_without_its_own_old_pass_trains_the_same(world, tmp_p
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), key
     for name, weight in fast_weights.items():
         torch.testing.assert_close(weight, slow_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ------------------------------------------------------- packed, token-budgeted micro-batches
+@pytest.fixture(scope="module")
+def gqa():
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     max_position_embeddings=64)
+    return Transformer(args, value_head=True)
+
+
+def ragged_batch(seed=0, rows=5):
+    """Prompts of 2-6 tokens and responses of 1-7 (one of 1 token), right padded."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 50, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 7, (rows,), generator=g)]
+    lengths = torch.randint(1, 8, (rows,), generator=g)
+    lengths[1] = 1
+    completions = Completions(torch.randint(1, 50, (rows, 7), generator=g), lengths,
+                              torch.ones(rows, dtype=torch.bool), torch.zeros(rows, 7))
+    return rollout.sequences(prompts, completions)[:3]
+
+
+@pytest.mark.parametrize("output", ["logprobs", "values"])
+def test_packed_rows_give_the_padded_outputs_and_gradients(gqa, output):
+    """One packed row (positions restarting, attention confined per sequence) against the padded
+    batch: the same log-probs, entropies or values, and the same gradients of every weight."""
+    tokens, lengths, mask = ragged_batch()
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for packed in (False, True):
+        gqa.zero_grad()
+        out = rollout.per_token(gqa, tokens, lengths, mask, output, 0.7, packed)
+        out = out if isinstance(out, tuple) else (out,)
+        sum((x * weights).sum() for x in out).backward()
+        results.append((out, {n: p.grad.clone() for n, p in gqa.named_parameters()
+                              if p.grad is not None}))
+    (padded, padded_grads), (packed, packed_grads) = results
+    for a, b in zip(padded, packed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert padded_grads.keys() == packed_grads.keys() and padded_grads
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flex", [False, True])
+def test_both_forms_of_document_attention_equal_a_masked_softmax(flex):
+    """document_causal's two forms (FlexAttention's block mask, causal SDPA per sequence) against
+    softmax(q k^T / sqrt(d)) v written out, with the document-causal mask and GQA's shared heads."""
+    g = torch.Generator().manual_seed(0)
+    docs = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 3, 3])
+    q, k, v = (torch.randn(1, h, len(docs), 8, generator=g) for h in (4, 2, 2))
+    seen = (docs[:, None] == docs[None]) & (torch.arange(10)[:, None] >= torch.arange(10))
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    expected = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+    out = document_causal(docs, flex=flex)(0, q, k, v)  # flex on the CPU: eager, unfused
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_token_micro_batches_fit_balance_and_agree_on_a_count_over_ranks():
+    widths = [30, 7, 12, 25, 3, 18, 9, 40, 1, 22]
+    batches = rollout.token_micro_batches(widths, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(widths)))
+    loads = [sum(widths[i] for i in b) for b in batches]
+    assert max(loads) <= 64 and len(batches) == 3  # 167 tokens: the fewest possible
+    assert max(loads) - min(loads) <= max(widths)
+    # another rank needs 4 micro-batches: this one runs 4 as well, none empty
+    def gather(x):  # another rank that needs 4 micro-batches and fits them
+        return [x, False] if isinstance(x, bool) else [x, max(x, 4)]
+    batches = rollout.token_micro_batches(widths, 64, gather)
+    assert len(batches) == 4 and all(batches)
+    with pytest.raises(ValueError, match="a sequence of 40 tokens does not fit "
+                                         "ppo.micro_batch_tokens=39"):
+        rollout.token_micro_batches(widths, 39)
+
+
+def test_a_packed_token_budget_trains_as_the_padded_micro_batches(world, tmp_path):
+    """The same run with packed micro-batches of at most 240 tokens, on 1 rank and (torchrun, gloo,
+    FSDP2) on 2: the loss is the exact global token mean however the rows are grouped."""
+    extra = {"ppo.micro_batch_size": 3}
+    padded = train(world, tmp_path / "padded", **extra)[0]
+    packed = train(world, tmp_path / "packed", **{"ppo.micro_batch_tokens": 240})[0]
+    two = run_train(world, tmp_path / "two", 2, **ONE_STEP, **{"ppo.micro_batch_tokens": 240})
+    for run in (packed, two):
+        for a, b in zip(padded, run, strict=True):
+            for key in ("reward", "policy_loss", "entropy", "grad_norm", "response_length"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_sequence_longer_than_the_token_budget_fails_before_any_model_loads(world, tmp_path,
+                                                                             monkeypatch):
+    no_model_loads(monkeypatch)
+    with pytest.raises(ValueError, match="does not fit ppo.micro_batch_tokens=8"):
+        prepare(load_config(None, overrides(world, tmp_path / "x", **{
+            "ppo.micro_batch_tokens": 8})), log=lambda *a: None)
