@@ -90,6 +90,7 @@ def test_packed_rows_give_the_padded_outputs_and_gradients(gqa, output):
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning")  # flex on the CPU
 @pytest.mark.parametrize("flex", [False, True])
 def test_both_forms_of_document_attention_equal_a_masked_softmax(flex):
     """document_causal's two forms (FlexAttention's block mask, causal SDPA per sequence) against
