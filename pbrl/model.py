@@ -189,22 +189,40 @@ def causal(layer: int, q, k, v) -> torch.Tensor:
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def document_causal(docs: torch.Tensor, flex: bool | None = None):
-    """The attention of sequences packed into one row, docs [T] naming each token's sequence: each
-    token attends to its own sequence's tokens up to itself. FlexAttention with a block mask (on
-    CUDA, the default there: compiled into one fused kernel that skips the blocks no token sees),
-    else causal SDPA over each sequence's slice (a dense [T, T] mask would compute every pair)."""
+def document_causal(docs: torch.Tensor, prefix: torch.Tensor | None = None,
+                    flex: bool | None = None):
+    """The attention of sequences packed into one row, docs [T] numbering each token's sequence
+    0, 1, ... in order: each token attends to its own sequence's tokens up to itself, and to all of
+    sequence prefix[t] (-1: none; an earlier sequence: a prompt its samples share). FlexAttention
+    with a block mask (on CUDA, the default there: compiled into one fused kernel that skips the
+    blocks no token sees), else SDPA over each sequence's slice (a dense [T, T] mask would compute
+    every pair)."""
+    prefix = torch.full_like(docs, -1) if prefix is None else prefix
     if docs.is_cuda if flex is None else flex:
         t = len(docs)
-        blocks = fa.create_block_mask(lambda b, h, q, k: (docs[q] == docs[k]) & (q >= k), None,
-                                      None, t, t, device=docs.device)
+        blocks = fa.create_block_mask(
+            lambda b, h, q, k: ((docs[q] == docs[k]) & (q >= k)) | (prefix[q] == docs[k]), None,
+            None, t, t, device=docs.device)
         attention = compiled_flex_attention() if docs.is_cuda else fa.flex_attention
         return lambda layer, q, k, v: attention(q, k, v, block_mask=blocks,
                                                 enable_gqa=q.shape[1] != k.shape[1])
     ends = torch.unique_consecutive(docs, return_counts=True)[1].cumsum(0).tolist()
     spans = list(zip([0, *ends[:-1]], ends))
+    seen = [(spans[p] if p >= 0 else (0, 0)) for p in prefix[[a for a, _ in spans]].tolist()]
     return lambda layer, q, k, v: torch.cat(
-        [causal(layer, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in spans], dim=2)
+        [prefixed_causal(layer, q[:, :, a:b], k, v, a, b, *p) for (a, b), p in zip(spans, seen)],
+        dim=2)
+
+
+def prefixed_causal(layer: int, q, k, v, a: int, b: int, pa: int, pb: int) -> torch.Tensor:
+    """The queries of slice a:b over the keys of slice pa:pb (all of them) and of a:b (causally)."""
+    if pa == pb:
+        return causal(layer, q, k[:, :, a:b], v[:, :, a:b])
+    keys, values = (torch.cat((x[:, :, pa:pb], x[:, :, a:b]), dim=2) for x in (k, v))
+    seen = torch.arange(pb - pa + b - a, device=q.device) <= \
+        torch.arange(pb - pa, pb - pa + b - a, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 @functools.cache

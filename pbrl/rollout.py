@@ -137,23 +137,81 @@ def per_token(model: Transformer, tokens, lengths, mask, output: str, temperatur
 
 
 def packed_per_token(model: Transformer, tokens, lengths, mask, output: str,
-                     temperature: float = 1.0):
-    """per_token with every row's tokens but its last concatenated into one row, positions
-    restarting per row and attention confined to it (model.document_causal): no compute on
-    padding. The same outputs, [B, L - 1]."""
-    real = torch.arange(tokens.shape[1] - 1, device=tokens.device) < lengths[:, None] - 1
-    positions = real.cumsum(1)[real][None] - 1
-    docs = torch.arange(len(tokens), device=tokens.device).repeat_interleave(lengths - 1)
-    out = model(tokens[:, :-1][real][None], output=output, labels=tokens[:, 1:][real][None],
-                label_mask=mask[real][None], temperature=temperature, positions=positions,
-                attend=document_causal(docs))
-    unpacked = [torch.zeros(mask.shape, device=x.device).masked_scatter(real, x[0])
+                     temperature: float = 1.0, share: bool = True):
+    """per_token with the rows packed into one row (`packing`): each prompt once, then its
+    samples' responses, each seeing the prompt and itself (model.document_causal); positions are
+    the columns they come from. No compute on padding or on a prompt's copies; the same outputs,
+    [B, L - 1]."""
+    rows, cols, docs, prefix = packing(tokens, lengths, mask, share)
+    out = model(tokens[rows, cols][None], output=output, labels=tokens[rows, cols + 1][None],
+                label_mask=mask[rows, cols][None], temperature=temperature, positions=cols[None],
+                attend=document_causal(docs, prefix))
+    unpacked = [torch.zeros(mask.shape, device=x.device).index_put((rows, cols), x[0])
                 for x in (out if output == "logprobs" else (out,))]
     return tuple(unpacked) if output == "logprobs" else torch.where(mask, unpacked[0], 0.0)
 
 
+def packing(tokens, lengths, mask, share: bool = True):
+    """Where each token of the packed row comes from, rows [T] and cols [T], and its sequence docs
+    [T] and prefix [T] (document_causal's). A row contributes its tokens but its last; with `share`
+    the rows of one prompt (prompt_groups) contribute it once, all its tokens but its last, then
+    each row its last prompt token (the one predicting the response's first) and its response but
+    the response's last token, attending to that shared prompt."""
+    prompts, ends = (lengths - mask.sum(1)).tolist(), (lengths - 1).tolist()
+    spans = []  # (row, first column, end column, the span it sees whole: its index or -1)
+    for group in prompt_groups(tokens, lengths, mask) if share else [[i] for i in range(len(ends))]:
+        start, parent = 0, -1
+        if len(group) > 1 and prompts[group[0]] > 1:
+            start, parent = prompts[group[0]] - 1, len(spans)
+            spans.append((group[0], 0, start, -1))
+        spans += [(i, start, ends[i], parent) for i in group if ends[i] > start]
+    row, first, end, parent = (torch.tensor(x, device=tokens.device) for x in zip(*spans))
+    size = end - first
+    offsets = torch.cumsum(size, 0) - size
+    cols = first.repeat_interleave(size) + torch.arange(int(size.sum()), device=tokens.device) \
+        - offsets.repeat_interleave(size)
+    docs = torch.arange(len(spans), device=tokens.device).repeat_interleave(size)
+    return row.repeat_interleave(size), cols, docs, parent.repeat_interleave(size)
+
+
+def computed_tokens(exp: Experience, micro_batches: list, packed: bool) -> tuple[int, int]:
+    """(positions, padding positions) that one pass over these micro-batches computes."""
+    if packed:
+        return sum(len(packing(*(x[rows] for x in exp[:3]))[0]) for rows in micro_batches), 0
+    computed = sum(len(rows) * (int(exp.lengths[rows].max()) - 1) for rows in micro_batches)
+    return computed, computed - int((exp.lengths - 1).sum())
+
+
+def packing_units(tokens, lengths, mask, budget: int) -> list[tuple[list[int], int]]:
+    """The rows of each prompt group (prompt_groups) with the tokens `packing` computes for them,
+    (rows, tokens): a group of more than `budget` tokens is cut into parts that fit, each with its
+    own copy of the prompt."""
+    prompts, ends = (lengths - mask.sum(1)).tolist(), (lengths - 1).tolist()
+    units = []
+    for group in prompt_groups(tokens, lengths, mask):
+        shared = prompts[group[0]] - 1
+        part, width = [], shared
+        for i in group:
+            if part and width + ends[i] - shared > budget:
+                units.append((part, width))
+                part, width = [], shared
+            part, width = part + [i], width + ends[i] - shared
+        units.append((part, width))
+    return units
+
+
+def prompt_groups(tokens, lengths, mask) -> list[list[int]]:
+    """The rows (by index) grouped by their prompts' tokens, in the order of each group's first
+    row."""
+    prompts = (lengths - mask.sum(1)).tolist()
+    groups = {}
+    for i, row in enumerate(tokens.tolist()):
+        groups.setdefault(tuple(row[:prompts[i]]), []).append(i)
+    return list(groups.values())
+
+
 def token_micro_batches(widths: list[int], budget: int, gather=lambda k: [k]) -> list[list[int]]:
-    """Rows (widths: each one's tokens) into micro-batches of at most `budget` tokens, as even as
+    """Units (widths: each one's tokens) into micro-batches of at most `budget` tokens, as even as
     the longest-first rule makes them (each row, longest first, joins the lightest micro-batch):
     the fewest that fit on every rank, so that every rank (gather: every rank's objects) runs the
     same number of forward and backward passes, as FSDP needs."""

@@ -174,20 +174,24 @@ class Trainer:
         `name`."""
         out, cfg = torch.zeros(seqs[2].shape, device=self.device), self.cfg
         with timed(timings, name):
-            for rows in self.micro_batches(seqs[1]):
+            for rows in self.micro_batches(*seqs):
                 part = rollout.per_token(model, *(x[rows] for x in seqs), output,
                                          cfg.rollout.temperature, bool(cfg.ppo.micro_batch_tokens))
                 out[rows] = part[0] if output == "logprobs" else part
         return out
 
-    def micro_batches(self, lengths: torch.Tensor) -> list[torch.Tensor]:
-        """Each micro-batch's rows: ppo.micro_batch_size at a time, or as many as fit
-        ppo.micro_batch_tokens tokens, packed into one row (rollout.token_micro_batches)."""
+    def micro_batches(self, tokens, lengths, mask) -> list[torch.Tensor]:
+        """Each micro-batch's rows: ppo.micro_batch_size at a time, or as many prompt groups (or
+        parts of one) as fit ppo.micro_batch_tokens tokens, packed into one row, each prompt once
+        (rollout.packing_units, token_micro_batches)."""
         p = self.cfg.ppo
-        rows = rollout.token_micro_batches((lengths - 1).tolist(), p.micro_batch_tokens,
-                                           dist.all_gather_objects) if p.micro_batch_tokens \
-            else torch.arange(len(lengths)).split(p.micro_batch_size)
-        return [torch.as_tensor(r, device=self.device) for r in rows]
+        if not p.micro_batch_tokens:
+            return [r.to(self.device) for r in torch.arange(len(lengths)).split(p.micro_batch_size)]
+        units = rollout.packing_units(tokens, lengths, mask, p.micro_batch_tokens)
+        parts = rollout.token_micro_batches([width for _, width in units], p.micro_batch_tokens,
+                                            dist.all_gather_objects)
+        return [torch.tensor(sorted(i for u in part for i in units[u][0]), device=self.device)
+                for part in parts]
 
     def update(self, exp: rollout.Experience) -> dict[str, float]:
         """PPO epochs over minibatches; a minibatch's loss is normalised by its counts (tokens,
@@ -215,7 +219,7 @@ class Trainer:
         losses' statistics, the gradient norm before clipping)."""
         trained.optimizer.zero_grad(set_to_none=True)
         p, sums = self.cfg.ppo, {}
-        for rows in self.micro_batches(exp.lengths):
+        for rows in self.micro_batches(exp.tokens, exp.lengths, exp.mask):
             loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
                                   self.cfg.rollout.temperature, self.kl.beta)
             loss.backward()
@@ -235,6 +239,12 @@ class Trainer:
                    **rollout.rollout_metrics(batch, exp, corrected, dist.all_reduce_sum,
                                              dist.all_gather_objects, self.critic is not None)}
         self.kl.update(metrics["kl"], len(exp.tokens) * self.world)  # by the global batch's KL
+        parts = [exp.rows(rows) for rows in torch.arange(len(exp.tokens), device=self.device)
+                 .chunk(self.cfg.ppo.minibatches)]  # as the update's passes make them
+        computed, padding = dist.all_reduce_sum(torch.tensor([rollout.computed_tokens(
+            part, self.micro_batches(*part[:3]), bool(self.cfg.ppo.micro_batch_tokens))
+            for part in parts]).sum(0)).tolist()
+        metrics.update(update_tokens=computed, padding=padding / computed)
         if self.reference is None:
             del metrics["kl"]
         peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else \

@@ -56,11 +56,13 @@ def gqa():
     return Transformer(args, value_head=True)
 
 
-def ragged_batch(seed=0, rows=5):
-    """Prompts of 2-6 tokens and responses of 1-7 (one of 1 token), right padded."""
+def ragged_batch(seed=0, rows=5, samples=1):
+    """Prompts of 2-6 tokens (each for `samples` rows in a row) and responses of 1-7 (one of 1
+    token), right padded."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, 50, (int(n),), generator=g).tolist()
-               for n in torch.randint(2, 7, (rows,), generator=g)]
+               for n in torch.randint(2, 7, (rows // samples,), generator=g)]
+    prompts = [p for p in prompts for _ in range(samples)]
     lengths = torch.randint(1, 8, (rows,), generator=g)
     lengths[1] = 1
     completions = Completions(torch.randint(1, 50, (rows, 7), generator=g), lengths,
@@ -68,16 +70,25 @@ def ragged_batch(seed=0, rows=5):
     return rollout.sequences(prompts, completions)[:3]
 
 
+PACKINGS = {"padded": lambda *a: rollout.per_token(*a, packed=False),
+            "packed": lambda *a: rollout.packed_per_token(*a, share=False),
+            "each prompt once": rollout.packed_per_token}
+
+
+@pytest.mark.parametrize("packing", ["packed", "each prompt once"])
 @pytest.mark.parametrize("output", ["logprobs", "values"])
-def test_packed_rows_give_the_padded_outputs_and_gradients(gqa, output):
-    """One packed row (positions restarting, attention confined per sequence) against the padded
-    batch: the same log-probs, entropies or values, and the same gradients of every weight."""
-    tokens, lengths, mask = ragged_batch()
+def test_packed_rows_give_the_padded_outputs_and_gradients(gqa, output, packing):
+    """One packed row (positions restarting, attention confined per sequence; or each prompt once,
+    its samples' responses attending to it) against the padded batch: the same log-probs,
+    entropies or values, and the same gradients of every weight (the embeddings' included, so the
+    gradients into the shared prompts' positions)."""
+    tokens, lengths, mask = ragged_batch(rows=9, samples=3)
+    assert len(rollout.prompt_groups(tokens, lengths, mask)) == 3
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
     results = []
-    for packed in (False, True):
+    for name in ("padded", packing):
         gqa.zero_grad()
-        out = rollout.per_token(gqa, tokens, lengths, mask, output, 0.7, packed)
+        out = PACKINGS[name](gqa, tokens, lengths, mask, output, 0.7)
         out = out if isinstance(out, tuple) else (out,)
         sum((x * weights).sum() for x in out).backward()
         results.append((out, {n: p.grad.clone() for n, p in gqa.named_parameters()
@@ -133,6 +144,10 @@ def test_a_packed_token_budget_trains_as_the_padded_micro_batches(world, tmp_pat
         for a, b in zip(padded, run, strict=True):
             for key in ("reward", "policy_loss", "entropy", "grad_norm", "response_length"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(padded, packed):  # 8 rows of 4 prompts: each prompt computed once, not twice
+        real = a["sequence_tokens"] - 8
+        assert a["update_tokens"] >= real and a["padding"] == pytest.approx(1 - real / a["update_tokens"])
+        assert b["padding"] == 0 and b["update_tokens"] < real
 
 
 def test_a_sequence_longer_than_the_token_budget_fails_before_any_model_loads(world, tmp_path,
@@ -141,3 +156,39 @@ def test_a_sequence_longer_than_the_token_budget_fails_before_any_model_loads(wo
     with pytest.raises(ValueError, match="does not fit ppo.micro_batch_tokens=8"):
         prepare(load_config(None, overrides(world, tmp_path / "x", **{
             "ppo.micro_batch_tokens": 8})), log=lambda *a: None)
+
+
+def test_each_prompt_once_computes_a_prompt_once_per_group():
+    """The packed row holds each group's prompt but its last token once, then per row that last
+    token and the response but its last token, at the columns (positions) they come from; a group
+    too wide for the budget is cut into parts that each fit with their own copy of the prompt."""
+    tokens = torch.tensor([[5, 6, 7, 1, 2, 0], [5, 6, 7, 3, 0, 0], [9, 8, 4, 4, 4, 4]])
+    lengths = torch.tensor([5, 4, 6])
+    mask = rollout.sequences([[5, 6, 7], [5, 6, 7], [9, 8]], Completions(
+        torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [4, 4, 4, 4]]), torch.tensor([2, 1, 4]),
+        torch.ones(3, dtype=torch.bool), torch.zeros(3, 4)))[2]
+    rows, cols, docs, prefix = rollout.packing(tokens, lengths, mask)
+    assert rows.tolist() == [0, 0, 0, 0, 1, 2, 2, 2, 2, 2]
+    assert cols.tolist() == [0, 1, 2, 3, 2, 0, 1, 2, 3, 4]
+    assert tokens[rows, cols].tolist() == [5, 6, 7, 1, 7, 9, 8, 4, 4, 4]
+    assert docs.tolist() == [0, 0, 1, 1, 2, 3, 3, 3, 3, 3]
+    assert prefix.tolist() == [-1, -1, 0, 0, 0, -1, -1, -1, -1, -1]
+    assert rollout.packing_units(tokens, lengths, mask, 10) == [([0, 1], 5), ([2], 5)]
+    assert rollout.packing_units(tokens, lengths, mask, 4) == [([0], 4), ([1], 3), ([2], 5)]
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning")  # flex on the CPU
+@pytest.mark.parametrize("flex", [False, True])
+def test_prompt_sharing_attention_equals_a_masked_softmax(flex):
+    """Sequences 1 and 2 see all of sequence 0 (their prompt) and themselves causally; 3 only
+    itself: both forms against the written-out masked softmax."""
+    g = torch.Generator().manual_seed(0)
+    docs = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    prefix = torch.tensor([-1, -1, -1, 0, 0, 0, 0, 0, -1, -1])
+    q, k, v = (torch.randn(1, h, len(docs), 8, generator=g) for h in (4, 2, 2))
+    t = torch.arange(10)
+    seen = ((docs[:, None] == docs[None]) & (t[:, None] >= t)) | (prefix[:, None] == docs[None])
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    expected = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+    out = document_causal(docs, prefix, flex=flex)(0, q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
