@@ -20,12 +20,19 @@ one run on one random 125M Llama.
    tokens, 1 in 80 tokens a stop token (lengths spread geometrically around ~80, as chains of
    thought of very different lengths), with compaction (pbrl's default) and without (SYNC_EVERY
    beyond the length: every row decodes to the end).
-Requires transformers (requirements-test.txt). Appends its rows to benchmarks/sampler.csv.
+4. The training shape: batch --long-batch, prompts of 100-330 tokens, a cache of --long-slots
+   slots (room for a long chain of thought), --new-tokens greedy tokens, eager: the decoding step
+   of pbrl (attention over the filled slots: on CUDA the Triton kernel, elsewhere the slots up to
+   the furthest row's) against the step before it (SDPA over every slot, masked).
+--parts picks among greedy, rollout, long (default all). Requires transformers
+(requirements-test.txt). Appends its rows to benchmarks/sampler.csv.
 """
 import argparse
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -33,8 +40,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pbrl.sampler as sampler  # noqa: E402
 from benchmarks.results import append_csv  # noqa: E402
 from benchmarks.timing import best_seconds, read_bandwidth  # noqa: E402
+import pbrl.model  # noqa: E402
 from pbrl.checkpoint import load_model  # noqa: E402
 from pbrl.graphs import CudaGraphs  # noqa: E402
+from pbrl.model import KVCache  # noqa: E402
+
+
+@contextmanager
+def every_slot():
+    """The decoding step as before #29: masked SDPA over every cache slot (no kernel on CUDA, the
+    whole cache on the CPU)."""
+    with mock.patch.object(pbrl.model, "triton_decoding", lambda q: False), \
+            mock.patch.object(KVCache, "upto", lambda self, slots: self):
+        yield
+
+
+def long_cache(ours, args) -> dict:
+    """Part 4: tokens/s of eager greedy decoding with a cache far longer than the prompts, the
+    step's attention over the filled slots against over every slot; the tokens must agree."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
+               for n in torch.randint(100, 331, (args.long_batch,), generator=g)]
+    seconds, tokens = {}, {}
+    for name, context in (("every slot", every_slot), ("filled", nullcontext)):
+        with context():
+            seconds[name], tokens[name], _ = best_seconds(lambda: sampler.generate(
+                ours, prompts, args.new_tokens, slots=args.long_slots).tokens, args.repeats)
+    n, same = args.long_batch * args.new_tokens, torch.equal(*tokens.values())
+    speedup = seconds["every slot"] / seconds["filled"]
+    print(f"batch {args.long_batch}, prompts 100-330 tokens, a cache of {args.long_slots} slots, "
+          f"{args.new_tokens} new tokens, eager: {n / seconds['filled']:.1f} tok/s over the filled "
+          f"slots, {n / seconds['every slot']:.1f} over every slot: {speedup:.2f}x; identical: "
+          f"{same}")
+    return dict(device=args.device, dtype=args.dtype,
+                run=f"eager, {args.long_slots}-slot cache, filled vs every slot",
+                batch=args.long_batch, pbrl_tok_s=round(n / seconds["filled"], 1),
+                first_call_s="", baseline="every slot",
+                baseline_tok_s=round(n / seconds["every slot"], 1), vs_baseline=round(speedup, 2),
+                vs_hf_ceiling="",
+                of_roofline="", identical=same)
 
 
 def weight_matmuls_step(model, device: str, repeats: int) -> float:
@@ -80,7 +124,11 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--rollout-tokens", type=int, default=256)
+    ap.add_argument("--long-batch", type=int, default=64)
+    ap.add_argument("--long-slots", type=int, default=1024)
+    ap.add_argument("--parts", default="greedy,rollout,long")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     from transformers import LlamaConfig, LlamaForCausalLM
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -101,7 +149,7 @@ def main():
           f"{weight_bytes / 1e6:.0f} MB of weights read per step; read bandwidth "
           f"{bandwidth / 1e9:.1f} GB/s before the timings")
     rows, greedy = [], []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    for batch in [int(b) for b in args.batch_sizes.split(",")] if "greedy" in parts else []:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
                    for n in torch.randint(16, 48, (batch,), generator=g)]
@@ -125,6 +173,17 @@ def main():
                 lambda: sampler.generate(ours, prompts, args.new_tokens, graphs=graphs).tokens,
                 args.repeats)
             greedy.append((batch, mode, t, first, t_hf, ceiling, torch.equal(tok, tok_hf)))
+    if "greedy" in parts:
+        greedy_rows(ours, args, greedy, rows, bandwidth, weight_bytes)
+    if "rollout" in parts:
+        rows.append(rollout(ours, args))
+    if "long" in parts:
+        rows.append(long_cache(ours, args))
+    print(f"appended to {append_csv('sampler.csv', rows)}")
+
+
+def greedy_rows(ours, args, greedy, rows, bandwidth, weight_bytes):
+    """Part 2: the roofline, and part 1's rows against it."""
     bandwidth = max(bandwidth, read_bandwidth(args.device))
     roofline = bandwidth / weight_bytes
     floor = weight_matmuls_step(ours, args.device, 5 * args.repeats)
@@ -135,15 +194,16 @@ def main():
         n, of_roofline = batch * args.new_tokens, args.new_tokens / t / roofline
         rows.append(dict(device=args.device, dtype=args.dtype, run=f"greedy {mode}", batch=batch,
                          pbrl_tok_s=round(n / t, 1), first_call_s=round(first, 1),
-                         hf_tok_s=round(n / t_hf, 1),
-                         vs_hf=round(t_hf / t, 2), vs_hf_ceiling=round(ceiling, 2),
+                         baseline="transformers", baseline_tok_s=round(n / t_hf, 1),
+                         vs_baseline=round(t_hf / t, 2), vs_hf_ceiling=round(ceiling, 2),
                          of_roofline=round(of_roofline, 2), identical=same))
         print(f"batch {batch:>3} {mode:>8}: pbrl {n / t:8.1f} tok/s (first call {first:5.1f} s)   "
               f"transformers {n / t_hf:8.1f} tok/s   {t_hf / t:.2f}x (ceiling with its matmuls "
               f"{ceiling:.2f}x)   {of_roofline:.2f} of the roofline's steps/s   identical: {same}")
 
-    # A rollout: n samples per prompt, temperature 1, lengths spread by a stop set of 1 in 80
-    # tokens.
+def rollout(ours, args) -> dict:
+    """Part 3: a rollout, n samples per prompt, temperature 1, lengths spread by a stop set of 1 in
+    80 tokens, with compaction and without."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
                for n in torch.randint(100, 200, (args.prompts,), generator=g)]
@@ -166,12 +226,13 @@ def main():
           f"{args.rollout_tokens}): {generated / timings['compaction']:.1f} tok/s with compaction, "
           f"{generated / timings['no compaction']:.1f} without: {speedup:.2f}x; identical samples: "
           f"{same}")
-    rows.append(dict(device=args.device, dtype=args.dtype, run="rollout, compaction vs none",
-                     batch=args.prompts * args.samples,
-                     pbrl_tok_s=round(generated / timings["compaction"], 1),
-                     first_call_s="", hf_tok_s="", vs_hf="", vs_hf_ceiling="", of_roofline="",
-                     identical=same))
-    print(f"appended to {append_csv('sampler.csv', rows)}")
+    return dict(device=args.device, dtype=args.dtype, run="rollout, compaction vs none",
+                batch=args.prompts * args.samples,
+                pbrl_tok_s=round(generated / timings["compaction"], 1),
+                first_call_s="", baseline="no compaction",
+                baseline_tok_s=round(generated / timings["no compaction"], 1),
+                vs_baseline=round(speedup, 2), vs_hf_ceiling="", of_roofline="",
+                identical=same)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,16 @@ its spec.
     cosine_similarity(a, b)                    row-wise, [N, D] x [N, D] -> [N]
     sample_tokens(logits, temperature, keys)   one token per row (Gumbel-max with counter-based
                                                noise) and its log-prob
+    decode_attention(q, k, v, lengths)         one query per row over its filled KV-cache slots
+                                               (flash-decoding, GQA)
 
 Triton runs on CUDA, and on the CPU under TRITON_INTERPRET=1; otherwise the PyTorch path
 (kernels/dispatch.py).
 """
 from kernels.cosine import cosine_similarity
+from kernels.decode import decode_attention
 from kernels.logprobs import linear_token_logprobs
 from kernels.sampling import gumbel_noise, row_keys, sample_tokens
 
 __all__ = ["linear_token_logprobs", "cosine_similarity", "sample_tokens", "gumbel_noise",
-           "row_keys"]
+           "row_keys", "decode_attention"]

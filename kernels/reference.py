@@ -37,3 +37,16 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def cosine_similarity_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine of paired rows: a, b [N, D] -> [N] fp32. A zero row gives 0."""
     return (_unit(a) * _unit(b)).sum(-1)
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         lengths: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, D], k and v [B, Hkv, S, D] (a KV cache; query head h uses key/value head
+    h // (Hq / Hkv)), lengths [B] -> [B, Hq, D] in q's dtype: each row's softmax(q k^T / sqrt(D)) v
+    over its slots 0..lengths[b] - 1."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (_wide(x).repeat_interleave(group, 1) for x in (k, v))
+    scores = torch.einsum("bhd,bhsd->bhs", _wide(q), k) / q.shape[-1] ** 0.5
+    seen = torch.arange(k.shape[2], device=q.device) < lengths[:, None, None]
+    weights = scores.masked_fill(~seen, float("-inf")).softmax(-1)
+    return torch.einsum("bhs,bhsd->bhd", weights, v).to(q.dtype)

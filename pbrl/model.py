@@ -225,6 +225,21 @@ def prefixed_causal(layer: int, q, k, v, a: int, b: int, pa: int, pb: int) -> to
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def decode_attention(q, keys, values, positions) -> torch.Tensor:
+    """One query per row, q [B, heads, 1, D], over its row's cache slots 0..positions[b]: on CUDA
+    the Triton kernel, which reads only those (kernels.decode_attention), elsewhere masked SDPA
+    over every slot of the cache it is given."""
+    if triton_decoding(q):
+        return kernels.decode_attention(q[:, :, 0], keys, values, positions + 1)[:, :, None]
+    seen = torch.arange(keys.shape[2], device=q.device) <= positions[:, None, None, None]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def triton_decoding(q: torch.Tensor) -> bool:
+    return q.is_cuda and kernels.dispatch.triton is not None
+
+
 @functools.cache
 def compiled_flex_attention():
     """flex_attention compiled once per process (uncompiled it runs unfused)."""
@@ -251,6 +266,12 @@ class KVCache:
         layers = range(args.num_hidden_layers)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+
+    def upto(self, slots: int) -> "KVCache":
+        """Slots 0..slots - 1 of every layer, as views."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[:, :, :slots] for k in self.k], [v[:, :, :slots] for v in self.v]
+        return view
 
     def rows(self, n: int) -> "KVCache":
         """The first n rows of every layer, as views: the same addresses for the same n."""
@@ -406,14 +427,12 @@ class Transformer(nn.Module):
         """One token per row: ids [B] at positions [B] (also their cache slots) -> logits [B, V].
         Row b attends to slots 0..positions[b]. No shape depends on the step: compiled, it is one
         CUDA graph."""
-        rows, slots = torch.arange(len(ids), device=ids.device), cache.k[0].shape[2]
-        seen = torch.arange(slots, device=ids.device) <= positions[:, None, None, None]
+        rows = torch.arange(len(ids), device=ids.device)
 
-        def attend(layer, q, k, v):  # q, k, v [B, heads, 1, D]; seen [B, 1, 1, S]
+        def attend(layer, q, k, v):  # q, k, v [B, heads, 1, D]
             keys, values = cache.k[layer], cache.v[layer]
             keys[rows, :, positions], values[rows, :, positions] = k[:, :, 0], v[:, :, 0]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=seen,
-                                                  enable_gqa=q.shape[1] != keys.shape[1])
+            return decode_attention(q, keys, values, positions)
         return self(ids[:, None], positions=positions[:, None], attend=attend)[:, 0]
 
     def _blocks(self, input_ids, positions, attend) -> torch.Tensor:

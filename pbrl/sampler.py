@@ -181,7 +181,8 @@ def complete(model: Transformer, prompts: list[list[int]], s: Sampling, seeds: t
     seeds [len(prompts) * s.n], one per row."""
     rows, new_tokens = len(prompts) * s.n, s.max_new_tokens
     start, step = (new_state, decode_step) if graphs is None else (graphs.state, graphs.step)
-    st = start(model, rows, slots or max(map(len, prompts)) + new_tokens, new_tokens)
+    longest = max(map(len, prompts))
+    st = start(model, rows, slots or longest + new_tokens, new_tokens)
     st.seeds.copy_(seeds)
     st.tokens.fill_(s.pad_id)
     record(prefill(model, st, prompts, s.n), st, s)  # the first token
@@ -195,7 +196,8 @@ def complete(model: Transformer, prompts: list[list[int]], s: Sampling, seeds: t
             if size < len(st.live):
                 finished[st.live] = st.done  # before the rows that leave are forgotten
                 st = st.keep(torch.argsort(st.done.int(), stable=True)[:size])
-        step(model, st, s)
+        # eager, the cache up to the furthest row's slot: attention reads no slot beyond it
+        step(model, st if graphs else replace(st, cache=st.cache.upto(longest + t)), s)
     finished[st.live] = st.done
     width = int(st.lengths.max())
     # Copies: CudaGraphs writes the next call into the same buffers.

@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 import kernels.cosine
+import kernels.decode
 import kernels.logprobs
 from kernels.logprobs import _backward, _forward
 from kernels.reference import cosine_similarity_ref, linear_token_logprobs_ref, token_logprobs_ref
@@ -239,11 +240,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     kernels_compiled = {(r["kernel"], r["arch"], r["dtype"]) for r in rows}
     for name in ("_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_cosine_rows_kernel",
-                 "_sample_kernel"):
+                 "_sample_kernel", "_decode_split_kernel", "_decode_merge_kernel"):
         for arch in ("sm_80", "sm_90"):
             assert {(name, arch, "fp32"), (name, arch, "bf16")} <= kernels_compiled
     for r in rows:
         assert r["local"] == 0 and 0 < r["reg"] <= 255, r
+        assert r["stack"] == 0 or not r["kernel"].startswith("_decode"), r
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,3 +335,72 @@ def test_noise_hash_equals_a_plain_python_uint32_hash():
             u = ((mix(token ^ (key & 0xFFFFFFFF)) >> 8) + 0.5) / 2**24
             # fp32 logs
             assert noise[row, token].item() == pytest.approx(-math.log(-math.log(u)), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode attention: the Triton kernel (interpreter) against its PyTorch specification, and the
+# specification against attention written out per row in fp64
+# --------------------------------------------------------------------------------------------------
+def per_row_attention(q, k, v, lengths):
+    """Each row and head alone: softmax over its first lengths[b] slots, in fp64."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k.shape[1]
+    for b, n in enumerate(lengths.tolist()):
+        for h in range(q.shape[1]):
+            keys, values = k[b, h // group, :n].double(), v[b, h // group, :n].double()
+            weights = (keys @ q[b, h].double() / q.shape[-1] ** 0.5).softmax(0)
+            out[b, h] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, slots", [
+    (4, 4, 8, 40), (8, 2, 64, 300), (6, 1, 16, 129), (32, 8, 128, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_reads_each_rows_filled_slots(heads, kv_heads, dim, slots, dtype,
+                                                              monkeypatch):
+    """Rows of length 1, of every slot, and in between; GQA ratios 1-6; head widths that are and
+    are not powers of 2; many splits (PROGRAMS high) and one. Slots past a row's length hold NaN:
+    the kernel must never read them."""
+    from kernels.decode import decode_attention
+    from kernels.reference import decode_attention_ref
+    rows = 5
+    g = gen(slots)
+    q = torch.randn(rows, heads, dim, generator=g).to(dtype)
+    k, v = (torch.randn(rows, kv_heads, slots, dim, generator=g).to(dtype) for _ in range(2))
+    lengths = torch.tensor([1, slots, slots // 2, 65, 2]).clamp(max=slots)
+    expected = per_row_attention(q, k, v, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("nan")
+    reference = decode_attention_ref(q, k.nan_to_num(), v.nan_to_num(), lengths)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else \
+        {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(reference.double(), expected, **tolerance)
+    for programs in (1, 10_000):  # one split per row and head; as many as there are blocks
+        monkeypatch.setattr(kernels.decode, "PROGRAMS", programs)
+        out = decode_attention(q, k, v, lengths)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), expected, **tolerance)
+
+
+def test_decode_attention_refuses_mismatched_shapes():
+    from kernels.decode import decode_attention
+    q, k = torch.zeros(2, 6, 8), torch.zeros(2, 4, 10, 8)
+    with pytest.raises(ValueError, match="Hkv dividing Hq"):
+        decode_attention(q, k, k, torch.ones(2, dtype=torch.long))
+
+
+def test_decoding_through_the_kernel_samples_what_sdpa_samples(monkeypatch):
+    """The model's decoding step with the kernel (as on CUDA; here the interpreter) against SDPA
+    over the slots up to the furthest row's: the same tokens at temperature 1 and log-probs to fp32
+    rounding, prompts of different lengths, a cache of 100 slots (two splits of 64)."""
+    import pbrl.model
+    from pbrl.model import random_llama
+    from pbrl.sampler import generate
+    model = random_llama(64, 32, 2, seed=3)
+    prompts = [[1, 5, 9], [2] * 11]
+    runs = []
+    for kernel in (False, True):
+        monkeypatch.setattr(pbrl.model, "triton_decoding", lambda q: kernel)
+        runs.append(generate(model, prompts, 6, temperature=1.0, n=2, seed=5, slots=100))
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[1].logprobs, runs[0].logprobs, rtol=1e-5, atol=1e-5)

@@ -243,7 +243,8 @@ def test_the_host_looks_at_the_batch_once_every_sync_every_steps(model):
 def test_between_decoding_steps_the_host_launches_nothing_but_its_periodic_look(model, monkeypatch):
     """Everything a decoding step does (model, sampling, recording, finishing) is inside
     decode_step, the function that compiles to one CUDA graph: between two steps the host runs no
-    tensor operation, except at its look at the batch every SYNC_EVERY steps."""
+    tensor operation, except at its look at the batch every SYNC_EVERY steps (views, such as the
+    eager step's cache up to the furthest slot, launch nothing)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import pbrl.sampler as sampler
@@ -251,7 +252,7 @@ def test_between_decoding_steps_the_host_launches_nothing_but_its_periodic_look(
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            events.append("op")
+            events.extend([] if func.is_view else ["op"])
             return func(*args, **(kwargs or {}))
     real_step = sampler.decode_step
 
@@ -268,3 +269,16 @@ def test_between_decoding_steps_the_host_launches_nothing_but_its_periodic_look(
     looks = (40 - 1) // sampler.SYNC_EVERY
     # (~done).sum() and its int(): a few ops per look
     assert between.count("op") <= 4 * looks, between.count("op")
+
+
+def test_eager_decoding_attends_over_the_filled_slots_only(model, monkeypatch):
+    """With a cache of 500 slots, step t (from 1) of eager decoding gives attention the slots up to
+    the furthest row's, longest prompt + t, and samples what a cache of exactly that length does."""
+    import pbrl.model
+    seen, real = [], pbrl.model.decode_attention
+    monkeypatch.setattr(pbrl.model, "decode_attention",
+                        lambda q, k, v, p: seen.append(k.shape[2]) or real(q, k, v, p))
+    out = generate(model, PROMPTS, 6, temperature=1.0, seed=3, slots=500)
+    layers, longest = model.args.num_hidden_layers, max(map(len, PROMPTS))
+    assert seen == [longest + t for t in range(1, 6) for _ in range(layers)]
+    assert out.as_lists() == generate(model, PROMPTS, 6, temperature=1.0, seed=3).as_lists()

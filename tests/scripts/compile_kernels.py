@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.cosine as cosine
+import kernels.decode as decode
 import kernels.logprobs as logprobs
 import kernels.sampling as sampling
 
@@ -47,6 +48,20 @@ def cases(dtype: str):
                                         "logp_ptr": "*fp32",
             "V": "i32", "inv_temp": "fp32", "SAMPLE": "constexpr", "BLOCK_V": "constexpr"}, \
             {"SAMPLE": sample, "BLOCK_V": 4096}
+    for group in (4, 8):  # Llama-3.1-8B's GQA ratio, Qwen3-32B's
+        yield decode._decode_split_kernel, {
+            "q_ptr": x, "k_ptr": x, "v_ptr": x, "lengths_ptr": "*i64", "o_ptr": "*fp32",
+            "lse_ptr": "*fp32", **{s: "i32" for s in (
+                "sq_b", "sq_h", "sk_b", "sk_h", "sk_s", "sv_b", "sv_h", "sv_s", "split_slots",
+                "D")},
+            "scale": "fp32", "GROUP": "constexpr", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr",
+            "BLOCK_D": "constexpr", "UPCAST": "constexpr"}, \
+            {"GROUP": group, "BLOCK_G": 16, "BLOCK_N": decode.block_n(dtype), "BLOCK_D": 128,
+             "UPCAST": False}
+    yield decode._decode_merge_kernel, {
+        "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": x, "so_b": "i32", "so_h": "i32",
+        "splits": "i32", "D": "i32", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"}, \
+        {"BLOCK_S": 128, "BLOCK_D": 128}
     yield cosine._cosine_rows_kernel, {
         "a_ptr": x, "a_stride": "i64", "b_ptr": x, "b_stride": "i64", "out_ptr": "*fp32",
         "D": "i32", "BLOCK_D": "constexpr"}, {"BLOCK_D": 1024}
