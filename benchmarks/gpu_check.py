@@ -4,14 +4,17 @@
     python benchmarks/gpu_check.py --size tiny --device cpu --out /tmp/gpu.md   # the tests' dry run
 
   1. kernels     each Triton kernel (fwd and bwd) against its fp32 PyTorch reference, fp32 and bf16
-  2. attention   which SDPA backend each attention form of the model gets (training and prefill
-                 must not fall back to the math kernel)
-     decoding    greedy tokens/s at batch 1, 64, 256, eager and compiled (CUDA graphs; identical
-                 tokens checked), against the read-bandwidth roofline measured in the same run
+  2. attention   which fused kernel each attention form of the model gets (training and prefill:
+                 an SDPA backend, never the math one; packed rows: FlexAttention; decoding: the
+                 Triton decode-attention kernel)
+     decoding    greedy tokens/s at batch 1, 64, 256 with a 1,024-slot cache, eager and compiled
+                 (CUDA graphs; identical tokens checked), against the read-bandwidth roofline
+                 measured in the same run
   3. precision   one AdamW step with bf16 compute over fp32 masters against the same step in fp32
   4. training    a few PPO iterations through the real Trainer (FSDP2, one GPU, bf16, activation
-                 checkpointing, compiled blocks) on a random model in Llama-3.2-1B's shapes:
-                 seconds per phase, the update's model-FLOPs utilisation (also with eager blocks),
+                 checkpointing, compiled blocks, packed micro-batches) on a random model in
+                 Llama-3.2-1B's shapes: seconds per phase, the update's model-FLOPs utilisation
+                 over the tokens it computes (also with eager blocks),
                  peak memory against pbrl.memory's plan (on the CPU the peak is the process's RSS)
      checkpoint  the time to save, load and export (bf16, streamed) a DCP checkpoint of its actor
      decode_profile  a profiled batch-1 compiled decoding step: wall time against the GPU's busy
@@ -115,6 +118,13 @@ def check_kernels(device: torch.device) -> list[dict]:
         ref = reference.cosine_similarity_ref(a.float(), b.float())
         rows.append({"kernel": "cosine_similarity", "dtype": str(dtype)[6:], "path": path,
                      "max_abs_err": float((ours - ref).abs().max()), "scale": 1.0})
+        q = torch.randn(8, 32, 64, generator=g).to(device, dtype)
+        k, v = (torch.randn(8, 8, 1100, 64, generator=g).to(device, dtype) for _ in range(2))
+        lengths = torch.tensor([1, 7, 64, 65, 300, 1024, 1100, 513], device=device)
+        ref = reference.decode_attention_ref(q.float(), k.float(), v.float(), lengths)
+        rows.append({"kernel": "decode_attention", "dtype": str(dtype)[6:], "path": path,
+                     "max_abs_err": float((kernels.decode_attention(q, k, v, lengths).float()
+                                           - ref).abs().max()), "scale": float(ref.abs().max())})
         logits = (torch.randn(64, 32000, generator=g) * 3).to(device, dtype)
         keys = kernels.row_keys(torch.arange(64, device=device), 5)
         for temperature in (0.0, 1.0):
@@ -133,21 +143,35 @@ def check_kernels(device: torch.device) -> list[dict]:
 
 
 def check_attention(model: Transformer, device: torch.device) -> list[dict]:
-    """Run each attention form with the math backend switched off: a form no fused kernel takes
-    raises. Training and prefill see right-padded rows (causal, no mask); a decoding step one query
-    per row over its filled slots (a mask)."""
+    """Run each attention form with SDPA's math backend switched off: a form no fused kernel takes
+    raises. Training and prefill see right-padded rows (causal, no mask); packed rows (each prompt
+    once, its samples' responses after it) FlexAttention's block mask, compiled; a decoding step
+    the Triton decode-attention kernel (SDPA's math would not run either way)."""
     if device.type != "cuda":
         return [{"form": "all", "fused": "n/a (CPU: PyTorch picks its CPU kernels)"}]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from pbrl import rollout
     from pbrl.model import KVCache
     ids = torch.randint(0, model.args.vocab_size, (2, 256), device=device)
     cache = KVCache(model.args, 2, 300, torch.bfloat16, device)
-    forms = {"training/prefill (right padding, no mask)": lambda: model(ids, output="hidden"),
-             "decoding step (one query per row, a mask)": lambda: model.decode(
-                 ids[:, -1], torch.tensor([255, 200], device=device), cache)}
+    tokens = torch.cat([ids[:1].expand(4, -1), ids[1:, :64].expand(4, -1)], dim=1)
+    lengths = torch.tensor([320, 300, 290, 257], device=device)
+    mask = (torch.arange(319, device=device) >= 255) & (torch.arange(319, device=device)
+                                                        < lengths[:, None] - 1)
     rows = []
-    for form, run in forms.items():
+    for form, run in {"packed rows, each prompt once": lambda: rollout.packed_per_token(
+            model, tokens, lengths, mask, "logprobs"), "decoding step": lambda: model.decode(
+            ids[:, -1], torch.tensor([255, 200], device=device), cache)}.items():
+        try:  # not SDPA: FlexAttention (compiled) and the Triton kernel
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                run()
+            rows.append({"form": form, "fused": "FlexAttention, compiled" if "packed" in form
+                         else "Triton decode attention"})
+        except Exception as e:
+            rows.append({"form": form, "fused": f"FAILED: {type(e).__name__}: {e}"[:300]})
+    for form, run in {"training/prefill (right padding, no mask)": lambda: model(
+            ids, output="hidden")}.items():
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                         SDPBackend.CUDNN_ATTENTION):
             try:
@@ -183,12 +207,13 @@ def graphs_recorded():
 
 
 def check_decoding(args: ModelArgs, device: torch.device, batches: list[int],
-                   new_tokens: int = 128) -> list[dict]:
-    """Greedy decoding of the random model in bf16, eager and compiled (CUDA graphs): tokens/s per
-    batch size, the compiled tokens checked against the eager ones, the decoding steps/s against the
-    read-bandwidth roofline (the weights read once per step / the read bandwidth, the fastest of a
-    reduction and a GEMV over 1 GiB, measured here), and the CUDA graphs recorded by the timed calls
-    (0: they replay the first call's graphs)."""
+                   new_tokens: int = 128, slots: int = 1024) -> list[dict]:
+    """Greedy decoding of the random model in bf16, eager and compiled (CUDA graphs), a cache of
+    `slots` slots as training's (room for a long answer; the Triton kernel reads only the filled
+    ones): tokens/s per batch size, the compiled tokens checked against the eager ones, the
+    decoding steps/s against the read-bandwidth roofline (the weights read once per step / the read
+    bandwidth, the fastest of a reduction and a GEMV over 1 GiB, measured here), and the CUDA
+    graphs recorded by the timed calls (0: they replay the first call's graphs)."""
     torch.manual_seed(0)
     model = Transformer(args).to(device, torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
@@ -208,7 +233,8 @@ def check_decoding(args: ModelArgs, device: torch.device, batches: list[int],
             graphs = CudaGraphs() if mode == "compiled" else None
 
             def run(graphs=graphs):
-                return sampler.generate(model, prompts, new_tokens, graphs=graphs).tokens
+                return sampler.generate(model, prompts, new_tokens, graphs=graphs,
+                                        slots=min(slots, args.max_position_embeddings)).tokens
             skips = counters["inductor"]["cudagraph_skips"]
             with graphs_recorded() as recorded:
                 warmup, _ = seconds(run)
@@ -308,7 +334,8 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
                 "data.eval_path": "", "reward.kind": "agreement",
                 "rollout.prompts_per_step": 4 if small else 16,
                 "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 16 if small else 256,
-                "ppo.micro_batch_size": 16, "run.steps": steps + 2, "run.out_dir": work / "run",
+                "ppo.micro_batch_tokens": 512 if small else 8192, "run.steps": steps + 2,
+                "run.out_dir": work / "run",
                 "run.checkpoint_every": "off"}
     cfg = load_config(None,
                       [x for key, value in settings.items() for x in (f"--{key}", str(value))])
@@ -321,16 +348,18 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
     last = trainer.run(steps)[-1]
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    # Update FLOPs per trained token: 6 per parameter that multiplies (forward + backward) plus 2
-    # for the forward that activation checkpointing recomputes, per PPO epoch; the actor's tied
-    # embedding counts once (its LM head), the critic's not at all (a lookup; its head is one
-    # column). Attention's own FLOPs are left out.
+    # Update FLOPs per computed token (packed: no padding, each prompt once per micro-batch): 6
+    # per parameter that multiplies (forward + backward) plus 2 for the forward that activation
+    # checkpointing recomputes, per PPO epoch; the actor's tied embedding counts once (its LM
+    # head), the critic's not at all (a lookup; its head is one column). Attention's own FLOPs are
+    # left out.
     params = sum(p.numel() for p in trainer.actor.model.parameters())
     matmul_params = params + params - trainer.critic.model.embed_tokens.weight.numel()
 
     def throughput(metrics):
         """One iteration's metrics -> seconds per phase, and the update's speed."""
-        flops = 8 * matmul_params * metrics["sequence_tokens"] * cfg.ppo.epochs
+        real = metrics["update_tokens"] * (1 - metrics["padding"])
+        flops = 8 * matmul_params * real * cfg.ppo.epochs
         speed = flops / metrics["time/update"]
         return {"phases": {k[5:]: round(v, 3) for k, v in metrics.items() if k.startswith("time/")},
                 "update_s": round(metrics["time/update"], 3),
@@ -338,8 +367,9 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
                 "update_mfu": None if peak is None else round(speed / peak, 3)}
     sequences = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     result = {"params": params, "steps": steps,
-              "micro_batch": f"{cfg.ppo.micro_batch_size} sequences, "
-              f"{last['sequence_tokens'] / sequences:.0f} tokens each",
+              "micro_batch": f"up to {cfg.ppo.micro_batch_tokens} tokens packed, sequences of "
+              f"{last['sequence_tokens'] / sequences:.0f} tokens on average, "
+              f"{last['update_tokens']:.0f} computed per pass",
               "seconds_per_step": round(last["seconds"], 3),
               "peak_memory_gb": round(last["peak_memory_mb"] / 1024, 2),
               "planned_peak_gb": round(predicted.peak[1] / memory.GB, 2),

@@ -21,15 +21,17 @@ one run on one random 125M Llama.
    thought of very different lengths), with compaction (pbrl's default) and without (SYNC_EVERY
    beyond the length: every row decodes to the end).
 4. The training shape: batch --long-batch, prompts of 100-330 tokens, a cache of --long-slots
-   slots (room for a long chain of thought), --new-tokens greedy tokens, eager: the decoding step
-   of pbrl (attention over the filled slots: on CUDA the Triton kernel, elsewhere the slots up to
-   the furthest row's) against the step before it (SDPA over every slot, masked).
+   slots (room for a long chain of thought), greedy, eager: seconds per decoding step of pbrl
+   (attention over the filled slots: on CUDA the Triton kernel, elsewhere the slots up to the
+   furthest row's) against the step before it (SDPA over every slot, masked), each step timed
+   alone; tokens/s here are those of the decoding steps.
 --parts picks among greedy, rollout, long (default all). Requires transformers
 (requirements-test.txt). Appends its rows to benchmarks/sampler.csv.
 """
 import argparse
 import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
@@ -56,29 +58,41 @@ def every_slot():
 
 
 def long_cache(ours, args) -> dict:
-    """Part 4: tokens/s of eager greedy decoding with a cache far longer than the prompts, the
-    step's attention over the filled slots against over every slot; the tokens must agree."""
+    """Part 4: seconds per eager greedy decoding step with a cache far longer than the prompts,
+    attention over the filled slots against over every slot: each decoding step of a call timed
+    alone (sampler.decode_step wrapped), the mean over a call's steps, the best of --repeats calls
+    after a warm-up. The tokens must agree."""
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 32000, (int(n),), generator=g).tolist()
                for n in torch.randint(100, 331, (args.long_batch,), generator=g)]
-    seconds, tokens = {}, {}
-    for name, context in (("every slot", every_slot), ("filled", nullcontext)):
-        with context():
-            seconds[name], tokens[name], _ = best_seconds(lambda: sampler.generate(
-                ours, prompts, args.new_tokens, slots=args.long_slots).tokens, args.repeats)
-    n, same = args.long_batch * args.new_tokens, torch.equal(*tokens.values())
-    speedup = seconds["every slot"] / seconds["filled"]
+    real_step, steps = sampler.decode_step, []
+
+    def timed_step(*a):
+        start = time.perf_counter()
+        real_step(*a)
+        steps.append(time.perf_counter() - start)
+    step, tokens = {}, {}
+    with mock.patch.object(sampler, "decode_step", timed_step):
+        for name, context in (("every slot", every_slot), ("filled", nullcontext)):
+            means = []
+            with context():
+                for _ in range(args.repeats + 1):  # the first warms up
+                    steps.clear()
+                    tokens[name] = sampler.generate(ours, prompts, args.new_tokens,
+                                                    slots=args.long_slots).tokens
+                    means.append(sum(steps) / len(steps))
+            step[name] = min(means[1:])
+    same, speedup = torch.equal(*tokens.values()), step["every slot"] / step["filled"]
     print(f"batch {args.long_batch}, prompts 100-330 tokens, a cache of {args.long_slots} slots, "
-          f"{args.new_tokens} new tokens, eager: {n / seconds['filled']:.1f} tok/s over the filled "
-          f"slots, {n / seconds['every slot']:.1f} over every slot: {speedup:.2f}x; identical: "
+          f"eager: {step['filled'] * 1e3:.0f} ms per decoding step over the filled slots, "
+          f"{step['every slot'] * 1e3:.0f} ms over every slot: {speedup:.2f}x; identical tokens: "
           f"{same}")
     return dict(device=args.device, dtype=args.dtype,
                 run=f"eager, {args.long_slots}-slot cache, filled vs every slot",
-                batch=args.long_batch, pbrl_tok_s=round(n / seconds["filled"], 1),
+                batch=args.long_batch, pbrl_tok_s=round(args.long_batch / step["filled"], 1),
                 first_call_s="", baseline="every slot",
-                baseline_tok_s=round(n / seconds["every slot"], 1), vs_baseline=round(speedup, 2),
-                vs_hf_ceiling="",
-                of_roofline="", identical=same)
+                baseline_tok_s=round(args.long_batch / step["every slot"], 1),
+                vs_baseline=round(speedup, 2), vs_hf_ceiling="", of_roofline="", identical=same)
 
 
 def weight_matmuls_step(model, device: str, repeats: int) -> float:

@@ -44,6 +44,7 @@ class ModelsConfig:
     critic: str = ""           # "" = the policy's weights with a fresh value head
     reference: str = ""        # frozen KL reference; "" = the policy's initial weights
     pivot: str = ""            # writes missing pivot references; "" = the policy
+    pivot_batch_size: int = setting(64, gt=0)  # problems per batch while it writes them
     embedder: str = TOY        # embedding model of the semantic rewards
     translator: str = TOY      # translator of the MT reward
     enable_thinking: bool = False  # chat templates that read it (Qwen3): reasoning blocks in turns
@@ -77,6 +78,9 @@ class RolloutConfig:
     # The decoding step through CUDA graphs (pbrl/graphs.py). Memory: the sampler's state and, under
     # FSDP, a whole copy of the actor stay allocated between rollouts (pbrl.memory counts both).
     compile: bool = False
+    # Ranks that decode one batch together, each holding 1/N of the weights and of the KV cache
+    # (DTensor tensor parallelism, Megatron's column/row split); 1: each rank its own whole copy
+    tensor_parallel: int = setting(1, gt=0)
     # DAPO: drop groups whose samples all score alike and sample more problems, up to this many
     # rounds of rollouts, until the batch is full of informative groups (else: what there is)
     dynamic_sampling: bool = False
@@ -337,6 +341,9 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
     weights = (w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight,
                w.language_weight)
     return [
+        (world_size % r.tensor_parallel == 0,
+         f"rollout.tensor_parallel={r.tensor_parallel} must divide the world size {world_size} "
+         f"(ranks decode in groups of that many)"),
         (r.prompts_per_step % world_size == 0,
          f"rollout.prompts_per_step={r.prompts_per_step} must be "
                                                f"divisible by the world size {world_size}"),

@@ -171,3 +171,100 @@ def timed_out(error: BaseException) -> str | None:
     return (f"rank {os.environ.get('RANK', 0)} waited longer than the process group's timeout "
             f"({_timeout_minutes} minutes, run.timeout_minutes) in a collective: another rank "
             f"stalled or died (its own output says why). {text.splitlines()[0][:200]}")
+
+
+# ------------------------------------------------------------- tensor-parallel rollouts (DTensor)
+def tensor_parallel_group(degree: int, device: torch.device):
+    """The 1-D mesh of this rank's tensor-parallel group, from the (dp, tp) mesh over all ranks:
+    ranks k * degree .. (k + 1) * degree - 1 decode together (one node's GPUs, when degree divides
+    them), while FSDP keeps sharding the trained models over every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world // degree, degree), mesh_dim_names=("dp", "tp"))
+    return mesh["tp"]
+
+
+def tensor_parallel_twin(model: torch.nn.Module, mesh, dtype: torch.dtype, device):
+    """An empty copy of `model`'s architecture, its weights in dtype sharded over `mesh` as
+    Megatron-LM shards a decoder: q, k, v, gate and up column-wise (each rank its attention heads
+    and its slice of the MLP), o and down row-wise (their outputs summed over the group), the
+    embedding and the LM head by vocabulary (the logits gathered whole, so every rank draws the same
+    tokens). Built on the meta device, so no rank ever holds more than its shard, and left there:
+    `tensor_parallel_weights` gives it its weights for a rollout. Its args describe one rank's share
+    of the heads, the share its KV cache holds."""
+    from dataclasses import replace
+
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    from pbrl.model import Transformer
+    args, n = model.args, mesh.size()
+    with torch.device("meta"):
+        twin = Transformer(args, lm_head=model.lm_head is not None)
+    column, row = ColwiseParallel(), RowwiseParallel()
+    plan = {"self_attn.q_proj": column, "self_attn.k_proj": column, "self_attn.v_proj": column,
+            "self_attn.o_proj": row, "mlp.gate_proj": column, "mlp.up_proj": column,
+            "mlp.down_proj": row}
+    for block in twin.layers:
+        parallelize_module(block, mesh, plan)
+    parallelize_module(twin, mesh, {"embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+                                    **({"lm_head": ColwiseParallel(output_layouts=Replicate())}
+                                       if twin.lm_head is not None else {})})
+    twin.to(dtype)  # a tied LM head is now a weight of its own
+    twin.args = replace(args, num_attention_heads=args.num_attention_heads // n,
+                        num_key_value_heads=args.num_key_value_heads // n)
+    return twin.eval().requires_grad_(False)
+
+
+@contextmanager
+def tensor_parallel_weights(twin: torch.nn.Module, model: torch.nn.Module, device,
+                            keep: bool = False):
+    """The twin with its shards allocated and refreshed from `model` for the duration, freed
+    after, so that no phase but the rollout holds them (keep: kept at the same addresses for the
+    next rollout, as CUDA graphs need)."""
+    from pbrl.model import rope_inv_freq
+    if twin.inv_freq.is_meta:
+        twin.to_empty(device=device)
+        twin.inv_freq = rope_inv_freq(twin.args).to(device)
+    refresh(twin, model)
+    try:
+        yield twin
+    finally:
+        if not keep:
+            twin.to_empty(device="meta")
+
+
+@torch.no_grad()
+def refresh(twin: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy model's weights (FSDP-sharded or whole) into the tensor-parallel twin, one tensor at a
+    time: each gathered whole (in the twin's dtype), then this rank's shard of it kept. A rank
+    holds at most one whole tensor besides its shards."""
+    from torch.distributed.tensor import DTensor
+    theirs = model.state_dict()
+    for name, mine in twin.state_dict().items():
+        full = theirs[name].to(mine.dtype)
+        full = full.full_tensor() if isinstance(full, DTensor) else full
+        if isinstance(mine, DTensor):
+            for axis, placement in enumerate(mine.placements):
+                if placement.is_shard():
+                    full = full.chunk(mine.device_mesh.size(axis), placement.dim)[
+                        mine.device_mesh.get_local_rank(axis)]
+            mine = mine.to_local()
+        mine.copy_(full)
+
+
+def decode_together(mesh, prompts: list, seeds: torch.Tensor, complete):
+    """complete(prompts, seeds) over the prompts of every rank of the tensor-parallel group `mesh`,
+    decoded as one batch, and this rank's rows of the result. Each prompt has len(seeds) /
+    len(prompts) rows; sampling depends only on each row's seed, so a row's tokens are those it
+    would get alone."""
+    parts = [None] * mesh.size()
+    dist.all_gather_object(parts, (prompts, seeds.tolist()), group=mesh.get_group())
+    out = complete([p for mine, _ in parts for p in mine],
+                   torch.tensor([s for _, theirs in parts for s in theirs]))
+    first = sum(len(theirs) for _, theirs in parts[:mesh.get_local_rank()])
+    rows = slice(first, first + len(seeds))
+    width = int(out.lengths[rows].max())
+    return type(out)(out.tokens[rows, :width], out.lengths[rows], out.finished[rows],
+                     out.logprobs[rows, :width])

@@ -4,15 +4,18 @@
         [--section.key value ...]
 
 Every term is in bytes on rank 0, which holds the most (FSDP2 gives each rank ceil(rows / N) rows of
-every tensor). Exact: the actor's and the critic's fp32 parameters, gradients and AdamW states
-(exp_avg, exp_avg_sq and a 4-byte step per tensor); the reference's shards in the compute dtype; the
-embedder and translator, whole in every process. Estimated from the shapes: the activations autograd
-keeps for one micro-batch and the block activation checkpointing recomputes; during a rollout, the
-actor gathered in the compute dtype, the KV cache and the sampling logits (with rollout.compile the
-sampler keeps its state between rollouts and, under FSDP, decodes on a whole copy of the actor
-refreshed one tensor at a time: both count in every phase but the pivot's); the pivot's weights and
-KV cache while it writes missing references, before the rest loads. The peak is the largest phase:
-pivot, rollout, reward (when an instruct model translates) or update. docs/scale.md has more.
+every tensor). Exact: the actor's and the critic's fp32 parameters and AdamW states (exp_avg,
+exp_avg_sq and a 4-byte step per tensor), and their gradients during the update (they are freed
+after each optimizer step); the reference's shards in the compute dtype; the embedder and
+translator, whole in every process. Estimated from the shapes: the activations autograd keeps for
+one micro-batch and the block activation checkpointing recomputes; during a rollout, the actor
+gathered in the compute dtype (with rollout.tensor_parallel = N, 1/N of it: the twin's shards, and
+1/N of the heads of a KV cache for the whole group's rows), the KV cache and the sampling logits
+(with rollout.compile the sampler keeps its state between rollouts and, under FSDP, decodes on a
+whole copy of the actor (or the TP shards) refreshed one tensor at a time: both count in every phase
+but the pivot's); the pivot's weights and KV cache while it writes missing references, before the
+rest loads. The peak is the largest phase: pivot, rollout, reward (when an instruct model
+translates) or update. docs/scale.md has more.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ from pbrl.config import Config, load_config, validate
 from pbrl.files import hub_failure, is_hub_id, read_json, resolve
 from pbrl.graphs import cache_slots
 from pbrl.model import ModelArgs, Transformer
-from pbrl.pivot import PIVOT_BATCH_SIZE
 from pbrl.translators import LEXICON_FILE, TRANSLATE_BATCH_SIZE
 
 GB = 2**30
@@ -70,10 +72,29 @@ def full_bytes(shapes: list[torch.Size], itemsize: int) -> int:
     return sum(math.prod(s) for s in shapes) * itemsize
 
 
-def kv_cache_bytes(args: ModelArgs, rows: int, tokens: int, itemsize: int) -> int:
-    """The sampler's preallocated cache: keys and values of every layer for rows x tokens slots."""
-    per_slot = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim
+def kv_cache_bytes(args: ModelArgs, rows: int, tokens: int, itemsize: int, tp: int = 1) -> int:
+    """The sampler's preallocated cache: keys and values of every layer for rows x tokens slots,
+    of the key/value heads one of `tp` tensor-parallel ranks holds."""
+    per_slot = 2 * args.num_hidden_layers * args.num_key_value_heads // tp * args.head_dim
     return per_slot * rows * tokens * itemsize
+
+
+COLUMNS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias",
+           "v_proj.bias", "gate_proj.weight", "up_proj.weight", "lm_head.weight",
+           "embed_tokens.weight")  # split by rows (dim 0) under tensor parallelism
+ROWS = ("o_proj.weight", "down_proj.weight")  # split by columns (dim 1)
+
+
+def tensor_parallel_bytes(args: ModelArgs, tp: int, itemsize: int) -> int:
+    """Bytes of rank 0's shards of distributed.tensor_parallel_twin (a tied LM head counts as a
+    weight of its own there): ceil(n / tp) of the split dimension, norms whole."""
+    with torch.device("meta"):
+        weights = Transformer(args).state_dict()
+    total = 0
+    for name, w in weights.items():
+        dim = 0 if name.endswith(COLUMNS) else 1 if name.endswith(ROWS) else None
+        total += w.numel() if dim is None else w.numel() // w.shape[dim] * -(-w.shape[dim] // tp)
+    return total * itemsize
 
 
 def _block_values(args: ModelArgs) -> int:
@@ -135,7 +156,8 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         trained["critic"] = parameter_shapes(model_args(m.critic or m.policy), value_head=True)
     for name, shapes in trained.items():
         out.terms[f"{name} parameters (fp32)"] = shard_bytes(shapes, gpus, 4)
-        out.terms[f"{name} gradients (fp32)"] = shard_bytes(shapes, gpus, 4)
+        # freed after each optimizer step: the update's alone
+        out.terms[f"update: {name} gradients (fp32)"] = shard_bytes(shapes, gpus, 4)
         out.terms[f"{name} AdamW states"] = shard_bytes(shapes, gpus, 8) + 4 * len(shapes)
     if p.uses_reference():  # a KL-free run (ppo.kl_beta = 0) loads none
         reference = parameter_shapes(model_args(m.reference or m.policy))
@@ -150,7 +172,7 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         transient_update_bytes(actor, tokens, compute, recompute)
     pivot = model_args(m.pivot or m.policy)
     out.terms["pivot, whole on every rank"] = full_bytes(parameter_shapes(pivot), compute)
-    out.terms["pivot KV cache"] = kv_cache_bytes(pivot, PIVOT_BATCH_SIZE,
+    out.terms["pivot KV cache"] = kv_cache_bytes(pivot, m.pivot_batch_size,
                                                  prompt_tokens + r.max_new_tokens, compute)
     resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference", "KV cache"))]
     resident += [t for t in rewards if not t.startswith("reward:")]
@@ -184,22 +206,28 @@ def rollout_terms(cfg: Config, out: Plan, actor: ModelArgs, actor_shapes, gpus: 
                   prompt_tokens: int, compute: int) -> None:
     """The rollout's terms, added to `out`: the actor as it decodes, the KV cache, sampling
     logits."""
-    r = cfg.rollout
-    rows = r.prompts_per_step // gpus * r.samples_per_prompt
-    if r.compile and (gpus > 1 or compute < 4):
+    r, tp = cfg.rollout, cfg.rollout.tensor_parallel
+    rows = r.prompts_per_step // gpus * r.samples_per_prompt * tp  # a TP group decodes together
+    largest = max(math.prod(s) for s in actor_shapes)
+    if tp > 1:  # the twin's shards, refreshed tensor by tensor; kept between compiled rollouts
+        kept = "actor TP shards, kept (rollout.compile)"
+        out.terms[kept if r.compile else "rollout: actor TP shards"] = \
+            tensor_parallel_bytes(actor, tp, compute)
+        out.terms["rollout: largest actor tensor gathered"] = largest * compute
+    elif r.compile and (gpus > 1 or compute < 4):
         # FSDP runs: CudaGraphs' whole copy of the actor, kept throughout, refreshed tensor by
         # tensor
         out.terms["actor copy for compiled rollouts"] = full_bytes(actor_shapes, compute)
-        largest = max(math.prod(s) for s in actor_shapes)
         out.terms["rollout: largest actor tensor gathered"] = largest * compute
     else:
         out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
     if r.compile:
         slots = cache_slots(prompt_tokens, r.max_new_tokens)
-        out.terms["KV cache, kept (rollout.compile)"] = kv_cache_bytes(actor, rows, slots, compute)
+        out.terms["KV cache, kept (rollout.compile)"] = kv_cache_bytes(actor, rows, slots, compute,
+                                                                       tp)
     else:
         slots = prompt_tokens + r.max_new_tokens
-        out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, slots, compute)
+        out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, slots, compute, tp)
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
 
 

@@ -32,7 +32,6 @@ from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
 
 FIELDS = ("id", "question", "reference")
-PIVOT_BATCH_SIZE = 64  # problems per generate() call when the trainer writes missing references
 
 
 def read_references(path) -> dict[str, dict]:

@@ -24,7 +24,7 @@ from pbrl.cli import DTYPES
 from pbrl.config import Config, validate
 from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
 from pbrl.graphs import CudaGraphs, cache_slots
-from pbrl.pivot import (PIVOT_BATCH_SIZE, check_questions, check_writer, match_references,
+from pbrl.pivot import (check_questions, check_writer, match_references,
                         pivot_writer, read_references, write_references)
 from pbrl.rewards import build_reward
 from pbrl.sampler import Sampling
@@ -70,8 +70,11 @@ def prepare(cfg: Config, log=print) -> Trainer:
                                device),
         kl=ppo.AdaptiveKLController(cfg.ppo.kl_beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
         sampling=rollout_sampling(cfg, tokenizer, device))
+    if cfg.rollout.tensor_parallel > 1:
+        trainer.tp_group = dist.tensor_parallel_group(cfg.rollout.tensor_parallel, device)
+        trainer.tp_twin = dist.tensor_parallel_twin(actor.model, trainer.tp_group, dtype, device)
     if cfg.rollout.compile:  # under FSDP, rollouts decode on a copy whose parameters never move
-        copy = actor.model if dist.is_distributed() else None
+        copy = actor.model if dist.is_distributed() and trainer.tp_twin is None else None
         trainer.graphs = CudaGraphs(copy, dtype, device)
         trainer.slots = cache_slots(longest, cfg.rollout.max_new_tokens)
     if cfg.run.resume:
@@ -107,6 +110,11 @@ def check_checkpoints(cfg: Config) -> tuple[Path, Tokenizer]:
     reference = (models.reference or models.policy) if cfg.ppo.uses_reference() else None
     for path in filter(None, (critic, reference)):
         check_pretrained(path, tokenizer)
+    args, tp = load_args(policy_dir), cfg.rollout.tensor_parallel
+    if args.num_attention_heads % tp or args.num_key_value_heads % tp:
+        raise ValueError(f"rollout.tensor_parallel={tp} must divide the policy's attention heads "
+                         f"({args.num_attention_heads}) and key/value heads "
+                         f"({args.num_key_value_heads}): each rank decodes whole heads")
     return policy_dir, tokenizer
 
 
@@ -142,7 +150,7 @@ def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, de
         check_writer(done, writer, cache)  # before the pivot loads
         pivot, tokenizer = load_pretrained(path, dtype, device)
         tokenizer.template_args["enable_thinking"] = m.enable_thinking
-        write_references(pivot, tokenizer, english, cache, writer, batch_size=PIVOT_BATCH_SIZE,
+        write_references(pivot, tokenizer, english, cache, writer, batch_size=m.pivot_batch_size,
                          max_new_tokens=cfg.rollout.max_new_tokens, log=log)
         del pivot
     return match_references(cache, english)

@@ -74,6 +74,8 @@ class Trainer:
     sampling: Sampling                  # the rollouts' settings (setup checks them once)
     graphs: CudaGraphs | None = None    # rollout.compile: decode through CUDA graphs
     slots: int | None = None            # rollout.compile: one KV-cache length for every rollout
+    tp_group: object = None             # rollout.tensor_parallel > 1: the ranks decoding with me
+    tp_twin: Transformer | None = None  # ... on this copy of the actor, its weights sharded
     step: int = 0
     eval_records: dict[int, list[dict]] = field(default_factory=dict)  # step -> eval records
     loggers: Loggers | None = None
@@ -135,7 +137,10 @@ class Trainer:
         with timed(timings, "rollout"), self.sampling_policy() as policy:
             seeds = torch.tensor([rollout.sequence_seed(cfg.run.seed, draw, problem, j)
                                   for problem in problems for j in range(n)])
-            completions = complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
+            def decode(prompts, seeds):
+                return complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
+            completions = decode(prompts, seeds) if self.tp_group is None else \
+                dist.decode_together(self.tp_group, prompts, seeds, decode)
         # 3. reward
         with timed(timings, "reward"), torch.no_grad():
             texts = [self.tokenizer.decode(ids) for ids in completions.as_lists()]
@@ -165,7 +170,11 @@ class Trainer:
 
     def sampling_policy(self):
         """The model a rollout decodes on: the actor with every FSDP unit gathered, or
-        (rollout.compile) the decoding copy that CudaGraphs keeps."""
+        (rollout.compile) the decoding copy that CudaGraphs keeps, or (rollout.tensor_parallel) the
+        twin whose weights the group shares, refreshed from the actor."""
+        if self.tp_twin is not None:
+            return dist.tensor_parallel_weights(self.tp_twin, self.actor.model, self.device,
+                                                keep=self.graphs is not None)
         return dist.gathered(self.actor.model) if self.graphs is None else \
             self.graphs.policy(self.actor.model)
 
@@ -217,7 +226,6 @@ class Trainer:
     def optimize(self, trained: Trained, loss_fn, exp: rollout.Experience, counts: ppo.Counts):
         """One optimizer step over these rows, micro-batch by micro-batch; returns (sums of the
         losses' statistics, the gradient norm before clipping)."""
-        trained.optimizer.zero_grad(set_to_none=True)
         p, sums = self.cfg.ppo, {}
         for rows in self.micro_batches(exp.tokens, exp.lengths, exp.mask):
             loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
@@ -230,6 +238,7 @@ class Trainer:
             raise FloatingPointError(f"step {self.step + 1}: the {loss_fn.__name__}'s gradient "
                                      f"norm is {norm}; stopped before updating (checkpoints kept)")
         trained.optimizer.step()
+        trained.optimizer.zero_grad(set_to_none=True)  # no gradients held through the rollout
         return sums, norm
 
     def metrics(self, exp, batch: rollout.Groups, corrected, stats, timings, seconds) -> dict:
