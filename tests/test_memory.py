@@ -131,3 +131,40 @@ def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_
     assert compiled.terms[copy] == sum(t.numel() * t.element_size()
                                        for t in empty_like(model, torch.bfloat16,
                                                                                         "cpu").parameters())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates_for_its_gpus(path):
+    from pbrl.config import load_config, validate
+    validate(load_config(str(path), []), 1 if "1gpu" in path.name or "24gb" in path.name else 8)
+
+
+def write_config(directory: Path, **shapes) -> str:
+    import json
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6, "max_position_embeddings": 40960, **shapes}))
+    return str(directory)
+
+
+def test_qwen3_32b_with_tensor_parallel_rollouts_fits_8_gpus_of_80_gb(tmp_path):
+    """configs/qwen3_32b_grpo.toml with Qwen3-32B's shapes (and Qwen3-0.6B's for the embedder): at
+    most 75 GB per GPU on 8, the rollout's actor term 1/8 of the whole actor (norms aside) that a
+    rollout without tensor parallelism gathers, which would not fit."""
+    from pbrl.config import load_config
+    big = write_config(tmp_path / "32b", hidden_size=5120, intermediate_size=25600,
+                       num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8,
+                       tie_word_embeddings=False)
+    small = write_config(tmp_path / "0.6b", hidden_size=1024, intermediate_size=3072,
+                         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                         tie_word_embeddings=True)
+    models = ["--models.policy", big, "--models.pivot", big, "--models.embedder", small]
+    cfg = load_config(str(ROOT / "configs" / "qwen3_32b_grpo.toml"), models)
+    tp = memory.plan(cfg, 8, 300)
+    assert tp.peak[1] <= 75 * memory.GB
+    whole = memory.full_bytes(memory.parameter_shapes(memory.model_args(big)), 2)
+    # 1/8 of every matrix, the norms whole (1.3 MB)
+    assert whole // 8 < tp.terms["rollout: actor TP shards"] < whole // 8 + 2 * 2**20
+    cfg.rollout.tensor_parallel = 1
+    assert memory.plan(cfg, 8, 300).phase_bytes("rollout") > 80 * memory.GB

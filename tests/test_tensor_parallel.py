@@ -51,9 +51,10 @@ def test_tensor_parallel_decoding_equals_one_process(tmp_path, ranks):
 
 
 def test_a_tensor_parallel_run_trains_as_one_without(world, tmp_path):
-    """2 ranks (FSDP2) decoding as one tensor-parallel group against each decoding its own rows:
-    the same rollouts, so the same metrics step for step."""
-    plain = run_train(world, tmp_path / "plain", 2, **ONE_STEP)
+    """2 ranks (FSDP2) decoding as one tensor-parallel group against one process decoding every
+    row (which 2 ranks without TP equal, tests/test_train.py): the same rollouts, so the same
+    metrics step for step."""
+    plain = run_train(world, tmp_path / "plain", 1, **ONE_STEP)
     tp = run_train(world, tmp_path / "tp", 2, **ONE_STEP, **{"rollout.tensor_parallel": 2})
     for a, b in zip(plain, tp, strict=True):
         for key in ("reward", "policy_loss", "entropy", "grad_norm", "response_length",
