@@ -353,9 +353,9 @@ def per_row_attention(q, k, v, lengths):
     return out
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim, slots", [
-    (4, 4, 8, 40), (8, 2, 64, 300), (6, 1, 16, 129), (32, 8, 128, 70)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim, slots, dtype", [
+    (4, 4, 8, 40, torch.float32), (8, 2, 64, 300, torch.bfloat16),
+    (6, 1, 16, 129, torch.float32), (32, 8, 128, 70, torch.bfloat16)])
 def test_decode_attention_kernel_reads_each_rows_filled_slots(heads, kv_heads, dim, slots, dtype,
                                                               monkeypatch):
     """Rows of length 1, of every slot, and in between; GQA ratios 1-6; head widths that are and

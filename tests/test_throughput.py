@@ -133,16 +133,19 @@ def test_token_micro_batches_fit_balance_and_agree_on_a_count_over_ranks():
         rollout.token_micro_batches(widths, 39)
 
 
-def test_a_packed_token_budget_trains_as_the_padded_micro_batches(world, tmp_path):
+def test_packed_budgets_and_tensor_parallel_rollouts_train_as_padded_micro_batches(world, tmp_path):
     """The same run with packed micro-batches of at most 240 tokens, on 1 rank and (torchrun, gloo,
-    FSDP2) on 2: the loss is the exact global token mean however the rows are grouped."""
+    FSDP2) on 2, those 2 decoding as one tensor-parallel group (rollout.tensor_parallel 2: the same
+    rollouts): the loss is the exact global token mean however the rows are grouped."""
     extra = {"ppo.micro_batch_size": 3}
     padded = train(world, tmp_path / "padded", **extra)[0]
     packed = train(world, tmp_path / "packed", **{"ppo.micro_batch_tokens": 240})[0]
-    two = run_train(world, tmp_path / "two", 2, **ONE_STEP, **{"ppo.micro_batch_tokens": 240})
+    two = run_train(world, tmp_path / "two", 2, **ONE_STEP, **{"ppo.micro_batch_tokens": 240,
+                                                               "rollout.tensor_parallel": 2})
     for run in (packed, two):
         for a, b in zip(padded, run, strict=True):
-            for key in ("reward", "policy_loss", "entropy", "grad_norm", "response_length"):
+            for key in ("reward", "policy_loss", "entropy", "grad_norm", "response_length",
+                        "logprob_mismatch"):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
     for a, b in zip(padded, packed):  # 8 rows of 4 prompts: each prompt computed once, not twice
         real = a["sequence_tokens"] - 8

@@ -1,20 +1,22 @@
 """Run under torchrun by tests/test_tensor_parallel.py: every rank builds the same random model
-(argv[1]: a HF checkpoint), decodes alone (its whole copy), then with the ranks as one
-tensor-parallel group on a twin refreshed from the FSDP-sharded model, eagerly and (--compile)
-through the compiled step (aot_eager, fullgraph). Rank 0 writes a JSON report to argv[2]: the
-tokens and log-probs of each way, the largest tensor any rank held of each twin weight against the
-whole, and the bytes of its shards."""
+(argv[1]: a HF checkpoint) and decodes alone (its whole copy); then all ranks as one
+tensor-parallel group on a twin refreshed from the FSDP-sharded model; then groups of 2 (a 2-D
+mesh), each decoding its members' different prompts together, eagerly and through the compiled
+step (aot_eager, fullgraph). Rank 0 writes a JSON report to argv[2]: the tokens and log-probs of
+each way, the largest tensor any rank held of each twin weight against the whole, and the bytes of
+its shards."""
 import json
 import sys
 
 import torch
+import torch.distributed as c10d
 from torch.distributed.tensor import DTensor
 
 import pbrl.graphs
 from pbrl import distributed as dist
 from pbrl.checkpoint import load_model
 from pbrl.graphs import CudaGraphs
-from pbrl.sampler import generate
+from pbrl.sampler import Sampling, complete, generate
 
 rank, world, device = dist.init()
 whole = load_model(sys.argv[1]).eval()
@@ -51,16 +53,27 @@ for key, kwargs in runs.items():
     together = generate(twin, prompts, 10, **kwargs)
     report[key] = {"alone": alone.as_lists(), "together": together.as_lists(),
                    "logprob_gap": float((alone.logprobs - together.logprobs).abs().max())}
-if "--compile" in sys.argv:
-    pbrl.graphs.COMPILE_OPTIONS = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
-    compiled = generate(twin, prompts, 10, graphs=CudaGraphs(), **runs["sampled"])
-    report["compiled"] = compiled.as_lists()
 weights.__exit__(None, None, None)  # kept: still there
 report["kept"] = not any(t.is_meta for t in twin.state_dict().values())
 with dist.tensor_parallel_weights(twin, sharded, device):
     again = generate(twin, prompts, 10, **runs["sampled"])
 report["again"] = again.as_lists()
 report["freed"] = all(t.is_meta for t in twin.state_dict().values())
+# A 2-D mesh: groups of 2 (dp = world / 2), each decoding its members' different prompts together,
+# eagerly and through the compiled step
+pairs = dist.tensor_parallel_group(2, device)
+half = dist.tensor_parallel_twin(sharded, pairs, torch.float32, device)
+mine = prompts[rank % 2 * 2:rank % 2 * 2 + 2]  # the two ranks of a pair hold different prompts
+seeds = torch.arange(4) + 100 * rank
+sampling = Sampling(10, 2, 1.0, None, None, torch.tensor([17, 40]), 0)
+alone = complete(whole, mine, sampling, seeds).as_lists()
+pbrl.graphs.COMPILE_OPTIONS = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
+graphs = CudaGraphs()
+with dist.tensor_parallel_weights(half, sharded, device, keep=True):
+    ours = [dist.decode_together(pairs, mine, seeds, lambda p, s, g=g: complete(
+        half, p, sampling, s, graphs=g)).as_lists() for g in (None, graphs)]
+report["groups_of_two"] = [None] * world
+c10d.all_gather_object(report["groups_of_two"], ours == [alone, alone])
 if rank == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(report, f)
