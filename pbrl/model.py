@@ -203,9 +203,11 @@ def document_causal(docs: torch.Tensor, prefix: torch.Tensor | None = None,
         blocks = fa.create_block_mask(
             lambda b, h, q, k: ((docs[q] == docs[k]) & (q >= k)) | (prefix[q] == docs[k]), None,
             None, t, t, device=docs.device)
-        attention = compiled_flex_attention() if docs.is_cuda else fa.flex_attention
-        return lambda layer, q, k, v: attention(q, k, v, block_mask=blocks,
-                                                enable_gqa=q.shape[1] != k.shape[1])
+        def attend(layer, q, k, v):  # inside a compiled block, dynamo compiles flex itself
+            fused = q.is_cuda and not torch.compiler.is_compiling()
+            attention = compiled_flex_attention() if fused else fa.flex_attention
+            return attention(q, k, v, block_mask=blocks, enable_gqa=q.shape[1] != k.shape[1])
+        return attend
     ends = torch.unique_consecutive(docs, return_counts=True)[1].cumsum(0).tolist()
     spans = list(zip([0, *ends[:-1]], ends))
     seen = [(spans[p] if p >= 0 else (0, 0)) for p in prefix[[a for a, _ in spans]].tolist()]

@@ -196,3 +196,21 @@ def test_prompt_sharing_attention_equals_a_masked_softmax(flex):
     expected = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
     out = document_causal(docs, prefix, flex=flex)(0, q, k, v)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning")  # flex on the CPU
+def test_flex_attention_inside_compiled_blocks_is_one_graph_that_equals_eager(gqa):
+    """models.compile with packed rows, as on CUDA: the blocks compiled with fullgraph=True (AOT
+    autograd tracing, not inductor) around FlexAttention with a prompt-sharing block mask give the
+    eager outputs. Forward only: FlexAttention has no backward on the CPU."""
+    import copy
+    docs = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    prefix = torch.tensor([-1, -1, -1, 0, 0, 0, 0, 0, -1, -1])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 3, 4, 5, 0, 1]])
+    ids = torch.randint(0, 50, (1, 10), generator=torch.Generator().manual_seed(0))
+    compiled = copy.deepcopy(gqa)
+    compiled.compile_blocks(backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        outputs = [m(ids, output="hidden", positions=positions,
+                     attend=document_causal(docs, prefix, flex=True)) for m in (gqa, compiled)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
