@@ -300,15 +300,18 @@ class Trainer:
         return self.step == self.cfg.run.steps or bool(every and self.step % every == 0)
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per language on the held-out problems, each rank every world-th problem.
-        Records already kept for this step are reused (runs that share a warm start share its
-        eval)."""
+        """Greedy accuracy per language on the held-out problems, each rank (or tensor-parallel
+        group) every world-th (groups-th) problem. Records already kept for this step are reused
+        (runs that share a warm start share its eval)."""
         if self.step not in self.eval_records:
-            with dist.gathered(self.actor.model) as model:
-                records = evaluate(model, self.tokenizer, self.eval_problems[self.rank::self.world],
+            # a tensor-parallel group decodes its share together, as its rollouts do
+            tp = self.cfg.rollout.tensor_parallel
+            groups, group = self.world // tp, self.rank // tp
+            with self.sampling_policy() if self.tp_twin else dist.gathered(self.actor.model) as m:
+                records = evaluate(m, self.tokenizer, self.eval_problems[group::groups],
                                    batch_size=64, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                    progress=False)
-            gathered = dist.all_gather_objects(records)
+            gathered = dist.all_gather_objects(records if self.rank % tp == 0 else [])
             self.eval_records[self.step] = [r for part in gathered for r in part]
         accuracy = accuracy_by_language(self.eval_records[self.step])
         return {f"acc/{k}": v for k, v in accuracy.items()}

@@ -22,7 +22,8 @@ def test_tensor_parallel_decoding_equals_one_process(tmp_path):
     """4 ranks (gloo): each decodes alone (its whole model), then all 4 as one group on the twin
     refreshed from the FSDP-sharded model: the same greedy and sampled tokens, log-probs to fp32
     rounding; then 2 groups of 2 (dp x tp = 2 x 2), each decoding its members' different prompts
-    together, eagerly and compiled (aot_eager, fullgraph): each rank's own tokens. Every TP-4
+    together, eagerly and compiled (aot_eager, fullgraph): each rank's own tokens, and the
+    evaluation records the whole model gives on the group's share of problems. Every TP-4
     weight is 1/4 of the whole (norms whole), the refresh gathers no tensor larger than the largest
     weight, the shards are freed after a rollout (kept when asked), and their bytes are the
     planner's. (TP-2 on 2 ranks through train.py: tests/test_throughput.py.)"""

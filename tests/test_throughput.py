@@ -137,11 +137,13 @@ def test_packed_budgets_and_tensor_parallel_rollouts_train_as_padded_micro_batch
     """The same run with packed micro-batches of at most 240 tokens, on 1 rank and (torchrun, gloo,
     FSDP2) on 2, those 2 decoding as one tensor-parallel group (rollout.tensor_parallel 2: the same
     rollouts): the loss is the exact global token mean however the rows are grouped."""
-    extra = {"ppo.micro_batch_size": 3}
-    padded = train(world, tmp_path / "padded", **extra)[0]
+    evals = {"data.eval_path": world / "data", "data.eval_langs": "de", "run.eval_every": "off"}
+    padded = train(world, tmp_path / "padded", **{"ppo.micro_batch_size": 3}, **evals)[0]
     packed = train(world, tmp_path / "packed", **{"ppo.micro_batch_tokens": 240})[0]
-    two = run_train(world, tmp_path / "two", 2, **ONE_STEP, **{"ppo.micro_batch_tokens": 240,
-                                                               "rollout.tensor_parallel": 2})
+    two = run_train(world, tmp_path / "two", 2, **ONE_STEP, **evals, **{
+        "ppo.micro_batch_tokens": 240, "rollout.tensor_parallel": 2})
+    assert [m.get("acc/de") for m in two] == [m.get("acc/de") for m in padded]  # eval as a group
+    padded, two = ([m for m in run if m["step"] > 0] for run in (padded, two))
     for run in (packed, two):
         for a, b in zip(padded, run, strict=True):
             for key in ("reward", "policy_loss", "entropy", "grad_norm", "response_length",

@@ -2,9 +2,9 @@
 (argv[1]: a HF checkpoint) and decodes alone (its whole copy); then all ranks as one
 tensor-parallel group on a twin refreshed from the FSDP-sharded model; then groups of 2 (a 2-D
 mesh), each decoding its members' different prompts together, eagerly and through the compiled
-step (aot_eager, fullgraph). Rank 0 writes a JSON report to argv[2]: the tokens and log-probs of
-each way, the largest tensor any rank held of each twin weight against the whole, and the bytes of
-its shards."""
+step (aot_eager, fullgraph), and evaluating its share of problems on its twin as the trainer does.
+Rank 0 writes a JSON report to argv[2]: the tokens and log-probs of each way, the largest tensor
+any rank held of each twin weight against the whole, and the bytes of its shards."""
 import json
 import sys
 
@@ -15,8 +15,11 @@ from torch.distributed.tensor import DTensor
 import pbrl.graphs
 from pbrl import distributed as dist
 from pbrl.checkpoint import load_model
+from pbrl.data import Problem
+from pbrl.evaluate import evaluate
 from pbrl.graphs import CudaGraphs
 from pbrl.sampler import Sampling, complete, generate
+from pbrl.tokenizer import Tokenizer
 
 rank, world, device = dist.init()
 whole = load_model(sys.argv[1]).eval()
@@ -72,8 +75,16 @@ graphs = CudaGraphs()
 with dist.tensor_parallel_weights(half, sharded, device, keep=True):
     ours = [dist.decode_together(pairs, mine, seeds, lambda p, s, g=g: complete(
         half, p, sampling, s, graphs=g)).as_lists() for g in (None, graphs)]
+# the trainer's evaluation under TP: each group evaluates its share on the twin, in lockstep
+tokenizer = Tokenizer.from_pretrained(sys.argv[1])
+problems = [Problem(f"p{i}", "de", f"Was ist {i} + {i}?", str(2 * i)) for i in range(6)]
+share = problems[rank // 2::world // 2]
+with dist.tensor_parallel_weights(half, sharded, device):
+    evaluated = evaluate(half, tokenizer, share, max_new_tokens=6, progress=False)
+same = ours == [alone, alone] and evaluated == evaluate(whole, tokenizer, share, max_new_tokens=6,
+                                                        progress=False)
 report["groups_of_two"] = [None] * world
-c10d.all_gather_object(report["groups_of_two"], ours == [alone, alone])
+c10d.all_gather_object(report["groups_of_two"], same)
 if rank == 0:
     with open(sys.argv[2], "w") as f:
         json.dump(report, f)
