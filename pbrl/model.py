@@ -271,14 +271,15 @@ class KVCache:
 
     def upto(self, slots: int) -> "KVCache":
         """Slots 0..slots - 1 of every layer, as views."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = [k[:, :, :slots] for k in self.k], [v[:, :, :slots] for v in self.v]
-        return view
+        return self._view((slice(None), slice(None), slice(slots)))
 
     def rows(self, n: int) -> "KVCache":
         """The first n rows of every layer, as views: the same addresses for the same n."""
+        return self._view(slice(n))
+
+    def _view(self, index) -> "KVCache":
         view = KVCache.__new__(KVCache)
-        view.k, view.v = [k[:n] for k in self.k], [v[:n] for v in self.v]
+        view.k, view.v = [k[index] for k in self.k], [v[index] for v in self.v]
         return view
 
 

@@ -221,17 +221,22 @@ class Trainer:
                      "logprob_mismatch", "logprob_mismatch_k3")
         return {**{k: s[k] / passes for k in ("policy_loss", "value_loss") if k in s},
                 **{k: s[k] / tokens for k in per_token if k in s},
-                "grad_norm": sum(norms) / len(norms)}
+                "update_tokens": s["update_tokens"] / p.epochs,  # one pass over the batch
+                "padding": s["padding"] / s["update_tokens"], "grad_norm": sum(norms) / len(norms)}
 
     def optimize(self, trained: Trained, loss_fn, exp: rollout.Experience, counts: ppo.Counts):
         """One optimizer step over these rows, micro-batch by micro-batch; returns (sums of the
         losses' statistics, the gradient norm before clipping)."""
         p, sums = self.cfg.ppo, {}
-        for rows in self.micro_batches(exp.tokens, exp.lengths, exp.mask):
+        micro_batches = self.micro_batches(exp.tokens, exp.lengths, exp.mask)
+        for rows in micro_batches:
             loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
                                   self.cfg.rollout.temperature, self.kl.beta)
             loss.backward()
             sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
+        if trained is self.actor:  # what its passes compute: perf/update_tokens, perf/padding
+            computed = rollout.computed_tokens(exp, micro_batches, bool(p.micro_batch_tokens))
+            sums["update_tokens"], sums["padding"] = torch.tensor(computed, device=self.device)
         norm = torch.nn.utils.clip_grad_norm_(trained.model.parameters(), p.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):  # the same on every rank: the norm is global
@@ -248,12 +253,6 @@ class Trainer:
                    **rollout.rollout_metrics(batch, exp, corrected, dist.all_reduce_sum,
                                              dist.all_gather_objects, self.critic is not None)}
         self.kl.update(metrics["kl"], len(exp.tokens) * self.world)  # by the global batch's KL
-        parts = [exp.rows(rows) for rows in torch.arange(len(exp.tokens), device=self.device)
-                 .chunk(self.cfg.ppo.minibatches)]  # as the update's passes make them
-        computed, padding = dist.all_reduce_sum(torch.tensor([rollout.computed_tokens(
-            part, self.micro_batches(*part[:3]), bool(self.cfg.ppo.micro_batch_tokens))
-            for part in parts]).sum(0)).tolist()
-        metrics.update(update_tokens=computed, padding=padding / computed)
         if self.reference is None:
             del metrics["kl"]
         peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else \
