@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pbrl import distributed as dist
-from pbrl.cli import natural_int, positive_int
+from pbrl.cli import Progress, natural_int, positive_int
 from pbrl.config import Config, load_config
 from pbrl.evaluate import accuracy_by_language, format_table
 from pbrl.files import fresh_dir
@@ -34,15 +34,16 @@ from pbrl.toy import use_world
 DEFAULT_OUT = "runs/toy"
 # Every arm's recipe beyond Config's defaults: many small iterations (8 problems x 4 samples, one
 # PPO epoch) gain more per CPU second than fewer big ones.
-STEPS = 80
-RECIPE = {"rollout.samples_per_prompt": 4, "ppo.epochs": 1}
-GOLD = "PPO + gold exact match"
+STEPS, EVAL_EVERY = 60, 30
+RECIPE = {"rollout.samples_per_prompt": 4, "ppo.epochs": 1, "ppo.lr": 3e-4}
+GOLD, ENGLISH = "PPO + gold exact match", "English-only RLVR"
 ARMS = {  # name -> its settings beyond RECIPE
     GOLD: {"reward.kind": "exact_match"},
+    # ordinary RL with verifiable rewards: gold labels, English problems only
+    ENGLISH: {"reward.kind": "exact_match", "data.langs": "en"},
     "PB-RLSVR embedding": {"reward.kind": "embedding"},
     "PB-RLSVR MT": {"reward.kind": "mt"},
     "PB-RLSVR hybrid": {"reward.kind": "hybrid"},
-    "PB-RLSVR hybrid, GRPO": {"reward.kind": "hybrid", "ppo.advantage": "grpo"},
 }
 
 
@@ -61,38 +62,87 @@ def arm_config(out: Path, name: str, settings: dict, steps: int, seed: int, run_
     return cfg
 
 
-def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int = 20, seeds: int = 3,
-                   arms: dict[str, dict] | None = None, log=print) -> dict:
+def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str = EVAL_EVERY,
+                   seeds: int = 3, arms: dict[str, dict] | None = None, workers: int = 1,
+                   log=print) -> dict:
     """Every arm (default: ARMS) from the same warm start, once per RL seed (seed, seed + 1, ...);
     writes results.json (every seed's accuracies and curves, each arm's gain with its 95%
-    interval), results.md and curves.svg."""
+    interval), results.md and curves.svg. The first run answers the pivot's references and
+    evaluates the warm start for all; the others then run `workers` at a time, each in its own
+    process on one CPU thread (a run of the toy's size gains little from a second thread)."""
     arms = ARMS if arms is None else arms
+    t0 = time.perf_counter()
+    jobs = [(out, name, arms[name], steps, seed, s, eval_every, seeds)
+            for name in arms for s in range(seed, seed + seeds)]
+    bar = Progress(len(jobs), "toy runs", " runs", every=0)
+    first = one_run(*jobs[0], None, log)
+    bar.update()
+    workers = 1 if dist.init()[1] > 1 else workers  # under torchrun the ranks share each run
+    rest = [(*job, first["warm"], log if workers == 1 else None) for job in jobs[1:]]
+    done = [first, *in_processes(one_run, rest, workers, bar.update)]
+    bar.close()
     accuracy = {name: {} for name in arms}  # arm -> seed -> {lang: accuracy}
     curves = {name: [] for name in arms}    # arm -> per seed, its {step, reward, acc/avg} rows
     correct = {name: [] for name in arms}   # arm -> per seed, {lang: [bool per held-out problem]}
-    warm_records = None                     # the warm start's eval (step 0: the same for every run)
-    t0 = time.perf_counter()
-    for name, settings in arms.items():
-        for s in range(seed, seed + seeds):
-            log(f"== {name}" + (f", seed {s}" if seeds > 1 else "") + " ==")
-            trainer = prepare(arm_config(out, name, settings, steps, seed, s, eval_every, seeds,
-                                         log), log=log)
-            if warm_records is not None:  # the same warm start and held-out problems: not redone
-                trainer.eval_records[0] = warm_records
-            history = trainer.run()
-            evaluated = [h for h in history if any(k.startswith("acc/") for k in h)]
-            accuracy[name][s] = _acc(evaluated[-1])
-            curves[name].append([{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg")
-                                                        if k in h}} for h in history])
-            correct[name].append(by_language(trainer.eval_records[steps]))
-            warm_records = warm_records or trainer.eval_records[0]
+    for (_, name, _, _, _, s, _, _), run in zip(jobs, done):
+        accuracy[name][s] = run["accuracy"]
+        curves[name].append(run["curve"])
+        correct[name].append(run["correct"])
+    warm = [by_language(first["warm"])]
     summary = {"steps": steps, "seeds": list(range(seed, seed + seeds)), "arms": arms,
-               "warm start": accuracy_by_language(warm_records), "accuracy": accuracy,
-               "gain": {name: gain_interval(by_language(warm_records), correct[name])
-                        for name in arms}, "curves": curves, "seconds": time.perf_counter() - t0}
+               "warm start": accuracy_by_language(first["warm"]), "accuracy": accuracy,
+               "gain": {name: gain_interval(warm, correct[name]) for name in arms},
+               # what English RL alone leaves for the target-language rewards: each arm against it
+               "over English-only": {name: gain_interval(correct[ENGLISH], correct[name])
+                                     for name in arms if ENGLISH in arms and name != ENGLISH},
+               "curves": curves, "seconds": time.perf_counter() - t0}
     if dist.init()[0] == 0:  # rank 0 writes the results
         write_results(out, summary, log)
     return summary
+
+
+def one_run(out: Path, name: str, settings: dict, steps: int, seed: int, run_seed: int,
+            eval_every: int | str, seeds: int, warm_records: list[dict] | None,
+            log=None) -> dict:
+    """One arm's run for one RL seed: its final accuracy per language, its curve (reward and
+    accuracy per step), each held-out problem's correctness, and the warm start's eval records
+    (given, or made by this run)."""
+    log = log or (lambda *a: None)
+    log(f"== {name}" + (f", seed {run_seed}" if seeds > 1 else "") + " ==")
+    trainer = prepare(arm_config(out, name, settings, steps, seed, run_seed, eval_every, seeds,
+                                 log), log=log)
+    if warm_records is not None:  # the same warm start and held-out problems: not redone
+        trainer.eval_records[0] = warm_records
+    history = trainer.run()
+    evaluated = [h for h in history if any(k.startswith("acc/") for k in h)]
+    curve = [{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}
+             for h in history]
+    return {"accuracy": _acc(evaluated[-1]), "curve": curve,
+            "correct": by_language(trainer.eval_records[steps]), "warm": trainer.eval_records[0]}
+
+
+def in_processes(fn, calls: list[tuple], workers: int, done) -> list:
+    """[fn(*args) for args in calls], `workers` at a time in processes of their own with one CPU
+    thread and no output (here, in turn, when workers is 1); calls done() as each finishes."""
+    if workers == 1:
+        return [(fn(*args), done())[0] for args in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(min(workers, len(calls)), multiprocessing.get_context("spawn"),
+                             initializer=_quiet_worker) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        for future in futures:
+            future.add_done_callback(lambda f: done())
+        return [future.result() for future in futures]
+
+
+def _quiet_worker() -> None:
+    import os
+    import sys
+
+    import torch
+    torch.set_num_threads(1)
+    sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
 def write_results(out: Path, summary: dict, log) -> None:
@@ -103,11 +153,12 @@ def write_results(out: Path, summary: dict, log) -> None:
                                     for name, by_seed in summary["accuracy"].items()}}
     table = format_table(means)
     gold = summary["gain"][GOLD]["mean"] if GOLD in summary["gain"] else 0.0
-    lines = ["| arm | gain in avg (non-en) accuracy | 95% interval | of gold's gain | English |",
-             "|---|---|---|---|---|"]
+    lines = ["| arm | gain in avg (non-en) accuracy, 95% interval | of gold's gain "
+             "| over English-only RLVR | English |", "|---|---|---|---|---|"]
     for name, g in summary["gain"].items():
         share = f"{100 * g['mean'] / gold:.0f}%" if gold > 0 else "-"
-        lines.append(f"| {name} | {g['mean']:+.1f} | [{g['low']:+.1f}, {g['high']:+.1f}] | {share} "
+        over = summary["over English-only"].get(name)
+        lines.append(f"| {name} | {interval(g)} | {share} | {interval(over) if over else '-'} "
                      f"| {means[name]['en'] - warm['en']:+.1f} |")
     gain_table = "\n".join(lines)
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -125,6 +176,10 @@ def write_results(out: Path, summary: dict, log) -> None:
         f"({summary['seconds']:.0f}s in all)")
 
 
+def interval(g: dict[str, float]) -> str:
+    return f"{g['mean']:+.1f} [{g['low']:+.1f}, {g['high']:+.1f}]"
+
+
 def by_language(records: list[dict]) -> dict[str, list[bool]]:
     """Eval records -> per language, each problem's correctness in id order."""
     out = {}
@@ -133,26 +188,28 @@ def by_language(records: list[dict]) -> dict[str, list[bool]]:
     return out
 
 
-def gain_interval(warm: dict[str, list[bool]], arm: list[dict[str, list[bool]]], n_boot: int = 4000,
-                  seed: int = 0) -> dict[str, float]:
-    """The gain (percentage points) of the average target-language accuracy over the warm start, its
-    mean over the arm's seeds and a 95% percentile-bootstrap interval: each replicate draws the
-    held-out problems of each language with replacement (the same draw for the warm start and every
-    seed: the comparison is paired) and the seeds with replacement."""
+def gain_interval(base: list[dict[str, list[bool]]], arm: list[dict[str, list[bool]]],
+                  n_boot: int = 4000, seed: int = 0) -> dict[str, float]:
+    """How much higher (percentage points) the arm's average target-language accuracy is than the
+    base's (the warm start, or another arm), as the mean over each side's seeds and a 95%
+    percentile-bootstrap interval: each replicate draws the held-out problems of each language with
+    replacement (the same draw for both sides: the comparison is paired) and each side's seeds with
+    replacement."""
     import numpy as np
-    langs = [lang for lang in warm if lang != "en"]
-    w = np.array([warm[lang] for lang in langs], dtype=float)                  # [L, P]
-    a = np.array([[s[lang] for lang in langs] for s in arm], dtype=float)     # [S, L, P]
+    langs = [lang for lang in base[0] if lang != "en"]
+    b, a = ([[s[lang] for lang in langs] for s in side] for side in (base, arm))
+    b, a = np.array(b, dtype=float), np.array(a, dtype=float)  # [seeds, languages, problems]
     rng = np.random.default_rng(seed)
-    n_langs, n_problems = w.shape
+    n_langs, n_problems = b.shape[1:]
     draws = []
     for _ in range(n_boot):
         problems = rng.integers(0, n_problems, (n_langs, n_problems))
-        seeds = rng.integers(0, len(arm), len(arm))
-        picked = np.take_along_axis(a[seeds], problems[None].repeat(len(seeds), 0), axis=2)
-        draws.append(100 * (picked.mean() - np.take_along_axis(w, problems, axis=1).mean()))
+        means = [np.take_along_axis(x[rng.integers(0, len(x), len(x))],
+                                    problems[None].repeat(len(x), 0), axis=2).mean()
+                 for x in (a, b)]
+        draws.append(100 * (means[0] - means[1]))
     low, high = np.percentile(draws, [2.5, 97.5])
-    return {"mean": float(100 * (a.mean() - w.mean())), "low": float(low), "high": float(high)}
+    return {"mean": float(100 * (a.mean() - b.mean())), "low": float(low), "high": float(high)}
 
 
 def mean_rows(runs: list[list[dict]]) -> list[dict]:
@@ -183,6 +240,9 @@ def main(argv=None) -> None:
     ap.add_argument("--arm", action="append", metavar="NAME=KEY VALUE ...", default=[],
                     help="an arm of your own: a name, then config overrides, e.g. "
                          "'hybrid, DAPO=reward.kind hybrid ppo.advantage grpo ppo.eps_high 0.28'")
+    ap.add_argument("--workers", type=positive_int, default=default_workers(),
+                    help="runs at a time, each in its own process on one CPU thread (default: "
+                         "the CPUs this process may use, at most 8); 1 runs them here, in turn")
     ap.add_argument("--out",
                     help=f"results directory, which must be empty or absent (default: "
                          f"{DEFAULT_OUT}, or {DEFAULT_OUT}-2, -3, ... when it holds an earlier "
@@ -196,7 +256,14 @@ def main(argv=None) -> None:
     with dist.process_group():
         out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, before any writes
         out.mkdir(parents=True, exist_ok=True)
-        run_experiment(out, args.steps, args.seed, seeds=args.seeds, arms=arms)
+        run_experiment(out, args.steps, args.seed, seeds=args.seeds, arms=arms,
+                       workers=args.workers)
+
+
+def default_workers() -> int:
+    import os
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, 8))
 
 
 def choose_arms(names: list[str] | None, custom: list[str]) -> dict[str, dict]:

@@ -3,9 +3,9 @@
 Templated word problems ("Anna has 7 apples. Anna loses 3. How many apples does Anna have now?") in
 English (the pivot language), German, French and Swahili, written with real phrases and sharing
 problem ids across languages; a worked answer "7 - 3 = 4. The answer is 4." ends with the language's
-MGSM answer phrase. What makes a language hard is its verbs: whether "verschenkt", "donne" or
-"anatoa" adds or subtracts is exactly what a model that never saw a solved target-language problem
-does not know.
+MGSM answer phrase. What makes a language hard is its verbs: ten of them, five that add and five
+that subtract, and nothing but the verb says which. Whether "verleiht", "casse" or "anavunja" takes
+away is exactly what a model that saw only two target-language verbs solved does not know.
 
 Artifacts, built from a seed and cached under .cache/pbrl/toy-{seed}/ (a rerun reuses them):
   data/{train,eval}/  mgsm_{lang}.tsv, problems in MGSM's layout (eval ids disjoint from train ids)
@@ -40,7 +40,7 @@ from pbrl.rewards import POOLING_DIR
 from pbrl.translators import LEXICON_FILE
 from pbrl.tokenizer import Tokenizer, chat_tokenizer, save_tokenizer, train_bpe
 
-VERSION = "toy-v6"  # bump when the world's generator changes, so cached artifacts are rebuilt
+VERSION = "toy-v7"  # bump when the world's generator changes, so cached artifacts are rebuilt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,19 +55,22 @@ ITEMS = {  # concept -> plural noun per language
     "coins": {"en": "coins", "de": "Münzen", "fr": "pièces", "sw": "sarafu"},
     "pens": {"en": "pens", "de": "Stifte", "fr": "stylos", "sw": "kalamu"},
 }
-VERBS = {  # concept -> (operation, phrase per language with {b})
-    "buys": ("+", {"en": "buys {b} more", "de": "kauft {b} weitere", "fr": "achète {b} de plus",
-                   "sw": "ananunua {b} zaidi"}),
-    "finds": ("+", {"en": "finds {b} more", "de": "findet {b} weitere", "fr": "trouve {b} de plus",
-                    "sw": "anapata {b} zaidi"}),
-    "gets": ("+", {"en": "gets {b} more", "de": "bekommt {b} weitere", "fr": "reçoit {b} de plus",
-                   "sw": "anapokea {b} zaidi"}),
-    "loses": ("-",
-              {"en": "loses {b}", "de": "verliert {b}", "fr": "perd {b}", "sw": "anapoteza {b}"}),
-    "gives": ("-",
-              {"en": "gives away {b}", "de": "verschenkt {b}", "fr": "donne {b}",
-               "sw": "anatoa {b}"}),
+VERBS = {  # concept -> (operation, phrase per language with {b}); nothing but the verb gives the sign
+    "buys": ("+", {"en": "buys {b}", "de": "kauft {b}", "fr": "achète {b}", "sw": "ananunua {b}"}),
+    "finds": ("+", {"en": "finds {b}", "de": "findet {b}", "fr": "trouve {b}", "sw": "anapata {b}"}),
+    "gets": ("+", {"en": "gets {b}", "de": "bekommt {b}", "fr": "reçoit {b}", "sw": "anapokea {b}"}),
+    "wins": ("+", {"en": "wins {b}", "de": "gewinnt {b}", "fr": "gagne {b}", "sw": "anashinda {b}"}),
+    "collects": ("+", {"en": "collects {b}", "de": "sammelt {b}", "fr": "ramasse {b}",
+                       "sw": "anakusanya {b}"}),
+    "loses": ("-", {"en": "loses {b}", "de": "verliert {b}", "fr": "perd {b}",
+                    "sw": "anapoteza {b}"}),
+    "gives": ("-", {"en": "gives away {b}", "de": "verschenkt {b}", "fr": "donne {b}",
+                    "sw": "anatoa {b}"}),
     "sells": ("-", {"en": "sells {b}", "de": "verkauft {b}", "fr": "vend {b}", "sw": "anauza {b}"}),
+    "breaks": ("-", {"en": "breaks {b}", "de": "zerbricht {b}", "fr": "casse {b}",
+                     "sw": "anavunja {b}"}),
+    "lends": ("-", {"en": "lends {b}", "de": "verleiht {b}", "fr": "prête {b}",
+                    "sw": "anaazima {b}"}),
 }
 TEMPLATES = {
     "en": "{name} has {a} {item}. {name} {verb}. How many {item} does {name} have now?",
@@ -88,6 +91,9 @@ FRAME = {
 }
 
 
+A_MAX, B_MAX = 9, 6  # a problem starts with 2..A_MAX things; b is 1..B_MAX (and below a)
+
+
 def solution(a: int, op: str, b: int, lang: str) -> str:
     c = a + b if op == "+" else a - b
     return f"{a} {op} {b} = {c}. {PHRASES[lang]} {c}."
@@ -99,8 +105,8 @@ def make_problems(n: int, rng: random.Random) -> list[dict]:
     while len(out) < n:
         verb = rng.choice(list(VERBS))
         op = VERBS[verb][0]
-        a = rng.randint(2, 12)
-        b = rng.randint(1, 8) if op == "+" else rng.randint(1, min(a - 1, 8))
+        a = rng.randint(2, A_MAX)
+        b = rng.randint(1, B_MAX) if op == "+" else rng.randint(1, min(a - 1, B_MAX))
         key = (rng.choice(NAMES), rng.choice(list(ITEMS)), verb, a, b)
         if key not in seen:
             seen.add(key)
@@ -124,13 +130,8 @@ def lexicon() -> dict[str, dict[str, str]]:
         words = {**FRAME[lang], **{name.lower(): name for name in NAMES}}
         for concept, names in ITEMS.items():
             words[names[lang].lower()] = concept
-        for concept, (_, phrases) in VERBS.items():
-            target = [w for w in phrases[lang].lower().split() if w != "{b}"]
-            english = [w for w in phrases["en"].lower().split() if w != "{b}"]
-            words[target[0]] = english[0]
-            # "weitere", "de plus", "zaidi" -> "more"; "away" has no counterpart
-            for w in target[1:]:
-                words.setdefault(w, english[-1] if english[-1] != english[0] else english[0])
+        for concept, (_, phrases) in VERBS.items():  # the verb word by word ("away" is dropped)
+            words[phrases[lang].split()[0].lower()] = phrases["en"].split()[0]
         out[lang] = words
     return out
 
@@ -248,14 +249,17 @@ def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
 # the only verbs with solved target-language examples in the warm start
 SEEN_VERBS = ("buys", "loses")
 SOLVED_PER_LANGUAGE = 60
+FACT_COPIES = 2  # every sum and difference of the world's numbers, written out, this many times
 
 
 def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
     """Two pools of (token ids, index where the loss starts). Solutions: every English problem (chat
     prompt + worked solution, loss on the solution), plus a handful of solved problems per target
     language that only use SEEN_VERBS: the little target-language math a multilingual pretrained
-    model has seen. Questions: every target-language question as plain text (loss on all of it): the
-    model reads the languages, but what their other verbs do to the numbers it never sees solved."""
+    model has seen; and every sum and difference of the world's numbers written out (FACT_COPIES
+    times), so that arithmetic is not what fails in a target language. Questions: every
+    target-language question as plain text (loss on all of it): the model reads the languages, but
+    what their other verbs do to the numbers it never sees solved."""
     solved, questions = [], []
     seen = {lang: 0 for lang in LANGS[1:]}
     for i, p in enumerate(problems):
@@ -271,6 +275,10 @@ def sft_examples(problems: list[dict], tok: Tokenizer) -> tuple[list, list]:
             solved.append((prompt_ids + worked, len(prompt_ids)))
         for lang in LANGS[1:]:
             questions.append((tok.encode(render(p, lang)) + [tok.eos_id], 0))
+    facts = [f"{a} {op} {b} = {a + b if op == '+' else a - b}."
+             for a in range(2, A_MAX + 1) for b in range(1, B_MAX + 1) for op in "+-"
+             if op == "+" or b < a]
+    solved += [(tok.encode(f) + [tok.eos_id], 0) for f in facts] * FACT_COPIES
     return solved, questions
 
 

@@ -25,7 +25,7 @@ def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
     monkeypatch.setattr(toy, "build_world", lambda seed, log=None: world)
     cfg = Config()
     # no gold labels: 0.5 embedding + 0.5 agreement with the English pivot
-    cfg.reward.kind = "hybrid"
+    cfg.reward.kind, cfg.ppo.lr = "hybrid", 3e-4  # the default experiment's learning rate
     cfg.run.steps, cfg.run.eval_every, cfg.run.checkpoint_every = 20, 20, None
     cfg.run.out_dir = str(tmp_path / "run")
     trainer = prepare(toy.use_world(cfg), log=lambda *a: None)
@@ -75,14 +75,24 @@ def test_gain_interval_is_paired_over_problems_and_seeds():
     wrong = {"en": [True] * 40, "de": [False] * 40, "sw": [False] * 40}
     right = [{"en": [True] * 40, "de": [True] * 40, "sw": [True] * 40}] * 3
     # every resample: +100
-    assert gain_interval(wrong, right) == {"mean": 100.0, "low": 100.0, "high": 100.0}
+    assert gain_interval([wrong], right) == {"mean": 100.0, "low": 100.0, "high": 100.0}
     warm = {"en": [True] * 40, "de": [False] * 20 + [True] * 20, "sw": [False] * 40}
     noisy = [{"en": [True] * 40, "de": [i % k == 0 for i in range(40)],
               "sw": [i % k == 1 for i in range(40)]} for k in (2, 3, 4)]
-    g = gain_interval(warm, noisy)
+    g = gain_interval([warm], noisy)
     exact = 100 * (sum(sum(s["de"]) + sum(s["sw"]) for s in noisy) / (3 * 80) - 20 / 80)
     assert (g["mean"] == pytest.approx(exact) and g["low"] < exact < g["high"]
             and g["high"] - g["low"] < 40)
+    # one arm against another: both sides' seeds are resampled, the problems paired
+    same = gain_interval(noisy, noisy[::-1])
+    assert same["mean"] == pytest.approx(0) and same["low"] < 0 < same["high"]
+    base = [{lang: [i % 3 == j for i in range(40)] for lang in ("en", "de", "sw")}
+            for j in range(3)]  # seeds alike in accuracy, not in which problems they solve
+    better = [{lang: [x or i % 5 == 4 for i, x in enumerate(s[lang])] for lang in s} for s in base]
+    exact = 100 * sum(sum(b[lang]) - sum(s[lang]) for b, s in zip(better, base)
+                      for lang in ("de", "sw")) / (3 * 80)
+    g = gain_interval(base, better)
+    assert g["mean"] == pytest.approx(exact) and 0 < g["low"] < exact < g["high"]
 
 
 def test_seeds_give_mean_rows_and_a_shaded_range():
@@ -148,6 +158,19 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
     assert saved["warm start"]["avg"] == 30.0 and saved["gain"][arm]["mean"] == pytest.approx(30.0)
     assert (saved["gain"][arm]["low"] < 30.0 < saved["gain"][arm]["high"]
             and summary["seeds"] == [0, 1, 2])
-    assert f"| {arm} | +30.0 | [" in (tmp_path / "results.md").read_text()
+    # every arm alike: +30 over the warm start, +0 over English-only RL
+    assert f"| {arm} | +30.0 [+" in (tmp_path / "results.md").read_text()
+    assert saved["over English-only"][arm]["mean"] == 0 and experiment.ENGLISH not in \
+        saved["over English-only"]
     svg = ET.parse(tmp_path / "curves.svg").getroot()
     assert len(list(svg.iter("{http://www.w3.org/2000/svg}polygon"))) == 2 * len(experiment.ARMS)
+
+
+def test_runs_go_to_worker_processes_or_stay_here():
+    import os
+
+    from pbrl.experiment import in_processes
+    finished = []
+    pids = in_processes(os.getpid, [()] * 3, workers=2, done=lambda: finished.append(1))
+    assert len(pids) == 3 and os.getpid() not in pids and len(finished) == 3
+    assert in_processes(os.getpid, [()] * 2, workers=1, done=lambda: None) == [os.getpid()] * 2
