@@ -75,11 +75,15 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
     jobs = [(out, name, arms[name], steps, seed, s, eval_every, seeds)
             for name in arms for s in range(seed, seed + seeds)]
     bar = Progress(len(jobs), "toy runs", " runs", every=0)
+
+    def finished(run: dict) -> None:
+        bar.update()
+        log(f"{run['arm']}, seed {run['seed']}: {format_accuracy(run['accuracy'])}")
     first = one_run(*jobs[0], None, log)
-    bar.update()
+    finished(first)
     workers = 1 if dist.init()[1] > 1 else workers  # under torchrun the ranks share each run
     rest = [(*job, first["warm"], log if workers == 1 else None) for job in jobs[1:]]
-    done = [first, *in_processes(one_run, rest, workers, bar.update)]
+    done = [first, *in_processes(one_run, rest, workers, finished)]
     bar.close()
     accuracy = {name: {} for name in arms}  # arm -> seed -> {lang: accuracy}
     curves = {name: [] for name in arms}    # arm -> per seed, its {step, reward, acc/avg} rows
@@ -117,22 +121,22 @@ def one_run(out: Path, name: str, settings: dict, steps: int, seed: int, run_see
     evaluated = [h for h in history if any(k.startswith("acc/") for k in h)]
     curve = [{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}
              for h in history]
-    return {"accuracy": _acc(evaluated[-1]), "curve": curve,
+    return {"arm": name, "seed": run_seed, "accuracy": _acc(evaluated[-1]), "curve": curve,
             "correct": by_language(trainer.eval_records[steps]), "warm": trainer.eval_records[0]}
 
 
 def in_processes(fn, calls: list[tuple], workers: int, done) -> list:
     """[fn(*args) for args in calls], `workers` at a time in processes of their own with one CPU
-    thread and no output (here, in turn, when workers is 1); calls done() as each finishes."""
+    thread and no output (here, in turn, when workers is 1); done(result) as each finishes."""
     if workers == 1:
-        return [(fn(*args), done())[0] for args in calls]
+        return [(result, done(result))[0] for result in (fn(*args) for args in calls)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(min(workers, len(calls)), multiprocessing.get_context("spawn"),
                              initializer=_quiet_worker) as pool:
         futures = [pool.submit(fn, *args) for args in calls]
         for future in futures:
-            future.add_done_callback(lambda f: done())
+            future.add_done_callback(lambda f: f.exception() or done(f.result()))
         return [future.result() for future in futures]
 
 
@@ -174,6 +178,10 @@ def write_results(out: Path, summary: dict, log) -> None:
     log(gain_table)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.svg'} "
         f"({summary['seconds']:.0f}s in all)")
+
+
+def format_accuracy(acc: dict[str, float]) -> str:
+    return ", ".join(f"{lang} {value:.1f}" for lang, value in acc.items())
 
 
 def interval(g: dict[str, float]) -> str:

@@ -55,22 +55,17 @@ ITEMS = {  # concept -> plural noun per language
     "coins": {"en": "coins", "de": "Münzen", "fr": "pièces", "sw": "sarafu"},
     "pens": {"en": "pens", "de": "Stifte", "fr": "stylos", "sw": "kalamu"},
 }
-VERBS = {  # concept -> (operation, phrase per language with {b}); nothing but the verb gives the sign
-    "buys": ("+", {"en": "buys {b}", "de": "kauft {b}", "fr": "achète {b}", "sw": "ananunua {b}"}),
-    "finds": ("+", {"en": "finds {b}", "de": "findet {b}", "fr": "trouve {b}", "sw": "anapata {b}"}),
-    "gets": ("+", {"en": "gets {b}", "de": "bekommt {b}", "fr": "reçoit {b}", "sw": "anapokea {b}"}),
-    "wins": ("+", {"en": "wins {b}", "de": "gewinnt {b}", "fr": "gagne {b}", "sw": "anashinda {b}"}),
-    "collects": ("+", {"en": "collects {b}", "de": "sammelt {b}", "fr": "ramasse {b}",
-                       "sw": "anakusanya {b}"}),
-    "loses": ("-", {"en": "loses {b}", "de": "verliert {b}", "fr": "perd {b}",
-                    "sw": "anapoteza {b}"}),
-    "gives": ("-", {"en": "gives away {b}", "de": "verschenkt {b}", "fr": "donne {b}",
-                    "sw": "anatoa {b}"}),
-    "sells": ("-", {"en": "sells {b}", "de": "verkauft {b}", "fr": "vend {b}", "sw": "anauza {b}"}),
-    "breaks": ("-", {"en": "breaks {b}", "de": "zerbricht {b}", "fr": "casse {b}",
-                     "sw": "anavunja {b}"}),
-    "lends": ("-", {"en": "lends {b}", "de": "verleiht {b}", "fr": "prête {b}",
-                    "sw": "anaazima {b}"}),
+VERBS = {  # concept -> (operation, the verb per language); nothing else in a problem gives the sign
+    "buys": ("+", {"en": "buys", "de": "kauft", "fr": "achète", "sw": "ananunua"}),
+    "finds": ("+", {"en": "finds", "de": "findet", "fr": "trouve", "sw": "anapata"}),
+    "gets": ("+", {"en": "gets", "de": "bekommt", "fr": "reçoit", "sw": "anapokea"}),
+    "wins": ("+", {"en": "wins", "de": "gewinnt", "fr": "gagne", "sw": "anashinda"}),
+    "collects": ("+", {"en": "collects", "de": "sammelt", "fr": "ramasse", "sw": "anakusanya"}),
+    "loses": ("-", {"en": "loses", "de": "verliert", "fr": "perd", "sw": "anapoteza"}),
+    "gives": ("-", {"en": "gives away", "de": "verschenkt", "fr": "donne", "sw": "anatoa"}),
+    "sells": ("-", {"en": "sells", "de": "verkauft", "fr": "vend", "sw": "anauza"}),
+    "breaks": ("-", {"en": "breaks", "de": "zerbricht", "fr": "casse", "sw": "anavunja"}),
+    "lends": ("-", {"en": "lends", "de": "verleiht", "fr": "prête", "sw": "anaazima"}),
 }
 TEMPLATES = {
     "en": "{name} has {a} {item}. {name} {verb}. How many {item} does {name} have now?",
@@ -115,7 +110,7 @@ def make_problems(n: int, rng: random.Random) -> list[dict]:
 
 
 def render(p: dict, lang: str) -> str:
-    verb = VERBS[p["verb"]][1][lang].format(b=p["b"])
+    verb = f"{VERBS[p['verb']][1][lang]} {p['b']}"
     return TEMPLATES[lang].format(name=p["name"], a=p["a"], item=ITEMS[p["item"]][lang], verb=verb)
 
 
@@ -130,8 +125,8 @@ def lexicon() -> dict[str, dict[str, str]]:
         words = {**FRAME[lang], **{name.lower(): name for name in NAMES}}
         for concept, names in ITEMS.items():
             words[names[lang].lower()] = concept
-        for concept, (_, phrases) in VERBS.items():  # the verb word by word ("away" is dropped)
-            words[phrases[lang].split()[0].lower()] = phrases["en"].split()[0]
+        for concept, (_, verbs) in VERBS.items():  # the verb's first word ("away" is dropped)
+            words[verbs[lang].lower()] = verbs["en"].split()[0]
         out[lang] = words
     return out
 
@@ -214,8 +209,8 @@ def build_embedder(out: Path, seed: int, dim: int = 64) -> None:
     concepts: dict[str, list[str]] = {}
     for concept, names in ITEMS.items():
         concepts[concept] = [n.lower() for n in names.values()]
-    for concept, words in ((c, [w for w in phrases[lang].lower().split() if w != "{b}"][:1])
-                           for c, (_, phrases) in VERBS.items() for lang in LANGS):
+    for concept, words in ((c, verbs[lang].lower().split()[:1])
+                           for c, (_, verbs) in VERBS.items() for lang in LANGS):
         concepts.setdefault(concept, []).extend(words)
     for sign in "+-=":
         concepts[sign] = [sign]
