@@ -2,18 +2,19 @@
 
     python train.py                                  # or: torchrun --nproc_per_node=2 train.py
     python -m pbrl.experiment --steps 10             # shorter
-    python -m pbrl.experiment --arms "PB-RLSVR hybrid, GRPO" --arm "NAME=key value ..."
+    python -m pbrl.experiment --arms "PB-RLSVR hybrid" --arm "hybrid, GRPO=ppo.advantage grpo ..."
 
 Every run starts from the same warm start and goes through the real training loop (pbrl/trainer.py):
   PPO + gold exact match   the baseline, rewarded with the target-language gold labels
+  English-only RLVR        ordinary RL with verifiable rewards: gold labels, English problems only
   PB-RLSVR embedding       cosine of aligned word vectors of the response and the English reference
   PB-RLSVR MT              the response translated into English (lexicon), then the same cosine
   PB-RLSVR hybrid          0.5 embedding + 0.5 agreement of the final answers with the pivot's
-  PB-RLSVR hybrid, GRPO    the same reward, critic-free: each response against its prompt's others
-Each arm runs over 3 RL seeds (--seeds) from the same warm start, with RECIPE. Writes
-runs/toy/results.json (every seed's numbers), results.md (per-language accuracy, each arm's gain
-over the warm start with a 95% bootstrap interval over held-out problems and seeds) and curves.svg
-(reward and accuracy per step: the seeds' mean and range). docs/toy.md has the story and numbers.
+Each arm runs over 3 RL seeds (--seeds) from the same warm start, with RECIPE, one run per CPU at a
+time (--workers). Writes runs/toy/results.json (every seed's numbers), results.md (per-language
+accuracy; each arm's gain over the warm start and over English-only RLVR, with 95% bootstrap
+intervals over held-out problems and seeds) and curves.svg (reward and accuracy per step: the
+seeds' mean and range). docs/toy.md has the story and numbers.
 """
 from __future__ import annotations
 
