@@ -169,8 +169,9 @@ def write_results(out: Path, summary: dict, log) -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "results.md").write_text(
         f"Per-language accuracy (%), {summary['steps']} PPO iterations per run, mean over seeds "
-        f"{summary['seeds']}.\n\n{table}\n\nGain over the warm start, 95% interval by bootstrap "
-        f"over held-out problems (paired with the warm start) and seeds.\n\n{gain_table}\n")
+        f"{summary['seeds']}.\n\n{table}\n\nGain over the warm start and over English-only RLVR, "
+        f"95% intervals by bootstrap over held-out problems (paired) and each side's seeds."
+        f"\n\n{gain_table}\n")
     curves = summary["curves"]
     mean_curves = {name: mean_rows(runs) for name, runs in curves.items()}
     (out / "curves.svg").write_text(svg_panels(mean_curves, ["reward", "acc/avg"], columns=2,
