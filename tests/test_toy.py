@@ -90,3 +90,32 @@ def test_translator_and_pooling_come_from_the_artifact_directories(tmp_path):
     with pytest.raises(ValueError,
                        match=r"1_Pooling/config.json: pbrl pools by last token or mean"):
         checkpoint_pooling(tmp_path)
+
+
+def test_only_the_verb_tells_adding_from_subtracting():
+    """Two problems alike but for a verb that adds and one that subtracts differ in that verb's
+    words alone, in every language: no 'more' marker gives the sign away."""
+    base = {"name": "Anna", "item": "apples", "a": 7, "b": 3}
+    adding = [v for v, (op, _) in toy.VERBS.items() if op == "+"]
+    taking = [v for v, (op, _) in toy.VERBS.items() if op == "-"]
+    assert len(adding) == len(taking) == 5 and set(toy.SEEN_VERBS) < set(toy.VERBS)
+    for lang in toy.LANGS:
+        for plus in adding:
+            for minus in taking:
+                a = toy.render({**base, "verb": plus}, lang).split()
+                b = toy.render({**base, "verb": minus}, lang).split()
+                differ = {w for w in a if w not in b} | {w for w in b if w not in a}
+                verbs = set(toy.VERBS[plus][1][lang].split() + toy.VERBS[minus][1][lang].split())
+                assert differ <= verbs, (lang, plus, minus, differ)
+
+
+def test_warm_start_mix_writes_out_every_sum_and_difference():
+    from pbrl.tokenizer import chat_tokenizer, train_bpe
+    problems = toy.make_problems(40, random.Random(0))
+    texts = [toy.render(p, lang) for p in problems for lang in toy.LANGS]
+    tok = chat_tokenizer(train_bpe(texts + ["1 2 3 4 5 6 7 8 9 0 + - = ."], vocab_size=300))
+    solved, _ = toy.sft_examples(problems, tok)
+    written = [tok.decode(ids[:-1]) for ids, start in solved if start == 0]
+    assert "9 - 6 = 3." in written and "2 + 1 = 3." in written and "2 - 2 = 0." not in written
+    facts = set(written)
+    assert len(written) == toy.FACT_COPIES * len(facts) == toy.FACT_COPIES * (48 + 33)
