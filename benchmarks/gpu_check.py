@@ -170,20 +170,18 @@ def check_attention(model: Transformer, device: torch.device) -> list[dict]:
                          else "Triton decode attention"})
         except Exception as e:
             rows.append({"form": form, "fused": f"FAILED: {type(e).__name__}: {e}"[:300]})
-    for form, run in {"training/prefill (right padding, no mask)": lambda: model(
-            ids, output="hidden")}.items():
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.CUDNN_ATTENTION):
-            try:
-                with sdpa_kernel([backend]), torch.no_grad(), \
-                        torch.autocast("cuda", torch.bfloat16):
-                    run()
-                rows.append({"form": form, "fused": backend.name})
-                break
-            except RuntimeError:
-                continue
-        else:
-            rows.append({"form": form, "fused": "NONE: the math fallback would run"})
+    form = "training/prefill (right padding, no mask)"
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]), torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                model(ids, output="hidden")
+            rows.append({"form": form, "fused": backend.name})
+            break
+        except RuntimeError:
+            continue
+    else:
+        rows.append({"form": form, "fused": "NONE: the math fallback would run"})
     return rows
 
 
