@@ -165,3 +165,29 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
         "--update", "--out", out)
     updated = out.read_text()
     assert updated.count("--checks precision --update") == 1 and "| 4 | eager |" in updated
+
+
+def test_experiment_command_gives_in_its_workers_the_numbers_of_runs_made_in_turn(tmp_path,
+                                                                                  monkeypatch):
+    """python -m pbrl.experiment --workers 2 (its first run in its own process, the others two at a
+    time in worker processes of one thread) gives the numbers the same runs give made in turn in
+    this process (two threads): same seed, same numbers, wherever a run goes."""
+    from pbrl import toy
+    from pbrl.experiment import run_experiment
+    monkeypatch.delenv("TRITON_INTERPRET")  # a CPU user's kernels, as in the command's processes
+    world = toy.build_world(0, root=tmp_path / "toy", n_train=60, n_eval=10, sft_steps=200,
+                            width=32, layers=1, log=lambda *a: None)
+    paths = {key: str(path) for key, path in toy.artifacts(world).items()}  # not 'toy': no build
+    arms = {"gold": {"reward.kind": "exact_match", **paths},
+            "hybrid": {"reward.kind": "hybrid", "rollout.max_new_tokens": 16, **paths},
+            "English": {"reward.kind": "exact_match", "data.langs": "en", **paths}}
+    here = run_experiment(tmp_path / "here", steps=2, seeds=1, arms=arms, eval_every="off",
+                          log=lambda *a: None)
+    specs = [f"{name}={' '.join(f'{k} {v}' for k, v in settings.items())}"
+             for name, settings in arms.items()]
+    done = run("pbrl.experiment", "--steps", 2, "--seeds", 1, "--workers", 2, "--out",
+               tmp_path / "command", *[x for spec in specs for x in ("--arm", spec)])
+    saved = json.loads((tmp_path / "command" / "results.json").read_text())
+    assert saved["accuracy"] == json.loads(json.dumps(here["accuracy"]))
+    assert saved["curves"] == here["curves"] and here["curves"]["hybrid"][0][-1]["reward"] > 0
+    assert all(f"{name}, seed 0: " in done.stdout for name in arms)

@@ -174,23 +174,3 @@ def test_runs_go_to_worker_processes_or_stay_here():
     pids = in_processes(os.getpid, [()] * 3, workers=2, done=finished.append)
     assert len(pids) == 3 and os.getpid() not in pids and sorted(finished) == sorted(pids)
     assert in_processes(os.getpid, [()] * 2, workers=1, done=finished.append) == [os.getpid()] * 2
-
-
-def test_runs_in_worker_processes_give_the_numbers_of_runs_in_turn(tmp_path, monkeypatch):
-    """Same seed, same numbers, whether the runs go in turn in this process (two CPU threads) or
-    two at a time in worker processes (one thread each)."""
-    from pbrl.experiment import run_experiment
-    monkeypatch.delenv("TRITON_INTERPRET")  # a CPU user's kernels, here and in the workers
-    world = toy.build_world(0, root=tmp_path / "toy", n_train=60, n_eval=10, sft_steps=200,
-                            width=32, layers=1, log=lambda *a: None)
-    paths = {key: str(path) for key, path in toy.artifacts(world).items()}  # not 'toy': no build
-    arms = {"gold": {"reward.kind": "exact_match", **paths},
-            "hybrid": {"reward.kind": "hybrid", "rollout.max_new_tokens": 16, **paths},
-            "English": {"reward.kind": "exact_match", "data.langs": "en", **paths}}
-    quiet = lambda *a: None  # noqa: E731
-    # with workers: the first run here, the second and third in two workers
-    here, workers = (run_experiment(tmp_path / name, steps=2, seeds=1, arms=arms, workers=n,
-                                    eval_every="off", log=quiet)
-                     for name, n in (("here", 1), ("workers", 2)))
-    assert here["accuracy"] == workers["accuracy"] and here["curves"] == workers["curves"]
-    assert here["curves"]["hybrid"][0][-1]["reward"] > 0
