@@ -39,11 +39,11 @@ from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import kernels  # noqa: E402
+from pbrl import kernels  # noqa: E402
 from benchmarks.timing import read_bandwidth, seconds, sync  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.dispatch import use_triton  # noqa: E402
-from kernels.sampling import sample_tokens_ref  # noqa: E402
+from pbrl.kernels import reference  # noqa: E402
+from pbrl.kernels.dispatch import use_triton  # noqa: E402
+from pbrl.kernels.sampling import sample_tokens_ref  # noqa: E402
 from pbrl import sampler  # noqa: E402
 from pbrl import distributed as dist  # noqa: E402
 from pbrl.checkpoint import (export, load_training_checkpoint, save_model,  # noqa: E402

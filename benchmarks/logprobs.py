@@ -23,7 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import kernels  # noqa: E402
+from pbrl import kernels  # noqa: E402
 from benchmarks.results import append_csv  # noqa: E402
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.logprobs import CHUNK_ELEMENTS
+from pbrl.kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.checkpoint import load_args, shard_rows
 from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, validate

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.attention import flex_attention as fa
 from torch.nn.utils.rnn import pad_sequence
 
-import kernels
+from pbrl import kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 _NUMBER = (int, float)

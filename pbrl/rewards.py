@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from pbrl import kernels
 from pbrl.checkpoint import load_pretrained
 from pbrl.data import extract_number, has_answer_phrase, language
 from pbrl.files import read_json, resolve

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-import kernels
+from pbrl import kernels
 from pbrl.model import KVCache, Transformer, pad_rows
 
 SYNC_EVERY = 8  # decoding steps between the host's looks at which rows have finished

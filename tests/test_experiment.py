@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-import kernels.cosine
-import kernels.logprobs
+from pbrl import kernels
 from pbrl import toy
 from pbrl.config import Config
 from pbrl.evaluate import evaluate

@@ -1,16 +1,15 @@
-"""Kernels against their PyTorch references (kernels/reference.py) and an fp32 reference, on both
-backends: 'triton' runs the real Triton kernels (in interpreter mode on the CPU, TRITON_INTERPRET=1
-set by conftest), 'torch' the chunked PyTorch path the CPU uses without the interpreter."""
+"""Kernels against their PyTorch references (pbrl/kernels/reference.py) and an fp32 reference, on
+both backends: 'triton' runs the real Triton kernels (in interpreter mode on the CPU,
+TRITON_INTERPRET=1 set by conftest), 'torch' the chunked PyTorch path the CPU uses without the
+interpreter."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-import kernels.cosine
-import kernels.decode
-import kernels.logprobs
-from kernels.logprobs import _backward, _forward
-from kernels.reference import cosine_similarity_ref, linear_token_logprobs_ref, token_logprobs_ref
+from pbrl import kernels
+from pbrl.kernels.logprobs import _backward, _forward
+from pbrl.kernels.reference import (cosine_similarity_ref, linear_token_logprobs_ref,
+                                    token_logprobs_ref)
 
 
 @pytest.fixture(params=["triton", "torch"])
@@ -257,7 +256,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [0.0, 0.7, 1.3])
 def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
-    from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    from pbrl.kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
     assert kernels.sampling.use_triton(torch.empty(1))  # the interpreter runs the kernel here
     logits = (torch.randn(6, vocab, generator=gen(vocab)) * 3).to(dtype)
     keys = row_keys(torch.tensor([0, 1, 2, -5, 2**40 + 3, 123456789]), 17)
@@ -276,7 +275,7 @@ def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
 # the interpreter's numpy on -inf - -inf
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_sampling_kernel_ignores_masked_tokens():
-    from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    from pbrl.kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
     logits = torch.full((3, 5000), float("-inf"))
     logits[:, 4500] = 1.0
     logits[1, 10] = 0.0   # the first block holds one finite logit, the others none
@@ -297,7 +296,7 @@ def test_counter_based_noise_draws_from_softmax():
     """Pearson's chi-square of 60,000 draws on a 6-token vocabulary, over rows (seeds) and over
     decoding steps of one seed: 5 degrees of freedom, below 20.5 with probability 0.999 for an exact
     sampler. The kernel takes the same draws (first 300 rows)."""
-    from kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
+    from pbrl.kernels.sampling import row_keys, sample_tokens, sample_tokens_ref
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5, -3.0])
     n = 60_000
     for temperature in (1.0, 0.6):
@@ -316,7 +315,7 @@ def test_noise_hash_equals_a_plain_python_uint32_hash():
     integers."""
     import math
 
-    from kernels.sampling import gumbel_noise, row_keys
+    from pbrl.kernels.sampling import gumbel_noise, row_keys
 
     def mix(x):
         x ^= x >> 16
@@ -361,8 +360,8 @@ def test_decode_attention_kernel_reads_each_rows_filled_slots(heads, kv_heads, d
     """Rows of length 1, of every slot, and in between; GQA ratios 1-6; head widths that are and
     are not powers of 2; many splits (PROGRAMS high) and one. Slots past a row's length hold NaN:
     the kernel must never read them."""
-    from kernels.decode import decode_attention
-    from kernels.reference import decode_attention_ref
+    from pbrl.kernels.decode import decode_attention
+    from pbrl.kernels.reference import decode_attention_ref
     rows = 5
     g = gen(slots)
     q = torch.randn(rows, heads, dim, generator=g).to(dtype)
@@ -383,7 +382,7 @@ def test_decode_attention_kernel_reads_each_rows_filled_slots(heads, kv_heads, d
 
 
 def test_decode_attention_refuses_mismatched_shapes():
-    from kernels.decode import decode_attention
+    from pbrl.kernels.decode import decode_attention
     q, k = torch.zeros(2, 6, 8), torch.zeros(2, 4, 10, 8)
     with pytest.raises(ValueError, match="Hkv dividing Hq"):
         decode_attention(q, k, k, torch.ones(2, dtype=torch.long))

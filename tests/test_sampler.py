@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kernels
+from pbrl import kernels
 
 from conftest import each_batch_size_kept_its_addresses, observe_compiled_steps
 from pbrl.checkpoint import load_model

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-import kernels
+from pbrl import kernels
 from pbrl import toy
 from pbrl.data import extract_number
 from pbrl.rewards import Embedder, EmbeddingReward, MTReward, Sample

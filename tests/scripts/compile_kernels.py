@@ -1,7 +1,7 @@
-"""Compile every Triton kernel of kernels/ for real GPUs (no GPU needed: Triton lowers to PTX and
-ptxas assembles a cubin), at sm_80 and sm_90 with fp32 and bf16 inputs, and print one JSON line per
-kernel with cuobjdump's register and local-memory (spill) counts. Run by tests/test_kernels.py in a
-process without TRITON_INTERPRET."""
+"""Compile every Triton kernel of pbrl/kernels/ for real GPUs (no GPU needed: Triton lowers to PTX
+and ptxas assembles a cubin), at sm_80 and sm_90 with fp32 and bf16 inputs, and print one JSON
+line per kernel with cuobjdump's register and local-memory (spill) counts. Run by
+tests/test_kernels.py in a process without TRITON_INTERPRET."""
 import json
 import os
 import re
@@ -14,10 +14,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.cosine as cosine
-import kernels.decode as decode
-import kernels.logprobs as logprobs
-import kernels.sampling as sampling
+from pbrl.kernels import cosine, decode, logprobs, sampling
 
 assert os.environ.get("TRITON_INTERPRET") != "1", \
     "the interpreter replaces @triton.jit functions: unset it"

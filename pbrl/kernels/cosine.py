@@ -1,7 +1,7 @@
 """Batched cosine similarity for the semantic rewards (forward only: rewards are not
 differentiated).
 
-Convention (the one kernels/reference.py states): each row is divided by its largest magnitude
+Convention (the one pbrl/kernels/reference.py states): each row is divided by its largest magnitude
 before its norm is taken, so the result is exact for any finite input, from subnormal to fp32-max
 entries, and a row with no non-zero entry (a zero vector) has cosine 0 with everything, never NaN.
 Accumulation is fp32 whatever the input dtype.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import triton, tl, use_triton
-from kernels.reference import cosine_similarity_ref
+from pbrl.kernels.dispatch import triton, tl, use_triton
+from pbrl.kernels.reference import cosine_similarity_ref
 
 if triton is not None:
     @triton.jit

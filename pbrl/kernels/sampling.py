@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import tl, triton, use_triton
+from pbrl.kernels.dispatch import tl, triton, use_triton
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:

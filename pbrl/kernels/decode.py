@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from kernels.dispatch import tl, triton, use_triton
-from kernels.reference import decode_attention_ref
+from pbrl.kernels.dispatch import tl, triton, use_triton
+from pbrl.kernels.reference import decode_attention_ref
 
 PROGRAMS = 1024   # splits are added until (rows x key/value heads x splits) reaches this
 
