@@ -39,8 +39,8 @@ from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pbrl import kernels  # noqa: E402
 from benchmarks.timing import read_bandwidth, seconds, sync  # noqa: E402
+from pbrl import kernels  # noqa: E402
 from pbrl.kernels import reference  # noqa: E402
 from pbrl.kernels.dispatch import use_triton  # noqa: E402
 from pbrl.kernels.sampling import sample_tokens_ref  # noqa: E402
@@ -463,6 +463,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--decode-batches", default="1,64,256",
                     help="batch sizes of the decoding check")
+    ap.add_argument("--new-tokens", type=int, default=128,
+                    help="tokens each decoding check generates (the profiled one half of them)")
     ap.add_argument("--checks", default=",".join(SECTIONS),
                     help="which checks to run, in this order "
                     "(checkpoint needs training)")
@@ -500,8 +502,9 @@ def main(argv=None):
         "precision": lambda: check_precision(ModelArgs(**SIZES["tiny"]), device),
         "training": training,
         "decoding": lambda: check_decoding(model_args, device,
-                                           [int(b) for b in args.decode_batches.split(",")]),
-        "decode_profile": lambda: check_decode_profile(model_args, device),
+                                           [int(b) for b in args.decode_batches.split(",")],
+                                           args.new_tokens),
+        "decode_profile": lambda: check_decode_profile(model_args, device, args.new_tokens // 2),
         "checkpoint": lambda: check_checkpoint(trained["trainer"], work),
     }
     failed = False

@@ -151,7 +151,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     tests/test_kernels.py covers Triton.)"""
     out = tmp_path / "gpu.md"
     run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--steps", 2,
-        "--decode-batches", "1,4", "--out", out)
+        "--decode-batches", "1,4", "--new-tokens", 16, "--out", out)
     text = out.read_text()
     assert ("| linear_token_logprobs grad weight | bfloat16 | pytorch |" in text
             and "| False |" not in text)
@@ -160,9 +160,10 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert "| sample_tokens T=1 log-prob | bfloat16 | pytorch |" in text and "| 4 | eager |" in text
     assert '"gpu_busy_ms_per_step"' in text and '"one_iteration_profiled"' in text
     # --update reruns some checks and keeps the other sections of the last run (each names its
-    # command).
-    run("benchmarks/gpu_check.py", "--size", "tiny", "--device", "cpu", "--checks", "precision",
-        "--update", "--out", out)
+    # command); here, in this process, as the command line was tried just above.
+    from benchmarks import gpu_check
+    gpu_check.main(["--size", "tiny", "--device", "cpu", "--checks", "precision", "--update",
+                    "--out", str(out)])
     updated = out.read_text()
     assert updated.count("--checks precision --update") == 1 and "| 4 | eager |" in updated
 

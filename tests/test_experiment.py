@@ -20,7 +20,7 @@ def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels.cosine, "use_triton", lambda t: False)
     t0 = time.perf_counter()
     world = toy.build_world(0, root=tmp_path / "toy", n_train=400, n_eval=50, sft_steps=600,
-                            width=64, layers=3, log=lambda *a: None)
+                            width=64, layers=2, log=lambda *a: None)
     monkeypatch.setattr(toy, "build_world", lambda seed, log=None: world)
     cfg = Config()
     # no gold labels: 0.5 embedding + 0.5 agreement with the English pivot

@@ -323,17 +323,13 @@ def distance_from_start(world, out) -> float:
 def test_bf16_compute_keeps_fp32_masters_and_moves_the_weights_like_fp32(world, tmp_path):
     """At lr 1e-5 Adam moves each weight by ~1e-5, far below a bf16 weight's spacing (~5e-4 at 0.1):
     bf16 parameters would barely move. fp32 masters under bf16 compute move as far as an fp32
-    run."""
-    env = subprocess_env()
+    run. (train.py's main, in this process: the command itself runs in a fresh one below.)"""
+    from train import main as train_main
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
-        args = overrides(world, out,
-                         **{"models.dtype": dtype, "ppo.lr": 1e-5, "ppo.critic_lr": 1e-5,
-                                        "run.checkpoint_every": 2})
-        done = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        train_main(overrides(world, out, **{"models.dtype": dtype, "ppo.lr": 1e-5,
+                                            "ppo.critic_lr": 1e-5, "run.checkpoint_every": 2}))
         runs[dtype] = distance_from_start(world, out)
     assert runs["float32"] > 0 and runs["bfloat16"] == pytest.approx(runs["float32"], rel=0.1), runs
     exported = hf_tensors(tmp_path / "bfloat16" / "final")
