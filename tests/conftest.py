@@ -24,6 +24,22 @@ def subprocess_env() -> dict:
     return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
+def run_here(main, argv, capsys) -> tuple[int, str, str]:
+    """An entry point's main as its command runs it (cli.run_main: bad input ends with one line on
+    stderr and exit status 2), but in this process: (exit status, stdout, stderr). Each command
+    also runs in a fresh process somewhere (tests/test_entrypoints.py); this is for the cases
+    after that one."""
+    from pbrl.cli import run_main
+    capsys.readouterr()
+    try:
+        run_main(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(autouse=True)
 def sampling_in_pytorch(request, monkeypatch):
     """Decoding calls the sampling kernel once per step, and the interpreter takes ~5 ms per row for

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import eval as eval_cli
-from conftest import REAL_TEMPLATE, save_hf_model, subprocess_env
+from conftest import REAL_TEMPLATE, run_here, save_hf_model, subprocess_env
+from pbrl import kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs a module (-m style) or a script with transformers made unimportable.
@@ -44,7 +45,8 @@ def chat_world(tmp_path_factory):
     return root
 
 
-def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_path):
+def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_path,
+                                                              capsys):
     model, data = chat_world / "model", chat_world / "data"
     done = run("pbrl.generate", "--model", model, "--prompt", "Wie viel ist 12 * 7?",
                "--max-new-tokens", 5)
@@ -87,26 +89,28 @@ def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_pa
     assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "bfloat16"
     exported_config = (exported / "tokenizer_config.json").read_text()
     assert exported_config == (run_dir / "final" / "tokenizer_config.json").read_text()
-    done = run("pbrl.checkpoint", "export", run_dir / "checkpoints", exported, expect=2)
-    assert (done.stderr.startswith("error: ")
-            and "no DCP .metadata; expected a training checkpoint" in done.stderr)
+    # the refusals, in this process (each command ran in a fresh one above)
+    from pbrl.checkpoint import main as checkpoint_main
+    from train import main as train_main
+    code, _, err = run_here(checkpoint_main, ["export", run_dir / "checkpoints", exported], capsys)
+    assert code == 2 and err.startswith("error: ") and \
+        "no DCP .metadata; expected a training checkpoint" in err
     before = (run_dir / "metrics.jsonl").read_text()
-    done = run("train.py", "--models.policy", model, "--data.path", data, "--data.langs", "de",
-               "--data.pivot_cache",
-               refs, "--data.eval_path", "", "--reward.kind", "agreement", "--run.out_dir", run_dir,
-               expect=2)
-    assert done.stderr.startswith(f"error: run.out_dir {run_dir} already holds a run")
-    assert "Traceback" not in done.stderr
+    code, _, err = run_here(train_main, [
+        "--models.policy", model, "--data.path", data, "--data.langs", "de", "--data.pivot_cache",
+        refs, "--data.eval_path", "", "--reward.kind", "agreement", "--run.out_dir", run_dir],
+        capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: run.out_dir {run_dir} already holds a run")
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_bad_input_ends_with_one_line_not_a_traceback(chat_world, tmp_path):
+def test_bad_input_ends_with_one_line_not_a_traceback(chat_world, tmp_path, capsys):
     model, data = chat_world / "model", chat_world / "data"
-    done = run("eval.py", "--model", model, "--model", tmp_path / "missing", "--data", data,
-               expect=2)
-    assert (done.stderr.startswith("error: ")
-            and "missing' is neither a local model directory" in done.stderr)
-    assert "Traceback" not in done.stderr
+    code, _, err = run_here(eval_cli.main, ["--model", model, "--model", tmp_path / "missing",
+                                            "--data", data], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "missing' is neither a local model directory" in err
     done = run("train.py", "--models.policy", model, "--data.path", data, "--ppo.lr", "-1",
                expect=2)
     assert done.stderr.strip() == "error: ppo.lr must be > 0, got -1.0"
@@ -145,7 +149,7 @@ def test_eval_checks_every_model_before_evaluating_any_and_keeps_old_outputs(cha
     assert evaluated == [] and (out / "samples.jsonl").read_text() == "earlier results\n"
 
 
-def test_gpu_check_dry_run_writes_its_report(tmp_path):
+def test_gpu_check_dry_run_writes_its_report(tmp_path, monkeypatch):
     """benchmarks/gpu_check.py at tiny size on the CPU: every check runs end to end, so the script
     cannot rot between the sessions that have a GPU. (Kernels take their PyTorch path here;
     tests/test_kernels.py covers Triton.)"""
@@ -162,6 +166,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     # --update reruns some checks and keeps the other sections of the last run (each names its
     # command); here, in this process, as the command line was tried just above.
     from benchmarks import gpu_check
+    monkeypatch.setattr(kernels.logprobs, "use_triton", lambda t: False)  # as in its process
     gpu_check.main(["--size", "tiny", "--device", "cpu", "--checks", "precision", "--update",
                     "--out", str(out)])
     updated = out.read_text()

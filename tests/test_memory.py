@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_hf_model, subprocess_env
+from conftest import run_here, save_hf_model, subprocess_env
 from pbrl import memory
 from pbrl.checkpoint import load_model
 from pbrl.model import ModelArgs, Transformer, empty_like
@@ -58,7 +58,7 @@ def test_activation_estimate_is_within_20_percent_of_what_autograd_saves(checkpo
     assert 0.8 < estimated / measured < 1.25, (estimated, measured)
 
 
-def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_path):
+def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_path, capsys):
     save_hf_model(tmp_path / "m", "llama")
     env = subprocess_env()
     args = [sys.executable, "-m", "pbrl.memory", "--gpus", "2", "--models.policy",
@@ -68,11 +68,11 @@ def test_command_line_prints_the_breakdown_and_refuses_what_does_not_fit(tmp_pat
     assert done.returncode == 0, done.stderr
     assert ("actor AdamW states" in done.stdout and "peak (" in done.stdout
             and "critic" in done.stdout)
-    done = subprocess.run(args + ["--ppo.advantage", "grpo", "--gpu-memory", "0.001"], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    assert done.returncode == 2 and "critic" not in done.stdout  # critic-free: no critic terms
-    assert (done.stderr.startswith("error: the run does not fit: its peak")
-            and "actor AdamW states" in done.stderr)
+    # the refusal, in this process
+    code, out, err = run_here(memory.main, args[3:] + ["--ppo.advantage", "grpo",
+                                                       "--gpu-memory", "0.001"], capsys)
+    assert code == 2 and "critic" not in out  # critic-free: no critic terms
+    assert err.startswith("error: the run does not fit: its peak") and "actor AdamW states" in err
 
 
 def test_an_instruct_translator_adds_a_reward_phase_and_a_lexicon_does_not(tmp_path):

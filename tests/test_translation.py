@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_hf_model, subprocess_env
+from conftest import run_here, save_hf_model, subprocess_env
 from pbrl.data import load_gsm8k, load_mgsm
 from pbrl.files import read_records
 from pbrl.translation import FIELDS, translate_problems
+from pbrl.translation import main as translate_main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?",
@@ -83,7 +84,7 @@ def test_an_interrupted_translation_resumes(tmp_path, source):
     assert len(load_mgsm(tmp_path / "out", ["de"])["de"]) == 5
 
 
-def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source):
+def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source, capsys):
     """End to end in fresh processes: a word-by-word dictionary (numbers pass through, but it splits
     "1,250" into "1 , 250", which the check catches), and a tiny random instruct model through
     pbrl's sampler (its noise keeps no numbers: all retried, then dropped)."""
@@ -110,9 +111,6 @@ def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source):
     records = read_records(tmp_path / "b" / "translations" / "sw.jsonl", FIELDS)
     assert len(records) == 3 and all(r["attempts"] == 2 and not r["numbers_kept"]
                                      for r in records.values())
-    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon),
-                           "--source", str(source), "--langs", "en,de",
-                           "--out", str(tmp_path / "c")],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.startswith("error: --langs lists the target "
-                                                           "languages")
+    code, _, err = run_here(translate_main, ["--model", lexicon, "--source", source, "--langs",
+                                             "en,de", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and err.startswith("error: --langs lists the target languages")
