@@ -218,7 +218,8 @@ def check_decoding(args: ModelArgs, device: torch.device, batches: list[int],
                        # a tied LM head reads the embeddings
                        if "embed" not in name or args.tie_word_embeddings)
 
-    bandwidth = read_bandwidth(device)
+    # a buffer far larger than any cache (1 GiB); 64 MiB for the dry run's tiny model
+    bandwidth = read_bandwidth(device, side=2**14 if weight_bytes > 2**24 else 2**12)
     roofline = bandwidth / weight_bytes
     rows = []
     for batch in batches:

@@ -30,13 +30,12 @@ def best_seconds(fn, repeats: int):
     return best, out, warmup
 
 
-def read_bandwidth(device, repeats: int = 5) -> float:
-    """Bytes/s: the fastest read of a 1 GiB buffer, by a full reduction and by a matrix-vector
-    product over it, whichever streams memory faster here (on a 2-core CPU MKL's GEMV read ~30%
-    faster than torch.sum: a roofline from the sum alone would be one the model's own matrix
-    products can beat)."""
-    buffer = torch.ones(2**28, device=device)
-    matrix = buffer.view(2**14, 2**14)
-    vector = torch.ones(2**14, device=device)
-    best = min(best_seconds(fn, repeats)[0] for fn in (buffer.sum, lambda: matrix @ vector))
-    return 2**30 / best
+def read_bandwidth(device, repeats: int = 5, side: int = 2**14) -> float:
+    """Bytes/s: the fastest read of a side x side fp32 buffer (1 GiB by default), by a full
+    reduction and by a matrix-vector product over it, whichever streams memory faster here (on a
+    2-core CPU MKL's GEMV read ~30% faster than torch.sum: a roofline from the sum alone would be
+    one the model's own matrix products can beat)."""
+    matrix = torch.ones(side, side, device=device)
+    vector = torch.ones(side, device=device)
+    best = min(best_seconds(fn, repeats)[0] for fn in (matrix.sum, lambda: matrix @ vector))
+    return matrix.numel() * 4 / best

@@ -11,6 +11,7 @@ import torch
 
 from conftest import (each_batch_size_kept_its_addresses, hf_tensors, metrics, no_model_loads,
                       observe_compiled_steps, overrides, subprocess_env)
+from pbrl import kernels
 from pbrl.checkpoint import checkpoint_metadata, latest_checkpoint, read_checkpoint_tensors
 from pbrl.config import Config, load_config, validate
 from pbrl.setup import prepare
@@ -320,11 +321,13 @@ def distance_from_start(world, out) -> float:
     return sum(((trained[n] - start[n].float()) ** 2).sum().item() for n in start) ** 0.5
 
 
-def test_bf16_compute_keeps_fp32_masters_and_moves_the_weights_like_fp32(world, tmp_path):
+def test_bf16_compute_keeps_fp32_masters_and_moves_the_weights_like_fp32(world, tmp_path,
+                                                                         monkeypatch):
     """At lr 1e-5 Adam moves each weight by ~1e-5, far below a bf16 weight's spacing (~5e-4 at 0.1):
     bf16 parameters would barely move. fp32 masters under bf16 compute move as far as an fp32
     run. (train.py's main, in this process: the command itself runs in a fresh one below.)"""
     from train import main as train_main
+    monkeypatch.setattr(kernels.logprobs, "use_triton", lambda t: False)  # as in a process
     runs = {}
     for dtype in ("float32", "bfloat16"):
         out = tmp_path / dtype
@@ -337,15 +340,15 @@ def test_bf16_compute_keeps_fp32_masters_and_moves_the_weights_like_fp32(world, 
     assert all(t.dtype == torch.bfloat16 for t in exported.values())
 
 
-def test_two_processes_match_one_under_bf16_compute(world, tmp_path):
+def test_two_processes_match_one_under_bf16_compute(world, tmp_path, monkeypatch):
     """The same recipe (FSDP2 mixed precision over fp32 masters) on 1 and 2 ranks: equal within bf16
-    noise."""
+    noise. (The one-rank run in this process, with the kernels' PyTorch path, as in a process.)"""
+    from train import main as train_main
     env = subprocess_env()
     one, two = tmp_path / "one", tmp_path / "two"
     args = {"models.dtype": "bfloat16", "run.checkpoint_every": 2}
-    done = subprocess.run([sys.executable, "train.py", *overrides(world, one, **args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.setattr(kernels.logprobs, "use_triton", lambda t: False)
+    train_main(overrides(world, one, **args))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--standalone", "train.py", *overrides(world, two, **args)], cwd=ROOT,
                           env=env, capture_output=True, text=True)
