@@ -12,6 +12,11 @@ import sys
 
 
 def main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        from pbrl.config import settings_help
+        print(f"{__doc__}\nSettings (in a TOML file's [section], or --section.key value):"
+              f"{settings_help()}")
+        return
     if not argv:
         from pbrl.experiment import main as experiment
         experiment()

@@ -24,116 +24,132 @@ import torch
 
 from pbrl.data import LANGUAGES
 from pbrl.files import is_hub_id, read_text
+from pbrl.ppo import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+from pbrl.rollout import ADVANTAGES, OVERLONG
 
 TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, built on first use
 
 
-def setting(default, *, gt=None, ge=None, le=None, choices=None):
-    """A field whose value validate() checks: > gt, >= ge, <= le, in choices (each item of a
-    list)."""
+def setting(default, help: str, *, gt=None, ge=None, le=None, choices=None):
+    """A field with its one-line meaning (train.py --help prints it) and the checks validate()
+    applies: > gt, >= ge, <= le, in choices (each item of a list)."""
     limits = {op: bound for op, bound in ((">", gt), (">=", ge), ("<=", le)) if bound is not None}
+    meta = {"help": help, "limits": limits, "choices": tuple(choices) if choices else None}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default),
-                     metadata={"limits": limits, "choices": choices})
-    return field(default=default, metadata={"limits": limits, "choices": choices})
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelsConfig:
-    policy: str = TOY          # HF directory or hub id of the policy (the actor's initial weights)
-    critic: str = ""           # "" = the policy's weights with a fresh value head
-    reference: str = ""        # frozen KL reference; "" = the policy's initial weights
-    pivot: str = ""            # writes missing pivot references; "" = the policy
-    pivot_batch_size: int = setting(64, gt=0)  # problems per batch while it writes them
-    embedder: str = TOY        # embedding model of the semantic rewards
-    translator: str = TOY      # translator of the MT reward
-    enable_thinking: bool = False  # chat templates that read it (Qwen3): reasoning blocks in turns
-    # recompute each block in backward: less memory, more compute
-    activation_checkpointing: bool = False
-    compile: bool = False      # torch.compile each block of the trained and scored models (CUDA)
-    # The compute dtype (auto: bfloat16 on CUDA, float32 on CPU); trained weights and optimizer
-    # states are fp32 whatever it says; frozen models are stored in it.
-    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"))
+    policy: str = setting(TOY, "HF directory or hub id of the policy (the actor's first weights)")
+    critic: str = setting("", "HF directory or hub id of the critic; '' = the policy's weights "
+                              "with a fresh value head")
+    reference: str = setting("", "the frozen KL reference; '' = the policy's first weights")
+    pivot: str = setting("", "the English pivot that writes missing references; '' = the policy")
+    pivot_batch_size: int = setting(64, "problems per batch while the pivot writes", gt=0)
+    embedder: str = setting(TOY, "the embedding model of the semantic rewards")
+    translator: str = setting(TOY, "the MT reward's translator: an instruct model or a lexicon")
+    enable_thinking: bool = setting(False, "chat templates that read it (Qwen3): reasoning blocks "
+                                           "in turns")
+    activation_checkpointing: bool = setting(False, "recompute each block in backward: less "
+                                                    "memory, more compute")
+    compile: bool = setting(False, "torch.compile each block of the trained and scored models "
+                                   "(CUDA)")
+    # trained weights and optimizer states are fp32 whatever it says; frozen models are stored in it
+    dtype: str = setting("auto", "the compute dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+                         choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass
 class DataConfig:
-    # training problems: MGSM layout (mgsm_{lang}.tsv/jsonl), directory or hub id
-    path: str = TOY
-    langs: list[str] = setting(["de", "fr", "sw"], choices=tuple(LANGUAGES))  # target languages
-    pivot_cache: str = ""      # English references (JSONL); "" = {run.out_dir}/pivot.jsonl
-    eval_path: str = TOY       # held-out problems for the periodic eval; "" = no eval
-    eval_langs: list[str] = setting(["en", "de", "fr", "sw"], choices=tuple(LANGUAGES))
-    eval_limit: int | None = setting(None, gt=0)  # problems per language in each eval; off = all
+    path: str = setting(TOY, "training problems in MGSM's layout (mgsm_{lang}.tsv/jsonl): a "
+                             "directory or hub id")
+    langs: list[str] = setting(["de", "fr", "sw"], "the target languages", choices=LANGUAGES)
+    pivot_cache: str = setting("", "the English references (JSONL); '' = {run.out_dir}/pivot.jsonl")
+    eval_path: str = setting(TOY, "held-out problems for the periodic eval; '' = no eval")
+    eval_langs: list[str] = setting(["en", "de", "fr", "sw"], "the languages evaluated",
+                                    choices=LANGUAGES)
+    eval_limit: int | None = setting(None, "problems per language in each eval; off = all", gt=0)
 
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = setting(8, gt=0)    # problems per iteration, over all ranks
-    samples_per_prompt: int = setting(8, gt=0)
-    max_new_tokens: int = setting(48, gt=0)
-    temperature: float = setting(1.5, gt=0)     # the toy warm start is near-deterministic at 1.0
-    top_k: int | None = setting(None, ge=1)
-    top_p: float | None = setting(None, gt=0, le=1)
-    # The decoding step through CUDA graphs (pbrl/graphs.py). Memory: the sampler's state and, under
-    # FSDP, a whole copy of the actor stay allocated between rollouts (pbrl.memory counts both).
-    compile: bool = False
-    # Ranks that decode one batch together, each holding 1/N of the weights and of the KV cache
-    # (DTensor tensor parallelism, Megatron's column/row split); 1: each rank its own whole copy
-    tensor_parallel: int = setting(1, gt=0)
-    # DAPO: drop groups whose samples all score alike and sample more problems, up to this many
-    # rounds of rollouts, until the batch is full of informative groups (else: what there is)
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = setting(3, gt=0)
-    # responses that hit max_new_tokens unfinished: off | filter (out of the loss) | penalty (DAPO's
-    # linear length penalty over the last overlong_buffer tokens, added to the score)
-    overlong: str = setting("off", choices=("off", "filter", "penalty"))
-    overlong_buffer: int = setting(16, gt=0)
+    prompts_per_step: int = setting(8, "problems per iteration, over all ranks", gt=0)
+    samples_per_prompt: int = setting(8, "responses sampled per problem", gt=0)
+    max_new_tokens: int = setting(48, "the longest response, in tokens", gt=0)
+    # the toy warm start is near-deterministic at 1.0
+    temperature: float = setting(1.5, "sampling temperature", gt=0)
+    top_k: int | None = setting(None, "sample among the k likeliest tokens; off = all", ge=1)
+    top_p: float | None = setting(None, "nucleus sampling's mass; off = all", gt=0, le=1)
+    # Memory: the sampler's state and, under FSDP, a whole copy of the actor stay allocated between
+    # rollouts (pbrl.memory counts both).
+    compile: bool = setting(False, "decode through CUDA graphs (pbrl/graphs.py)")
+    # DTensor tensor parallelism, Megatron's column/row split; 1: each rank its own whole copy
+    tensor_parallel: int = setting(1, "ranks that decode one batch together, each holding 1/N of "
+                                      "the weights and KV cache", gt=0)
+    # until the batch is full of informative groups (else: what there is)
+    dynamic_sampling: bool = setting(False, "DAPO: drop groups whose samples all score alike and "
+                                            "sample more problems")
+    max_sampling_rounds: int = setting(3, "dynamic sampling's most rounds of rollouts per step",
+                                       gt=0)
+    # penalty: DAPO's linear length penalty over the last overlong_buffer tokens, added to the score
+    overlong: str = setting("off", "what becomes of responses cut at max_new_tokens (filter: "
+                                   "out of the loss)", choices=OVERLONG)
+    overlong_buffer: int = setting(16, "the overlong penalty's ramp, in tokens", gt=0)
 
 
 @dataclass
 class PPOConfig:
-    # gae (a critic) | grpo | rloo (baselines from the prompt's other samples) | reinforce_pp |
-    # reinforce_pp_baseline (returns whitened over the batch; the latter minus the group mean first)
-    advantage: str = setting("gae", choices=("gae", "grpo", "rloo", "reinforce_pp",
-                                             "reinforce_pp_baseline"))
-    group_std: bool = True         # grpo: divide by the group's std (false: Dr. GRPO)
-    # KL to the reference as a k3 loss term (GRPO's) instead of a reward
-    kl_in_loss: bool = False
-    epochs: int = setting(2, gt=0)           # passes over each iteration's rollouts
-    minibatches: int = setting(1, gt=0)      # optimizer steps per epoch
-    micro_batch_size: int = setting(16, gt=0)  # sequences per forward/backward on one rank
-    # instead: tokens per forward/backward on one rank, the sequences packed into one row
-    micro_batch_tokens: int | None = setting(None, gt=0)
-    lr: float = setting(1e-4, gt=0)
-    critic_lr: float = setting(5e-4, gt=0)
-    warmup_steps: int = setting(0, ge=0)
-    # cosine: to 10% at run.steps
-    schedule: str = setting("constant", choices=("constant", "cosine"))
-    weight_decay: float = setting(0.0, ge=0)
-    grad_clip: float = setting(1.0, gt=0)
-    gamma: float = setting(1.0, ge=0, le=1)
-    lam: float = setting(0.95, ge=0, le=1)
-    eps_low: float = setting(0.2, gt=0)
-    eps_high: float = setting(0.2, gt=0)
-    dual_clip: float | None = setting(None, gt=1)
-    policy_loss: str = setting("ppo", choices=("ppo", "gspo", "cispo"))  # ppo.POLICY_LOSSES
-    loss_agg: str = setting("token_mean", choices=("token_mean", "seq_mean_token_mean",
-                                                   "seq_mean_token_sum_norm"))
-    # the sampler/trainer mismatch: off | tis | seq_tis (weights truncated at correction_clip) | mis
-    # | seq_mis (tokens or responses whose ratio is outside [correction_low, correction_high] drop)
-    rollout_correction: str = setting("off", choices=("off", "tis", "seq_tis", "mis", "seq_mis"))
-    correction_clip: float = setting(2.0, gt=0)
-    correction_low: float = setting(0.5, gt=0)
-    correction_high: float = setting(2.0, gt=0)
-    value_clip: float | None = setting(0.2, gt=0)
-    kl_beta: float = setting(0.1, ge=0)
-    # off = fixed beta; else the adaptive controller's
-    kl_target: float | None = setting(None, gt=0)
-    kl_horizon: int = setting(10_000, gt=0)
-    kl_estimator: str = setting("k1", choices=("k1", "k2", "k3"))  # the per-token KL in the reward
-    whiten_advantages: bool = True
-    entropy_coef: float = setting(0.0, ge=0)
+    # grpo | rloo: baselines from the prompt's other samples; reinforce_pp(_baseline): returns
+    # whitened over the batch, the latter minus the group mean first
+    advantage: str = setting("gae", "the advantage estimator (gae trains a critic)",
+                             choices=ADVANTAGES)
+    group_std: bool = setting(True, "grpo: divide by the group's std (false: Dr. GRPO)")
+    kl_in_loss: bool = setting(False, "KL to the reference as a k3 loss term (GRPO's) instead of "
+                                      "a reward")
+    epochs: int = setting(2, "passes over each iteration's rollouts", gt=0)
+    minibatches: int = setting(1, "optimizer steps per epoch", gt=0)
+    micro_batch_size: int = setting(16, "sequences per forward/backward on one rank", gt=0)
+    micro_batch_tokens: int | None = setting(
+        None, "instead: tokens per forward/backward on one rank, packed into one row", gt=0)
+    lr: float = setting(1e-4, "the actor's learning rate", gt=0)
+    critic_lr: float = setting(5e-4, "the critic's learning rate", gt=0)
+    warmup_steps: int = setting(0, "iterations of linear learning-rate warmup", ge=0)
+    schedule: str = setting("constant", "the learning rate after warmup (cosine: to 10% at "
+                                        "run.steps)", choices=("constant", "cosine"))
+    weight_decay: float = setting(0.0, "AdamW's weight decay", ge=0)
+    grad_clip: float = setting(1.0, "the gradient norm clipped to", gt=0)
+    gamma: float = setting(1.0, "GAE's discount", ge=0, le=1)
+    lam: float = setting(0.95, "GAE's lambda", ge=0, le=1)
+    eps_low: float = setting(0.2, "the ratio's clip below 1", gt=0)
+    eps_high: float = setting(0.2, "the ratio's clip above 1 (DAPO's clip-higher: 0.28)", gt=0)
+    dual_clip: float | None = setting(None, "the ppo loss's dual clip c > 1 on negative "
+                                            "advantages; off = none", gt=1)
+    policy_loss: str = setting("ppo", "the per-token policy loss", choices=POLICY_LOSSES)
+    loss_agg: str = setting("token_mean", "how token losses add up to the batch's loss",
+                            choices=AGGREGATIONS)
+    # tis | seq_tis: weights truncated at correction_clip; mis | seq_mis: tokens or responses whose
+    # ratio is outside [correction_low, correction_high] drop
+    rollout_correction: str = setting("off", "the sampler/trainer mismatch's correction",
+                                      choices=CORRECTIONS)
+    correction_clip: float = setting(2.0, "TIS's truncation of the importance weight", gt=0)
+    correction_low: float = setting(0.5, "MIS's lowest kept ratio", gt=0)
+    correction_high: float = setting(2.0, "MIS's highest kept ratio", gt=0)
+    value_clip: float | None = setting(0.2, "the value loss's clip around the old values; off = "
+                                            "none", gt=0)
+    kl_beta: float = setting(0.1, "the KL coefficient; 0 = no KL and no reference model", ge=0)
+    kl_target: float | None = setting(None, "the adaptive KL controller's target; off = fixed "
+                                            "beta", gt=0)
+    kl_horizon: int = setting(10_000, "the adaptive KL controller's horizon, in sequences", gt=0)
+    kl_estimator: str = setting("k1", "the per-token KL estimate in the reward",
+                                choices=KL_ESTIMATORS)
+    whiten_advantages: bool = setting(True, "gae: whiten the advantages over the batch")
+    entropy_coef: float = setting(0.0, "the entropy bonus's weight in the actor's loss", ge=0)
+
+    def uses_critic(self) -> bool:
+        """The estimator reads a critic's values (rollout.ADVANTAGES): one is built and trained."""
+        return ADVANTAGES[self.advantage].critic
 
     def uses_reference(self) -> bool:
         """kl_beta 0 (which no adaptive controller moves): no KL, no reference model to load."""
@@ -149,16 +165,18 @@ class PPOConfig:
 
 @dataclass
 class RewardConfig:
-    # exact_match (the labelled PPO baseline) | agreement | embedding | mt | hybrid
-    kind: str = setting("hybrid", choices=("exact_match", "agreement", "embedding", "mt", "hybrid"))
-    embedding_weight: float = setting(0.5, ge=0)  # hybrid weights; a weight of 0 is not computed
-    agreement_weight: float = setting(0.5, ge=0)
-    mt_weight: float = setting(0.0, ge=0)
-    format_weight: float = setting(0.0, ge=0)
-    language_weight: float = setting(0.0, ge=0)
-    # auto: the embedder's 1_Pooling/config.json, else last
-    pooling: str = setting("auto", choices=("auto", "last", "mean"))
-    translate_max_new_tokens: int = setting(64, gt=0)
+    # exact_match is the labelled PPO baseline; the others need no label
+    kind: str = setting("hybrid", "the reward", choices=("exact_match", "agreement", "embedding",
+                                                          "mt", "hybrid"))
+    embedding_weight: float = setting(0.5, "hybrid: the embedding cosine's weight (0: not "
+                                           "computed)", ge=0)
+    agreement_weight: float = setting(0.5, "hybrid: final-answer agreement's weight", ge=0)
+    mt_weight: float = setting(0.0, "hybrid: the MT reward's weight", ge=0)
+    format_weight: float = setting(0.0, "hybrid: the answer phrase's weight", ge=0)
+    language_weight: float = setting(0.0, "hybrid: language consistency's weight", ge=0)
+    pooling: str = setting("auto", "the embedder's pooling (auto: its 1_Pooling/config.json, "
+                                   "else last)", choices=("auto", "last", "mean"))
+    translate_max_new_tokens: int = setting(64, "the MT reward's longest translation", gt=0)
 
     def uses_embedder(self) -> bool:
         hybrid = self.kind == "hybrid" and bool(self.embedding_weight or self.mt_weight)
@@ -170,22 +188,22 @@ class RewardConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/pbrl"
-    steps: int = setting(40, gt=0)
-    seed: int = setting(0, ge=0, le=2**31 - 1)
-    checkpoint_every: int | None = setting(10, gt=0)  # off = only at the end
-    keep_checkpoints: int | None = setting(3, gt=0)   # the newest N checkpoints are kept; off = all
-    # the longest any rank may wait in a collective
-    timeout_minutes: float = setting(60.0, gt=0)
-    eval_every: int | None = setting(10, gt=0)        # off = only at the end
-    resume: bool = False
-    device: str = setting("auto", choices=("auto", "cpu", "cuda"))
-    # any of jsonl (always on), tensorboard, wandb
-    loggers: list[str] = setting(["jsonl"], choices=("jsonl", "tensorboard", "wandb"))
-    name: str = ""                 # the run's name in W&B (default: out_dir's name)
-    wandb_project: str = "pbrl"
-    # offline: `wandb sync` later
-    wandb_mode: str = setting("online", choices=("online", "offline"))
+    out_dir: str = setting("runs/pbrl", "the run's directory: metrics, checkpoints, final policy")
+    steps: int = setting(40, "training iterations", gt=0)
+    seed: int = setting(0, "the run's seed (sampling, problem order)", ge=0, le=2**31 - 1)
+    checkpoint_every: int | None = setting(10, "iterations between checkpoints; off = only at "
+                                               "the end", gt=0)
+    keep_checkpoints: int | None = setting(3, "the newest N checkpoints are kept; off = all", gt=0)
+    timeout_minutes: float = setting(60.0, "the longest any rank may wait in a collective", gt=0)
+    eval_every: int | None = setting(10, "iterations between evals; off = only at the end", gt=0)
+    resume: bool = setting(False, "continue the run in run.out_dir from its last checkpoint")
+    device: str = setting("auto", "where the run computes", choices=("auto", "cpu", "cuda"))
+    loggers: list[str] = setting(["jsonl"], "metrics sinks (jsonl is always on)",
+                                 choices=("jsonl", "tensorboard", "wandb"))
+    name: str = setting("", "the run's name in W&B (default: out_dir's name)")
+    wandb_project: str = setting("pbrl", "the W&B project")
+    wandb_mode: str = setting("online", "W&B's mode (offline: `wandb sync` later)",
+                              choices=("online", "offline"))
 
 
 @dataclass
@@ -248,6 +266,35 @@ def _set(cfg: Config, section: str, key: str, value, where: str) -> None:
         raise ValueError(f"{where}: unknown key {section}.{key}; [{section}] has "
                          f"{', '.join(hints)}")
     setattr(part, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def _written(value) -> str:
+    """A setting's value as TOML or the command line would write it."""
+    if value is None:
+        return "off"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    return repr(value) if value == "" else str(value)
+
+
+def settings_help() -> str:
+    """Every setting, section by section: `--section.key`, its default, its choices or limits and
+    its meaning, read from the dataclasses (train.py --help prints it)."""
+    lines, defaults = [], Config()
+    for section in dataclasses.fields(Config):
+        lines.append(f"\n[{section.name}]")
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            meta = f.metadata
+            allowed = [" | ".join(meta["choices"])] if meta["choices"] else []
+            allowed += [" and ".join(f"{op} {b}" for op, b in meta["limits"].items())] \
+                if meta["limits"] else []
+            allowed += ["or off"] if "None" in str(f.type) else []
+            shown = "; ".join([_written(getattr(getattr(defaults, section.name), f.name)),
+                               *filter(None, [" ".join(allowed)])])
+            lines += [f"  --{section.name}.{f.name} (default {shown})", f"      {meta['help']}"]
+    return "\n".join(lines)
 
 
 def parse_command_line(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -349,13 +396,13 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
                                                f"divisible by the world size {world_size}"),
         (per_rank % p.minibatches == 0, f"each rank's {per_rank} sequences must split into "
                                         f"ppo.minibatches={p.minibatches} equal minibatches"),
-        (p.advantage not in ("grpo", "rloo", "reinforce_pp_baseline") or r.samples_per_prompt >= 2,
+        (not ADVANTAGES[p.advantage].grouped or r.samples_per_prompt >= 2,
          f"ppo.advantage={p.advantage} compares the samples of a prompt: "
          f"rollout.samples_per_prompt must be >= 2"),
         (not r.dynamic_sampling or r.samples_per_prompt >= 2,
          "rollout.dynamic_sampling keeps prompts whose samples score differently: "
          "rollout.samples_per_prompt must be >= 2"),
-        (p.advantage == "gae" or not cfg.models.critic,
+        (p.uses_critic() or not cfg.models.critic,
          f"ppo.advantage={p.advantage} trains no critic, but models.critic is set"),
         (p.dual_clip is None or p.policy_loss == "ppo",
          f"ppo.dual_clip bounds the ppo loss; ppo.policy_loss={p.policy_loss} has none"),

@@ -152,7 +152,7 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     actor = model_args(m.policy)
     out = Plan()
     trained = {"actor": parameter_shapes(actor)}
-    if p.advantage == "gae":
+    if p.uses_critic():
         trained["critic"] = parameter_shapes(model_args(m.critic or m.policy), value_head=True)
     for name, shapes in trained.items():
         out.terms[f"{name} parameters (fp32)"] = shard_bytes(shapes, gpus, 4)

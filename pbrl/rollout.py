@@ -11,7 +11,7 @@ is a response token (an action).
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -231,9 +231,27 @@ def token_micro_batches(widths: list[int], budget: int, gather=lambda k: [k]) ->
         count += 1
 
 
-# Advantage estimators, ppo.advantage: (cfg, scores [B], kl, values, mask [B, L - 1], groups [B],
-# beta, reduce) -> (advantages, returns) [B, L - 1]. beta weighs the KL in the reward (0 with
-# ppo.kl_in_loss: the actor's loss holds it); reduce sums over ranks.
+class Estimator(NamedTuple):
+    """An advantage estimator (ppo.advantage) and what the rest of a run must know of it."""
+    fn: Callable        # (cfg, scores [B], kl, values, mask, groups [B], beta, reduce) -> (A, R)
+    critic: bool        # it reads a critic's values: setup builds one, the planner counts it
+    grouped: bool       # it compares the samples of a prompt: rollout.samples_per_prompt >= 2
+
+
+# ppo.advantage's choices, each registered by @estimator; advantages and returns are [B, L - 1].
+# beta weighs the KL in the reward (0 with ppo.kl_in_loss: the actor's loss holds it); reduce sums
+# over ranks. The critic-free ones return no returns (zeros).
+ADVANTAGES: dict[str, Estimator] = {}
+
+
+def estimator(name: str, critic: bool = False, grouped: bool = False):
+    def register(fn):
+        ADVANTAGES[name] = Estimator(fn, critic, grouped)
+        return fn
+    return register
+
+
+@estimator("gae", critic=True)
 def gae_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
     """The score on each response's last token and -beta * KL on every token, GAE over the
     critic's values, optionally whitened over all ranks."""
@@ -244,32 +262,46 @@ def gae_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
     return advantage, returns
 
 
-def group_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
-    """grpo | rloo: the score minus beta * the summed KL (as verl folds a per-token KL into the
-    sequence reward) against the other samples of its group; no returns."""
-    sequence = scores - beta * ppo.masked_sum(kl, mask, dim=1)
-    advantage = ppo.grpo_advantages(sequence, groups, mask,
-                                    cfg.group_std) if cfg.advantage == "grpo" \
-        else ppo.rloo_advantages(sequence, groups, mask)
+def sequence_scores(scores, kl, mask, beta):
+    """The score minus beta * the summed KL (as verl folds a per-token KL into the sequence
+    reward) [B]."""
+    return scores - beta * ppo.masked_sum(kl, mask, dim=1)
+
+
+@estimator("grpo", grouped=True)
+def grpo_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """Each response's sequence score against its group's mean (over its std with
+    ppo.group_std)."""
+    advantage = ppo.grpo_advantages(sequence_scores(scores, kl, mask, beta), groups, mask,
+                                    cfg.group_std)
     return advantage, torch.zeros_like(advantage)
 
 
+@estimator("rloo", grouped=True)
+def rloo_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """Each response's sequence score against the mean of its group's other samples."""
+    advantage = ppo.rloo_advantages(sequence_scores(scores, kl, mask, beta), groups, mask)
+    return advantage, torch.zeros_like(advantage)
+
+
+@estimator("reinforce_pp")
 def reinforce_pp_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
-    """reinforce_pp | reinforce_pp_baseline: returns whitened over the global batch."""
-    baseline = groups if cfg.advantage == "reinforce_pp_baseline" else None
-    advantage = ppo.reinforce_pp_advantages(scores, kl, mask, beta, baseline, reduce)
+    """REINFORCE++: returns whitened over the global batch."""
+    advantage = ppo.reinforce_pp_advantages(scores, kl, mask, beta, None, reduce)
     return advantage, torch.zeros_like(advantage)
 
 
-ADVANTAGES = {"gae": gae_advantages, "grpo": group_advantages, "rloo": group_advantages,
-              "reinforce_pp": reinforce_pp_advantages,
-              "reinforce_pp_baseline": reinforce_pp_advantages}
+@estimator("reinforce_pp_baseline", grouped=True)
+def reinforce_pp_baseline_advantages(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """REINFORCE++ with each score minus its group's mean first."""
+    advantage = ppo.reinforce_pp_advantages(scores, kl, mask, beta, groups, reduce)
+    return advantage, torch.zeros_like(advantage)
 
 
 def advantages(cfg, scores, kl, values, mask, groups, kl_beta: float, reduce):
     """(advantages, returns) [B, L - 1] by the estimator cfg.advantage names (ADVANTAGES)."""
     beta = 0.0 if cfg.kl_in_loss else kl_beta
-    return ADVANTAGES[cfg.advantage](cfg, scores, kl, values, mask, groups, beta, reduce)
+    return ADVANTAGES[cfg.advantage].fn(cfg, scores, kl, values, mask, groups, beta, reduce)
 
 
 def actor_loss(actor, exp: Experience, counts: ppo.Counts, cfg, temperature, kl_beta):

@@ -55,7 +55,7 @@ def prepare(cfg: Config, log=print) -> Trainer:
     compute = None if dtype == torch.float32 else dtype
     actor = trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr)
     critic = None
-    if cfg.ppo.advantage == "gae":
+    if cfg.ppo.uses_critic():
         model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute,
                      True)
         critic = trained(cfg, model, cfg.ppo.critic_lr)
@@ -106,7 +106,7 @@ def check_checkpoints(cfg: Config) -> tuple[Path, Tokenizer]:
     models = cfg.models
     policy_dir, tokenizer = check_pretrained(models.policy)
     tokenizer.template_args["enable_thinking"] = models.enable_thinking
-    critic = (models.critic or models.policy) if cfg.ppo.advantage == "gae" else None
+    critic = (models.critic or models.policy) if cfg.ppo.uses_critic() else None
     reference = (models.reference or models.policy) if cfg.ppo.uses_reference() else None
     for path in filter(None, (critic, reference)):
         check_pretrained(path, tokenizer)

@@ -197,3 +197,35 @@ def test_experiment_command_gives_in_its_workers_the_numbers_of_runs_made_in_tur
     assert saved["accuracy"] == json.loads(json.dumps(here["accuracy"]))
     assert saved["curves"] == here["curves"] and here["curves"]["hybrid"][0][-1]["reward"] > 0
     assert all(f"{name}, seed 0: " in done.stdout for name in arms)
+
+
+def test_train_help_lists_every_setting_with_its_default_choices_and_meaning():
+    """python train.py --help (and -h): every field of every section, read from the dataclasses
+    and the registries, so a new setting or choice shows without touching train.py."""
+    import dataclasses
+
+    from pbrl.config import Config
+    text = run("train.py", "--help").stdout
+    assert run("train.py", "-h").stdout == text
+    for section in dataclasses.fields(Config):
+        assert f"[{section.name}]" in text
+        for f in dataclasses.fields(section.default_factory()):
+            assert f.metadata["help"].strip(), f"{section.name}.{f.name} has no help"
+            line = next((x for x in text.splitlines()
+                         if x.startswith(f"  --{section.name}.{f.name} (default ")), None)
+            assert line, f"--{section.name}.{f.name} missing from train.py --help"
+            for choice in f.metadata["choices"] or ():
+                assert choice in line, (choice, line)
+    assert "--ppo.advantage (default gae; gae | grpo | rloo | reinforce_pp" in text
+    assert "--rollout.top_p (default off; > 0 and <= 1 or off)" in text
+
+
+@pytest.mark.parametrize("module", ["eval", "pbrl.generate", "pbrl.pivot", "pbrl.memory",
+                                    "pbrl.plot", "pbrl.translation", "pbrl.experiment",
+                                    "pbrl.checkpoint"])
+def test_every_other_entry_point_answers_help(module, capsys):
+    """Their argparse --help, in this process (each runs in a fresh one elsewhere here)."""
+    import importlib
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(module).main(["--help"])
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out

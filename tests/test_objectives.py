@@ -11,7 +11,7 @@ import torch
 
 from conftest import metrics, overrides, subprocess_env
 from pbrl import ppo, rollout
-from pbrl.config import load_config, validate
+from pbrl.config import PPOConfig, load_config, validate
 from pbrl.sampler import Completions
 from pbrl.setup import prepare
 
@@ -223,6 +223,29 @@ def test_a_kl_free_run_loads_and_plans_no_reference(world, tmp_path, monkeypatch
     saving = with_kl.terms["reference (shards)"]
     for phase in ("rollout", "update"):  # a whole model's shards less in every training phase
         assert with_kl.phase_bytes(phase) - without.phase_bytes(phase) == saving
+
+
+# ------------------------------------------------------------- the estimators' declared properties
+@pytest.mark.parametrize("name", list(rollout.ADVANTAGES))
+def test_each_estimator_reads_a_critic_or_groups_exactly_as_it_declares(name):
+    """What an estimator declares when it registers (critic: setup builds one and the planner
+    counts it; grouped: samples_per_prompt >= 2 is checked) against what its numbers depend on:
+    other values change its advantages only if it declares a critic, regrouped samples only if
+    it declares groups."""
+    estimator = rollout.ADVANTAGES[name]
+    g = torch.Generator().manual_seed(0)
+    scores, kl = torch.rand(6, generator=g), torch.rand(6, 5, generator=g) * 0.1
+    values, mask = torch.rand(6, 5, generator=g), torch.ones(6, 5, dtype=torch.bool)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    cfg = PPOConfig(advantage=name)
+
+    def run(values=values, groups=groups):
+        return estimator.fn(cfg, scores, kl, values, mask, groups, 0.1, lambda x: x)[0]
+    reads_values = not torch.allclose(run(), run(values=values.flip(0)))
+    reads_groups = not torch.allclose(run(), run(groups=torch.tensor([0, 1, 0, 1, 0, 1])))
+    assert reads_values == estimator.critic, f"{name}: declares critic={estimator.critic}"
+    assert reads_groups == estimator.grouped, f"{name}: declares grouped={estimator.grouped}"
+    assert PPOConfig(advantage=name).uses_critic() == estimator.critic
 
 
 # ------------------------------------------------------------------- every option, end to end

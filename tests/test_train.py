@@ -391,8 +391,7 @@ def test_critic_free_runs_train_no_critic(world, tmp_path, advantage, kl_in_loss
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--ppo.advantage", "ppo"], r"ppo.advantage must be one of gae, grpo, rloo, reinforce_pp, "
-                                 r"reinforce_pp_baseline, got 'ppo'"),
+    (["--ppo.advantage", "ppo"], r"ppo.advantage must be one of .*grpo.*, got 'ppo'"),
     (["--ppo.advantage", "grpo", "--rollout.samples_per_prompt", "1"],
      r"ppo.advantage=grpo compares the samples of a prompt: rollout.samples_per_prompt must "
      r"be >= 2"),
