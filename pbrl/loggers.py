@@ -1,10 +1,10 @@
 """Where a run's metrics go: {out_dir}/metrics.jsonl always; TensorBoard and Weights & Biases when
 run.loggers names them (each an optional import: one that is not installed is an error naming it).
 
-TensorBoard and W&B get the metrics.jsonl names, grouped: names that carry a group keep it
-(`reward/de`, `time/rollout`, `acc/avg`); the reward and its components go under `reward/` (the
-reward itself as `reward/mean`), the PPO statistics under `ppo/`, throughput and memory under
-`perf/`.
+TensorBoard and W&B get the metrics.jsonl names, grouped (GROUPS): names that carry a group keep
+it (`reward/de`, `time/rollout`, `acc/avg`); the reward and its components go under `reward/` (the
+reward itself as `reward/mean`), the PPO statistics under `ppo/`, the responses' statistics under
+`rollout/`, throughput and memory under `perf/`.
 """
 from __future__ import annotations
 
@@ -14,19 +14,44 @@ from pathlib import Path
 
 from pbrl.files import read_appended
 
-REWARD = {"reward": "mean", "agreement": "agreement", "embedding": "embedding", "mt": "mt",
-          "format": "format", "language": "language", "exact_match": "exact_match"}
-PPO = {"kl", "kl_beta", "kl_loss", "policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl",
-       "value_clipfrac", "grad_norm", "explained_variance", "logprob_mismatch", "lr"}
+# The group TensorBoard and W&B file each bare metrics.jsonl name under (names that carry a group,
+# reward/de, time/rollout, acc/avg, keep it). Every metric a step logs is listed once, by whoever
+# adds it: a bare name missing here is an error in scalar_name, not a silent default. A reward's
+# component is logged under its class's `name` (pbrl/rewards.py).
+GROUPS = {
+    "reward": ("reward", "exact_match", "agreement", "embedding", "mt", "format", "language",
+               "overlong_penalty"),
+    "ppo": ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "value_clipfrac",
+            "grad_norm", "explained_variance", "kl", "kl_beta", "kl_loss", "lr", "corrected",
+            "logprob_mismatch", "logprob_mismatch_k3"),
+    "rollout": ("response_tokens", "response_length", "sequence_tokens", "truncated",
+                "sampling_rounds", "informative_groups"),
+    "perf": ("seconds", "tokens_per_s", "peak_memory_mb", "update_tokens", "padding"),
+}
+GROUP = {name: group for group, names in GROUPS.items() for name in names}
+# The console's line per step: these metrics (when a step has them) and every accuracy.
+CONSOLE = (("reward", ".3f"), ("kl", ".4f"), ("clipfrac", ".3f"), ("entropy", ".3f"),
+           ("value_loss", ".4f"), ("response_length", ".1f"), ("seconds", ".2f"))
 
 
 def scalar_name(key: str) -> str:
-    """A metrics.jsonl key -> its grouped name in TensorBoard and W&B."""
+    """A metrics.jsonl key -> its grouped name in TensorBoard and W&B (the reward itself is
+    reward/mean)."""
     if "/" in key:
         return key
-    if key in REWARD:
-        return f"reward/{REWARD[key]}"
-    return f"ppo/{key}" if key in PPO else f"perf/{key}"
+    if key not in GROUP:
+        raise KeyError(f"metric {key!r} has no TensorBoard group: add it to pbrl/loggers.py's "
+                       f"GROUPS")
+    return "reward/mean" if key == "reward" else f"{GROUP[key]}/{key}"
+
+
+def console_line(metrics: dict, steps: int) -> str:
+    """One step's line on the console: 'step  2/40 | reward 0.512 | ... | de 41.0%'."""
+    shown = [f"step {metrics['step']:>4}/{steps}"]
+    shown += [f"{key} {metrics[key]:{fmt}}" for key, fmt in CONSOLE if key in metrics]
+    shown += [f"{k.removeprefix('acc/')} {v:.1f}%" for k, v in metrics.items()
+              if k.startswith("acc/")]
+    return " | ".join(shown)
 
 
 class Loggers:

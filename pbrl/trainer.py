@@ -35,7 +35,7 @@ from pbrl.config import Config
 from pbrl.data import Problem
 from pbrl.evaluate import accuracy_by_language, evaluate
 from pbrl.graphs import CudaGraphs
-from pbrl.loggers import Loggers
+from pbrl.loggers import Loggers, console_line
 from pbrl.model import Transformer
 from pbrl.sampler import Sampling, complete
 from pbrl.tokenizer import Tokenizer
@@ -343,15 +343,7 @@ class Trainer:
     def log_metrics(self, metrics: dict) -> dict:
         if self.rank == 0:
             self.loggers.log(metrics)
-            shown = [f"step {metrics['step']:>4}/{self.cfg.run.steps}"]
-            for key, fmt in (("reward", ".3f"), ("kl", ".4f"), ("clipfrac", ".3f"),
-                             ("entropy", ".3f"),
-                             ("value_loss", ".4f"), ("response_length", ".1f"), ("seconds", ".2f")):
-                if key in metrics:
-                    shown.append(f"{key} {metrics[key]:{fmt}}")
-            shown += [f"{k.removeprefix('acc/')} {v:.1f}%"
-                      for k, v in metrics.items() if k.startswith("acc/")]
-            self.log(" | ".join(shown))
+            self.log(console_line(metrics, self.cfg.run.steps))
         return metrics
 
 

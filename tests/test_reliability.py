@@ -84,9 +84,9 @@ def test_a_non_finite_gradient_stops_the_run_keeping_the_last_checkpoint(world, 
 def test_metrics_that_are_not_finite_are_written_as_null(tmp_path):
     from pbrl.loggers import Loggers
     logs = Loggers(tmp_path, ["jsonl"], "x", {})
-    logs.log({"step": 1, "reward": math.nan, "kl": math.inf, "ok": 1.5})
+    logs.log({"step": 1, "reward": math.nan, "kl": math.inf, "entropy": 1.5})
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "reward": None,
-                                                                    "kl": None, "ok": 1.5}
+                                                                    "kl": None, "entropy": 1.5}
 
 
 def test_a_pivot_cache_begun_by_one_pivot_is_not_completed_by_another(tmp_path):
