@@ -25,6 +25,7 @@ import torch
 from pbrl.data import LANGUAGES
 from pbrl.files import is_hub_id, read_text
 from pbrl.ppo import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+from pbrl.rewards import REWARDS
 from pbrl.rollout import ADVANTAGES, OVERLONG
 
 TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, built on first use
@@ -166,8 +167,7 @@ class PPOConfig:
 @dataclass
 class RewardConfig:
     # exact_match is the labelled PPO baseline; the others need no label
-    kind: str = setting("hybrid", "the reward", choices=("exact_match", "agreement", "embedding",
-                                                          "mt", "hybrid"))
+    kind: str = setting("hybrid", "the reward", choices=REWARDS)
     embedding_weight: float = setting(0.5, "hybrid: the embedding cosine's weight (0: not "
                                            "computed)", ge=0)
     agreement_weight: float = setting(0.5, "hybrid: final-answer agreement's weight", ge=0)
@@ -179,11 +179,10 @@ class RewardConfig:
     translate_max_new_tokens: int = setting(64, "the MT reward's longest translation", gt=0)
 
     def uses_embedder(self) -> bool:
-        hybrid = self.kind == "hybrid" and bool(self.embedding_weight or self.mt_weight)
-        return self.kind in ("embedding", "mt") or hybrid
+        return "embedder" in REWARDS[self.kind].uses(self)
 
     def uses_translator(self) -> bool:
-        return self.kind == "mt" or (self.kind == "hybrid" and bool(self.mt_weight))
+        return "translator" in REWARDS[self.kind].uses(self)
 
 
 @dataclass

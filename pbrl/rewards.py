@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -262,24 +263,84 @@ class HybridReward:
         return out
 
 
-def build_reward(cfg, embedder: str, translator: str, dtype=None, device=None):
-    """The reward a RewardConfig (pbrl/config.py) names; models are loaded only for the components
-    it uses, and one embedder serves both the embedding and the MT components."""
-    if cfg.kind == "exact_match":
-        return ExactMatch()
-    if cfg.kind == "agreement":
-        return AnswerAgreement()
-    shared = Embedder.from_pretrained(embedder, dtype=dtype, device=device, pooling=cfg.pooling) \
-        if cfg.uses_embedder() else None
+class RewardModels:
+    """The models a reward may need, loaded on first use: one embedder serves both the embedding
+    and the MT components."""
 
-    def mt():
-        return MTReward(load_translator(translator, dtype, device, cfg.translate_max_new_tokens),
-                        shared)
-    if cfg.kind == "embedding":
-        return EmbeddingReward(shared)
-    if cfg.kind == "mt":
-        return mt()
-    parts = [(cfg.embedding_weight, lambda: EmbeddingReward(shared)),
-             (cfg.agreement_weight, AnswerAgreement), (cfg.mt_weight, mt),
-             (cfg.format_weight, FormatReward), (cfg.language_weight, LanguageConsistency)]
-    return HybridReward([(weight, make()) for weight, make in parts if weight > 0])
+    def __init__(self, cfg, embedder: str, translator: str, dtype=None, device=None):
+        self.cfg, self.paths, self.dtype, self.device = cfg, (embedder, translator), dtype, device
+        self.loaded = None
+
+    def embedder(self) -> Embedder:
+        if self.loaded is None:
+            self.loaded = Embedder.from_pretrained(self.paths[0], dtype=self.dtype,
+                                                   device=self.device, pooling=self.cfg.pooling)
+        return self.loaded
+
+    def translator(self) -> Translator:
+        return load_translator(self.paths[1], self.dtype, self.device,
+                               self.cfg.translate_max_new_tokens)
+
+
+class RewardKind(NamedTuple):
+    """A reward.kind: how it is built from the RewardConfig and its models, and which models it
+    uses under a config (the trainer loads, the planner counts and the config checks just those)."""
+    build: Callable        # (RewardConfig, RewardModels) -> reward
+    uses: Callable         # RewardConfig -> a set of "embedder", "translator"
+
+
+# reward.kind's choices, each registered by @reward_kind. A reward's components are logged under
+# their classes' `name`s, which pbrl/loggers.py's GROUPS files under reward/.
+REWARDS: dict[str, RewardKind] = {}
+
+
+def reward_kind(name: str, uses=lambda cfg: set()):
+    def register(build):
+        REWARDS[name] = RewardKind(build, uses)
+        return build
+    return register
+
+
+@reward_kind("exact_match")
+def exact_match(cfg, models: RewardModels):
+    return ExactMatch()
+
+
+@reward_kind("agreement")
+def agreement(cfg, models: RewardModels):
+    return AnswerAgreement()
+
+
+@reward_kind("embedding", uses=lambda cfg: {"embedder"})
+def embedding(cfg, models: RewardModels):
+    return EmbeddingReward(models.embedder())
+
+
+@reward_kind("mt", uses=lambda cfg: {"embedder", "translator"})
+def mt(cfg, models: RewardModels):
+    return MTReward(models.translator(), models.embedder())
+
+
+def hybrid_parts(cfg) -> list[tuple[float, Callable]]:
+    """The hybrid's (weight, builder) pairs with a positive weight."""
+    parts = [(cfg.embedding_weight, embedding), (cfg.agreement_weight, agreement),
+             (cfg.mt_weight, mt), (cfg.format_weight, lambda cfg, models: FormatReward()),
+             (cfg.language_weight, lambda cfg, models: LanguageConsistency())]
+    return [(weight, build) for weight, build in parts if weight > 0]
+
+
+def hybrid_uses(cfg) -> set[str]:
+    """The models of the hybrid's weighted semantic components."""
+    semantic = ((cfg.embedding_weight, "embedding"), (cfg.mt_weight, "mt"))
+    return {model for weight, name in semantic if weight > 0 for model in REWARDS[name].uses(cfg)}
+
+
+@reward_kind("hybrid", uses=hybrid_uses)
+def hybrid(cfg, models: RewardModels):
+    return HybridReward([(weight, build(cfg, models)) for weight, build in hybrid_parts(cfg)])
+
+
+def build_reward(cfg, embedder: str, translator: str, dtype=None, device=None):
+    """The reward a RewardConfig (pbrl/config.py) names (REWARDS); models are loaded only for the
+    components it uses."""
+    return REWARDS[cfg.kind].build(cfg, RewardModels(cfg, embedder, translator, dtype, device))

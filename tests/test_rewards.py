@@ -6,8 +6,9 @@ import torch
 
 from conftest import hf_config, randomize, save_hf_model
 from pbrl.checkpoint import load_model
-from pbrl.rewards import (AnswerAgreement, Embedder, EmbeddingReward, ExactMatch, FormatReward,
-                          HybridReward, LanguageConsistency, MTReward, Sample, language_share)
+from pbrl.rewards import (REWARDS, AnswerAgreement, Embedder, EmbeddingReward, ExactMatch,
+                          FormatReward, HybridReward, LanguageConsistency, MTReward, Sample,
+                          language_share)
 from pbrl.translators import TRANSLATE_PROMPT, Translator
 from pbrl.tokenizer import Tokenizer
 
@@ -138,3 +139,48 @@ def test_hybrid_weights_and_components():
     assert torch.allclose(out["reward"], expected) and out["reward"][1] == 0
     with pytest.raises(ValueError, match="non-negative weights"):
         HybridReward([(-1.0, FormatReward())])
+
+
+def test_every_reward_component_and_metric_has_a_chosen_group():
+    """Each reward logs its component under its `name`: TensorBoard files it under reward/. A
+    metric with no group in loggers.GROUPS is an error naming the table, never a silent perf/."""
+    import inspect
+
+    from pbrl import rewards
+    from pbrl.loggers import GROUPS, scalar_name
+    names = [cls.name for _, cls in inspect.getmembers(rewards, inspect.isclass)
+             if cls.__module__ == rewards.__name__ and hasattr(cls, "name")]
+    assert "mt" in names and "exact_match" in names
+    for name in names:
+        if name != "hybrid":  # the hybrid logs its components, not itself
+            assert scalar_name(name) == f"reward/{name}", name
+    assert scalar_name("reward") == "reward/mean" and scalar_name("time/rollout") == "time/rollout"
+    listed = [n for names in GROUPS.values() for n in names]
+    assert len(listed) == len(set(listed)), "a metric listed in two groups"
+    with pytest.raises(KeyError, match="'new_metric' has no TensorBoard group: add it to "
+                                       "pbrl/loggers.py's GROUPS"):
+        scalar_name("new_metric")
+
+
+@pytest.mark.parametrize("kind", list(REWARDS))
+@pytest.mark.parametrize("weights", [(0.5, 0.5, 0.0), (0.0, 1.0, 0.0), (0.2, 0.0, 0.3)])
+def test_each_reward_kind_uses_exactly_the_models_it_declares(kind, weights):
+    """What reward.kind declares it uses (the trainer loads, the planner counts and the config
+    checks just those) against the models its builder asks for, here handed out by a stand-in that
+    records them."""
+    from pbrl.config import RewardConfig
+    cfg = RewardConfig(kind=kind, embedding_weight=weights[0], agreement_weight=weights[1],
+                       mt_weight=weights[2], format_weight=0.1)
+    asked = set()
+
+    class Models:
+        def embedder(self):
+            asked.add("embedder")
+            return None
+
+        def translator(self):
+            asked.add("translator")
+            return None
+    reward = REWARDS[kind].build(cfg, Models())
+    assert asked == REWARDS[kind].uses(cfg), f"{kind} declares {REWARDS[kind].uses(cfg)}"
+    assert callable(reward)
