@@ -471,7 +471,7 @@ def test_a_logger_that_is_not_installed_names_its_package(monkeypatch):
                              "wandb"):
         validate(load_config(None, ["--run.loggers", "jsonl,wandb"]), world_size=1)
     with pytest.raises(ValueError,
-                       match="run.loggers must be one of jsonl, tensorboard, wandb, got 'mlflow'"):
+                       match="run.loggers must be one of .*tensorboard.*, got 'mlflow'"):
         validate(load_config(None, ["--run.loggers", "jsonl,mlflow"]), world_size=1)
 
 
