@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         return
     from pbrl import distributed
     from pbrl.config import load_config, parse_command_line
-    from pbrl.setup import prepare
+    from pbrl.prepare import prepare
     from pbrl.toy import use_world
     cfg = load_config(*parse_command_line(argv))
     # Under torchrun the process group is created here, once, with the run's timeout.

@@ -50,7 +50,7 @@ from pbrl.checkpoint import (export, load_training_checkpoint, save_model,  # no
                              save_training_checkpoint)
 from pbrl import memory  # noqa: E402
 from pbrl.config import load_config  # noqa: E402
-from pbrl.graphs import CudaGraphs  # noqa: E402
+from pbrl.cudagraphs import CudaGraphs  # noqa: E402
 from pbrl.model import ModelArgs, Transformer  # noqa: E402
 from pbrl.tokenizer import chat_tokenizer, save_tokenizer, train_bpe  # noqa: E402
 from pbrl.trainer import timed  # noqa: E402
@@ -305,7 +305,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
     compiled (models.compile, on CUDA); then one more under the profiler, and one with the blocks
     run eagerly, for the compiler's gain."""
     from pbrl import toy
-    from pbrl.setup import prepare
+    from pbrl.prepare import prepare
     problems = toy.make_problems(64, __import__("random").Random(0))
     texts = [toy.render(p, lang) for p in problems for lang in toy.LANGS]
     tokenizer = chat_tokenizer(train_bpe(texts, 400))

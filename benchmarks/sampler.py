@@ -44,7 +44,7 @@ from benchmarks.results import append_csv  # noqa: E402
 from benchmarks.timing import best_seconds, read_bandwidth  # noqa: E402
 import pbrl.model  # noqa: E402
 from pbrl.checkpoint import load_model  # noqa: E402
-from pbrl.graphs import CudaGraphs  # noqa: E402
+from pbrl.cudagraphs import CudaGraphs  # noqa: E402
 from pbrl.model import KVCache  # noqa: E402
 
 
@@ -134,7 +134,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-sizes", default="1,8,64")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time decoding through pbrl.graphs.CudaGraphs (default: on)")
+                    help="also time decoding through pbrl.cudagraphs.CudaGraphs (default: on)")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--rollout-tokens", type=int, default=256)

@@ -1,6 +1,7 @@
-"""Start-up cost of rendering every training prompt through a chat template, as setup.render_prompts
-does once per problem: the template compiled once (pbrl) against compiled for every prompt (what a
-plain jinja2 `from_string(...).render(...)` per call costs, pbrl's way before).
+"""Start-up cost of rendering every training prompt through a chat template, as
+prepare.render_prompts does once per problem: the template compiled once (pbrl) against compiled
+for every prompt (what a plain jinja2 `from_string(...).render(...)` per call costs, pbrl's way
+before).
 
     python benchmarks/startup.py [--problems 10000]
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pbrl import toy, tokenizer  # noqa: E402
 from pbrl.config import load_config  # noqa: E402
 from pbrl.data import Problem  # noqa: E402
-from pbrl.setup import render_prompts  # noqa: E402
+from pbrl.prepare import render_prompts  # noqa: E402
 
 TEMPLATE = """{{- bos_token }}
 {%- if messages[0]['role'] == 'system' %}

@@ -85,7 +85,7 @@ class RolloutConfig:
     top_p: float | None = setting(None, "nucleus sampling's mass; off = all", gt=0, le=1)
     # Memory: the sampler's state and, under FSDP, a whole copy of the actor stay allocated between
     # rollouts (pbrl.memory counts both).
-    compile: bool = setting(False, "decode through CUDA graphs (pbrl/graphs.py)")
+    compile: bool = setting(False, "decode through CUDA graphs (pbrl/cudagraphs.py)")
     # DTensor tensor parallelism, Megatron's column/row split; 1: each rank its own whole copy
     tensor_parallel: int = setting(1, "ranks that decode one batch together, each holding 1/N of "
                                       "the weights and KV cache", gt=0)

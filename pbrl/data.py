@@ -44,7 +44,9 @@ LANGUAGES = {
 }
 
 
-def language(code: str) -> LanguageFormat:
+def prompt_format(code: str) -> LanguageFormat:
+    """A language code's prompt format: its name and MGSM's question, answer and answer phrases
+    (which language a text is in: rewards.language_share)."""
     if code not in LANGUAGES:
         raise ValueError(f"unknown language code {code!r}; expected one of {', '.join(LANGUAGES)}")
     return LANGUAGES[code]
@@ -129,7 +131,7 @@ def written_numbers(text: str) -> list[str]:
 
 def has_answer_phrase(response: str, lang: str) -> bool:
     """The response states its final answer with the language's phrase followed by a number."""
-    phrase = re.escape(language(lang).phrase)
+    phrase = re.escape(prompt_format(lang).phrase)
     return re.search(phrase + r"\s*[:：]?\s*\$?-?\d", response, flags=re.IGNORECASE) is not None
 
 
@@ -188,7 +190,7 @@ def load_mgsm_exemplars(path_or_id, langs: list[str], k: int) -> dict[str, list[
     root = resolve_dataset(path_or_id)
     out = {}
     for lang in langs:
-        f = language(lang)
+        f = prompt_format(lang)
         files = sorted({*root.rglob(f"*{lang}_train*.tsv"), *root.rglob(f"train/*{lang}.tsv")})
         if len(files) != 1:
             raise FileNotFoundError(f"{root}: expected one exemplar file for {lang} "
@@ -207,7 +209,7 @@ def load_mgsm_exemplars(path_or_id, langs: list[str], k: int) -> dict[str, list[
 def mmlu_prompt(problem: Problem) -> str:
     """The question, its options as 'A. ...' lines, then the language's step-by-step answer prefix;
     the model is expected to end with the answer phrase and a letter."""
-    f = language(problem.lang)
+    f = prompt_format(problem.lang)
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(problem.choices))
     return f"{f.question} {problem.question}\n{options}\n({f.phrase} (X))\n{f.answer}"
 
@@ -217,7 +219,7 @@ def mgsm_prompt(problem: Problem) -> str:
     question prefix, then the language's step-by-step answer prefix, which the model continues
     (ending, ideally, with the language's answer phrase; extraction falls back to the last number
     when it does not)."""
-    f = language(problem.lang)
+    f = prompt_format(problem.lang)
     return f"{f.question} {problem.question}\n{f.answer}"
 
 
@@ -265,7 +267,7 @@ def load_mgsm(path_or_id, langs: list[str]) -> dict[str, list[Problem]]:
     root = resolve_dataset(path_or_id)
     out = {}
     for lang in langs:
-        language(lang)
+        prompt_format(lang)
         tsv, jsonl = root / f"mgsm_{lang}.tsv", root / f"mgsm_{lang}.jsonl"
         if tsv.is_file():
             out[lang] = _read_mgsm_tsv(tsv, lang)
@@ -344,7 +346,7 @@ def load_mmlu_prox(path_or_id, langs: list[str], split: str = "test") -> dict[st
     root = resolve_dataset(path_or_id)
     out = {}
     for lang in langs:
-        language(lang)
+        prompt_format(lang)
         folder = root / lang
         files = [root / f"mmlu_prox_{lang}.jsonl"] if not folder.is_dir() else \
             sorted(folder.glob(f"{split}*.jsonl")) + sorted(folder.glob(f"{split}*.parquet"))

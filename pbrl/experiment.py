@@ -29,7 +29,7 @@ from pbrl.config import Config, load_config
 from pbrl.evaluate import accuracy_by_language, format_table
 from pbrl.files import fresh_dir
 from pbrl.plot import svg_panels
-from pbrl.setup import prepare
+from pbrl.prepare import prepare
 from pbrl.toy import use_world
 
 DEFAULT_OUT = "runs/toy"

@@ -376,7 +376,7 @@ class Transformer(nn.Module):
     def compile_blocks(self, **options) -> None:
         """Every block's causal forward through one torch.compile of block_forward (dynamic shapes,
         shared by all blocks): norms, RoPE and the MLP's activation fuse. Decoding compiles apart
-        (pbrl/graphs.py)."""
+        (pbrl/cudagraphs.py)."""
         compiled = torch.compile(block_forward, dynamic=True, **options)
         for layer in self.layers:
             layer.compiled_forward = compiled

@@ -27,7 +27,7 @@ import torch
 
 from pbrl import kernels
 from pbrl.checkpoint import load_pretrained
-from pbrl.data import extract_number, has_answer_phrase, language
+from pbrl.data import extract_number, has_answer_phrase, prompt_format
 from pbrl.files import read_json, resolve
 from pbrl.model import Transformer, pad_rows
 from pbrl.tokenizer import Tokenizer
@@ -101,7 +101,7 @@ def language_share(text: str, lang: str) -> float:
     """Fraction of the text in `lang`: for script languages the share of letters in that script; for
     Latin-script languages the share of recognised function words that belong to it. 0 when nothing
     is recognised."""
-    language(lang)
+    prompt_format(lang)
     letters = [c for c in text if c.isalpha()]
     if lang in _SCRIPTS:
         if not letters:

@@ -234,7 +234,7 @@ def token_micro_batches(widths: list[int], budget: int, gather=lambda k: [k]) ->
 class Estimator(NamedTuple):
     """An advantage estimator (ppo.advantage) and what the rest of a run must know of it."""
     fn: Callable        # (cfg, scores [B], kl, values, mask, groups [B], beta, reduce) -> (A, R)
-    critic: bool        # it reads a critic's values: setup builds one, the planner counts it
+    critic: bool        # it reads a critic's values: prepare builds one, the planner counts it
     grouped: bool       # it compares the samples of a prompt: rollout.samples_per_prompt >= 2
 
 

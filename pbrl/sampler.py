@@ -6,8 +6,8 @@ a prompt share its prefill. Sampling draws with Gumbel noise hashed from each ro
 step (kernels.sample_tokens), so a row's sample does not depend on its batch. The host looks at the
 batch every SYNC_EVERY steps: to stop once every row has finished, and to drop finished rows (the
 live ones move to the front of the same buffers; the batch shrinks to the next of BATCH_SIZES). A
-decoding step has static shapes and never syncs with the host: pbrl/graphs.py runs it as one CUDA
-graph. docs/sampler.md has more.
+decoding step has static shapes and never syncs with the host: pbrl/cudagraphs.py runs it as one
+CUDA graph. docs/sampler.md has more.
 """
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     batch; else `seed` derives them, else torch's RNG draws them. Log-probs are those of the
     tempered, untruncated distribution, the quantity a trainer recomputes: top-k/top-p only change
     which token is drawn. slots: the cache's length (default: the longest prompt + max_new_tokens).
-    graphs: a pbrl.graphs.CudaGraphs, to decode through CUDA graphs on buffers it keeps between
+    graphs: a pbrl.cudagraphs.CudaGraphs, to decode through CUDA graphs on buffers it keeps between
     calls."""
     check_request(model, prompts, max_new_tokens, n, temperature, top_k, top_p, slots)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long,

@@ -1,6 +1,6 @@
 """The PB-RLSVR training loop: PPO on target-language prompts, rewarded against an English pivot.
 
-pbrl/setup.py builds a Trainer (checks, data, pivot references, models, optimizers); this file is
+pbrl/prepare.py builds a Trainer (checks, data, pivot references, models, optimizers); this file is
 what the Trainer does with it. One iteration, `train_step`, in seven numbered, timed phases (as
 verl's):
   1. sample      this rank's share of the step's problems (a seeded function of the step)
@@ -34,7 +34,7 @@ from pbrl.cli import Progress
 from pbrl.config import Config
 from pbrl.data import Problem
 from pbrl.evaluate import accuracy_by_language, evaluate
-from pbrl.graphs import CudaGraphs
+from pbrl.cudagraphs import CudaGraphs
 from pbrl.loggers import Loggers, console_line
 from pbrl.model import Transformer
 from pbrl.sampler import Sampling, complete
@@ -51,7 +51,7 @@ class Trained:
 
 @dataclass
 class Trainer:
-    """One run: what setup.prepare built, and the loop over it."""
+    """One run: what prepare.prepare built, and the loop over it."""
     cfg: Config
     log: Callable                       # prints on rank 0, nothing elsewhere
     rank: int

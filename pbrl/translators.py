@@ -1,5 +1,5 @@
 """Translators, text in one language to another: what the MT reward (pbrl/rewards.py) and the
-training data builder (pbrl/translation.py) both use.
+training data builder (pbrl/translate_data.py) both use.
 
     Translator          an instruct model, prompted, decoded greedily by pbrl's sampler
     LexiconTranslator   word by word through a dictionary (a baseline; the toy world's translator)
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from pbrl.checkpoint import load_pretrained
-from pbrl.data import language
+from pbrl.data import prompt_format
 from pbrl.files import read_json
 from pbrl.model import Transformer
 from pbrl.sampler import generate
@@ -39,7 +39,7 @@ class Translator:
         for start in range(0, len(texts), self.batch_size):
             batch = zip(texts[start:start + self.batch_size], langs[start:start + self.batch_size])
             prompts = [tok.encode_chat([{"role": "user", "content": self.prompt.format(
-                language=language(lang).name, text=text)}]) for text, lang in batch]
+                language=prompt_format(lang).name, text=text)}]) for text, lang in batch]
             done = generate(self.model, prompts, self.max_new_tokens, stop_ids=tok.stop_ids,
                             pad_id=tok.pad_id or 0, temperature=temperature,
                             seed=None if seed is None else seed + start)

@@ -217,9 +217,9 @@ def metrics(out) -> list[dict]:
 
 def no_model_loads(monkeypatch):
     import pbrl.checkpoint
-    import pbrl.setup
+    import pbrl.prepare
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the error")
-    for module in (pbrl.checkpoint, pbrl.setup):
+    for module in (pbrl.checkpoint, pbrl.prepare):
         monkeypatch.setattr(module, "load_model", refuse)

@@ -48,7 +48,7 @@ def chat_world(tmp_path_factory):
 def test_generate_pivot_eval_and_train_run_in_a_fresh_process(chat_world, tmp_path,
                                                               capsys):
     model, data = chat_world / "model", chat_world / "data"
-    done = run("pbrl.generate", "--model", model, "--prompt", "Wie viel ist 12 * 7?",
+    done = run("pbrl.chat", "--model", model, "--prompt", "Wie viel ist 12 * 7?",
                "--max-new-tokens", 5)
     assert "prompt tokens" in done.stdout and "Traceback" not in done.stderr
 
@@ -118,7 +118,7 @@ def test_bad_input_ends_with_one_line_not_a_traceback(chat_world, tmp_path, caps
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_cuda_without_cuda_is_one_sentence(chat_world):
-    done = run("pbrl.generate", "--model", chat_world / "model", "--device", "cuda", expect=2)
+    done = run("pbrl.chat", "--model", chat_world / "model", "--device", "cuda", expect=2)
     assert "error: device 'cuda' was asked for, but CUDA is not available here" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -220,8 +220,8 @@ def test_train_help_lists_every_setting_with_its_default_choices_and_meaning():
     assert "--rollout.top_p (default off; > 0 and <= 1 or off)" in text
 
 
-@pytest.mark.parametrize("module", ["eval", "pbrl.generate", "pbrl.pivot", "pbrl.memory",
-                                    "pbrl.plot", "pbrl.translation", "pbrl.experiment",
+@pytest.mark.parametrize("module", ["eval", "pbrl.chat", "pbrl.pivot", "pbrl.memory",
+                                    "pbrl.plot", "pbrl.translate_data", "pbrl.experiment",
                                     "pbrl.checkpoint"])
 def test_every_other_entry_point_answers_help(module, capsys):
     """Their argparse --help, in this process (each runs in a fresh one elsewhere here)."""

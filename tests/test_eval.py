@@ -53,11 +53,11 @@ def test_gsm8k_is_english_only():
 
 
 def exemplar_files(root):
-    from pbrl.data import language
+    from pbrl.data import prompt_format
     (root / "exemplars").mkdir(parents=True)
     for lang, solved in (("en", "Tom had {n} pens, so the answer is {n}."),
                          ("de", "Tom hatte {n} Stifte, also {n}.")):
-        prefix = language(lang).answer
+        prefix = prompt_format(lang).answer
         (root / "exemplars" / f"mgsm_{lang}_train.tsv").write_text("".join(
             f"Q{lang}{n}: Tom has {n} pens.\t{prefix} "
             f"{solved.format(n=n)}\t{n}\n" for n in (1, 2, 3)),
@@ -68,7 +68,7 @@ def test_fewshot_prompts_put_native_exemplars_first(tmp_path):
     """With a real chat template: the exemplars as earlier user/assistant turns, in the problem's
     language and order, their answer prefix not doubled; without chat, as solved prompts."""
     from conftest import REAL_TEMPLATE
-    from pbrl.data import Problem, encode_prompt, language, load_mgsm_exemplars
+    from pbrl.data import Problem, encode_prompt, prompt_format, load_mgsm_exemplars
     from pbrl.tokenizer import Tokenizer
     save_hf_model(tmp_path / "m", "llama", chat_template=REAL_TEMPLATE)
     tok = Tokenizer.from_pretrained(tmp_path / "m")
@@ -79,7 +79,7 @@ def test_fewshot_prompts_put_native_exemplars_first(tmp_path):
     problem = Problem("mgsm-0", "de", "Wie viel ist 2 + 2?", "4")
     text = tok.decode(encode_prompt(tok, problem, chat=True, shots=shots["de"]),
                       skip_special_tokens=False)
-    f = language("de")
+    f = prompt_format("de")
     order = [text.index(s) for s in ("Qde1", "also 1.", "Qde2", "also 2.", "Wie viel ist 2 + 2?")]
     # two exemplar prompts and the question's
     assert order == sorted(order) and text.count(f.answer) == 3

@@ -10,7 +10,7 @@ from pbrl import toy
 from pbrl.config import Config
 from pbrl.evaluate import evaluate
 from pbrl.rewards import Sample
-from pbrl.setup import prepare
+from pbrl.prepare import prepare
 
 
 def test_quick_pb_rlsvr_run_improves_target_languages(tmp_path, monkeypatch):

@@ -102,7 +102,7 @@ def test_a_compiled_rollout_keeps_its_cache_and_actor_copy_in_every_phase_after_
     both in the update phase too, with the bytes of the tensors the sampler and the Trainer
     allocate."""
     from pbrl import sampler
-    from pbrl.graphs import cache_slots
+    from pbrl.cudagraphs import cache_slots
     from pbrl.config import load_config
     save_hf_model(tmp_path / "m", "llama")
     base = ["--models.policy", str(tmp_path / "m"), "--reward.kind", "agreement"]

@@ -13,7 +13,7 @@ from conftest import metrics, overrides, subprocess_env
 from pbrl import ppo, rollout
 from pbrl.config import PPOConfig, load_config, validate
 from pbrl.sampler import Completions
-from pbrl.setup import prepare
+from pbrl.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ def test_a_kl_free_run_loads_and_plans_no_reference(world, tmp_path, monkeypatch
 # ------------------------------------------------------------- the estimators' declared properties
 @pytest.mark.parametrize("name", list(rollout.ADVANTAGES))
 def test_each_estimator_reads_a_critic_or_groups_exactly_as_it_declares(name):
-    """What an estimator declares when it registers (critic: setup builds one and the planner
+    """What an estimator declares when it registers (critic: prepare builds one and the planner
     counts it; grouped: samples_per_prompt >= 2 is checked) against what its numbers depend on:
     other values change its advantages only if it declares a critic, regrouped samples only if
     it declares groups."""
@@ -264,13 +264,13 @@ OPTIONS = {  # together they name every new option value at least once
 # train.py with a reward that scores a third of the random policy's responses 1 (by a hash of the
 # text), so that some groups are informative and some are not
 HASH_REWARD = """import runpy, sys, zlib, torch
-import pbrl.setup
+import pbrl.prepare
 def build_reward(*args, **kwargs):
     def reward(samples):
         score = torch.tensor([float(zlib.crc32(s.response.encode()) % 3 == 0) for s in samples])
         return {"reward": score}
     return reward
-pbrl.setup.build_reward = build_reward
+pbrl.prepare.build_reward = build_reward
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

@@ -15,7 +15,7 @@ import torch
 
 from conftest import metrics, no_model_loads, overrides, subprocess_env
 from pbrl.config import load_config, parse_command_line, validate
-from pbrl.setup import prepare
+from pbrl.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,9 +303,9 @@ def test_config_files_with_a_bom_and_overrides_with_an_equals_sign(tmp_path):
 
 @pytest.mark.parametrize("module,argv,message", [
     ("pbrl.memory", ["--gpus", "-1"], "--gpus: expected a positive integer, got -1"),
-    ("pbrl.generate", ["--temperature", "inf"],
+    ("pbrl.chat", ["--temperature", "inf"],
      "--temperature: expected a finite number >= 0, got inf"),
-    ("pbrl.generate", ["--top-p", "0"], "--top-p: expected a number in (0, 1], got 0.0"),
+    ("pbrl.chat", ["--top-p", "0"], "--top-p: expected a number in (0, 1], got 0.0"),
 ])
 def test_command_line_numbers_are_checked(module, argv, message, capsys):
     """argparse refuses the number before the command does anything (tests/test_entrypoints.py
@@ -318,7 +318,7 @@ def test_command_line_numbers_are_checked(module, argv, message, capsys):
 @pytest.mark.parametrize("langs", ["de,de", "", ","])
 def test_language_lists_name_each_language_once(langs, capsys):
     import eval as eval_cli
-    from pbrl.translation import main as translate
+    from pbrl.translate_data import main as translate
     for main in (eval_cli.main, translate):
         with pytest.raises(SystemExit) as stop:
             main(["--model", "m", "--source", "s", "--out", "o", "--langs", langs])

@@ -6,7 +6,7 @@ from pbrl import kernels
 
 from conftest import each_batch_size_kept_its_addresses, observe_compiled_steps
 from pbrl.checkpoint import load_model
-from pbrl.graphs import CudaGraphs
+from pbrl.cudagraphs import CudaGraphs
 from pbrl.sampler import Sampling, generate, sample_next
 
 PROMPTS = [[5, 17, 33, 2, 90, 14, 7], [8, 3], [41, 42, 43, 44]]
@@ -206,11 +206,11 @@ def test_the_compiled_decoding_step_is_one_graph_and_decodes_the_same(model, mon
     """CudaGraphs' step with fullgraph=True (AOT autograd tracing instead of inductor code
     generation, to keep the test fast): a graph break is an error; greedy and sampled tokens equal
     the eager step's."""
-    import pbrl.graphs
+    import pbrl.cudagraphs
     import pbrl.sampler as sampler
     torch._dynamo.reset()
-    monkeypatch.setattr(pbrl.graphs, "COMPILE_OPTIONS", {"backend": "aot_eager", "fullgraph": True,
-                                                         "dynamic": False})
+    monkeypatch.setattr(pbrl.cudagraphs, "COMPILE_OPTIONS",
+                        {"backend": "aot_eager", "fullgraph": True, "dynamic": False})
     monkeypatch.setattr(sampler, "SYNC_EVERY", 3)
     graphs = CudaGraphs()
     for kwargs in (dict(), dict(temperature=1.0, n=2, seed=5, stop_ids=[17, 40])):

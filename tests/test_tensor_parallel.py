@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, overrides, save_hf_model, subprocess_env
 from pbrl.config import load_config
 from pbrl.memory import model_args, tensor_parallel_bytes
-from pbrl.setup import check_checkpoints, prepare
+from pbrl.prepare import check_checkpoints, prepare
 
 SHARDED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
            "embed_tokens", "lm_head")

@@ -8,7 +8,7 @@ from pbrl import rollout
 from pbrl.config import PPOConfig, load_config
 from pbrl.model import ModelArgs, Transformer, document_causal
 from pbrl.sampler import Completions
-from pbrl.setup import prepare
+from pbrl.prepare import prepare
 from test_objectives import run_train
 
 ONE_STEP = {"ppo.advantage": "grpo", "ppo.kl_beta": 0, "ppo.epochs": 1, "ppo.minibatches": 1}

@@ -14,7 +14,7 @@ from conftest import (each_batch_size_kept_its_addresses, hf_tensors, metrics, n
 from pbrl import kernels
 from pbrl.checkpoint import checkpoint_metadata, latest_checkpoint, read_checkpoint_tensors
 from pbrl.config import Config, load_config, validate
-from pbrl.setup import prepare
+from pbrl.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 STABLE = ("reward", "agreement", "kl", "policy_loss", "value_loss", "entropy", "clipfrac",
@@ -484,7 +484,7 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
     prompt, although one problem's prompt crosses a 128-slot boundary the others do not), and that
     copy samples what the gathered actor samples."""
     import pbrl.distributed as dist
-    from pbrl.graphs import cache_slots
+    from pbrl.cudagraphs import cache_slots
     from pbrl.rollout import problems_for_step
     from pbrl.sampler import generate
     seen = observe_compiled_steps(monkeypatch)

@@ -12,12 +12,12 @@ import torch
 import torch.distributed as c10d
 from torch.distributed.tensor import DTensor
 
-import pbrl.graphs
+import pbrl.cudagraphs
 from pbrl import distributed as dist
 from pbrl.checkpoint import load_model
 from pbrl.data import Problem
 from pbrl.evaluate import evaluate
-from pbrl.graphs import CudaGraphs
+from pbrl.cudagraphs import CudaGraphs
 from pbrl.sampler import Sampling, complete, generate
 from pbrl.tokenizer import Tokenizer
 
@@ -70,7 +70,7 @@ mine = prompts[rank % 2 * 2:rank % 2 * 2 + 2]  # the two ranks of a pair hold di
 seeds = torch.arange(4) + 100 * rank
 sampling = Sampling(10, 2, 1.0, None, None, torch.tensor([17, 40]), 0)
 alone = complete(whole, mine, sampling, seeds).as_lists()
-pbrl.graphs.COMPILE_OPTIONS = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
+pbrl.cudagraphs.COMPILE_OPTIONS = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
 graphs = CudaGraphs()
 with dist.tensor_parallel_weights(half, sharded, device, keep=True):
     ours = [dist.decode_together(pairs, mine, seeds, lambda p, s, g=g: complete(

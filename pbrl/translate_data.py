@@ -2,7 +2,7 @@
 translated into the target languages by an instruct model through pbrl's own sampler, in MGSM's
 layout.
 
-    python -m pbrl.translation --model TRANSLATOR --source openai/gsm8k --split train \
+    python -m pbrl.translate_data --model TRANSLATOR --source openai/gsm8k --split train \
         --langs de,fr,sw --out DIR
 
 PB-RLSVR needs target-language questions only: gold answers (for the labelled baseline and for eval)
@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from pbrl.cli import Progress, languages, positive_int, run_main, shared_flags
-from pbrl.data import Problem, language, load_gsm8k, written_numbers
+from pbrl.data import Problem, prompt_format, load_gsm8k, written_numbers
 from pbrl.distributed import resolve_device
 from pbrl.files import append_records, read_records, write_atomic
 from pbrl.translators import load_translator
@@ -101,7 +101,7 @@ def translate_language(translator, problems, lang: str, out: Path, batch_size: i
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pbrl.translation", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m pbrl.translate_data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
                     help="an instruct model (HF directory or hub id), or a "
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     langs = args.langs
     for lang in langs:
-        language(lang)  # an unknown code is an error before any model loads
+        prompt_format(lang)  # an unknown code is an error before any model loads
     if "en" in langs:
         raise ValueError("--langs lists the target languages; English is the source")
     problems = load_gsm8k(args.source, args.split)[:args.limit]

@@ -1,5 +1,5 @@
-"""`python -m pbrl.translation`: GSM8K questions into MGSM-layout training files, numbers checked,
-resumable."""
+"""`python -m pbrl.translate_data`: GSM8K questions into MGSM-layout training files, numbers
+checked, resumable."""
 import json
 import subprocess
 import sys
@@ -10,8 +10,8 @@ import pytest
 from conftest import run_here, save_hf_model, subprocess_env
 from pbrl.data import load_gsm8k, load_mgsm
 from pbrl.files import read_records
-from pbrl.translation import FIELDS, translate_problems
-from pbrl.translation import main as translate_main
+from pbrl.translate_data import FIELDS, translate_problems
+from pbrl.translate_data import main as translate_main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?",
@@ -92,7 +92,7 @@ def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source, capsys):
     lexicon.mkdir()
     words = {"de": {"apples": "Äpfel", "how": "wie", "many": "viele"}}
     (lexicon / "lexicon.json").write_text(json.dumps(words))
-    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model", str(lexicon),
+    done = subprocess.run([sys.executable, "-m", "pbrl.translate_data", "--model", str(lexicon),
                            "--source", str(source), "--langs", "de", "--out", str(tmp_path / "a")],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -100,7 +100,7 @@ def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source, capsys):
     # unknown: dropped
     assert load_mgsm(tmp_path / "a", ["de"])["de"][0].question == "3 Äpfel 4 . wie viele Äpfel ?"
     save_hf_model(tmp_path / "model", "llama", seed=5)
-    done = subprocess.run([sys.executable, "-m", "pbrl.translation", "--model",
+    done = subprocess.run([sys.executable, "-m", "pbrl.translate_data", "--model",
                            str(tmp_path / "model"), "--source", str(source), "--langs", "sw",
                            "--out", str(tmp_path / "b"), "--limit", "3", "--max-new-tokens", "8",
                            "--device", "cpu"], cwd=ROOT, env=subprocess_env(),

@@ -23,7 +23,7 @@ from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, latest_ch
 from pbrl.cli import DTYPES
 from pbrl.config import Config, validate
 from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
-from pbrl.graphs import CudaGraphs, cache_slots
+from pbrl.cudagraphs import CudaGraphs, cache_slots
 from pbrl.pivot import (check_questions, check_writer, match_references,
                         pivot_writer, read_references, write_references)
 from pbrl.rewards import build_reward

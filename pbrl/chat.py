@@ -1,4 +1,4 @@
-"""Chat with a model: python -m pbrl.generate --model PATH_OR_ID --prompt "..."
+"""Chat with a model: python -m pbrl.chat --model PATH_OR_ID --prompt "..."
 
 Without --model it builds (once, cached under .cache/) a tiny random model and tokenizer, so the
 whole path, checkpoint loading, chat template, KV-cached sampling and decoding, runs with no
