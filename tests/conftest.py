@@ -6,6 +6,9 @@ from pathlib import Path
 
 # before anything imports triton: the kernels run on the CPU
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# before torch is imported: the suite runs in two processes (pytest.ini), each on one thread, so the
+# two never oversubscribe a 2-core machine's cores (OpenMP's spinning threads then crawl)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

@@ -177,7 +177,7 @@ def test_experiment_command_gives_in_its_workers_the_numbers_of_runs_made_in_tur
                                                                                   monkeypatch):
     """python -m pbrl.experiment --workers 2 (its first run in its own process, the others two at a
     time in worker processes of one thread) gives the numbers the same runs give made in turn in
-    this process (two threads): same seed, same numbers, wherever a run goes."""
+    this process: same seed, same numbers, wherever a run goes."""
     from pbrl import toy
     from pbrl.experiment import run_experiment
     monkeypatch.delenv("TRITON_INTERPRET")  # a CPU user's kernels, as in the command's processes
