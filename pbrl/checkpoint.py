@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -516,14 +517,42 @@ def check_same_model(ckpt: Path, name: str, model: Transformer, metadata: dict) 
                              f"another run.out_dir")
 
 
+class NotMetadata(pickle.UnpicklingError):
+    pass
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP writes .metadata with pickle, and torch reads it with a plain pickle.load, which calls
+    whatever the file names. This one builds only what DCP's metadata holds: its record classes,
+    torch's dtypes and Size, a layout by name and a path."""
+    RECORDS = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    CALLABLES = {("torch.serialization", "_get_layout"), ("torch", "Size"),
+                 ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.CALLABLES:
+            return super().find_class(module, name)
+        if module in self.RECORDS or module == "torch":
+            found = super().find_class(module, name)
+            if isinstance(found, type) and module in self.RECORDS or isinstance(found, torch.dtype):
+                return found
+        raise NotMetadata(f"it names {module}.{name}, which DCP metadata never holds")
+
+
 def checkpoint_metadata(ckpt: Path):
-    """The DCP metadata of a training checkpoint: every stored key with its full size and dtype."""
-    from torch.distributed.checkpoint import FileSystemReader
-    if not (Path(ckpt) / ".metadata").is_file():
+    """The DCP metadata of a training checkpoint: every stored key with its full size and dtype.
+    Read by MetadataUnpickler, so a crafted .metadata runs nothing; every load here reads it so
+    before torch's own reader does."""
+    path = Path(ckpt) / ".metadata"
+    if not path.is_file():
         raise FileNotFoundError(f"{ckpt}: no DCP .metadata; expected a training checkpoint "
                                 f"(RUN/checkpoints/step_N), or the checkpoint is incomplete")
     try:
-        return FileSystemReader(str(ckpt)).read_metadata()
+        with path.open("rb") as f:
+            return MetadataUnpickler(f).load()
+    except NotMetadata as e:
+        raise ValueError(f"{path} is not DCP metadata: {e}; refused unread (a checkpoint must "
+                         f"not run code)") from None
     except Exception as e:  # a truncated or corrupt file: pickle's or torch's own errors
         raise ValueError(f"{ckpt}/.metadata cannot be read ({type(e).__name__}); the checkpoint "
                          f"is damaged: delete it to resume from the one before") from None

@@ -5,6 +5,7 @@ import fcntl
 import importlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import metrics, no_model_loads, overrides, subprocess_env
+from conftest import metrics, no_model_loads, overrides, run_here, subprocess_env
 from pbrl.config import load_config, parse_command_line, validate
 from pbrl.prepare import prepare
 
@@ -258,6 +259,34 @@ def test_a_damaged_checkpoint_file_is_named(world, tmp_path, damage, message):
     damage(sorted((out / "checkpoints").iterdir())[-1])
     with pytest.raises(ValueError, match=message):
         prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+
+
+class RunsAShellCommand:
+    """What a crafted .metadata holds: unpickling it calls os.system."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_whose_metadata_would_run_code_is_refused_unread(world, tmp_path, capsys):
+    """A .metadata crafted to run a shell command when unpickled: export and resume refuse it with
+    one line and the command never runs (torch's own reader, a plain pickle.load, would run it)."""
+    import pickle
+
+    from pbrl.checkpoint import main as checkpoint_main
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    prepare(load_config(None, overrides(world, out)), log=lambda *a: None).run()
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    (ckpt / ".metadata").write_bytes(pickle.dumps(RunsAShellCommand(f"touch {marker}")))
+    code, _, err = run_here(checkpoint_main, ["export", ckpt, tmp_path / "hf"], capsys)
+    assert code == 2 and err.count("\n") == 1 and not marker.exists()
+    assert "is not DCP metadata: it names posix.system, which DCP metadata never holds" in err
+    with pytest.raises(ValueError, match="refused unread"):
+        prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})))
+    assert not marker.exists()
 
 
 def test_a_full_disk_while_checkpointing_is_named_and_keeps_the_earlier_checkpoint(world, tmp_path,
