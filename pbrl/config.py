@@ -93,7 +93,7 @@ class RolloutConfig:
     dynamic_sampling: bool = setting(False, "DAPO: drop groups whose samples all score alike and "
                                             "sample more problems")
     max_sampling_rounds: int = setting(3, "dynamic sampling's most rounds of rollouts per step",
-                                       gt=0)
+                                       gt=0, le=100)
     # penalty: DAPO's linear length penalty over the last overlong_buffer tokens, added to the score
     overlong: str = setting("off", "what becomes of responses cut at max_new_tokens (filter: "
                                    "out of the loss)", choices=OVERLONG)
@@ -134,7 +134,8 @@ class PPOConfig:
     # ratio is outside [correction_low, correction_high] drop
     rollout_correction: str = setting("off", "the sampler/trainer mismatch's correction",
                                       choices=CORRECTIONS)
-    correction_clip: float = setting(2.0, "TIS's truncation of the importance weight", gt=0)
+    # below 1 it would truncate every token's weight, not just the outliers'
+    correction_clip: float = setting(2.0, "TIS's truncation of the importance weight", ge=1)
     correction_low: float = setting(0.5, "MIS's lowest kept ratio", gt=0)
     correction_high: float = setting(2.0, "MIS's highest kept ratio", gt=0)
     value_clip: float | None = setting(0.2, "the value loss's clip around the old values; off = "
@@ -193,7 +194,9 @@ class RunConfig:
     checkpoint_every: int | None = setting(10, "iterations between checkpoints; off = only at "
                                                "the end", gt=0)
     keep_checkpoints: int | None = setting(3, "the newest N checkpoints are kept; off = all", gt=0)
-    timeout_minutes: float = setting(60.0, "the longest any rank may wait in a collective", gt=0)
+    # a process group takes 3 seconds to a week (shorter ones fail in its store, longer overflow)
+    timeout_minutes: float = setting(60.0, "the longest any rank may wait in a collective",
+                                     ge=0.05, le=10080)
     eval_every: int | None = setting(10, "iterations between evals; off = only at the end", gt=0)
     resume: bool = setting(False, "continue the run in run.out_dir from its last checkpoint")
     device: str = setting("auto", "where the run computes", choices=("auto", "cpu", "cuda"))
@@ -405,9 +408,16 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
          f"ppo.advantage={p.advantage} trains no critic, but models.critic is set"),
         (p.dual_clip is None or p.policy_loss == "ppo",
          f"ppo.dual_clip bounds the ppo loss; ppo.policy_loss={p.policy_loss} has none"),
-        (p.correction_low <= 1 <= p.correction_high,
-         f"ppo.correction_low <= 1 <= ppo.correction_high must hold (a ratio of 1 is no "
-         f"mismatch); got {p.correction_low} and {p.correction_high}"),
+        (p.correction_low < 1 < p.correction_high,
+         f"ppo.correction_low < 1 < ppo.correction_high must hold (a ratio of 1 is no mismatch, "
+         f"and a window without room around it drops every token); got {p.correction_low} and "
+         f"{p.correction_high}"),
+        (p.kl_beta > 0 or p.kl_target is None,
+         "ppo.kl_target adapts ppo.kl_beta, which is 0 (no KL, no reference model) and stays 0: "
+         "set ppo.kl_beta > 0 or ppo.kl_target off"),
+        (p.kl_beta > 0 or not p.kl_in_loss,
+         "ppo.kl_in_loss puts the KL in the loss, but ppo.kl_beta is 0 (no KL, no reference "
+         "model): set ppo.kl_beta > 0 or ppo.kl_in_loss false"),
         (r.overlong != "penalty" or r.overlong_buffer <= r.max_new_tokens,
          f"rollout.overlong_buffer={r.overlong_buffer} must be at most rollout.max_new_tokens="
          f"{r.max_new_tokens}"),

@@ -206,6 +206,13 @@ class Trainer:
         """PPO epochs over minibatches; a minibatch's loss is normalised by its counts (tokens,
         responses) over all ranks."""
         p, r, sums, norms = self.cfg.ppo, self.cfg.rollout, {}, []
+        if not dist.all_reduce_sum((exp.weights > 0).sum().float()):  # on every rank alike
+            raise ValueError(f"step {self.step + 1}: no response token takes part in the loss, so "
+                             f"the step would train nothing. Every response was cut at "
+                             f"rollout.max_new_tokens={r.max_new_tokens} under rollout.overlong="
+                             f"{r.overlong}, or ppo.rollout_correction={p.rollout_correction} "
+                             f"dropped every token: raise max_new_tokens, or set overlong penalty "
+                             f"or off, or widen the correction's window")
         losses = [(self.actor, rollout.actor_loss)]
         losses += [(self.critic, rollout.critic_loss)] if self.critic else []
         for _ in range(p.epochs):

@@ -261,6 +261,20 @@ def test_a_damaged_checkpoint_file_is_named(world, tmp_path, damage, message):
         prepare(load_config(None, overrides(world, out, **{"run.resume": "true"})))
 
 
+def test_a_step_whose_loss_holds_no_token_stops_the_run_and_says_why(world, tmp_path):
+    """rollout.overlong filter when every response reaches max_new_tokens leaves no token in the
+    loss: the run stops at that step naming the settings, rather than exporting an untrained policy
+    after logging a null loss."""
+    out = tmp_path / "run"
+    trainer = prepare(load_config(None, overrides(world, out, **{
+        "rollout.overlong": "filter", "rollout.max_new_tokens": 1})), log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"step 1: no response token takes part in the loss.*"
+                                         r"rollout.max_new_tokens=1 under rollout.overlong=filter"):
+        trainer.run()
+    logged = out / "metrics.jsonl"
+    assert not (out / "final").exists() and (not logged.exists() or not logged.read_text())
+
+
 class RunsAShellCommand:
     """What a crafted .metadata holds: unpickling it calls os.system."""
 

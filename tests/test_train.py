@@ -298,7 +298,15 @@ def test_resume_of_a_finished_run_trains_nothing_and_keeps_its_metrics(world, tm
     (["--run.checkpoint_every", "soon"],
      r"run.checkpoint_every \(or off\): expected an integer, got 'soon'"),
     (["--run.keep_checkpoints", "0"], r"run.keep_checkpoints must be > 0 or off, got 0"),
-    (["--run.timeout_minutes", "0"], r"run.timeout_minutes must be > 0, got 0.0"),
+    (["--run.timeout_minutes", "0"], r"run.timeout_minutes must be >= 0.05 and <= 10080, got 0.0"),
+    (["--run.timeout_minutes", "1e12"], r"run.timeout_minutes must be >= 0.05 and <= 10080"),
+    (["--ppo.correction_clip", "0.5"], r"ppo.correction_clip must be >= 1, got 0.5"),
+    (["--ppo.correction_low", "1", "--ppo.correction_high", "1"],
+     r"ppo.correction_low < 1 < ppo.correction_high must hold"),
+    (["--ppo.kl_beta", "0", "--ppo.kl_target", "0.1"], r"ppo.kl_target adapts ppo.kl_beta"),
+    (["--ppo.kl_beta", "0", "--ppo.kl_in_loss", "true"], r"ppo.kl_in_loss puts the KL in the loss"),
+    (["--rollout.max_sampling_rounds", "1000"], r"rollout.max_sampling_rounds must be > 0 and "
+                                                r"<= 100"),
     (["--run.device", "cuda"], r"run.device = cuda, but CUDA is not available here"),
 ])
 def test_more_config_errors(args, message):
