@@ -173,8 +173,9 @@ def trained(cfg: Config, model, lr: float) -> Trained:
 
 
 def resume(trainer: Trainer) -> None:
-    """The newest checkpoint of the run directory into the trainer: models, optimizers, step, KL
-    coefficient and RNG state."""
+    """The newest checkpoint of the run directory into the trainer: models, optimizers, step, RNG
+    state, and the KL coefficient the adaptive controller reached (a fixed ppo.kl_beta is the
+    config's; docs/scale.md says what a resume takes from where)."""
     ckpt = latest_checkpoint(trainer.out)
     if ckpt is None:
         trainer.log(f"resume: no checkpoint under {trainer.out / 'checkpoints'}; starting from "
@@ -184,7 +185,12 @@ def resume(trainer: Trainer) -> None:
     state = load_training_checkpoint(ckpt, {k: t.model for k, t in trained.items()},
                                      {k: t.optimizer for k, t in trained.items()},
                                      trainer.cfg.run.steps)
-    trainer.step, trainer.kl.beta = state["step"], state["kl_beta"]
+    trainer.step = state["step"]
+    if trainer.cfg.ppo.kl_target is not None:  # the controller's state, not a setting
+        trainer.kl.beta = state["kl_beta"]
+    elif state["kl_beta"] != trainer.kl.beta:
+        trainer.log(f"resume: ppo.kl_beta = {trainer.kl.beta} as configured (the checkpoint's "
+                    f"run had {state['kl_beta']})")
     torch.set_rng_state(state["torch_rng"])
     done = trainer.step == trainer.cfg.run.steps
     trainer.log(f"resumed from {ckpt} at step {trainer.step}"

@@ -275,6 +275,27 @@ def test_a_step_whose_loss_holds_no_token_stops_the_run_and_says_why(world, tmp_
     assert not (out / "final").exists() and (not logged.exists() or not logged.read_text())
 
 
+def test_a_resume_keeps_a_fixed_kl_beta_as_configured_and_the_controllers_as_it_reached(world,
+                                                                                          tmp_path):
+    """A fixed ppo.kl_beta is a setting: the resumed run's value holds (0.1 -> 0 stays 0, said in
+    a line). The adaptive controller's coefficient is state: the checkpoint's is restored."""
+    out, adaptive = tmp_path / "run", tmp_path / "adaptive"
+    prepare(load_config(None, overrides(world, out, **{"run.checkpoint_every": 1})),
+            log=lambda *a: None).run()
+    logged = []
+    resumed = prepare(load_config(None, overrides(world, out, **{
+        "run.resume": "true", "run.steps": 3, "ppo.kl_beta": 0})), log=logged.append)
+    assert resumed.kl.beta == 0 and resumed.step == 2
+    assert any("ppo.kl_beta = 0.0 as configured (the checkpoint's run had 0.1)" in line
+               for line in logged)
+    extra = {"run.checkpoint_every": 1, "ppo.kl_target": 0.001, "ppo.kl_horizon": 10}
+    reached = prepare(load_config(None, overrides(world, adaptive, **extra)),
+                      log=lambda *a: None).run()[-1]["kl_beta"]
+    again = prepare(load_config(None, overrides(world, adaptive, **{
+        **extra, "run.resume": "true", "run.steps": 3})), log=lambda *a: None)
+    assert reached != 0.1 and again.kl.beta == reached
+
+
 class RunsAShellCommand:
     """What a crafted .metadata holds: unpickling it calls os.system."""
 
