@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-from pbrl.files import read_jsonl, read_text, resolve
+from pbrl.files import NUMBER_OR_TEXT, TEXT, check_fields, read_jsonl, read_text, resolve
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def load_mgsm(path_or_id, langs: list[str]) -> dict[str, list[Problem]]:
         if tsv.is_file():
             out[lang] = _read_mgsm_tsv(tsv, lang)
         elif jsonl.is_file():
-            rows = read_jsonl(jsonl, required=("question", "answer_number"))
+            rows = read_jsonl(jsonl, required={"question": TEXT, "answer_number": NUMBER_OR_TEXT})
             if not rows:
                 raise ValueError(f"{jsonl}: no problems (an empty file)")
             out[lang] = [Problem(f"mgsm-{i}", lang, r["question"],
@@ -328,7 +328,7 @@ def load_gsm8k(path_or_id, split: str = "test") -> list[Problem]:
     if file is None:
         raise FileNotFoundError(f"{root}: no {split}.jsonl or {split}*.parquet")
     problems = []
-    for i, row in enumerate(_read_rows(file, required=("question", "answer"))):
+    for i, row in enumerate(_read_rows(file, required={"question": TEXT, "answer": TEXT})):
         if "####" not in row["answer"]:
             raise ValueError(f"{file}: row {i + 1}: answer has no '#### <number>' final line")
         solution, final = row["answer"].rsplit("####", 1)
@@ -356,7 +356,8 @@ def load_mmlu_prox(path_or_id, langs: list[str], split: str = "test") -> dict[st
                                     f"mmlu_prox_{lang}.jsonl")
         problems = []
         for file in files:
-            for i, row in enumerate(_read_rows(file, required=("question", "answer"))):
+            required = {"question": TEXT, "answer": NUMBER_OR_TEXT}
+            for i, row in enumerate(_read_rows(file, required)):
                 where = f"{file}: row {i + 1}"
                 options = row.get("options")
                 if options is None:
@@ -376,7 +377,7 @@ def load_mmlu_prox(path_or_id, langs: list[str], split: str = "test") -> dict[st
     return out
 
 
-def _read_rows(file: Path, required: tuple[str, ...]) -> list[dict]:
+def _read_rows(file: Path, required: dict[str, tuple]) -> list[dict]:
     if file.suffix == ".jsonl":
         return read_jsonl(file, required)
     try:
@@ -386,8 +387,4 @@ def _read_rows(file: Path, required: tuple[str, ...]) -> list[dict]:
                           f"convert it to JSONL") \
             from None
     rows = pq.read_table(file).to_pylist()
-    for i, row in enumerate(rows):
-        missing = [k for k in required if k not in row]
-        if missing:
-            raise ValueError(f"{file}: row {i + 1}: missing field(s) {missing}")
-    return rows
+    return [check_fields(row, f"{file}: row {i + 1}", required) for i, row in enumerate(rows)]

@@ -68,20 +68,35 @@ def read_json(path) -> dict:
     return value
 
 
-def parse_jsonl_line(line: str, where: str, required: tuple[str, ...] = ()) -> dict:
+# What a field must hold: {name: the accepted JSON types}. A field present but null, or of another
+# type, is as wrong as a missing one (a null question would train on "Question: None").
+TEXT, NUMBER, NUMBER_OR_TEXT, FLAG = (str,), (int, float), (int, float, str), (bool,)
+KIND_NAMES = {str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+def check_fields(row: dict, where: str, required: dict[str, tuple]) -> dict:
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+    for key, kinds in required.items():
+        value = row[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join(dict.fromkeys(KIND_NAMES[k] for k in kinds))
+            raise ValueError(f"{where}: field {key!r} is {json.dumps(value)}; expected {expected}")
+    return row
+
+
+def parse_jsonl_line(line: str, where: str, required: dict[str, tuple] = {}) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    missing = [k for k in required if k not in row]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}")
-    return row
+    return check_fields(row, where, required)
 
 
-def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
+def read_jsonl(path, required: dict[str, tuple] = {}) -> list[dict]:
     """One JSON object per line; blank lines are skipped."""
     return [parse_jsonl_line(line, f"{path}:{n}", required)
             for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
@@ -105,7 +120,7 @@ def write_atomic(path):
 # "id", written one batch at a time and flushed, so a crash loses at most the batch in flight and a
 # rerun resumes.
 # --------------------------------------------------------------------------------------------------
-def read_appended(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
+def read_appended(path, fields: dict[str, tuple]) -> list[tuple[int, dict]]:
     """(line number, object) of each line of a file written by appending JSON lines. A last line
     without its newline is kept when it is complete and skipped when it is not (a crash, or a full
     disk, mid-write); any other bad line is an error naming the file and the line."""
@@ -124,7 +139,7 @@ def read_appended(path, fields: tuple[str, ...]) -> list[tuple[int, dict]]:
     return out
 
 
-def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
+def read_records(path, fields: dict[str, tuple]) -> dict[str, dict]:
     """id -> record of a cache (read_appended's lines). A repeated id is an error."""
     records, first_line = {}, {}
     for line_no, record in read_appended(path, fields):
@@ -135,7 +150,7 @@ def read_records(path, fields: tuple[str, ...]) -> dict[str, dict]:
     return records
 
 
-def append_records(path, records: list[dict], fields: tuple[str, ...]) -> None:
+def append_records(path, records: list[dict], fields: dict[str, tuple]) -> None:
     """Append records as JSON lines and flush them to disk. A last line without its newline first
     gets one when it is a complete record (read_records kept it), and is cut when it is not (the
     write a crash interrupted)."""

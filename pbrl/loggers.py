@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from pbrl.files import read_appended
+from pbrl.files import NUMBER, read_appended
 
 # The group TensorBoard and W&B file each bare metrics.jsonl name under (names that carry a group,
 # reward/de, time/rollout, acc/avg, keep it). Every metric a step logs is listed once, by whoever
@@ -63,7 +63,7 @@ class Loggers:
                  wandb_project: str = "pbrl", wandb_mode: str = "online", after_step: int = 0):
         self.jsonl = Path(out) / "metrics.jsonl"
         if self.jsonl.is_file():  # a torn last line (a crash mid-write) is dropped with the rest
-            kept = [row for _, row in read_appended(self.jsonl, ("step",))
+            kept = [row for _, row in read_appended(self.jsonl, {"step": NUMBER})
                     if row["step"] <= after_step]
             self.jsonl.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.tensorboard = self.wandb = None

@@ -22,10 +22,11 @@ from pathlib import Path
 from pbrl.cli import Progress, languages, positive_int, run_main, shared_flags
 from pbrl.data import Problem, prompt_format, load_gsm8k, written_numbers
 from pbrl.distributed import resolve_device
-from pbrl.files import append_records, read_records, write_atomic
+from pbrl.files import FLAG, NUMBER, TEXT, append_records, read_records, write_atomic
 from pbrl.translators import load_translator
 
-FIELDS = ("id", "question", "translation", "numbers_kept", "attempts")
+FIELDS = {"id": TEXT, "question": TEXT, "translation": TEXT, "numbers_kept": FLAG,
+          "attempts": NUMBER}
 TO_LANGUAGE_PROMPT = ("Translate the following English text into {language}. Keep every number "
                       "exactly as written. Reply with the translation only.\n\n{text}")
 RETRY_TEMPERATURE = 0.7

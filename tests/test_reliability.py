@@ -296,6 +296,34 @@ def test_a_resume_keeps_a_fixed_kl_beta_as_configured_and_the_controllers_as_it_
     assert reached != 0.1 and again.kl.beta == reached
 
 
+@pytest.mark.parametrize("kind,line,message", [
+    ("mgsm", {"question": None, "answer_number": 3}, r"mgsm_de.jsonl:2: field 'question' is null; "
+                                                     r"expected a string"),
+    ("mgsm", {"question": 7, "answer_number": 3}, r"mgsm_de.jsonl:2: field 'question' is 7"),
+    ("mgsm", {"question": "Wie viel?", "answer_number": None}, r"'answer_number' is null; "
+                                                              r"expected a number or a string"),
+    ("pivot", {"id": "mgsm-1", "question": "q", "reference": None}, r"refs.jsonl:2: field "
+                                                                    r"'reference' is null"),
+    ("pivot", {"id": "mgsm-1", "question": "q", "reference": 42}, r"'reference' is 42; expected "
+                                                                  r"a string"),
+    ("gsm8k", {"question": "q", "answer": None}, r"test.jsonl:2: field 'answer' is null"),
+])
+def test_fields_present_but_null_or_of_another_type_are_refused_with_file_and_line(
+        tmp_path, kind, line, message):
+    from pbrl.data import load_gsm8k, load_mgsm
+    from pbrl.pivot import read_references
+    good = {"mgsm": {"question": "Wie viel ist 2 + 2?", "answer_number": 4},
+            "pivot": {"id": "mgsm-0", "question": "q", "reference": "4"},
+            "gsm8k": {"question": "q", "answer": "2 + 2 = 4\n#### 4"}}[kind]
+    name = {"mgsm": "mgsm_de.jsonl", "pivot": "refs.jsonl", "gsm8k": "test.jsonl"}[kind]
+    (tmp_path / name).write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+    read = {"mgsm": lambda: load_mgsm(tmp_path, ["de"]),
+            "pivot": lambda: read_references(tmp_path / name),
+            "gsm8k": lambda: load_gsm8k(tmp_path)}[kind]
+    with pytest.raises(ValueError, match=message):
+        read()
+
+
 class RunsAShellCommand:
     """What a crafted .metadata holds: unpickling it calls os.system."""
 
