@@ -63,17 +63,41 @@ def match_references(path, problems: list[Problem]) -> dict[str, str]:
     return {p.id: records[p.id]["reference"] for p in problems}
 
 
+def weights_sha256(directory: Path, edge: int = 2**20) -> str:
+    """A model identified by what it is, not by how its path is spelled: each weight file's name,
+    size, and its first and last `edge` bytes (a header and tensors), hashed; cheap at any size."""
+    digest = hashlib.sha256()
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(edge)
+            f.seek(max(size - edge, 0))
+            digest.update(f"{file.name}:{size}:".encode() + head + f.read(edge))
+    return digest.hexdigest()[:16]
+
+
 def pivot_writer(path_or_id, max_new_tokens: int, enable_thinking: bool) -> dict:
-    """What writes a pivot cache's references, as each record keeps it."""
-    config = (resolve(path_or_id) / "config.json").read_bytes()
+    """What writes a pivot cache's references, as each record keeps it ("model" says where it was
+    read from; the hashes say what it is)."""
+    directory = resolve(path_or_id)
+    config = (directory / "config.json").read_bytes()
     return {"model": str(path_or_id), "config_sha256": hashlib.sha256(config).hexdigest()[:16],
-            "max_new_tokens": max_new_tokens, "enable_thinking": enable_thinking}
+            "weights_sha256": weights_sha256(directory), "max_new_tokens": max_new_tokens,
+            "enable_thinking": enable_thinking}
+
+
+def same_writer(recorded: dict, writer: dict) -> bool:
+    """The same model (by its hashes: a path spelled otherwise is the same model) with the same
+    generation settings; a record older than the weights hash is judged by the rest."""
+    keys = set(writer) - {"model"} - ({"weights_sha256"} - set(recorded))
+    return all(recorded.get(k) == writer[k] for k in keys)
 
 
 def check_writer(records: dict[str, dict], writer: dict, path) -> None:
-    """Every record of the cache was written by `writer` (else completing it would mix pivots)."""
+    """Every record of the cache was written by `writer` (else completing or using it would mix
+    pivots). Records that name no writer (written by hand) are the user's: used as given."""
     for record in records.values():
-        if record.get("pivot") != writer:
+        if "pivot" in record and not same_writer(record["pivot"], writer):
             theirs = record.get("pivot") or "a pivot it did not record"
             raise ValueError(f"pivot cache {path} was begun by {theirs} and would be completed "
                              f"by {writer}; one cache holds one pivot's references: complete it "

@@ -144,10 +144,18 @@ def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, de
     pivot wrote continues where it stopped. A cache begun by another pivot is refused."""
     done = read_references(cache)
     check_questions(done, english, cache)
-    if any(p.id not in done for p in english):
-        path, m = cfg.models.pivot or cfg.models.policy, cfg.models
+    path, m = cfg.models.pivot or cfg.models.policy, cfg.models
+    missing = any(p.id not in done for p in english)
+    try:
         writer = pivot_writer(path, cfg.rollout.max_new_tokens, m.enable_thinking)
-        check_writer(done, writer, cache)  # before the pivot loads
+    except FileNotFoundError:
+        if missing:
+            raise
+        writer = None
+        log(f"pivot cache {cache}: complete; its writer is not checked ({path} is not here)")
+    if writer is not None:
+        check_writer(done, writer, cache)  # a complete cache too; before the pivot loads
+    if missing:
         pivot, tokenizer = load_pretrained(path, dtype, device)
         tokenizer.template_args["enable_thinking"] = m.enable_thinking
         write_references(pivot, tokenizer, english, cache, writer, batch_size=m.pivot_batch_size,

@@ -111,6 +111,31 @@ def test_a_pivot_cache_begun_by_one_pivot_is_not_completed_by_another(tmp_path):
                     "--max-new-tokens", "8"])
 
 
+def test_a_complete_pivot_cache_is_checked_against_the_pivot_every_time(world, tmp_path):
+    """A complete cache written by one pivot is refused when the run names another (or other
+    generation settings), though nothing is missing; the same model under another spelling of its
+    path is the same pivot; a cache written by hand (no writer recorded) is used as given."""
+    from conftest import save_hf_model
+    from pbrl import pivot
+    stronger = tmp_path / "stronger"
+    save_hf_model(stronger, "qwen2", seed=9, tie_word_embeddings=True, max_position_embeddings=256)
+    cache = tmp_path / "refs.jsonl"
+    writer = pivot.pivot_writer(world / "policy", 6, False)
+    cache.write_text("".join(json.dumps({**r, "pivot": writer}) + "\n" for r in
+                             map(json.loads, (world / "pivot.jsonl").read_text().splitlines())))
+    complete = {"data.pivot_cache": cache, "run.steps": 1}
+    for extra in ({"models.pivot": stronger}, {"rollout.max_new_tokens": 7}):
+        with pytest.raises(ValueError, match="was begun by .* and would be completed by"):
+            prepare(load_config(None, overrides(world, tmp_path / str(len(extra)), **{
+                **complete, **extra})), log=lambda *a: None)
+    elsewhere = shutil.copytree(world / "policy", tmp_path / "copy")  # the same model
+    prepare(load_config(None, overrides(world, tmp_path / "same", **{
+        **complete, "models.pivot": elsewhere})), log=lambda *a: None)
+    cache.write_text((world / "pivot.jsonl").read_text())  # by hand: no writer recorded
+    prepare(load_config(None, overrides(world, tmp_path / "hand", **{
+        **complete, "models.pivot": stronger})), log=lambda *a: None)
+
+
 # ------------------------------------------------------------------- 2. files pbrl does not own
 def test_resume_takes_over_only_a_directory_a_pbrl_run_made(world, tmp_path, monkeypatch):
     from conftest import save_hf_model
