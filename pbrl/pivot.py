@@ -86,23 +86,30 @@ def pivot_writer(path_or_id, max_new_tokens: int, enable_thinking: bool) -> dict
             "enable_thinking": enable_thinking}
 
 
-def same_writer(recorded: dict, writer: dict) -> bool:
-    """The same model (by its hashes: a path spelled otherwise is the same model) with the same
-    generation settings; a record older than the weights hash is judged by the rest."""
-    keys = set(writer) - {"model"} - ({"weights_sha256"} - set(recorded))
-    return all(recorded.get(k) == writer[k] for k in keys)
+def same_writer(recorded: dict, writer: dict, settings: bool = True) -> bool:
+    """The same model (by its hashes: a path spelled otherwise is the same model), and with
+    `settings` the same generation settings; a record older than the weights hash is judged by the
+    rest."""
+    keys = set(recorded) | set(writer) if settings else {"config_sha256", "weights_sha256"}
+    keys -= {"model"} | ({"weights_sha256"} - set(recorded))
+    return all(recorded.get(k) == writer.get(k) for k in keys)
 
 
-def check_writer(records: dict[str, dict], writer: dict, path) -> None:
-    """Every record of the cache was written by `writer` (else completing or using it would mix
-    pivots). Records that name no writer (written by hand) are the user's: used as given."""
+def check_writer(records: dict[str, dict], writer: dict, path, completing: bool = True) -> None:
+    """Completing a cache: every record was written by `writer`, model and generation settings
+    (else the cache would mix pivots). Using a complete one: every record that names its writer
+    names this model (a stronger pivot must not train against the old one's references); records
+    written by hand (no writer recorded) are used as given."""
     for record in records.values():
-        if "pivot" in record and not same_writer(record["pivot"], writer):
-            theirs = record.get("pivot") or "a pivot it did not record"
-            raise ValueError(f"pivot cache {path} was begun by {theirs} and would be completed "
-                             f"by {writer}; one cache holds one pivot's references: complete it "
-                             f"with the same model and settings, or point data.pivot_cache "
-                             f"(--out) elsewhere")
+        theirs = record.get("pivot")
+        if theirs is None and not completing:
+            continue
+        if theirs is None or not same_writer(theirs, writer, settings=completing):
+            raise ValueError(f"pivot cache {path} was {'begun' if completing else 'written'} by "
+                             f"{theirs or 'a pivot it did not record'} and would be "
+                             f"{'completed' if completing else 'used'} by {writer}; one cache "
+                             f"holds one pivot's references: use the same model and settings, or "
+                             f"point data.pivot_cache (--out) elsewhere")
 
 
 @contextmanager

@@ -154,7 +154,7 @@ def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, de
         writer = None
         log(f"pivot cache {cache}: complete; its writer is not checked ({path} is not here)")
     if writer is not None:
-        check_writer(done, writer, cache)  # a complete cache too; before the pivot loads
+        check_writer(done, writer, cache, completing=missing)  # before the pivot loads
     if missing:
         pivot, tokenizer = load_pretrained(path, dtype, device)
         tokenizer.template_args["enable_thinking"] = m.enable_thinking

@@ -112,9 +112,10 @@ def test_a_pivot_cache_begun_by_one_pivot_is_not_completed_by_another(tmp_path):
 
 
 def test_a_complete_pivot_cache_is_checked_against_the_pivot_every_time(world, tmp_path):
-    """A complete cache written by one pivot is refused when the run names another (or other
-    generation settings), though nothing is missing; the same model under another spelling of its
-    path is the same pivot; a cache written by hand (no writer recorded) is used as given."""
+    """A complete cache written by one pivot is refused when the run names another, though nothing
+    is missing; the same model copied elsewhere is the same pivot, and a run's other rollout
+    length (the experiment's arms share one cache) does not matter once the cache is complete; a
+    cache written by hand (no writer recorded) is used as given."""
     from conftest import save_hf_model
     from pbrl import pivot
     stronger = tmp_path / "stronger"
@@ -124,10 +125,11 @@ def test_a_complete_pivot_cache_is_checked_against_the_pivot_every_time(world, t
     cache.write_text("".join(json.dumps({**r, "pivot": writer}) + "\n" for r in
                              map(json.loads, (world / "pivot.jsonl").read_text().splitlines())))
     complete = {"data.pivot_cache": cache, "run.steps": 1}
-    for extra in ({"models.pivot": stronger}, {"rollout.max_new_tokens": 7}):
-        with pytest.raises(ValueError, match="was begun by .* and would be completed by"):
-            prepare(load_config(None, overrides(world, tmp_path / str(len(extra)), **{
-                **complete, **extra})), log=lambda *a: None)
+    with pytest.raises(ValueError, match="was written by .* and would be used by"):
+        prepare(load_config(None, overrides(world, tmp_path / "stronger-run", **{
+            **complete, "models.pivot": stronger})), log=lambda *a: None)
+    prepare(load_config(None, overrides(world, tmp_path / "longer", **{
+        **complete, "rollout.max_new_tokens": 7})), log=lambda *a: None)
     elsewhere = shutil.copytree(world / "policy", tmp_path / "copy")  # the same model
     prepare(load_config(None, overrides(world, tmp_path / "same", **{
         **complete, "models.pivot": elsewhere})), log=lambda *a: None)
