@@ -321,23 +321,21 @@ def mt(cfg, models: RewardModels):
     return MTReward(models.translator(), models.embedder())
 
 
-def hybrid_parts(cfg) -> list[tuple[float, Callable]]:
-    """The hybrid's (weight, builder) pairs with a positive weight."""
-    parts = [(cfg.embedding_weight, embedding), (cfg.agreement_weight, agreement),
-             (cfg.mt_weight, mt), (cfg.format_weight, lambda cfg, models: FormatReward()),
-             (cfg.language_weight, lambda cfg, models: LanguageConsistency())]
-    return [(weight, build) for weight, build in parts if weight > 0]
+def hybrid_parts(cfg) -> list[tuple[float, RewardKind]]:
+    """The hybrid's components with a positive weight, each as a RewardKind (the registered kinds,
+    and the format and language rewards, which need no model)."""
+    parts = [(cfg.embedding_weight, REWARDS["embedding"]),
+             (cfg.agreement_weight, REWARDS["agreement"]), (cfg.mt_weight, REWARDS["mt"]),
+             (cfg.format_weight, RewardKind(lambda cfg, models: FormatReward(), lambda cfg: set())),
+             (cfg.language_weight, RewardKind(lambda cfg, models: LanguageConsistency(),
+                                              lambda cfg: set()))]
+    return [(weight, kind) for weight, kind in parts if weight > 0]
 
 
-def hybrid_uses(cfg) -> set[str]:
-    """The models of the hybrid's weighted semantic components."""
-    semantic = ((cfg.embedding_weight, "embedding"), (cfg.mt_weight, "mt"))
-    return {model for weight, name in semantic if weight > 0 for model in REWARDS[name].uses(cfg)}
-
-
-@reward_kind("hybrid", uses=hybrid_uses)
+@reward_kind("hybrid", uses=lambda cfg: set().union(*(kind.uses(cfg)
+                                                      for _, kind in hybrid_parts(cfg))))
 def hybrid(cfg, models: RewardModels):
-    return HybridReward([(weight, build(cfg, models)) for weight, build in hybrid_parts(cfg)])
+    return HybridReward([(weight, kind.build(cfg, models)) for weight, kind in hybrid_parts(cfg)])
 
 
 def build_reward(cfg, embedder: str, translator: str, dtype=None, device=None):
