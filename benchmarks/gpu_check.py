@@ -151,7 +151,7 @@ def check_attention(model: Transformer, device: torch.device) -> list[dict]:
         return [{"form": "all", "fused": "n/a (CPU: PyTorch picks its CPU kernels)"}]
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pbrl import rollout
+    from pbrl import losses
     from pbrl.model import KVCache
     ids = torch.randint(0, model.args.vocab_size, (2, 256), device=device)
     cache = KVCache(model.args, 2, 300, torch.bfloat16, device)
@@ -160,7 +160,7 @@ def check_attention(model: Transformer, device: torch.device) -> list[dict]:
     mask = (torch.arange(319, device=device) >= 255) & (torch.arange(319, device=device)
                                                         < lengths[:, None] - 1)
     rows = []
-    for form, run in {"packed rows, each prompt once": lambda: rollout.packed_per_token(
+    for form, run in {"packed rows, each prompt once": lambda: losses.packed_per_token(
             model, tokens, lengths, mask, "logprobs"), "decoding step": lambda: model.decode(
             ids[:, -1], torch.tensor([255, 200], device=device), cache)}.items():
         try:  # not SDPA: FlexAttention (compiled) and the Triton kernel

@@ -24,7 +24,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pbrl import ppo, rollout  # noqa: E402
+from pbrl import ppo, losses  # noqa: E402
 from pbrl.config import PPOConfig  # noqa: E402
 from pbrl.model import ModelArgs, Transformer  # noqa: E402
 
@@ -46,12 +46,12 @@ def length_mix(sequences: int, samples: int, seed: int = 0):
     return tokens, lengths, mask
 
 
-def update(model, exp, counts, cfg, micro_batches) -> float:
+def one_update(model, exp, counts, cfg, micro_batches) -> float:
     """One forward + backward over the batch; returns the summed loss."""
     model.zero_grad(set_to_none=True)
     total = 0.0
     for rows in micro_batches:
-        loss, _ = rollout.actor_loss(model, exp.rows(torch.as_tensor(rows)), counts, cfg, 1.0, 0.0)
+        loss, _ = losses.actor_loss(model, exp.rows(torch.as_tensor(rows)), counts, cfg, 1.0, 0.0)
         loss.backward()
         total += float(loss.detach())
     return total
@@ -78,9 +78,9 @@ def main():
     g = torch.Generator().manual_seed(1)
     sampled = torch.where(mask, -torch.rand(mask.shape, generator=g), 0.0)
     advantages = torch.where(mask, torch.randn(mask.shape, generator=g), 0.0)
-    exp = rollout.Experience(tokens, lengths, mask, sampled, None, None, torch.zeros(mask.shape),
-                             torch.zeros(mask.shape), advantages, torch.zeros(mask.shape),
-                             mask.float())
+    exp = losses.Experience(tokens, lengths, mask, sampled, None, None, torch.zeros(mask.shape),
+                            torch.zeros(mask.shape), advantages, torch.zeros(mask.shape),
+                            mask.float())
     counts = ppo.count(mask)
     real = int((lengths - 1).sum())
     print(f"model: {params / 1e6:.0f}M parameters, fp32, {torch.get_num_threads()} threads; "
@@ -88,30 +88,30 @@ def main():
           f"(prompts 100-330, responses {int((mask.sum(1)).min())}-{int(mask.sum(1).max())})")
     padded = PPOConfig(micro_batch_size=a.micro_batch_size)
     packed = PPOConfig(micro_batch_tokens=a.micro_batch_tokens)
-    units = rollout.packing_units(tokens, lengths, mask, a.micro_batch_tokens)
+    units = losses.packing_units(tokens, lengths, mask, a.micro_batch_tokens)
     settings = {  # name -> (config, micro-batches, whether samples share their prompt)
         f"padded, {a.micro_batch_size} rows per micro-batch":
             (padded, list(torch.arange(a.sequences).split(a.micro_batch_size)), False),
-        f"packed, {a.micro_batch_tokens} tokens per micro-batch": (packed, rollout.
+        f"packed, {a.micro_batch_tokens} tokens per micro-batch": (packed, losses.
             token_micro_batches((lengths - 1).tolist(), a.micro_batch_tokens), False),
         f"packed, {a.micro_batch_tokens} tokens, each prompt once": (packed, [
-            sorted(i for u in part for i in units[u][0]) for part in rollout.token_micro_batches(
+            sorted(i for u in part for i in units[u][0]) for part in losses.token_micro_batches(
                 [width for _, width in units], a.micro_batch_tokens)], True)}
     results = {}
     for name, (cfg, rows, share) in settings.items():
         rows = [torch.as_tensor(r) for r in rows]
-        unshared = functools.partial(rollout.packed_per_token, share=False)
-        with mock.patch.object(rollout, "packed_per_token",
-                               rollout.packed_per_token if share else unshared):
+        unshared = functools.partial(losses.packed_per_token, share=False)
+        with mock.patch.object(losses, "packed_per_token",
+                               losses.packed_per_token if share else unshared):
             computed, padding = (real, 0) if cfg.micro_batch_tokens and not share else \
-                rollout.computed_tokens(exp, rows, bool(cfg.micro_batch_tokens))
-            update(model, exp, counts, cfg, rows)  # warm-up
-            seconds, losses = [], []
+                losses.computed_tokens(exp, rows, bool(cfg.micro_batch_tokens))
+            one_update(model, exp, counts, cfg, rows)  # warm-up
+            seconds, values = [], []
             for _ in range(a.repeats):
                 start = time.perf_counter()
-                losses.append(update(model, exp, counts, cfg, rows))
+                values.append(one_update(model, exp, counts, cfg, rows))
                 seconds.append(time.perf_counter() - start)
-        results[name] = (statistics.median(seconds), losses[-1])
+        results[name] = (statistics.median(seconds), values[-1])
         print(f"{name}: {len(rows)} micro-batches, {computed} tokens computed "
               f"(padding {padding / computed:.1%}), {results[name][0]:.2f} s per update, "
               f"{real / results[name][0]:.0f} real tokens/s, loss {results[name][1]:.7f}",

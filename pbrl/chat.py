@@ -10,10 +10,16 @@ import argparse
 import time
 from pathlib import Path
 
-
 from pbrl.checkpoint import load_pretrained, save_model
-from pbrl.cli import (DTYPES, fraction, natural_int, nonnegative_float, positive_int, run_main,
-                       shared_flags)
+from pbrl.cli import (
+    DTYPES,
+    fraction,
+    natural_int,
+    nonnegative_float,
+    positive_int,
+    run_main,
+    shared_flags,
+)
 from pbrl.distributed import resolve_device
 from pbrl.model import random_llama
 from pbrl.sampler import generate

@@ -381,8 +381,10 @@ def sharded_state(models: dict[str, Transformer],
     """{name: {"model": parameters, "optim": optimizer state}} as this rank holds them: DTensor
     shards of a sharded model, plain tensors otherwise. DCP saves and loads it in place; keys
     flatten to e.g. `actor.model.norm.weight`."""
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     state = {name: {"model": get_model_state_dict(model)} for name, model in models.items()}
     for name, optimizer in optimizers.items():
         state[name]["optim"] = get_optimizer_state_dict(models[name], optimizer)
@@ -472,8 +474,10 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
     that overlap its own shards. Returns the trainer state. A checkpoint past max_step (run.steps)
     is an error before any weight is read. A collective."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     trainer_state = load_state(ckpt / TRAINER_FILE)
     if trainer_state["step"] > max_step:
         raise ValueError(f"run.steps = {max_step} is below the step of the checkpoint to resume, "

@@ -24,9 +24,9 @@ import torch
 
 from pbrl.data import LANGUAGES
 from pbrl.files import is_hub_id, read_text
-from pbrl.ppo import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
+from pbrl.ppo import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 from pbrl.rewards import REWARDS
-from pbrl.rollout import ADVANTAGES, OVERLONG
+from pbrl.rollout import OVERLONG
 
 TOY = "toy"  # a model or data path of "toy" means the toy world's artifacts, built on first use
 
@@ -150,7 +150,7 @@ class PPOConfig:
     entropy_coef: float = setting(0.0, "the entropy bonus's weight in the actor's loss", ge=0)
 
     def uses_critic(self) -> bool:
-        """The estimator reads a critic's values (rollout.ADVANTAGES): one is built and trained."""
+        """The estimator reads a critic's values (ppo.ADVANTAGES): one is built and trained."""
         return ADVANTAGES[self.advantage].critic
 
     def uses_reference(self) -> bool:

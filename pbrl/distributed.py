@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-
 DEFAULT_TIMEOUT_MINUTES = 60.0  # run.timeout_minutes' default
 _timeout_minutes: float | None = None  # the process group's, when init created it
 
@@ -195,8 +194,11 @@ def tensor_parallel_twin(model: torch.nn.Module, mesh, dtype: torch.dtype, devic
     from dataclasses import replace
 
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     from pbrl.model import Transformer
     args, n = model.args, mesh.size()

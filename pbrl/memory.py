@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from pbrl.kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.checkpoint import load_args, shard_rows
 from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, validate
-from pbrl.files import hub_failure, is_hub_id, read_json, resolve
 from pbrl.cudagraphs import cache_slots
+from pbrl.files import hub_failure, is_hub_id, read_json, resolve
+from pbrl.kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.model import ModelArgs, Transformer
 from pbrl.translators import LEXICON_FILE, TRANSLATE_BATCH_SIZE
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 from torch.nn.attention import flex_attention as fa
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
 
 from pbrl import kernels
 
@@ -446,11 +446,8 @@ class Transformer(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            if recompute:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attend,
-                                                      use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, attend)
+            x = checkpoint(layer, x, cos, sin, attend, use_reentrant=False) if recompute else \
+                layer(x, cos, sin, attend)
         return x
 
 

@@ -22,10 +22,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from pbrl import distributed as dist
 from pbrl.checkpoint import load_pretrained
 from pbrl.cli import Progress, positive_int, run_main, shared_flags
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
-from pbrl import distributed as dist
 from pbrl.files import TEXT, append_records, read_records, resolve
 from pbrl.model import Transformer
 from pbrl.sampler import generate

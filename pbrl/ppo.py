@@ -15,7 +15,7 @@ chosen by name: POLICY_LOSSES, AGGREGATIONS, CORRECTIONS.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -348,3 +348,79 @@ class AdaptiveKLController:
             error = min(max(kl / self.target - 1, -0.2), 0.2)
             self.beta *= 1 + error * n_sequences / self.horizon
         return self.beta
+
+
+# --------------------------------------------------------------------------------------------------
+# The advantage estimators (ppo.advantage)
+# --------------------------------------------------------------------------------------------------
+class Estimator(NamedTuple):
+    """An advantage estimator (advantage) and what the rest of a run must know of it."""
+    fn: Callable        # (cfg, scores [B], kl, values, mask, groups [B], beta, reduce) -> (A, R)
+    critic: bool        # it reads a critic's values: prepare builds one, the planner counts it
+    grouped: bool       # it compares the samples of a prompt: rollout.samples_per_prompt >= 2
+
+
+# advantage's choices, each registered by @estimator; advantages and returns are [B, L - 1].
+# beta weighs the KL in the reward (0 with kl_in_loss: the actor's loss holds it); reduce sums
+# over ranks. The critic-free ones return no returns (zeros).
+ADVANTAGES: dict[str, Estimator] = {}
+
+
+def estimator(name: str, critic: bool = False, grouped: bool = False):
+    def register(fn):
+        ADVANTAGES[name] = Estimator(fn, critic, grouped)
+        return fn
+    return register
+
+
+@estimator("gae", critic=True)
+def gae_estimator(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """The score on each response's last token and -beta * KL on every token, GAE over the
+    critic's values, optionally whitened over all ranks."""
+    token_rewards = per_token_rewards(scores, kl, mask, beta)
+    advantage, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantage = whiten(advantage, mask, reduce=reduce)
+    return advantage, returns
+
+
+def sequence_scores(scores, kl, mask, beta):
+    """The score minus beta * the summed KL (as verl folds a per-token KL into the sequence
+    reward) [B]."""
+    return scores - beta * masked_sum(kl, mask, dim=1)
+
+
+@estimator("grpo", grouped=True)
+def grpo_estimator(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """Each response's sequence score against its group's mean (over its std with
+    group_std)."""
+    advantage = grpo_advantages(sequence_scores(scores, kl, mask, beta), groups, mask,
+                                    cfg.group_std)
+    return advantage, torch.zeros_like(advantage)
+
+
+@estimator("rloo", grouped=True)
+def rloo_estimator(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """Each response's sequence score against the mean of its group's other samples."""
+    advantage = rloo_advantages(sequence_scores(scores, kl, mask, beta), groups, mask)
+    return advantage, torch.zeros_like(advantage)
+
+
+@estimator("reinforce_pp")
+def reinforce_pp_estimator(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """REINFORCE++: returns whitened over the global batch."""
+    advantage = reinforce_pp_advantages(scores, kl, mask, beta, None, reduce)
+    return advantage, torch.zeros_like(advantage)
+
+
+@estimator("reinforce_pp_baseline", grouped=True)
+def reinforce_pp_baseline_estimator(cfg, scores, kl, values, mask, groups, beta, reduce):
+    """REINFORCE++ with each score minus its group's mean first."""
+    advantage = reinforce_pp_advantages(scores, kl, mask, beta, groups, reduce)
+    return advantage, torch.zeros_like(advantage)
+
+
+def advantages(cfg, scores, kl, values, mask, groups, kl_beta: float, reduce):
+    """(advantages, returns) [B, L - 1] by the estimator cfg.advantage names (ADVANTAGES)."""
+    beta = 0.0 if cfg.kl_in_loss else kl_beta
+    return ADVANTAGES[cfg.advantage].fn(cfg, scores, kl, values, mask, groups, beta, reduce)

@@ -18,14 +18,27 @@ import torch
 
 from pbrl import distributed as dist
 from pbrl import memory, ppo
-from pbrl.checkpoint import (check_pretrained, claim_run_dir_on_rank0, latest_checkpoint, load_args,
-                             load_model, load_pretrained, load_training_checkpoint)
+from pbrl.checkpoint import (
+    check_pretrained,
+    claim_run_dir_on_rank0,
+    latest_checkpoint,
+    load_args,
+    load_model,
+    load_pretrained,
+    load_training_checkpoint,
+)
 from pbrl.cli import DTYPES
 from pbrl.config import Config, validate
-from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
 from pbrl.cudagraphs import CudaGraphs, cache_slots
-from pbrl.pivot import (check_questions, check_writer, match_references,
-                        pivot_writer, read_references, write_references)
+from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
+from pbrl.pivot import (
+    check_questions,
+    check_writer,
+    match_references,
+    pivot_writer,
+    read_references,
+    write_references,
+)
 from pbrl.rewards import build_reward
 from pbrl.sampler import Sampling
 from pbrl.tokenizer import Tokenizer

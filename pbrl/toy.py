@@ -37,8 +37,8 @@ from pbrl.config import TOY, Config, validate
 from pbrl.data import Problem, encode_prompt, mgsm_prompt
 from pbrl.model import ModelArgs, Transformer, pad_rows, random_llama
 from pbrl.rewards import POOLING_DIR
-from pbrl.translators import LEXICON_FILE
 from pbrl.tokenizer import Tokenizer, chat_tokenizer, save_tokenizer, train_bpe
+from pbrl.translators import LEXICON_FILE
 
 VERSION = "toy-v7"  # bump when the world's generator changes, so cached artifacts are rebuilt
 

@@ -28,13 +28,13 @@ from typing import Callable
 import torch
 
 from pbrl import distributed as dist
-from pbrl import ppo, rollout
+from pbrl import losses, ppo, rollout
 from pbrl.checkpoint import export, latest_checkpoint, save_training_checkpoint
 from pbrl.cli import Progress
 from pbrl.config import Config
+from pbrl.cudagraphs import CudaGraphs
 from pbrl.data import Problem
 from pbrl.evaluate import accuracy_by_language, evaluate
-from pbrl.cudagraphs import CudaGraphs
 from pbrl.loggers import Loggers, console_line
 from pbrl.model import Transformer
 from pbrl.sampler import Sampling, complete
@@ -113,13 +113,13 @@ class Trainer:
             with timed(timings, "advantages"):
                 kl = ppo.kl_estimate(old, ref, p.kl_estimator) if self.reference else zeros
                 groups = torch.arange(len(batch.problems), device=self.device).repeat_interleave(n)
-                advantages, returns = rollout.advantages(p, scores, kl, values, mask, groups,
-                                                         self.kl.beta, dist.all_reduce_sum)
+                advantages, returns = ppo.advantages(p, scores, kl, values, mask, groups,
+                                                     self.kl.beta, dist.all_reduce_sum)
                 keep = mask & batch.keep.to(self.device)[:, None]  # overlong filtered: False
                 weights, corrected = (keep.float(), zeros.bool()) if old is None else \
                     ppo.correction_weights(p.rollout_correction, old, sampled, keep,
                                            p.correction_clip, p.correction_low, p.correction_high)
-        exp = rollout.Experience(*seqs, sampled, old, ref, values, kl, advantages, returns, weights)
+        exp = losses.Experience(*seqs, sampled, old, ref, values, kl, advantages, returns, weights)
         # 6. update
         with timed(timings, "update"):
             stats = self.update(exp)
@@ -137,10 +137,8 @@ class Trainer:
         with timed(timings, "rollout"), self.sampling_policy() as policy:
             seeds = torch.tensor([rollout.sequence_seed(cfg.run.seed, draw, problem, j)
                                   for problem in problems for j in range(n)])
-            def decode(prompts, seeds):
-                return complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
-            completions = decode(prompts, seeds) if self.tp_group is None else \
-                dist.decode_together(self.tp_group, prompts, seeds, decode)
+            completions = self.decode_together(policy, prompts, seeds) if self.tp_group else \
+                complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
         # 3. reward
         with timed(timings, "reward"), torch.no_grad():
             texts = [self.tokenizer.decode(ids) for ids in completions.as_lists()]
@@ -168,6 +166,12 @@ class Trainer:
         return batch._replace(stats={"sampling_rounds": len(rounds),
                                      "informative_groups": min(informative, r.prompts_per_step)})
 
+    def decode_together(self, policy: Transformer, prompts: list[list[int]], seeds: torch.Tensor):
+        """rollout.tensor_parallel: the group's ranks decode their prompts together."""
+        def decode(prompts, seeds):
+            return complete(policy, prompts, self.sampling, seeds, self.slots, self.graphs)
+        return dist.decode_together(self.tp_group, prompts, seeds, decode)
+
     def sampling_policy(self):
         """The model a rollout decodes on: the actor with every FSDP unit gathered, or
         (rollout.compile) the decoding copy that CudaGraphs keeps, or (rollout.tensor_parallel) the
@@ -179,46 +183,47 @@ class Trainer:
             self.graphs.policy(self.actor.model)
 
     def per_token(self, model: Transformer, output: str, seqs: tuple, timings: dict, name: str):
-        """rollout.per_token's log-probs or values [B, L - 1], micro-batch by micro-batch, timed as
+        """losses.per_token's log-probs or values [B, L - 1], micro-batch by micro-batch, timed as
         `name`."""
         out, cfg = torch.zeros(seqs[2].shape, device=self.device), self.cfg
         with timed(timings, name):
             for rows in self.micro_batches(*seqs):
-                part = rollout.per_token(model, *(x[rows] for x in seqs), output,
-                                         cfg.rollout.temperature, bool(cfg.ppo.micro_batch_tokens))
+                part = losses.per_token(model, *(x[rows] for x in seqs), output,
+                                        cfg.rollout.temperature, bool(cfg.ppo.micro_batch_tokens))
                 out[rows] = part[0] if output == "logprobs" else part
         return out
 
     def micro_batches(self, tokens, lengths, mask) -> list[torch.Tensor]:
-        """Each micro-batch's rows: ppo.micro_batch_size at a time, or as many prompt groups (or
-        parts of one) as fit ppo.micro_batch_tokens tokens, packed into one row, each prompt once
-        (rollout.packing_units, token_micro_batches)."""
+        """Each micro-batch's rows: ppo.micro_batch_size at a time, or (ppo.micro_batch_tokens)
+        packed_micro_batches."""
         p = self.cfg.ppo
-        if not p.micro_batch_tokens:
-            return [r.to(self.device) for r in torch.arange(len(lengths)).split(p.micro_batch_size)]
-        units = rollout.packing_units(tokens, lengths, mask, p.micro_batch_tokens)
-        parts = rollout.token_micro_batches([width for _, width in units], p.micro_batch_tokens,
-                                            dist.all_gather_objects)
+        if p.micro_batch_tokens:
+            return self.packed_micro_batches(tokens, lengths, mask)
+        return [r.to(self.device) for r in torch.arange(len(lengths)).split(p.micro_batch_size)]
+
+    def packed_micro_batches(self, tokens, lengths, mask) -> list[torch.Tensor]:
+        """As many prompt groups (or parts of one) per micro-batch as fit ppo.micro_batch_tokens
+        tokens, packed into one row, each prompt once (losses.packing_units,
+        token_micro_batches)."""
+        budget = self.cfg.ppo.micro_batch_tokens
+        units = losses.packing_units(tokens, lengths, mask, budget)
+        parts = losses.token_micro_batches([width for _, width in units], budget,
+                                           dist.all_gather_objects)
         return [torch.tensor(sorted(i for u in part for i in units[u][0]), device=self.device)
                 for part in parts]
 
-    def update(self, exp: rollout.Experience) -> dict[str, float]:
+    def update(self, exp: losses.Experience) -> dict[str, float]:
         """PPO epochs over minibatches; a minibatch's loss is normalised by its counts (tokens,
         responses) over all ranks."""
         p, r, sums, norms = self.cfg.ppo, self.cfg.rollout, {}, []
         if not dist.all_reduce_sum((exp.weights > 0).sum().float()):  # on every rank alike
-            raise ValueError(f"step {self.step + 1}: no response token takes part in the loss, so "
-                             f"the step would train nothing. Every response was cut at "
-                             f"rollout.max_new_tokens={r.max_new_tokens} under rollout.overlong="
-                             f"{r.overlong}, or ppo.rollout_correction={p.rollout_correction} "
-                             f"dropped every token: raise max_new_tokens, or set overlong penalty "
-                             f"or off, or widen the correction's window")
-        losses = [(self.actor, rollout.actor_loss)]
-        losses += [(self.critic, rollout.critic_loss)] if self.critic else []
+            raise nothing_to_train(self.cfg, self.step)
+        steps = [(self.actor, losses.actor_loss)]
+        steps += [(self.critic, losses.critic_loss)] if self.critic else []
         for _ in range(p.epochs):
             for rows in torch.arange(len(exp.tokens), device=self.device).chunk(p.minibatches):
                 counts = ppo.count(exp.weights[rows], r.max_new_tokens, dist.all_reduce_sum)
-                for trained, loss_fn in losses:
+                for trained, loss_fn in steps:
                     stats, norm = self.optimize(trained, loss_fn, exp.rows(rows), counts)
                     sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
                     norms += [norm] if trained is self.actor else []
@@ -231,7 +236,7 @@ class Trainer:
                 "update_tokens": s["update_tokens"] / p.epochs,  # one pass over the batch
                 "padding": s["padding"] / s["update_tokens"], "grad_norm": sum(norms) / len(norms)}
 
-    def optimize(self, trained: Trained, loss_fn, exp: rollout.Experience, counts: ppo.Counts):
+    def optimize(self, trained: Trained, loss_fn, exp: losses.Experience, counts: ppo.Counts):
         """One optimizer step over these rows, micro-batch by micro-batch; returns (sums of the
         losses' statistics, the gradient norm before clipping)."""
         p, sums = self.cfg.ppo, {}
@@ -242,13 +247,12 @@ class Trainer:
             loss.backward()
             sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
         if trained is self.actor:  # what its passes compute: perf/update_tokens, perf/padding
-            computed = rollout.computed_tokens(exp, micro_batches, bool(p.micro_batch_tokens))
+            computed = losses.computed_tokens(exp, micro_batches, bool(p.micro_batch_tokens))
             sums["update_tokens"], sums["padding"] = torch.tensor(computed, device=self.device)
         norm = torch.nn.utils.clip_grad_norm_(trained.model.parameters(), p.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):  # the same on every rank: the norm is global
-            raise FloatingPointError(f"step {self.step + 1}: the {loss_fn.__name__}'s gradient "
-                                     f"norm is {norm}; stopped before updating (checkpoints kept)")
+            raise not_finite(loss_fn, norm, self.step)
         trained.optimizer.step()
         trained.optimizer.zero_grad(set_to_none=True)  # no gradients held through the rollout
         return sums, norm
@@ -268,31 +272,29 @@ class Trainer:
                 "tokens_per_s": metrics["response_tokens"] / seconds, "kl_beta": self.kl.beta,
                 "lr": self.actor.optimizer.param_groups[0]["lr"], "peak_memory_mb": peak / 2**20}
 
-    # ---------------------------------------------------------------------------------- around the
-    # loop
     def run(self, steps: int | None = None) -> list[dict]:
         """Train until run.steps (or `steps` more iterations); returns this call's metrics. The run
         directory's lock is released when it returns or fails."""
         run = self.cfg.run
         end = min(run.steps, self.step + steps) if steps else run.steps
         try:
-            self.open_logs()
+            open_logs(self)
             history = []
             if self.step == 0 and self.eval_problems:
-                history.append(self.log_metrics({"step": 0, **self.evaluate()}))
+                history.append(log_metrics(self, {"step": 0, **evaluate_policy(self)}))
             bar = Progress(end - self.step, "train", " steps", enabled=self.rank == 0)
             while self.step < end:
                 metrics = self.train_step()
                 self.step += 1
                 bar.update()
-                if self.eval_problems and self.due(run.eval_every):
-                    metrics.update(self.evaluate())
-                history.append(self.log_metrics(metrics))
-                if self.due(run.checkpoint_every):
-                    self.save()
+                if self.eval_problems and due(self, run.eval_every):
+                    metrics.update(evaluate_policy(self))
+                history.append(log_metrics(self, metrics))
+                if due(self, run.checkpoint_every):
+                    save_checkpoint(self)
             bar.close()
             if self.step == run.steps:
-                self.export_final()
+                export_final(self)
             return history
         finally:
             if self.loggers is not None:
@@ -301,57 +303,85 @@ class Trainer:
             if self.lock is not None:
                 self.lock.close()
 
-    def due(self, every: int | None) -> bool:
-        """Whether this step is one of every N (or the run's last)."""
-        return self.step == self.cfg.run.steps or bool(every and self.step % every == 0)
 
-    def evaluate(self) -> dict[str, float]:
-        """Greedy accuracy per language on the held-out problems, each rank (or tensor-parallel
-        group) every world-th (groups-th) problem. Records already kept for this step are reused
-        (runs that share a warm start share its eval)."""
-        if self.step not in self.eval_records:
-            # a tensor-parallel group decodes its share together, as its rollouts do
-            tp = self.cfg.rollout.tensor_parallel
-            groups, group = self.world // tp, self.rank // tp
-            with self.sampling_policy() if self.tp_twin else dist.gathered(self.actor.model) as m:
-                records = evaluate(m, self.tokenizer, self.eval_problems[group::groups],
-                                   batch_size=64, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                   progress=False)
-            gathered = dist.all_gather_objects(records if self.rank % tp == 0 else [])
-            self.eval_records[self.step] = [r for part in gathered for r in part]
-        accuracy = accuracy_by_language(self.eval_records[self.step])
-        return {f"acc/{k}": v for k, v in accuracy.items()}
+# --------------------------------------------------------------------------------------------------
+# Around the loop: evaluation, checkpoints, the final export, logs
+# --------------------------------------------------------------------------------------------------
+def due(trainer: Trainer, every: int | None) -> bool:
+    """Whether this step is one of every N (or the run's last)."""
+    return trainer.step == trainer.cfg.run.steps or bool(every and trainer.step % every == 0)
 
-    def save(self) -> None:
-        trained = self.trained
-        save_training_checkpoint(self.out, self.step, {k: t.model for k, t in trained.items()},
-                                 {k: t.optimizer for k, t in trained.items()},
-                                 {"step": self.step, "kl_beta": self.kl.beta,
-                                  "torch_rng": torch.get_rng_state()},
-                                 source_dir=self.policy_dir, keep=self.cfg.run.keep_checkpoints)
 
-    def export_final(self) -> None:
-        """The last checkpoint, streamed into a HF directory by rank 0 while the others wait."""
-        if self.rank == 0:
-            ckpt = latest_checkpoint(self.out)
-            self.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
-            export(ckpt, self.out / "final", "actor", self.dtype, overwrite=True)  # its own
-            self.log(f"final policy: {self.out / 'final'}")
-        dist.barrier()
+def evaluate_policy(trainer: Trainer) -> dict[str, float]:
+    """Greedy accuracy per language on the held-out problems, each rank (or tensor-parallel
+    group) every world-th (groups-th) problem. Records already kept for this step are reused
+    (runs that share a warm start share its eval)."""
+    t = trainer
+    if t.step not in t.eval_records:
+        # a tensor-parallel group decodes its share together, as its rollouts do
+        tp = t.cfg.rollout.tensor_parallel
+        groups, group = t.world // tp, t.rank // tp
+        with t.sampling_policy() if t.tp_twin else dist.gathered(t.actor.model) as model:
+            records = evaluate(model, t.tokenizer, t.eval_problems[group::groups], batch_size=64,
+                               max_new_tokens=t.cfg.rollout.max_new_tokens, progress=False)
+        gathered = dist.all_gather_objects(records if t.rank % tp == 0 else [])
+        t.eval_records[t.step] = [r for part in gathered for r in part]
+    accuracy = accuracy_by_language(t.eval_records[t.step])
+    return {f"acc/{k}": v for k, v in accuracy.items()}
 
-    def open_logs(self) -> None:
-        """Rank 0: the run's config.json, and its loggers (metrics.jsonl cut after this step)."""
-        if self.rank == 0:
-            r = self.cfg.run
-            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-            self.loggers = Loggers(self.out, r.loggers, r.name or self.out.name, self.cfg.to_dict(),
-                                   r.wandb_project, r.wandb_mode, after_step=self.step)
 
-    def log_metrics(self, metrics: dict) -> dict:
-        if self.rank == 0:
-            self.loggers.log(metrics)
-            self.log(console_line(metrics, self.cfg.run.steps))
-        return metrics
+def save_checkpoint(trainer: Trainer) -> None:
+    """A training checkpoint of every trained model and optimizer, the step, the KL coefficient
+    and the RNG state (pbrl/checkpoint.py)."""
+    t, trained = trainer, trainer.trained
+    save_training_checkpoint(t.out, t.step, {k: m.model for k, m in trained.items()},
+                             {k: m.optimizer for k, m in trained.items()},
+                             {"step": t.step, "kl_beta": t.kl.beta,
+                              "torch_rng": torch.get_rng_state()},
+                             source_dir=t.policy_dir, keep=t.cfg.run.keep_checkpoints)
+
+
+def export_final(trainer: Trainer) -> None:
+    """The last checkpoint, streamed into a HF directory by rank 0 while the others wait."""
+    if trainer.rank == 0:
+        ckpt, final = latest_checkpoint(trainer.out), trainer.out / "final"
+        trainer.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
+        export(ckpt, final, "actor", trainer.dtype, overwrite=True)  # its own
+        trainer.log(f"final policy: {final}")
+    dist.barrier()
+
+
+def open_logs(trainer: Trainer) -> None:
+    """Rank 0: the run's config.json, and its loggers (metrics.jsonl cut after this step)."""
+    if trainer.rank == 0:
+        r, config = trainer.cfg.run, trainer.cfg.to_dict()
+        (trainer.out / "config.json").write_text(json.dumps(config, indent=2))
+        trainer.loggers = Loggers(trainer.out, r.loggers, r.name or trainer.out.name, config,
+                                  r.wandb_project, r.wandb_mode, after_step=trainer.step)
+
+
+def log_metrics(trainer: Trainer, metrics: dict) -> dict:
+    """Rank 0: one step's metrics to the loggers and one line on the console."""
+    if trainer.rank == 0:
+        trainer.loggers.log(metrics)
+        trainer.log(console_line(metrics, trainer.cfg.run.steps))
+    return metrics
+
+
+def not_finite(loss_fn, norm: float, step: int) -> FloatingPointError:
+    return FloatingPointError(f"step {step + 1}: the {loss_fn.__name__}'s gradient norm is "
+                              f"{norm}; stopped before updating (checkpoints kept)")
+
+
+def nothing_to_train(cfg: Config, step: int) -> ValueError:
+    """The error of a step in which no response token takes part in the loss."""
+    r, p = cfg.rollout, cfg.ppo
+    return ValueError(f"step {step + 1}: no response token takes part in the loss, so the step "
+                      f"would train nothing. Every response was cut at rollout.max_new_tokens="
+                      f"{r.max_new_tokens} under rollout.overlong={r.overlong}, or "
+                      f"ppo.rollout_correction={p.rollout_correction} dropped every token: raise "
+                      f"max_new_tokens, or set overlong penalty or off, or widen the correction's "
+                      f"window")
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from pbrl.cli import Progress, languages, positive_int, run_main, shared_flags
-from pbrl.data import Problem, prompt_format, load_gsm8k, written_numbers
+from pbrl.data import Problem, load_gsm8k, prompt_format, written_numbers
 from pbrl.distributed import resolve_device
 from pbrl.files import FLAG, NUMBER, TEXT, append_records, read_records, write_atomic
 from pbrl.translators import load_translator

@@ -226,13 +226,13 @@ def test_a_kl_free_run_loads_and_plans_no_reference(world, tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------- the estimators' declared properties
-@pytest.mark.parametrize("name", list(rollout.ADVANTAGES))
+@pytest.mark.parametrize("name", list(ppo.ADVANTAGES))
 def test_each_estimator_reads_a_critic_or_groups_exactly_as_it_declares(name):
     """What an estimator declares when it registers (critic: prepare builds one and the planner
     counts it; grouped: samples_per_prompt >= 2 is checked) against what its numbers depend on:
     other values change its advantages only if it declares a critic, regrouped samples only if
     it declares groups."""
-    estimator = rollout.ADVANTAGES[name]
+    estimator = ppo.ADVANTAGES[name]
     g = torch.Generator().manual_seed(0)
     scores, kl = torch.rand(6, generator=g), torch.rand(6, 5, generator=g) * 0.1
     values, mask = torch.rand(6, 5, generator=g), torch.ones(6, 5, dtype=torch.bool)

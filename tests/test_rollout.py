@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pbrl import ppo, rollout
+from pbrl import ppo, rollout, losses
 from pbrl.data import Problem
 from pbrl.model import ModelArgs, Transformer, pad_rows
 from pbrl.rewards import AnswerAgreement, ExactMatch
@@ -98,8 +98,8 @@ def test_per_token_logprobs_and_values_read_the_positions_before_each_response_t
                               torch.tensor([True, False]), torch.zeros(2, 3))
     tokens, lengths, mask, _ = rollout.sequences(prompts, completions)
     with torch.no_grad():
-        logp, entropy = rollout.per_token(tiny, tokens, lengths, mask, "logprobs", temperature=1.5)
-        values = rollout.per_token(tiny, tokens, lengths, mask, "values")
+        logp, entropy = losses.per_token(tiny, tokens, lengths, mask, "logprobs", temperature=1.5)
+        values = losses.per_token(tiny, tokens, lengths, mask, "values")
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             alone = torch.tensor([prompt + response])
             log_softmax = (tiny(alone)[0] / 1.5).log_softmax(-1)
@@ -131,8 +131,8 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     g = torch.Generator().manual_seed(0)
     b, t = 4, 5
     mask = torch.rand(b, t, generator=g) > 0.3
-    exp = rollout.Experience(torch.zeros(b, t + 1), torch.full((b,), 3), mask,
-                             *(torch.randn(b, t, generator=g) for _ in range(8)))
+    exp = losses.Experience(torch.zeros(b, t + 1), torch.full((b,), 3), mask,
+                            *(torch.randn(b, t, generator=g) for _ in range(8)))
     samples = [type("S", (), {"lang": lang})() for lang in ("de", "de", "fr", "fr")]
     rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]),
                "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
@@ -176,17 +176,17 @@ def test_the_actor_loss_measures_the_sampler_mismatch_and_reads_its_own_old_logp
     tokens, lengths, mask, sampled = rollout.sequences([[3, 4, 5], [6]], completions)
     old = torch.where(mask, -torch.rand(mask.shape, generator=g), 0.0)
     weights = mask & torch.tensor([[True], [False]])  # the second response filtered out
-    exp = rollout.Experience(tokens, lengths, mask, sampled, old, None, *(torch.zeros(mask.shape),)
-                             * 4, weights.float())
+    exp = losses.Experience(tokens, lengths, mask, sampled, old, None, *(torch.zeros(mask.shape),)
+                            * 4, weights.float())
     counts = ppo.count(weights)
-    _, stats = rollout.actor_loss(tiny, exp, counts, PPOConfig(), 1.0, 0.0)
+    _, stats = losses.actor_loss(tiny, exp, counts, PPOConfig(), 1.0, 0.0)
     gap = (sampled - old)[weights]
     assert stats["logprob_mismatch"] == pytest.approx(gap.abs().sum().item())
     assert stats["logprob_mismatch_k3"] == pytest.approx((gap.neg().exp() - 1 + gap).sum().item())
-    _, own = rollout.actor_loss(tiny, exp._replace(old_logprobs=None), counts, PPOConfig(), 1.0,
-                                0.0)
+    _, own = losses.actor_loss(tiny, exp._replace(old_logprobs=None), counts, PPOConfig(), 1.0,
+                               0.0)
     with torch.no_grad():
-        logp = rollout.per_token(tiny, tokens, lengths, mask, "logprobs")[0]
+        logp = losses.per_token(tiny, tokens, lengths, mask, "logprobs")[0]
     assert own["approx_kl"] == 0 and own["clipfrac"] == 0
     assert own["logprob_mismatch"] == pytest.approx((sampled - logp)[weights].abs().sum().item())
 
@@ -202,10 +202,10 @@ def test_each_micro_batch_is_as_wide_as_its_longest_row(tiny):
     widths = []
     hook = tiny.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
     with torch.no_grad():
-        narrow = rollout.per_token(tiny, tokens, lengths, mask, "logprobs") + \
-            (rollout.per_token(tiny, tokens, lengths, mask, "values"),)
-        broad = rollout.per_token(tiny, *wide,
-                                  "logprobs") + (rollout.per_token(tiny, *wide, "values"),)
+        narrow = losses.per_token(tiny, tokens, lengths, mask, "logprobs") + \
+            (losses.per_token(tiny, tokens, lengths, mask, "values"),)
+        broad = losses.per_token(tiny, *wide,
+                                 "logprobs") + (losses.per_token(tiny, *wide, "values"),)
     hook.remove()
     assert widths == [4] * 4
     for a, b in zip(narrow, broad):
@@ -221,12 +221,12 @@ def test_advantages_by_estimator_and_where_the_kl_goes():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
     groups = torch.tensor([0, 0, 1, 1])
     cfg = PPOConfig(whiten_advantages=False)
-    adv, returns = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
+    adv, returns = ppo.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
     expected = ppo.gae(ppo.per_token_rewards(scores, kl, mask, 0.5), values, mask, cfg.gamma,
                        cfg.lam)
     assert torch.equal(adv, expected[0]) and torch.equal(returns, expected[1])
     cfg = PPOConfig(advantage="rloo")
-    adv, returns = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
+    adv, returns = ppo.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
     sequence = scores - 0.5 * (kl * mask).sum(1)  # the response's summed KL folded into its score
     assert torch.allclose(adv[:, 0],
                           torch.stack([sequence[0] - sequence[1], sequence[1] - sequence[0],
@@ -235,7 +235,7 @@ def test_advantages_by_estimator_and_where_the_kl_goes():
     assert returns.eq(0).all()
     # the KL is the loss's, not the reward's
     cfg = PPOConfig(advantage="grpo", group_std=False, kl_in_loss=True)
-    adv, _ = rollout.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
+    adv, _ = ppo.advantages(cfg, scores, kl, values, mask, groups, 0.5, lambda x: x)
     assert torch.allclose(adv[:, 0],
                           torch.stack([scores[0] - scores[:2].mean(), scores[1] - scores[:2].mean(),
                                                   scores[2] - scores[2:].mean(),

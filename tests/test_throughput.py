@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import no_model_loads, overrides
-from pbrl import rollout
+from pbrl import rollout, losses
 from pbrl.config import PPOConfig, load_config
 from pbrl.model import ModelArgs, Transformer, document_causal
 from pbrl.sampler import Completions
@@ -70,9 +70,9 @@ def ragged_batch(seed=0, rows=5, samples=1):
     return rollout.sequences(prompts, completions)[:3]
 
 
-PACKINGS = {"padded": lambda *a: rollout.per_token(*a, packed=False),
-            "packed": lambda *a: rollout.packed_per_token(*a, share=False),
-            "each prompt once": rollout.packed_per_token}
+PACKINGS = {"padded": lambda *a: losses.per_token(*a, packed=False),
+            "packed": lambda *a: losses.packed_per_token(*a, share=False),
+            "each prompt once": losses.packed_per_token}
 
 
 @pytest.mark.parametrize("packing", ["packed", "each prompt once"])
@@ -83,7 +83,7 @@ def test_packed_rows_give_the_padded_outputs_and_gradients(gqa, output, packing)
     entropies or values, and the same gradients of every weight (the embeddings' included, so the
     gradients into the shared prompts' positions)."""
     tokens, lengths, mask = ragged_batch(rows=9, samples=3)
-    assert len(rollout.prompt_groups(tokens, lengths, mask)) == 3
+    assert len(losses.prompt_groups(tokens, lengths, mask)) == 3
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
     results = []
     for name in ("padded", packing):
@@ -118,7 +118,7 @@ def test_both_forms_of_document_attention_equal_a_masked_softmax(flex):
 
 def test_token_micro_batches_fit_balance_and_agree_on_a_count_over_ranks():
     widths = [30, 7, 12, 25, 3, 18, 9, 40, 1, 22]
-    batches = rollout.token_micro_batches(widths, 64)
+    batches = losses.token_micro_batches(widths, 64)
     assert sorted(i for b in batches for i in b) == list(range(len(widths)))
     loads = [sum(widths[i] for i in b) for b in batches]
     assert max(loads) <= 64 and len(batches) == 3  # 167 tokens: the fewest possible
@@ -126,11 +126,11 @@ def test_token_micro_batches_fit_balance_and_agree_on_a_count_over_ranks():
     # another rank needs 4 micro-batches: this one runs 4 as well, none empty
     def gather(x):  # another rank that needs 4 micro-batches and fits them
         return [x, False] if isinstance(x, bool) else [x, max(x, 4)]
-    batches = rollout.token_micro_batches(widths, 64, gather)
+    batches = losses.token_micro_batches(widths, 64, gather)
     assert len(batches) == 4 and all(batches)
     with pytest.raises(ValueError, match="a sequence of 40 tokens does not fit "
                                          "ppo.micro_batch_tokens=39"):
-        rollout.token_micro_batches(widths, 39)
+        losses.token_micro_batches(widths, 39)
 
 
 def test_packed_budgets_and_tensor_parallel_rollouts_train_as_padded_micro_batches(world, tmp_path):
@@ -173,14 +173,14 @@ def test_each_prompt_once_computes_a_prompt_once_per_group():
     mask = rollout.sequences([[5, 6, 7], [5, 6, 7], [9, 8]], Completions(
         torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [4, 4, 4, 4]]), torch.tensor([2, 1, 4]),
         torch.ones(3, dtype=torch.bool), torch.zeros(3, 4)))[2]
-    rows, cols, docs, prefix = rollout.packing(tokens, lengths, mask)
+    rows, cols, docs, prefix = losses.packing(tokens, lengths, mask)
     assert rows.tolist() == [0, 0, 0, 0, 1, 2, 2, 2, 2, 2]
     assert cols.tolist() == [0, 1, 2, 3, 2, 0, 1, 2, 3, 4]
     assert tokens[rows, cols].tolist() == [5, 6, 7, 1, 7, 9, 8, 4, 4, 4]
     assert docs.tolist() == [0, 0, 1, 1, 2, 3, 3, 3, 3, 3]
     assert prefix.tolist() == [-1, -1, 0, 0, 0, -1, -1, -1, -1, -1]
-    assert rollout.packing_units(tokens, lengths, mask, 10) == [([0, 1], 5), ([2], 5)]
-    assert rollout.packing_units(tokens, lengths, mask, 4) == [([0], 4), ([1], 3), ([2], 5)]
+    assert losses.packing_units(tokens, lengths, mask, 10) == [([0, 1], 5), ([2], 5)]
+    assert losses.packing_units(tokens, lengths, mask, 4) == [([0], 4), ([1], 3), ([2], 5)]
 
 
 @pytest.mark.filterwarnings("ignore:.*without torch.compile:UserWarning")  # flex on the CPU

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pbrl.kernels.dispatch import triton, tl, use_triton
+from pbrl.kernels.dispatch import tl, triton, use_triton
 from pbrl.kernels.reference import cosine_similarity_ref
 
 if triton is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pbrl.kernels.dispatch import triton, tl, use_triton
+from pbrl.kernels.dispatch import tl, triton, use_triton
 
 # Tokens per block of logits in the chunked paths: C * V fp32 values is about 128 MB at V = 151,936.
 CHUNK_ELEMENTS = 2 ** 25
