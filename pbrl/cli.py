@@ -95,6 +95,11 @@ def run_main(main, argv=None) -> None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("PBRL_TRACEBACK") == "1":
+            raise
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 PLAIN_FORMAT = ("{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) "

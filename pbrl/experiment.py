@@ -24,15 +24,18 @@ import time
 from pathlib import Path
 
 from pbrl import distributed as dist
+from pbrl import numerics
 from pbrl.cli import Progress, natural_int, positive_int
-from pbrl.config import Config, load_config
+from pbrl.config import Config, load_config, validate
 from pbrl.evaluate import accuracy_by_language, format_table
-from pbrl.files import fresh_dir
+from pbrl.files import fresh_dir, write_atomic
 from pbrl.plot import svg_panels
 from pbrl.prepare import prepare
 from pbrl.toy import use_world
 
 DEFAULT_OUT = "runs/toy"
+RESULT = "result.json"  # in a run's directory once it has finished: what the experiment keeps
+SPEC = "experiment.json"  # in --out: the options it was started with, which a rerun must repeat
 # Every arm's recipe beyond Config's defaults: many small iterations (8 problems x 4 samples, one
 # PPO epoch) gain more per CPU second than fewer big ones.
 STEPS, EVAL_EVERY = 60, 30
@@ -48,19 +51,40 @@ ARMS = {  # name -> its settings beyond RECIPE
 }
 
 
-def arm_config(out: Path, name: str, settings: dict, steps: int, seed: int, run_seed: int,
-               eval_every: int, seeds: int, log) -> Config:
-    """One run's config: RECIPE, the arm's settings, the world of `seed` (problems, warm start,
-    reward models, shared by every run), and the run's own seed (its sampling noise and order)."""
+# the settings the driver sets for every run (its options in parentheses): an arm may not
+OWNED = {"run.out_dir": "--out", "run.steps": "--steps", "run.seed": "--seed and --seeds",
+         "run.eval_every": "the driver", "run.checkpoint_every": "the driver",
+         "data.pivot_cache": "the driver: one for every run, in --out"}
+
+
+def slug(name: str) -> str:
+    """An arm's directory name under --out."""
+    return name.lower().replace(" + ", "-").replace(",", "").replace(" ", "-")
+
+
+def arm_pairs(out: Path, name: str, settings: dict, steps: int, seed: int, run_seed: int,
+              eval_every: int, seeds: int) -> dict:
+    """One run's settings: RECIPE, the arm's, then the driver's (OWNED): the world of `seed`
+    (problems, warm start, reward models, shared by every run) and the run's own directory."""
     pairs = {**RECIPE, **settings, "run.steps": steps, "run.seed": seed,
              "run.eval_every": eval_every, "run.checkpoint_every": "off",
              "data.pivot_cache": out / "pivot.jsonl"}  # the pivot answers once for all runs
-    slug = name.lower().replace(" + ", "-").replace(",", "").replace(" ", "-")
-    pairs["run.out_dir"] = out / slug / f"seed-{run_seed}" if seeds > 1 else out / slug
-    cfg = use_world(load_config(None, [x for k, v in pairs.items() for x in (f"--{k}", str(v))]),
-                    log=log)
+    pairs["run.out_dir"] = out / slug(name) / f"seed-{run_seed}" if seeds > 1 else out / slug(name)
+    return pairs
+
+
+def arm_config(out: Path, name: str, settings: dict, steps: int, seed: int, run_seed: int,
+               eval_every: int, seeds: int, log) -> Config:
+    """One run's config (arm_pairs) with the toy world built, and the run's own seed (its sampling
+    noise and order)."""
+    pairs = arm_pairs(out, name, settings, steps, seed, run_seed, eval_every, seeds)
+    cfg = use_world(load_config(None, as_argv(pairs)), log=log)
     cfg.run.seed = run_seed
     return cfg
+
+
+def as_argv(pairs: dict) -> list[str]:
+    return [x for k, v in pairs.items() for x in (f"--{k}", str(v))]
 
 
 def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str = EVAL_EVERY,
@@ -72,19 +96,36 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
     evaluates the warm start for all; the others then run `workers` at a time, each in its own
     process on one CPU thread (a run of the toy's size gains little from a second thread)."""
     arms = ARMS if arms is None else arms
-    t0 = time.perf_counter()
+    t0, computed = time.perf_counter(), numerics.describe()
+    if not numerics.pinned():
+        log(f"numerics: not pinned ({computed['aten']} kernels, MKL_CBWR={computed['mkl_cbwr']}): "
+            f"the warm start and the tables are this machine's, not the README's (docs/toy.md)")
     jobs = [(out, name, arms[name], steps, seed, s, eval_every, seeds)
             for name in arms for s in range(seed, seed + seeds)]
+    for job in jobs:  # every run's settings checked before the first one trains
+        validate(load_config(None, as_argv(arm_pairs(*job))), dist.init()[1])
+    earlier = finished_runs(jobs, log)  # an interrupted experiment's, continued
     bar = Progress(len(jobs), "toy runs", " runs", every=0)
 
     def finished(run: dict) -> None:
         bar.update()
         log(f"{run['arm']}, seed {run['seed']}: {format_accuracy(run['accuracy'])}")
-    first = one_run(*jobs[0], None, log)
+    first = earlier.get(0) or one_run(*jobs[0], None, log)
     finished(first)
     workers = 1 if dist.init()[1] > 1 else workers  # under torchrun the ranks share each run
-    rest = [(*job, first["warm"], log if workers == 1 else None) for job in jobs[1:]]
-    done = [first, *in_processes(one_run, rest, workers, finished)]
+    todo = [i for i in range(1, len(jobs)) if i not in earlier]
+    for i in range(1, len(jobs)):
+        if i in earlier:
+            finished(earlier[i])
+    try:
+        made = in_processes(one_run, [(*jobs[i], first["warm"], log if workers == 1 else None)
+                                      for i in todo], workers, finished)
+    except (KeyboardInterrupt, ChildProcessError):
+        log(f"stopped: {bar.n} of {len(jobs)} runs finished and are kept under {out}; the same "
+            f"command with --out {out} continues from them")
+        raise
+    done = [first, *(earlier[i] if i in earlier else made[todo.index(i)]
+                     for i in range(1, len(jobs)))]
     bar.close()
     accuracy = {name: {} for name in arms}  # arm -> seed -> {lang: accuracy}
     curves = {name: [] for name in arms}    # arm -> per seed, its {step, reward, acc/avg} rows
@@ -100,7 +141,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
                # what English RL alone leaves for the target-language rewards: each arm against it
                "over English-only": {name: gain_interval(correct[ENGLISH], correct[name])
                                      for name in arms if ENGLISH in arms and name != ENGLISH},
-               "curves": curves, "seconds": time.perf_counter() - t0}
+               "curves": curves, "numerics": computed, "seconds": time.perf_counter() - t0}
     if dist.init()[0] == 0:  # rank 0 writes the results
         write_results(out, summary, log)
     return summary
@@ -122,8 +163,42 @@ def one_run(out: Path, name: str, settings: dict, steps: int, seed: int, run_see
     evaluated = [h for h in history if any(k.startswith("acc/") for k in h)]
     curve = [{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}
              for h in history]
-    return {"arm": name, "seed": run_seed, "accuracy": _acc(evaluated[-1]), "curve": curve,
-            "correct": by_language(trainer.eval_records[steps]), "warm": trainer.eval_records[0]}
+    result = {"arm": name, "seed": run_seed, "accuracy": _acc(evaluated[-1]), "curve": curve,
+              "correct": by_language(trainer.eval_records[steps]), "warm": trainer.eval_records[0]}
+    if dist.init()[0] == 0:  # what a rerun of an interrupted experiment takes instead of the run
+        with write_atomic(trainer.out / RESULT) as tmp:
+            tmp.write_text(json.dumps(result))
+    return result
+
+
+def finished_runs(jobs: list[tuple], log) -> dict[int, dict]:
+    """The runs of `jobs` (by index) that an earlier, interrupted call finished: their results,
+    each checked against the configuration the run would have now. A run that did not finish is
+    moved aside (kept, never reused)."""
+    out, done = jobs[0][0], {}
+    for i, job in enumerate(jobs):
+        run_dir = Path(arm_pairs(*job)["run.out_dir"])
+        if not run_dir.exists():
+            continue
+        if not (run_dir / RESULT).is_file():
+            aside = fresh_dir(run_dir.with_name(run_dir.name + ".unfinished"))
+            run_dir.rename(aside)
+            log(f"{run_dir} did not finish: moved to {aside}; it runs again")
+            continue
+        cfg = arm_config(*job, log=lambda *a: None).to_dict()
+        saved = json.loads((run_dir / "config.json").read_text())
+        if json.loads(json.dumps(cfg, default=str)) != saved:
+            differ = sorted(f"{section}.{key}" for section in cfg for key in cfg[section]
+                            if saved.get(section, {}).get(key) != json.loads(json.dumps(
+                                cfg[section][key], default=str)))
+            raise FileExistsError(f"--out {out}: {run_dir} holds a finished run of other settings "
+                                  f"({', '.join(differ[:3]) or 'its config.json'}); continue "
+                                  f"with the options it was started with, or choose another "
+                                  f"--out")
+        done[i] = json.loads((run_dir / RESULT).read_text())
+    if done:
+        log(f"continuing {out}: {len(done)} of {len(jobs)} runs finished earlier")
+    return done
 
 
 def in_processes(fn, calls: list[tuple], workers: int, done) -> list:
@@ -133,20 +208,36 @@ def in_processes(fn, calls: list[tuple], workers: int, done) -> list:
         return [(result, done(result))[0] for result in (fn(*args) for args in calls)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(min(workers, len(calls)), multiprocessing.get_context("spawn"),
-                             initializer=_quiet_worker) as pool:
-        futures = [pool.submit(fn, *args) for args in calls]
-        for future in futures:
-            future.add_done_callback(lambda f: f.exception() or done(f.result()))
-        return [future.result() for future in futures]
+    from concurrent.futures.process import BrokenProcessPool
+    if not calls:
+        return []
+    pool = ProcessPoolExecutor(min(workers, len(calls)), multiprocessing.get_context("spawn"),
+                               initializer=_quiet_worker)
+    futures = [pool.submit(fn, *args) for args in calls]
+    for future in futures:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception() or done(f.result()))
+    try:
+        results = [future.result() for future in futures]
+    except (KeyboardInterrupt, BrokenProcessPool) as e:  # Ctrl-C, or a worker was killed
+        for child in multiprocessing.active_children():
+            child.terminate()  # the workers stop now, not when their runs end
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ChildProcessError("a worker process died (killed, or out of memory) before its "
+                                "run finished") from None
+    pool.shutdown()
+    return results
 
 
 def _quiet_worker() -> None:
     import os
+    import signal
     import sys
 
     import torch
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
     sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
@@ -169,7 +260,8 @@ def write_results(out: Path, summary: dict, log) -> None:
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "results.md").write_text(
         f"Per-language accuracy (%), {summary['steps']} PPO iterations per run, mean over seeds "
-        f"{summary['seeds']}.\n\n{table}\n\nGain over the warm start and over English-only RLVR, "
+        f"{summary['seeds']}; computed with {numerics_line(summary['numerics'])}.\n\n{table}"
+        f"\n\nGain over the warm start and over English-only RLVR, "
         f"95% intervals by bootstrap over held-out problems (paired) and each side's seeds."
         f"\n\n{gain_table}\n")
     curves = summary["curves"]
@@ -180,6 +272,11 @@ def write_results(out: Path, summary: dict, log) -> None:
     log(gain_table)
     log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.svg'} "
         f"({summary['seconds']:.0f}s in all)")
+
+
+def numerics_line(d: dict[str, str]) -> str:
+    return (f"{d['aten']} ATen kernels, MKL_CBWR={d['mkl_cbwr']}, {d['threads']} threads in the "
+            f"first run, torch {d['torch']}")
 
 
 def format_accuracy(acc: dict[str, float]) -> str:
@@ -254,20 +351,44 @@ def main(argv=None) -> None:
                     help="runs at a time, each in its own process on one CPU thread (default: "
                          "the CPUs this process may use, at most 8); 1 runs them here, in turn")
     ap.add_argument("--out",
-                    help=f"results directory, which must be empty or absent (default: "
-                         f"{DEFAULT_OUT}, or {DEFAULT_OUT}-2, -3, ... when it holds an earlier "
-                         f"experiment)")
+                    help=f"results directory: empty or absent, or an interrupted experiment's "
+                         f"(the same options continue it) (default: {DEFAULT_OUT}, or "
+                         f"{DEFAULT_OUT}-2, -3, ... when it holds an earlier experiment)")
     args = ap.parse_args(argv)
+    numerics.pin()  # before torch computes anything: the same tables on every x86-64 CPU
     arms = choose_arms(args.arms, args.arm)
     out = Path(args.out) if args.out else fresh_dir(Path(DEFAULT_OUT))
-    if out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} already holds results; choose an empty or new "
-                              f"directory")
+    spec = {"steps": args.steps, "seed": args.seed, "seeds": args.seeds, "arms": arms}
+    check_out(out, spec)
     with dist.process_group():
         out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, before any writes
-        out.mkdir(parents=True, exist_ok=True)
+        if dist.init()[0] == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / SPEC).write_text(json.dumps(spec, indent=1))
+        dist.barrier()
         run_experiment(out, args.steps, args.seed, seeds=args.seeds, arms=arms,
                        workers=args.workers)
+
+
+def check_out(out: Path, spec: dict) -> None:
+    """--out is empty or absent, or holds an interrupted experiment of these very options (which
+    this call continues); anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; the results are a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / "results.md").exists():
+        raise FileExistsError(f"--out {out} already holds a finished experiment's results; choose "
+                              f"an empty or new directory")
+    if not (out / SPEC).is_file():
+        raise FileExistsError(f"--out {out} holds files no experiment wrote; choose an empty or "
+                              f"new directory")
+    earlier = json.loads((out / SPEC).read_text())
+    if earlier != json.loads(json.dumps(spec)):
+        differ = [k for k in spec if earlier.get(k) != json.loads(json.dumps(spec[k]))]
+        raise FileExistsError(f"--out {out} holds an interrupted experiment of other options "
+                              f"({', '.join(differ)}: {earlier.get(differ[0])!r} there); continue "
+                              f"it with its own options, or choose another --out")
 
 
 def default_workers() -> int:
@@ -278,24 +399,36 @@ def default_workers() -> int:
 
 def choose_arms(names: list[str] | None, custom: list[str]) -> dict[str, dict]:
     """ARMS by name (all when none is named and no arm of one's own is given), then the
-    `NAME=key value ...` arms, each checked as a config before anything runs."""
+    `NAME=key value ...` arms, each checked as a config before anything runs: a name used twice,
+    a name that is no directory name, a spec without '=' or a setting the driver owns (OWNED) is
+    refused."""
     unknown = [n for n in names or [] if n not in ARMS]
     if unknown:
         raise ValueError(f"--arms: no arm {unknown[0]!r}; the arms are: {'; '.join(ARMS)}")
-    arms = {n: ARMS[n] for n in names or ([] if custom else ARMS)}
+    chosen = [(n, ARMS[n]) for n in names or ([] if custom else ARMS)]
     for spec in custom:
-        name, _, rest = spec.partition("=")
+        name, eq, rest = spec.partition("=")
         words = rest.split()
-        if not name.strip() or len(words) % 2:
+        if not eq or not name.strip() or len(words) % 2:
             raise ValueError(f"--arm {spec!r}: expected NAME=key value [key value ...]")
         settings = dict(zip(words[::2], words[1::2]))
-        # a bad key fails
-        load_config(None, [x for k, v in settings.items() for x in (f"--{k}", v)])
-        arms[name.strip()] = settings
-    return arms
-
-
-
+        owned = [k for k in settings if k in OWNED]
+        if owned:
+            raise ValueError(f"--arm {spec!r}: {owned[0]} is set for every run by "
+                             f"{OWNED[owned[0]]}, not by an arm")
+        load_config(None, as_argv(settings))  # a bad key or value fails now
+        chosen.append((name.strip(), settings))
+    seen = {}
+    for name, _ in chosen:
+        where = slug(name)
+        if where in ("", ".", "..") or any(c in where for c in "/\\") or where.startswith("."):
+            raise ValueError(f"arm {name!r}: its directory under --out would be {where!r}; name "
+                             f"arms with letters, digits, spaces, '-', '+' or ','")
+        if where in seen:
+            raise ValueError(f"arms {seen[where]!r} and {name!r} share a name (or its directory "
+                             f"{where!r} under --out); give each arm its own")
+        seen[where] = name
+    return dict(chosen)
 
 
 if __name__ == "__main__":

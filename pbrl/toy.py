@@ -31,6 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 
 from pbrl import distributed as dist
+from pbrl import numerics
 from pbrl.checkpoint import save_model
 from pbrl.cli import Progress
 from pbrl.config import TOY, Config, validate
@@ -172,12 +173,16 @@ def _get(cfg: Config, key: str):
 
 def build_world(seed: int = 0, root=None, n_train: int = 600, n_eval: int = 300,
                 sft_steps: int = 1200, width: int = 128, layers: int = 4, log=print) -> Path:
-    """Build (or reuse) every toy artifact for this seed under `root` (returned); width and layers
-    size the warm-start model."""
-    root = Path(root or f".cache/pbrl/toy-{seed}")
+    """Build (or reuse) every toy artifact for this seed under `root` (returned; default
+    .cache/pbrl/toy-{seed}, with a suffix naming the numerics when they are not pinned:
+    pbrl/numerics.py); width and layers size the warm-start model. The numerics are part of what
+    a cached world is checked against: the same settings on other kernels train another warm
+    start."""
+    root = Path(root or f".cache/pbrl/toy-{seed}{numerics.tag()}")
     marker = root / "complete.json"
+    computed = {k: v for k, v in numerics.describe().items() if k != "threads"}
     settings = {"version": VERSION, "seed": seed, "n_train": n_train, "n_eval": n_eval,
-                "sft_steps": sft_steps, "width": width, "layers": layers}
+                "sft_steps": sft_steps, "width": width, "layers": layers, "numerics": computed}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
     t0 = time.perf_counter()

@@ -9,6 +9,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # before torch is imported: the suite runs in two processes (pytest.ini), each on one thread, so the
 # two never oversubscribe a 2-core machine's cores (OpenMP's spinning threads then crawl)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# ... and on the numerics the toy experiment pins (pbrl/numerics.py), so that runs made here and
+# in the processes an entry point starts compute alike
+import pbrl.numerics  # noqa: E402, I001  (imports no torch)
+
+os.environ.update({} if os.environ.get(pbrl.numerics.OPT_OUT) == "native" else pbrl.numerics.PINNED)
 
 import pytest
 import torch

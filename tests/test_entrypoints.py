@@ -195,6 +195,12 @@ def test_experiment_command_gives_in_its_workers_the_numbers_of_runs_made_in_tur
                tmp_path / "command", *[x for spec in specs for x in ("--arm", spec)])
     saved = json.loads((tmp_path / "command" / "results.json").read_text())
     assert saved["accuracy"] == json.loads(json.dumps(here["accuracy"]))
+    # both computed on the pinned numerics (pbrl/numerics.py), which the results name
+    assert {k: saved["numerics"][k] for k in ("aten", "mkl_cbwr")} == \
+        {k: here["numerics"][k] for k in ("aten", "mkl_cbwr")} == {"aten": "AVX2",
+                                                                   "mkl_cbwr": "AVX2,STRICT"}
+    results = (tmp_path / "command" / "results.md").read_text()
+    assert "AVX2 ATen kernels, MKL_CBWR=AVX2,STRICT" in results
     assert saved["curves"] == here["curves"] and here["curves"]["hybrid"][0][-1]["reward"] > 0
     assert all(f"{name}, seed 0: " in done.stdout for name in arms)
 
