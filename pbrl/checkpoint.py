@@ -148,23 +148,39 @@ def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded
     state = {}
     for file, names in by_file.items():
         with _open(file) as f:
+            held = set(f.keys())
             for name in names:
                 ours = name.removeprefix("model.")
+                if name not in held:
+                    raise ValueError(f"{file.parent / INDEX_FILE} maps tensor {name!r} to "
+                                     f"{file.name}, which does not hold it: the shard map is "
+                                     f"wrong")
                 view = f.get_slice(name)  # reads only the header until indexed
-                shape = list(view.get_shape())
+                shape, stored = list(view.get_shape()), view.get_dtype()
                 if shape != list(expected[ours].shape):
                     raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json "
                                      f"implies {list(expected[ours].shape)}")
+                if stored not in FLOAT_DTYPES:
+                    raise ValueError(f"{file}: tensor {name!r} is stored as {stored}; model "
+                                     f"weights are floating point ({', '.join(FLOAT_DTYPES)})")
                 try:
                     if sharded is None:
                         tensor = f.get_tensor(name)
                         state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                        rows = state[ours]
                     else:
                         start, stop = shard_rows(shape[0], params[ours].device_mesh)
-                        params[ours].to_local().copy_(view[start:stop])
+                        rows = params[ours].to_local()
+                        rows.copy_(view[start:stop])
                 except Exception as e:  # safetensors' own errors for truncated data
                     raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None
+                if not torch.isfinite(rows).all():  # (this rank's rows of it, when sharded)
+                    raise ValueError(f"{file}: tensor {name!r} holds NaN or infinite values; the "
+                                     f"checkpoint is damaged (or was saved from a diverged run)")
     return state
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
 
 
 def shard_rows(rows: int, mesh=None, world: int = 1, rank: int = 0) -> tuple[int, int]:
@@ -572,7 +588,15 @@ def read_checkpoint_tensors(ckpt: Path, model: str,
     names = read_checkpoint_names(ckpt, model) if names is None else names
     state = {prefix + n: torch.empty(meta[prefix + n].size, dtype=meta[prefix + n].properties.dtype)
              for n in names}
+    odd = [n for n, t in state.items() if not t.is_floating_point()]
+    if odd:
+        raise ValueError(f"{ckpt}: tensor {odd[0]!r} is stored as {state[odd[0]].dtype}; model "
+                         f"weights are floating point: the checkpoint is damaged")
     dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{ckpt}: tensor {bad[0]!r} holds NaN or infinite values; the checkpoint "
+                         f"is damaged (or was saved from a diverged run)")
     return {n: state[prefix + n] for n in names}
 
 

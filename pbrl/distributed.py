@@ -58,10 +58,16 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for, but CUDA is not available here (torch "
                          f"{torch.__version__}, torch.cuda.is_available() is False); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} was asked for, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

@@ -221,6 +221,8 @@ def in_processes(fn, calls: list[tuple], workers: int, done) -> list:
     except (KeyboardInterrupt, BrokenProcessPool) as e:  # Ctrl-C, or a worker was killed
         for child in multiprocessing.active_children():
             child.terminate()  # the workers stop now, not when their runs end
+        for child in multiprocessing.active_children():
+            child.join(timeout=10)
         pool.shutdown(wait=False, cancel_futures=True)
         if isinstance(e, KeyboardInterrupt):
             raise

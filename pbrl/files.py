@@ -153,22 +153,31 @@ def read_records(path, fields: dict[str, tuple]) -> dict[str, dict]:
 def append_records(path, records: list[dict], fields: dict[str, tuple]) -> None:
     """Append records as JSON lines and flush them to disk. A last line without its newline first
     gets one when it is a complete record (read_records kept it), and is cut when it is not (the
-    write a crash interrupted)."""
+    write a crash interrupted). Only ever appends or cuts that torn line: a failed write (a full
+    disk) loses no earlier record, and its error names the file."""
     path = Path(path)
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            try:
-                parse_jsonl_line(data[cut:].decode("utf-8", errors="replace"), str(path), fields)
-                path.write_bytes(data + b"\n")
-            except ValueError:
-                path.write_bytes(data[:cut])
-    with path.open("a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                cut = data.rfind(b"\n") + 1
+                try:
+                    parse_jsonl_line(data[cut:].decode("utf-8", errors="replace"), str(path),
+                                     fields)
+                    with path.open("ab") as f:
+                        f.write(b"\n")
+                except ValueError:
+                    os.truncate(path, cut)
+        with path.open("a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} (while appending to it; the records before "
+                               f"are kept, and a rerun resumes from them)", str(path)) from None
 
 
 def fresh_dir(base: Path) -> Path:

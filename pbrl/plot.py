@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from html import escape
 from pathlib import Path
 
@@ -24,7 +26,8 @@ COLORS = ["#1b6ca8", "#d1495b", "#66a182", "#edae49", "#7b5ea7", "#3d3d3d", "#e0
 
 
 def read_run(run_dir) -> list[dict]:
-    """The metrics.jsonl rows of a run directory, one per logged step."""
+    """The metrics.jsonl rows of a run directory, one per logged step: each a JSON object with a
+    whole-number "step"; a file with no row is refused."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; expected a run directory "
@@ -33,14 +36,32 @@ def read_run(run_dir) -> list[dict]:
     for line_no, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not JSON ({e.msg})") from None
+            step = row.get("step") if isinstance(row, dict) else None
+            if not _number(step) or step != int(step) or step < 0:
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with a whole-number "
+                                 f"\"step\", got {line.strip()[:80]}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no step logged (the file is empty)")
     return rows
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def points(rows: list[dict], metric: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), (int, float))]
+    """(step, value) of the rows that logged a finite `metric`."""
+    return [(r["step"], r[metric]) for r in rows if _number(r.get(metric))
+            and math.isfinite(r[metric])]
+
+
+def not_finite(rows: list[dict], metric: str) -> list[int]:
+    """The steps whose `metric` is NaN or infinite (left out of the plot, and said)."""
+    return [r["step"] for r in rows if _number(r.get(metric)) and not math.isfinite(r[metric])]
 
 
 def svg_panels(runs: dict[str, list[dict]], metrics: list[str], columns: int = 3, width: int = 320,
@@ -131,6 +152,14 @@ def main(argv=None) -> None:
     if not metrics or unknown:
         raise ValueError(f"--metrics: no run logged {unknown[0] if unknown else 'anything'!r}; "
                          f"they logged: {', '.join(sorted(logged - {'step'}))}")
+    for name, rows in runs.items():
+        for metric in metrics:
+            steps = not_finite(rows, metric)
+            if steps:
+                print(f"note: {name}: {metric} is NaN or infinite at step"
+                      f"{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps[:10]))}"
+                      f"{' ...' if len(steps) > 10 else ''}; those points are left out",
+                      file=sys.stderr)
     Path(args.out).write_text(svg_panels(runs, metrics))
     print(f"wrote {args.out} ({len(runs)} runs, metrics {', '.join(metrics)})")
 

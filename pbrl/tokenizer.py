@@ -29,24 +29,45 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _ids(value) -> list[int]:
+def _ids(value, where: str) -> list[int]:
+    """An eos_token_id setting (one id, a list of them, or absent) as a list of ids."""
     if value is None:
         return []
-    return [value] if isinstance(value, int) else list(value)
+    ids = [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of token ids, got "
+                         f"{value!r}")
+    return list(ids)
+
+
+def _template(value, source: str) -> str | None:
+    """A chat_template setting: its text, or the one named 'default' of a list of named templates
+    (None: there is none)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if len(named) != len(value) or "default" not in named:
+            raise ValueError(f"{source}: a list of named chat templates needs one named 'default' "
+                             f"(found: {', '.join(map(str, named)) or repr(value)[:60]})")
+        value = named["default"]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{source}: the chat template is {value!r}; expected the template's text "
+                         f"(or no chat_template at all, for the Llama 3 or ChatML format)")
+    return value
 
 
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, tokenizer_config: dict | None = None,
                  generation_config: dict | None = None, model_config: dict | None = None,
-                 chat_template: str | None = None, source: str = "the chat template"):
+                 chat_template: str | None = None, source: str = "the chat template",
+                 directory: str = "the model directory"):
         self.tok = tokenizer
         cfg = tokenizer_config or {}
         self.config = cfg
-        self.chat_template = chat_template or cfg.get("chat_template")
-        # some configs hold named templates; use the default one
-        if isinstance(self.chat_template, list):
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default")
+        # some configs hold named templates; the default one is used
+        self.chat_template = _template(cfg.get("chat_template") if chat_template is None else
+                                       chat_template, source)
         self.template_source = source  # where the template came from, for error messages
         # Extra variables for the template. Qwen3's templates think by default; reasoning tokens
         # would eat the generation budgets of rollouts, the pivot and translation, so pbrl turns
@@ -57,8 +78,9 @@ class Tokenizer:
         pad = _token_text(cfg.get("pad_token"))
         # eos / stop ids: the union of every place HF keeps them; generation_config lists chat
         # end-of-turn ids.
-        stop = _ids((generation_config or {}).get("eos_token_id"))
-        stop += _ids((model_config or {}).get("eos_token_id"))
+        stop = _ids((generation_config or {}).get("eos_token_id"),
+                    f"{directory}/generation_config.json")
+        stop += _ids((model_config or {}).get("eos_token_id"), f"{directory}/config.json")
         if self.eos_token is not None and self.token_id(self.eos_token) is not None:
             stop.insert(0, self.token_id(self.eos_token))
         if not stop:
@@ -88,7 +110,7 @@ class Tokenizer:
         source = jinja if jinja.is_file() else directory / "tokenizer_config.json"
         return cls(tokenizer, optional("tokenizer_config.json"), optional("generation_config.json"),
                    optional("config.json"), read_text(jinja) if jinja.is_file() else None,
-                   source=f"chat template of {source}")
+                   source=f"chat template of {source}", directory=str(directory))
 
     @property
     def vocab_size(self) -> int:

@@ -7,6 +7,7 @@ A translator is called as translator(texts, langs, temperature=0.0, seed=None) -
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -73,6 +74,22 @@ def load_translator(path_or_id, dtype=None, device=None, max_new_tokens: int = 5
     instruct model (Translator) prompted with `prompt`."""
     lexicon = Path(path_or_id) / LEXICON_FILE
     if lexicon.is_file():
-        return LexiconTranslator(read_json(lexicon))
+        return LexiconTranslator(checked_lexicon(read_json(lexicon), lexicon))
     model, tokenizer = load_pretrained(path_or_id, dtype=dtype, device=device)
     return Translator(model, tokenizer, max_new_tokens=max_new_tokens, prompt=prompt)
+
+
+def checked_lexicon(words, where) -> dict[str, dict[str, str]]:
+    """words, refused (naming `where` and the first bad entry) unless it is {lang: {word: word}}
+    with text for every word."""
+    if not isinstance(words, dict):
+        raise ValueError(f"{where}: expected {{language: {{word: translation}}}}, got a "
+                         f"{type(words).__name__}")
+    for lang, table in words.items():
+        bad = [(w, t) for w, t in table.items() if not isinstance(t, str)] \
+            if isinstance(table, dict) else [(lang, table)]
+        if bad:
+            raise ValueError(f"{where}: expected {{language: {{word: translation}}}} with text "
+                             f"translations; under {lang!r}, {bad[0][0]!r} maps to "
+                             f"{json.dumps(bad[0][1], ensure_ascii=False)[:60]}")
+    return words

@@ -1,7 +1,9 @@
 """The quick variant of the default experiment: a smaller toy world, a short PB-RLSVR run through
 the real loop. A regression guard, not a timing: reward rises, target-language accuracy rises,
-English does not collapse."""
+English does not collapse. Then the experiment driver's bookkeeping, with a stand-in trainer."""
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +67,7 @@ def test_a_rerun_never_writes_into_earlier_results(tmp_path):
     (tmp_path / "toy-2").mkdir()
     (tmp_path / "toy-2" / "results.md").write_text("earlier")
     assert fresh_dir(base) == tmp_path / "toy-3"
-    with pytest.raises(FileExistsError, match=r"--out .*toy already holds results"):
+    with pytest.raises(FileExistsError, match=r"--out .*toy already holds a finished"):
         main(["--out", str(base)])
 
 
@@ -115,32 +117,7 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
     import xml.etree.ElementTree as ET
 
     import pbrl.experiment as experiment
-    runs, given = [], []
-
-    class StandIn:  # what prepare returns: a Trainer
-        def __init__(self, cfg, log=None):
-            self.cfg = cfg
-            self.eval_records = {}
-            runs.append((cfg.run.out_dir, cfg.run.seed, cfg.reward.kind))
-
-        def run(self):
-            # the warm start's eval, handed over by the experiment
-            given.append(0 in self.eval_records)
-            s = self.cfg.run.seed
-
-            def right(k):  # eval records: the first k of 10 problems right in every language
-                return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k}
-                        for lang in ("en", "de", "sw") for i in range(10)]
-            self.eval_records = {0: right(3), 4: right(5 + s)}
-            last = {k: 50.0 + 10 * s for k in ("acc/avg", "acc/de", "acc/sw", "acc/en")}
-            first = {k: 30.0 for k in last}
-            return [{"step": 0, **first}] + \
-                [{"step": t, "reward": 0.1 * t + s} for t in range(1, 4)] + \
-                [{"step": 4, "reward": 0.4 + s, **last}]
-    monkeypatch.setattr(experiment, "prepare", StandIn)
-    worlds = []
-    monkeypatch.setattr(experiment, "use_world",
-                        lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
+    runs, given, worlds = stand_in(monkeypatch)
     summary = experiment.run_experiment(tmp_path, steps=4, seed=0, seeds=3, log=lambda *a: None)
     assert len(runs) == 3 * len(experiment.ARMS) and {seed for _, seed, _ in runs} == {0, 1, 2}
     # every run from the same world and warm start: only the RL seed varies
@@ -173,3 +150,164 @@ def test_runs_go_to_worker_processes_or_stay_here():
     pids = in_processes(os.getpid, [()] * 3, workers=2, done=finished.append)
     assert len(pids) == 3 and os.getpid() not in pids and sorted(finished) == sorted(pids)
     assert in_processes(os.getpid, [()] * 2, workers=1, done=finished.append) == [os.getpid()] * 2
+
+
+def stand_in(monkeypatch) -> tuple[list, list, list]:
+    """Replaces the experiment's trainer by a stand-in whose numbers follow from its run.seed, and
+    its world by the config as given; returns the lists it fills: each run's (out_dir, seed,
+    reward), whether each was handed the warm start's eval, each world's seed."""
+    import pbrl.experiment as experiment
+    runs, given, worlds = [], [], []
+
+    class StandIn:  # what prepare returns: a Trainer
+        def __init__(self, cfg, log=None):
+            self.cfg, self.out = cfg, Path(cfg.run.out_dir)
+            self.out.mkdir(parents=True)  # a real run claims its directory: a second is refused
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict()))
+            self.eval_records = {}
+            runs.append((cfg.run.out_dir, cfg.run.seed, cfg.reward.kind))
+
+        def run(self):
+            # the warm start's eval, handed over by the experiment
+            given.append(0 in self.eval_records)
+            s = self.cfg.run.seed
+
+            def right(k):  # eval records: the first k of 10 problems right in every language
+                return [{"id": f"mgsm-{i}", "lang": lang, "correct": i < k}
+                        for lang in ("en", "de", "sw") for i in range(10)]
+            self.eval_records = {0: right(3), 4: right(5 + s)}
+            last = {k: 50.0 + 10 * s for k in ("acc/avg", "acc/de", "acc/sw", "acc/en")}
+            first = {k: 30.0 for k in last}
+            return [{"step": 0, **first}] + \
+                [{"step": t, "reward": 0.1 * t + s} for t in range(1, 4)] + \
+                [{"step": 4, "reward": 0.4 + s, **last}]
+    monkeypatch.setattr(experiment, "prepare", StandIn)
+    monkeypatch.setattr(experiment, "use_world",
+                        lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
+    return runs, given, worlds
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--arm", "hybrid, mine"], "expected NAME=key value"),
+    (["--arm", "mine=reward.kind"], "expected NAME=key value"),
+    (["--arms", "PB-RLSVR MT", "--arms", "PB-RLSVR MT"], "share a name"),
+    (["--arm", "A B=reward.kind mt", "--arm", "a-b=reward.kind embedding"], "share a name"),
+    (["--arm", "../../elsewhere=reward.kind mt"], "its directory under --out would be"),
+    (["--arm", ".hidden=reward.kind mt"], "its directory under --out would be"),
+    (["--arm", "mine=run.steps 5"], "run.steps is set for every run by --steps"),
+    (["--arm", "mine=run.out_dir /tmp/elsewhere"], "run.out_dir is set for every run by --out"),
+    (["--arm", "mine=run.seed 3"], "run.seed is set for every run by --seed"),
+    (["--arm", "mine=data.pivot_cache p.jsonl"], "data.pivot_cache is set for every run"),
+    (["--arm", "mine=reward.kind nonsense"], "reward.kind"),
+])
+def test_arms_that_cannot_run_as_written_are_refused_before_anything(tmp_path, capsys, argv,
+                                                                       says):
+    """A duplicate or escaping name, a spec without '=', a setting the driver owns: one line, exit
+    2, no directory made (the driver used to replace such settings silently)."""
+    from conftest import run_here
+    from pbrl.experiment import main
+    code, _, err = run_here(main, [*argv, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_arm_is_checked_before_the_first_run_trains(tmp_path, monkeypatch):
+    """A value that only the run's checks refuse, in the last arm, fails before the first arm
+    trains (it used to surface after the first arm's minutes)."""
+    import pbrl.experiment as experiment
+    runs, _, _ = stand_in(monkeypatch)
+    arms = {"fine": {"reward.kind": "hybrid"},
+            "grouped with one sample": {"ppo.advantage": "grpo",
+                                        "rollout.samples_per_prompt": "1"}}
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        experiment.run_experiment(tmp_path, steps=4, seeds=1, arms=arms, log=lambda *a: None)
+    assert runs == []
+
+
+def test_an_interrupted_experiment_continues_from_its_finished_runs(tmp_path, monkeypatch):
+    """Rerun on the same --out, an experiment runs only what did not finish (an unfinished run's
+    directory is moved aside, not reused or deleted) and writes the same results; a finished run
+    whose configuration differs from what it would be now is refused, naming the setting."""
+    import pbrl.experiment as experiment
+    runs, _, _ = stand_in(monkeypatch)
+    arms = {"gold": experiment.ARMS[experiment.GOLD], "hybrid": {"reward.kind": "hybrid"}}
+
+    def experiment_run():
+        return experiment.run_experiment(tmp_path, steps=4, seeds=2, arms=arms,
+                                         log=lambda *a: None)
+    whole = experiment_run()
+    assert len(runs) == 4
+    for name in ("results.md", "results.json", "curves.svg"):  # as if stopped before the end
+        (tmp_path / name).unlink()
+    (tmp_path / "hybrid" / "seed-1" / experiment.RESULT).unlink()  # stopped during this run
+    runs.clear()
+    again = experiment_run()
+    assert [(Path(out).parent.name, Path(out).name) for out, _, _ in runs] == \
+        [("hybrid", "seed-1")]
+    assert (tmp_path / "hybrid" / "seed-1.unfinished" / "config.json").is_file()
+    assert again["accuracy"] == whole["accuracy"]
+    assert again["gain"] == whole["gain"]
+    # a finished run made with other settings is not taken for this experiment's
+    (tmp_path / "results.md").unlink()
+    saved = tmp_path / "gold" / "seed-0" / "config.json"
+    config = json.loads(saved.read_text())
+    config["ppo"]["lr"] = 1e-3
+    saved.write_text(json.dumps(config))
+    with pytest.raises(FileExistsError, match=r"holds a finished run of other settings \(ppo.lr\)"):
+        experiment_run()
+
+
+def test_out_continues_only_an_interrupted_experiment_of_the_same_options(tmp_path):
+    from pbrl.experiment import SPEC, check_out
+    spec = {"steps": 60, "seed": 0, "seeds": 3, "arms": {"gold": {"reward.kind": "exact_match"}}}
+    check_out(tmp_path / "absent", spec)
+    (tmp_path / SPEC).write_text(json.dumps(spec))
+    check_out(tmp_path, spec)  # the same options: continued
+    with pytest.raises(FileExistsError, match=r"other options \(steps: 60 there\)"):
+        check_out(tmp_path, {**spec, "steps": 10})
+    (tmp_path / SPEC).unlink()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files no experiment wrote"):
+        check_out(tmp_path, spec)
+
+
+def _die_or_wait(i: int) -> int:
+    """A worker's job: the first kills its own process, the others would take a minute."""
+    import os
+    import signal
+    if i == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+    return i
+
+
+def test_a_killed_worker_stops_the_others_at_once():
+    import multiprocessing
+
+    from pbrl.experiment import in_processes
+    start = time.monotonic()
+    with pytest.raises(ChildProcessError, match="a worker process died"):
+        in_processes(_die_or_wait, [(0,), (1,), (2,)], workers=2, done=lambda r: None)
+    assert time.monotonic() - start < 45 and not multiprocessing.active_children()
+
+
+def test_ctrl_c_stops_the_workers_at_once(tmp_path):
+    """SIGINT to the experiment's process (the terminal's Ctrl-C reaches the workers too, which
+    leave it to their parent): exit 130 with one line, within seconds, no worker left behind."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+    code = ("import time; from pbrl.cli import run_main; from pbrl.experiment import in_processes\n"
+            "run_main(lambda argv: in_processes(time.sleep, [(60,), (60,)], 2, print))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # the workers start (each imports torch)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted (Ctrl-C)", err
+    assert time.monotonic() - start < 15
+    gone = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True)
+    assert gone.returncode == 1  # no child of the stopped process remains

@@ -472,3 +472,158 @@ def test_a_chat_template_that_fails_on_its_own_names_its_file():
                     source="chat template of /x/tokenizer_config.json")
     with pytest.raises(ValueError, match=r"/x/tokenizer_config.json: ZeroDivisionError"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# --------------------------------------------------------------------- 7. the probe's odd inputs
+@pytest.mark.parametrize("content, says", [
+    ("", "no step logged (the file is empty)"),
+    ('{"reward": 0.1}\n{"step": 2, "reward": 0.2}\n', ':1: expected a JSON object with a '
+                                                       'whole-number "step"'),
+    ('{"step": 1, "reward": 0.1}\n{"step": "2", "reward": 0.2}\n', ":2: expected a JSON object"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+])
+def test_plot_refuses_metrics_it_cannot_place_with_file_and_line(tmp_path, capsys, content, says):
+    from pbrl.plot import main
+    (tmp_path / "metrics.jsonl").write_text(content)
+    code, _, err = run_here(main, [tmp_path, "--out", tmp_path / "p.svg"], capsys)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p.svg").exists()
+
+
+def test_plot_leaves_out_nan_points_and_says_which(tmp_path, capsys):
+    from pbrl.plot import main
+    rows = [{"step": 1, "reward": float("nan")}, {"step": 2, "reward": 0.5},
+            {"step": 3, "reward": float("inf")}, {"step": 4, "reward": 0.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_here(main, [tmp_path, "--out", tmp_path / "p.svg",
+                                     "--metrics", "reward"], capsys)
+    assert code == 0 and "reward is NaN or infinite at steps 1, 3" in err
+    import re
+    coordinates = re.findall(r' (?:points|d|x\d?|y\d?)="([^"]*)"', (tmp_path / "p.svg").read_text())
+    assert coordinates and not any("nan" in c.lower() or "inf" in c for c in coordinates)
+
+
+def test_an_old_subcommand_of_pbrl_data_fails_and_says_where_it_went():
+    done = run("-m", "pbrl.data", "translate", expect=2)
+    assert "python -m pbrl.translate_data" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    from pbrl.chat import build_random_model
+    return build_random_model(tmp_path_factory.mktemp("chat") / "model")
+
+
+@pytest.mark.parametrize("file, key, value, says", [
+    ("generation_config.json", "eos_token_id", "2", "generation_config.json: eos_token_id must "
+                                                    "be a token id or a list of token ids"),
+    ("config.json", "eos_token_id", [2, "3"], "config.json: eos_token_id must be a token id"),
+    ("tokenizer_config.json", "chat_template", "", "the chat template is ''"),
+    ("tokenizer_config.json", "chat_template", [{"name": "tool_use", "template": "{{ x }}"}],
+     "needs one named 'default' (found: tool_use)"),
+    ("tokenizer_config.json", "chat_template", ["{{ x }}"], "needs one named 'default'"),
+])
+def test_chat_refuses_odd_tokenizer_settings_naming_the_file(chat_model, tmp_path, capsys, file,
+                                                             key, value, says):
+    """A string eos id used to fail deep in torch; an empty or unnamed list template used to be
+    replaced silently by a format guessed from the special tokens."""
+    from pbrl.chat import main
+    model = shutil.copytree(chat_model, tmp_path / "model")
+    settings = json.loads((model / file).read_text()) if (model / file).is_file() else {}
+    (model / file).write_text(json.dumps({**settings, key: value}))
+    code, _, err = run_here(main, ["--model", model, "--max-new-tokens", 2], capsys)
+    assert code == 2 and says in err and str(model) in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("device, says", [("mps", "unknown device 'mps'"),
+                                          ("cuda:99", "device 'cuda:99' was asked for")])
+def test_chat_refuses_a_device_it_cannot_use_before_loading(chat_model, capsys, device, says):
+    from pbrl.chat import main
+    code, _, err = run_here(main, ["--model", chat_model, "--device", device], capsys)
+    assert code == 2 and says in err and "model.safetensors" not in err, err
+
+
+def test_a_full_disk_while_appending_to_a_cache_names_the_file_and_keeps_its_records(
+        tmp_path, monkeypatch, capsys):
+    """The pivot and translation caches are appended batch by batch; the disk filling up mid-batch
+    used to end in an error naming no file, and the torn line's repair rewrote the whole file."""
+    from pbrl import files
+    from pbrl.cli import run_main
+    from pbrl.pivot import FIELDS
+    cache = tmp_path / "pivot.jsonl"
+    rows = [{"id": f"p{i}", "question": "q", "reference": "r", "answer": "1", "pivot": {}}
+            for i in range(3)]
+    files.append_records(cache, rows[:2], FIELDS)
+    with cache.open("a") as f:
+        f.write('{"id": "p2", "quest')  # the batch a crash tore
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda argv: files.append_records(cache, rows[2:], FIELDS), [])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and str(cache) in err and "No space left on device" in err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    kept = files.read_records(cache, FIELDS)
+    assert {"p0", "p1"} <= set(kept)  # the records before the failed batch are all there
+
+
+def damage(model_dir: Path, how: str) -> None:
+    """Rewrite a model directory's weights: a shard map that points a tensor at a file without it,
+    an integer tensor, a NaN."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(model_dir / "model.safetensors")
+    names = sorted(tensors)
+    if how == "wrong shard map":
+        (model_dir / "model.safetensors").unlink()
+        half = len(names) // 2
+        for i, part in enumerate((names[:half], names[half:])):
+            save_file({k: tensors[k] for k in part},
+                      model_dir / f"model-0000{i + 1}-of-00002.safetensors")
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": dict.fromkeys(names, "model-00001-of-00002.safetensors")}))
+        return
+    name = next(n for n in names if "embed" in n)
+    if how == "int32":
+        tensors[name] = (tensors[name] * 100).to(torch.int32)
+    else:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("how, says", [
+    ("wrong shard map", "model.safetensors.index.json maps tensor"),
+    ("int32", "is stored as I32; model weights are floating point"),
+    ("nan", "holds NaN or infinite values; the checkpoint is damaged"),
+])
+def test_damaged_weights_are_refused_at_load_naming_the_tensor(chat_model, tmp_path, capsys, how,
+                                                               says):
+    """A wrong shard map and int32 weights used to end in raw library errors; NaN weights loaded
+    silently and generated noise."""
+    from pbrl.chat import main
+    model = shutil.copytree(chat_model, tmp_path / "model")
+    damage(model, how)
+    code, _, err = run_here(main, ["--model", model, "--max-new-tokens", 2], capsys)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_export_refuses_a_training_checkpoint_with_nan_weights(tmp_path, capsys):
+    """A checkpoint of NaN weights used to export into a HF directory that loads and emits
+    noise."""
+    from conftest import save_hf_model
+    from pbrl.checkpoint import load_model, main, save_training_checkpoint
+    save_hf_model(tmp_path / "src", "llama")
+    model = load_model(tmp_path / "src", dtype=torch.float32)
+    with torch.no_grad():
+        model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    ckpt = save_training_checkpoint(tmp_path / "run", 1, {"actor": model},
+                                    {"actor": torch.optim.AdamW(model.parameters())},
+                                    {"step": 1}, source_dir=tmp_path / "src")
+    code, _, err = run_here(main, ["export", ckpt, tmp_path / "hf"], capsys)
+    assert code == 2 and "'actor.model.layers.0.mlp.up_proj.weight' holds NaN" in err, err
+    assert not (tmp_path / "hf" / "config.json").exists()

@@ -114,3 +114,22 @@ def test_command_with_a_lexicon_and_with_a_real_model(tmp_path, source, capsys):
     code, _, err = run_here(translate_main, ["--model", lexicon, "--source", source, "--langs",
                                              "en,de", "--out", tmp_path / "c"], capsys)
     assert code == 2 and err.startswith("error: --langs lists the target languages")
+
+
+@pytest.mark.parametrize("words, says", [
+    ({"de": {"apples": {"plural": "Äpfel"}}},
+     "under 'de', 'apples' maps to {\"plural\": \"Äpfel\"}"),
+    ({"de": ["apples", "Äpfel"]}, "under 'de', 'de' maps to [\"apples\", \"Äpfel\"]"),
+    ([["apples", "Äpfel"]], "expected a JSON object, got list"),
+])
+def test_a_lexicon_of_another_shape_is_refused_naming_the_entry(tmp_path, source, capsys, words,
+                                                                says):
+    """A nested lexicon used to fail with a raw TypeError in the middle of translating."""
+    lexicon = tmp_path / "lexicon"
+    lexicon.mkdir()
+    (lexicon / "lexicon.json").write_text(json.dumps(words, ensure_ascii=False))
+    code, _, err = run_here(translate_main, ["--model", lexicon, "--source", source, "--langs",
+                                             "de", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "lexicon.json: expected " in err, err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "mgsm_de.tsv").exists()
