@@ -161,6 +161,10 @@ class Trainer:
             informative += int(dist.all_reduce_sum(found.sum().float()))
             if informative >= r.prompts_per_step:
                 break
+            self.log(f"step {self.step + 1}: dynamic sampling round {k + 1} of "
+                     f"{r.max_sampling_rounds}: {informative} of {r.prompts_per_step} groups "
+                     f"informative so far" + ("" if k + 1 < r.max_sampling_rounds else
+                                              "; the rest of the batch is uninformative groups"))
         batch = rollout.choose_groups(rounds, r.prompts_per_step, r.samples_per_prompt, self.rank,
                                       self.world, dist.all_gather_objects, self.sampling.pad_id)
         return batch._replace(stats={"sampling_rounds": len(rounds),

@@ -315,3 +315,38 @@ def test_batch_level_options_on_two_ranks_give_the_one_rank_run(world, tmp_path)
             (b["sampling_rounds"], b["informative_groups"])
         for key in ("reward", "policy_loss", "entropy", "clipfrac", "response_length", "kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
+
+
+def test_dynamic_sampling_reports_each_round_that_falls_short_and_stops_at_its_cap():
+    """With a reward that cannot vary no round finds an informative group: each round says so
+    (a step used to sample on silently), and the step ends after max_sampling_rounds."""
+    from pbrl.config import Config
+    from pbrl.data import Problem
+    from pbrl.rewards import Sample
+    from pbrl.sampler import Completions, Sampling
+    from pbrl.trainer import Trainer
+    n, per_step, rounds = 2, 2, 3
+    trainer = Trainer.__new__(Trainer)  # only what collect_informative reads
+    trainer.cfg, lines, drawn = Config(), [], []
+    trainer.cfg.rollout.samples_per_prompt, trainer.cfg.rollout.prompts_per_step = n, per_step
+    trainer.cfg.rollout.max_sampling_rounds = rounds
+    trainer.log, trainer.step, trainer.rank, trainer.world = lines.append, 4, 0, 1
+    trainer.sampling = Sampling(8, n, 1.0, None, None, torch.tensor([1]), 0)
+
+    def constant(draw, timings):  # every sample scores 1: no group teaches anything
+        drawn.append(draw)
+        problems = [Problem(f"p{draw}-{i}", "de", "q", "1") for i in range(per_step)]
+        rows = per_step * n
+        completions = Completions(torch.full((rows, 3), 5), torch.full((rows,), 3),
+                                  torch.ones(rows, dtype=torch.bool), torch.zeros(rows, 3))
+        samples = [Sample("de", "x", "ref", "1") for _ in range(rows)]
+        return rollout.Groups(problems, completions, samples, {"reward": torch.ones(rows)},
+                              torch.ones(rows, dtype=torch.bool), {})
+    trainer.sample_and_score = constant
+    batch = trainer.collect_informative({})
+    assert drawn == [4 * rounds + k for k in range(rounds)]  # each round its own problems
+    assert batch.stats == {"sampling_rounds": rounds, "informative_groups": 0}
+    assert len(batch.problems) == per_step
+    assert lines[0] == "step 5: dynamic sampling round 1 of 3: 0 of 2 groups informative so far"
+    assert len(lines) == rounds and lines[-1].endswith("the rest of the batch is uninformative "
+                                                       "groups")

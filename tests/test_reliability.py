@@ -627,3 +627,14 @@ def test_export_refuses_a_training_checkpoint_with_nan_weights(tmp_path, capsys)
     code, _, err = run_here(main, ["export", ckpt, tmp_path / "hf"], capsys)
     assert code == 2 and "'actor.model.layers.0.mlp.up_proj.weight' holds NaN" in err, err
     assert not (tmp_path / "hf" / "config.json").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--ppo.kl_target", "0.1", "--ppo.kl_beta", "0"], "ppo.kl_target adapts ppo.kl_beta"),
+    (["--ppo.advantage", "grpo", "--rollout.samples_per_prompt", "1"], "samples_per_prompt"),
+])
+def test_the_planner_refuses_what_train_refuses(capsys, argv, says):
+    """python -m pbrl.memory applies the run's checks: no plan for a config train.py refuses."""
+    from pbrl.memory import main
+    code, out, err = run_here(main, ["--gpus", 1, *argv], capsys)
+    assert code == 2 and says in err and "per GPU" not in out, err
