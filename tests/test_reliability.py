@@ -638,3 +638,28 @@ def test_the_planner_refuses_what_train_refuses(capsys, argv, says):
     from pbrl.memory import main
     code, out, err = run_here(main, ["--gpus", 1, *argv], capsys)
     assert code == 2 and says in err and "per GPU" not in out, err
+
+
+def test_a_complete_pivot_cache_serves_when_the_pivot_is_not_here_and_says_so(tmp_path):
+    """A cache that holds every reference needs no pivot: a run on a machine without the pivot's
+    checkpoint uses it and says its writer went unchecked; a cache that lacks references needs
+    the pivot, and its absence is the error."""
+    from pbrl.config import Config
+    from pbrl.data import Problem
+    from pbrl.files import append_records
+    from pbrl.pivot import FIELDS
+    from pbrl.prepare import pivot_references
+    english = [Problem(f"mgsm-{i}", "en", f"question {i}", str(i)) for i in range(3)]
+    cache = tmp_path / "pivot.jsonl"
+    append_records(cache, [{"id": p.id, "question": p.question, "reference": f"The answer is "
+                            f"{p.answer}.", "answer": p.answer, "pivot": {"model": "elsewhere"}}
+                           for p in english[:2]], FIELDS)
+    cfg, lines = Config(), []
+    cfg.models.pivot = str(tmp_path / "not-here")
+    with pytest.raises(FileNotFoundError):
+        pivot_references(cfg, cache, english, torch.float32, torch.device("cpu"), lines.append)
+    refs = pivot_references(cfg, cache, english[:2], torch.float32, torch.device("cpu"),
+                            lines.append)
+    assert refs == {"mgsm-0": "The answer is 0.", "mgsm-1": "The answer is 1."}
+    assert lines == [f"pivot cache {cache}: complete; its writer is not checked "
+                     f"({tmp_path / 'not-here'} is not here)"]
