@@ -100,10 +100,7 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
     if not numerics.pinned():
         log(f"numerics: not pinned ({computed['aten']} kernels, MKL_CBWR={computed['mkl_cbwr']}): "
             f"the warm start and the tables are this machine's, not the README's (docs/toy.md)")
-    jobs = [(out, name, arms[name], steps, seed, s, eval_every, seeds)
-            for name in arms for s in range(seed, seed + seeds)]
-    for job in jobs:  # every run's settings checked before the first one trains
-        validate(load_config(None, as_argv(arm_pairs(*job))), dist.init()[1])
+    jobs = experiment_jobs(out, arms, steps, seed, seeds, eval_every)
     earlier = finished_runs(jobs, log)  # an interrupted experiment's, continued
     bar = Progress(len(jobs), "toy runs", " runs", every=0)
 
@@ -145,6 +142,17 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
     if dist.init()[0] == 0:  # rank 0 writes the results
         write_results(out, summary, log)
     return summary
+
+
+def experiment_jobs(out: Path, arms: dict[str, dict], steps: int, seed: int, seeds: int,
+                    eval_every) -> list[tuple]:
+    """Each run's arguments (one_run's), every run's settings checked first: a bad value in the
+    last arm is found before the first one trains."""
+    jobs = [(out, name, arms[name], steps, seed, s, eval_every, seeds)
+            for name in arms for s in range(seed, seed + seeds)]
+    for job in jobs:
+        validate(load_config(None, as_argv(arm_pairs(*job))), dist.init()[1])
+    return jobs
 
 
 def one_run(out: Path, name: str, settings: dict, steps: int, seed: int, run_seed: int,
@@ -364,6 +372,7 @@ def main(argv=None) -> None:
     check_out(out, spec)
     with dist.process_group():
         out = Path(dist.all_gather_objects(str(out))[0])  # rank 0's choice, before any writes
+        experiment_jobs(out, arms, args.steps, args.seed, args.seeds, EVAL_EVERY)  # nothing made
         if dist.init()[0] == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / SPEC).write_text(json.dumps(spec, indent=1))

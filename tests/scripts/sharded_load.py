@@ -42,6 +42,9 @@ class Probe:
             def get_shape(self):
                 return view.get_shape()
 
+            def get_dtype(self):
+                return view.get_dtype()
+
             def __getitem__(self, index):
                 t = view[index]
                 largest.append(t.numel())
