@@ -263,10 +263,12 @@ def test_sampling_kernel_equals_its_reference(vocab, dtype, temperature):
     tokens, logp = sample_tokens(logits, temperature, keys)
     ref_tokens, ref_logp = sample_tokens_ref(logits, temperature, keys)
     assert torch.equal(tokens, ref_tokens)
-    assert torch.allclose(logp, ref_logp, atol=1e-5, rtol=0)
+    # the fp32 reference's own log_softmax is off by ~1.1e-5 at 50,000 tokens (AVX2 kernels,
+    # against fp64); the kernel's online log-sum-exp, by < 1e-6: it is held to fp64
+    assert torch.allclose(logp, ref_logp, atol=3e-5, rtol=0)
     exact = (logits.double() / (temperature or 1.0)).log_softmax(-1)
     exact = exact.gather(-1, tokens[:, None]).squeeze(-1)
-    assert torch.allclose(logp.double(), exact, atol=1e-5, rtol=0)  # and against fp64
+    assert torch.allclose(logp.double(), exact, atol=2e-6, rtol=0)  # and against fp64
     if temperature == 0:
         assert torch.equal(tokens, logits.float().argmax(-1))
 
