@@ -156,6 +156,7 @@ def use_world(cfg: Config, log=print) -> Config:
     keys = [key for key in artifacts(Path()) if _get(cfg, key) == TOY and not unused.get(key)]
     if not keys:
         return cfg
+    numerics.pin()  # a toy run computes as the experiment does (it reuses the experiment's world)
     if dist.init()[0] == 0:
         build_world(cfg.run.seed, log=log)
     dist.barrier()
