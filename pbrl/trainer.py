@@ -116,7 +116,8 @@ class Trainer:
                 advantages, returns = ppo.advantages(p, scores, kl, values, mask, groups,
                                                      self.kl.beta, dist.all_reduce_sum)
                 keep = mask & batch.keep.to(self.device)[:, None]  # overlong filtered: False
-                weights, corrected = (keep.float(), zeros.bool()) if old is None else \
+                uncorrected = old is None or p.rollout_correction == "off"  # (the default)
+                weights, corrected = (keep.float(), zeros.bool()) if uncorrected else \
                     ppo.correction_weights(p.rollout_correction, old, sampled, keep,
                                            p.correction_clip, p.correction_low, p.correction_high)
         exp = losses.Experience(*seqs, sampled, old, ref, values, kl, advantages, returns, weights)
@@ -180,11 +181,16 @@ class Trainer:
         """The model a rollout decodes on: the actor with every FSDP unit gathered, or
         (rollout.compile) the decoding copy that CudaGraphs keeps, or (rollout.tensor_parallel) the
         twin whose weights the group shares, refreshed from the actor."""
+        if self.tp_twin is not None or self.graphs is not None:
+            return self.decoding_copy()
+        return dist.gathered(self.actor.model)
+
+    def decoding_copy(self):
+        """rollout.tensor_parallel's twin, or rollout.compile's copy in CudaGraphs' buffers."""
         if self.tp_twin is not None:
             return dist.tensor_parallel_weights(self.tp_twin, self.actor.model, self.device,
                                                 keep=self.graphs is not None)
-        return dist.gathered(self.actor.model) if self.graphs is None else \
-            self.graphs.policy(self.actor.model)
+        return self.graphs.policy(self.actor.model)
 
     def per_token(self, model: Transformer, output: str, seqs: tuple, timings: dict, name: str):
         """losses.per_token's log-probs or values [B, L - 1], micro-batch by micro-batch, timed as
