@@ -175,6 +175,11 @@ class RewardConfig:
     mt_weight: float = setting(0.0, "hybrid: the MT reward's weight", ge=0)
     format_weight: float = setting(0.0, "hybrid: the answer phrase's weight", ge=0)
     language_weight: float = setting(0.0, "hybrid: language consistency's weight", ge=0)
+    language_gate: float | None = setting(None, "the semantic rewards (embedding, mt) count only "
+                                                "for responses at least this share in the "
+                                                "prompt's language; off = no gate", gt=0, le=1)
+    language_gate_mode: str = setting("zero", "below the gate: zero the reward, or scale it by "
+                                              "share / gate", choices=("zero", "scale"))
     pooling: str = setting("auto", "the embedder's pooling (auto: its 1_Pooling/config.json, "
                                    "else last)", choices=("auto", "last", "mean"))
     translate_max_new_tokens: int = setting(64, "the MT reward's longest translation", gt=0)

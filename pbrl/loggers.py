@@ -20,12 +20,13 @@ from pbrl.files import NUMBER, read_appended
 # component is logged under its class's `name` (pbrl/rewards.py).
 GROUPS = {
     "reward": ("reward", "exact_match", "agreement", "embedding", "mt", "format", "language",
-               "overlong_penalty"),
+               "overlong_penalty", "language_gate"),
     "ppo": ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "value_clipfrac",
             "grad_norm", "explained_variance", "kl", "kl_beta", "kl_loss", "lr", "corrected",
             "logprob_mismatch", "logprob_mismatch_k3"),
     "rollout": ("response_tokens", "response_length", "sequence_tokens", "truncated",
-                "sampling_rounds", "informative_groups"),
+                "sampling_rounds", "informative_groups", "response_length_p50",
+                "response_length_p90", "response_length_max"),
     "perf": ("seconds", "tokens_per_s", "peak_memory_mb", "update_tokens", "padding"),
 }
 GROUP = {name: group for group, names in GROUPS.items() for name in names}

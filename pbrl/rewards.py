@@ -95,6 +95,8 @@ _FUNCTION_WORDS = {
     "sw": "na ya wa ni kwa katika za la kila ana je ngapi yake hiyo huo",
 }
 _WORDS = {lang: set(words.split()) for lang, words in _FUNCTION_WORDS.items()}
+_SCRIPT = {lang: re.compile(f"[{chars}]") for lang, chars in _SCRIPTS.items()}
+_ANY_SCRIPT = re.compile(f"[{''.join(_SCRIPTS.values())}]")
 
 
 def language_share(text: str, lang: str) -> float:
@@ -102,18 +104,72 @@ def language_share(text: str, lang: str) -> float:
     Latin-script languages the share of recognised function words that belong to it. 0 when nothing
     is recognised."""
     prompt_format(lang)
-    letters = [c for c in text if c.isalpha()]
     if lang in _SCRIPTS:
-        if not letters:
-            return 0.0
-        return sum(bool(re.match(f"[{_SCRIPTS[lang]}]", c)) for c in letters) / len(letters)
+        letters = sum(map(str.isalpha, text))
+        return _alpha(_SCRIPT[lang].findall(text)) / letters if letters else 0.0
     if lang not in _WORDS:
         raise ValueError(f"no language-consistency heuristic for {lang!r}")
     words = re.findall(r"\w+", text.lower())
     hits = {code: sum(w in vocab for w in words) for code, vocab in _WORDS.items()}
-    script_letters = sum(bool(re.match(f"[{''.join(_SCRIPTS.values())}]", c)) for c in letters)
-    total = sum(hits.values()) + script_letters
+    total = sum(hits.values()) + _alpha(_ANY_SCRIPT.findall(text))
     return hits[lang] / total if total else 0.0
+
+
+def _alpha(chars: list[str]) -> int:
+    """How many of these characters are letters (a script's block also holds its vowel signs)."""
+    return sum(map(str.isalpha, chars))
+
+
+def known_language(lang: str) -> bool:
+    """Whether language_share has a heuristic for `lang`."""
+    return lang in _SCRIPTS or lang in _WORDS
+
+
+# What the per-language diagnostics call a response in a language, and a copy of the reference.
+IN_LANGUAGE, COPY_NGRAM, COPY_SHARE = 0.5, 3, 0.5
+
+
+def copied(response: str, reference: str, n: int = COPY_NGRAM) -> float:
+    """The share of the response's word n-grams (letters only: numbers and symbols, which every
+    right answer shares, do not count) that also occur in the reference; 0 when it has none."""
+    def grams(text):
+        words = re.findall(r"[^\W\d_]+", text.lower())
+        return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    mine, theirs = grams(response), set(grams(reference or ""))
+    return sum(g in theirs for g in mine) / len(mine) if mine else 0.0
+
+
+def response_checks(s: Sample) -> dict[str, float]:
+    """What the per-language diagnostics count of one response (1.0 or 0.0 each): in_language
+    (mostly in its prompt's language), english (mostly English, for a non-English prompt), copy
+    (mostly word n-grams of the pivot's English reference) and extracted (a final number found).
+    A language without a heuristic gets only what needs none."""
+    checks = {"extracted": extract_number(s.response) is not None}
+    if s.lang != "en":
+        checks["copy"] = copied(s.response, s.reference) >= COPY_SHARE
+        checks["english"] = language_share(s.response, "en") >= IN_LANGUAGE
+    if known_language(s.lang):
+        checks["in_language"] = language_share(s.response, s.lang) >= IN_LANGUAGE
+    return {k: float(v) for k, v in checks.items()}
+
+
+class LanguageGate:
+    """A semantic reward counted only for responses in their prompt's language
+    (reward.language_gate): 'zero' multiplies it by 0 below the threshold's share, 'scale' by
+    min(1, share / threshold). An English answer to a German prompt can score high on cross-lingual
+    cosine; this takes that away. The share of each response kept is logged as language_gate."""
+
+    def __init__(self, reward, threshold: float, mode: str = "zero"):
+        self.reward, self.threshold, self.mode = reward, threshold, mode
+        self.name, self.low, self.high = reward.name, min(reward.low, 0.0), reward.high
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        parts = self.reward(samples)
+        share = torch.tensor([language_share(s.response, s.lang) if known_language(s.lang)
+                              else 1.0 for s in samples])
+        gate = (share >= self.threshold).float() if self.mode == "zero" else \
+            (share / self.threshold).clamp(max=1.0)
+        return {**parts, "reward": parts["reward"] * gate, "language_gate": gate}
 
 
 class LanguageConsistency:
@@ -313,12 +369,18 @@ def agreement(cfg, models: RewardModels):
 
 @reward_kind("embedding", uses=lambda cfg: {"embedder"})
 def embedding(cfg, models: RewardModels):
-    return EmbeddingReward(models.embedder())
+    return gated(cfg, EmbeddingReward(models.embedder()))
 
 
 @reward_kind("mt", uses=lambda cfg: {"embedder", "translator"})
 def mt(cfg, models: RewardModels):
-    return MTReward(models.translator(), models.embedder())
+    return gated(cfg, MTReward(models.translator(), models.embedder()))
+
+
+def gated(cfg, reward):
+    """A semantic reward behind reward.language_gate, when one is set."""
+    return reward if cfg.language_gate is None else \
+        LanguageGate(reward, cfg.language_gate, cfg.language_gate_mode)
 
 
 def hybrid_parts(cfg) -> list[tuple[float, RewardKind]]:

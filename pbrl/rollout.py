@@ -8,6 +8,7 @@ padded, tokens [B, L]; per-token tensors are [B, L - 1], column t about token t 
 """
 from __future__ import annotations
 
+import math
 import zlib
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ from pbrl import ppo
 from pbrl.data import Problem
 from pbrl.losses import Experience
 from pbrl.model import pad_rows
-from pbrl.rewards import Sample
+from pbrl.rewards import Sample, response_checks
 from pbrl.sampler import Completions
 
 
@@ -101,8 +102,9 @@ def rollout_metrics(batch: Groups, exp: Experience, corrected, reduce, gather,
     max_new_tokens, the critic's fit (when there is one) and the share of tokens the rollout
     correction changed, over all ranks: reduce sums tensors and gather collects objects (identities
     in one process). The actor's loss measures the sampler/trainer log-prob mismatch."""
-    mask, rewards = exp.mask, batch.rewards
-    per_sample = [{"lang": s.lang, **{k: float(v[i]) for k, v in rewards.items()}}
+    mask, rewards, lengths = exp.mask, batch.rewards, batch.completions.lengths.tolist()
+    per_sample = [{"lang": s.lang, "length": lengths[i], "checks": response_checks(s),
+                   **{k: float(v[i]) for k, v in rewards.items()}}
                   for i, s in enumerate(batch.samples)]
     everything = [x for part in gather(per_sample) for x in part]
     token_means = {"kl": exp.kl, "corrected": corrected.float()}
@@ -118,7 +120,26 @@ def rollout_metrics(batch: Groups, exp: Experience, corrected, reduce, gather,
     by_lang = {lang: [x["reward"] for x in everything if x["lang"] == lang]
                for lang in sorted({x["lang"] for x in everything})}
     return {**metrics, **{k: sum(x[k] for x in everything) / len(everything) for k in rewards},
-            **{f"reward/{lang}": sum(mine) / len(mine) for lang, mine in by_lang.items()}}
+            **{f"reward/{lang}": sum(mine) / len(mine) for lang, mine in by_lang.items()},
+            **diagnostics(everything)}
+
+
+def diagnostics(samples: list[dict]) -> dict[str, float]:
+    """Per language, the share of responses that pass each of rewards.response_checks (the
+    failure modes of a semantic reward against an English reference: answers drifting into
+    English, copies of the reference, no final answer) as fidelity/{lang}/{check}; and the
+    response length's median, 90th percentile and maximum, in tokens."""
+    out = {}
+    for lang in sorted({x["lang"] for x in samples}):
+        mine = [x["checks"] for x in samples if x["lang"] == lang]
+        for check in sorted(mine[0]):
+            out[f"fidelity/{lang}/{check}"] = sum(c[check] for c in mine) / len(mine)
+    lengths = sorted(x["length"] for x in samples)
+
+    def at(q):  # nearest rank
+        return float(lengths[min(len(lengths) - 1, math.ceil(q * len(lengths)) - 1)])
+    return {**out, "response_length_p50": at(0.5), "response_length_p90": at(0.9),
+            "response_length_max": float(lengths[-1])}
 
 
 # Dynamic sampling (rollout.dynamic_sampling): which groups teach something, and the step's batch

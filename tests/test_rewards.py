@@ -184,3 +184,54 @@ def test_each_reward_kind_uses_exactly_the_models_it_declares(kind, weights):
     reward = REWARDS[kind].build(cfg, Models())
     assert asked == REWARDS[kind].uses(cfg), f"{kind} declares {REWARDS[kind].uses(cfg)}"
     assert callable(reward)
+
+
+def test_response_checks_count_the_semantic_rewards_failure_modes():
+    """In the prompt's language, an English answer, a copy of the reference, no final number: each
+    by hand, on the toy's kind of answer."""
+    from pbrl.rewards import copied, response_checks
+    reference = "7 - 3 = 4. The answer is 4."
+    german = response_checks(Sample("de", "7 - 3 = 4. Die Antwort lautet 4.", reference))
+    assert german == {"extracted": 1.0, "copy": 0.0, "english": 0.0, "in_language": 1.0}
+    english = response_checks(Sample("de", "7 - 3 = 4. The answer is 4.", reference))
+    assert english == {"extracted": 1.0, "copy": 1.0, "english": 1.0, "in_language": 0.0}
+    assert response_checks(Sample("fr", "La réponse est", reference))["extracted"] == 0.0
+    # numbers and symbols do not make a copy: every right answer shares them
+    assert copied("7 - 3 = 4 . 4", reference) == 0.0
+    assert copied("Die Antwort the answer is 4", reference) == pytest.approx(1 / 3)
+    # an English prompt has no English or copy check (its answer is the reference's language)
+    assert set(response_checks(Sample("en", reference, reference))) == {"extracted",
+                                                                         "in_language"}
+
+
+@pytest.mark.parametrize("mode, expected", [("zero", [1.0, 0.0, 0.0]),
+                                            ("scale", [1.0, 0.0, 0.5 / 0.8])])
+def test_language_gate_takes_the_semantic_reward_from_answers_in_another_language(mode, expected):
+    """A German prompt answered in English scores on cross-lingual similarity; behind the gate it
+    does not (zero), or in proportion to its German (scale)."""
+    from pbrl.rewards import LanguageGate
+
+    class Constant:  # a semantic reward that likes every response
+        name, low, high = "embedding", -1.0, 1.0
+
+        def __call__(self, samples):
+            return {"reward": torch.ones(len(samples)), "embedding": torch.ones(len(samples))}
+    reference = "7 - 3 = 4. The answer is 4."
+    samples = [Sample("de", "7 - 3 = 4. Die Antwort lautet 4.", reference),
+               Sample("de", "7 - 3 = 4. The answer is 4.", reference),
+               Sample("de", "Die Antwort is 4", reference)]  # one German, one English word
+    out = LanguageGate(Constant(), 0.8, mode)(samples)
+    assert out["reward"].tolist() == pytest.approx(expected)
+    assert out["embedding"].tolist() == [1.0] * 3  # the component itself, ungated
+    assert out["language_gate"].tolist() == pytest.approx(expected)
+
+
+def test_the_gate_wraps_the_semantic_rewards_only_and_only_when_set():
+    from pbrl.config import RewardConfig
+    from pbrl.rewards import LanguageGate, build_reward
+    cfg = RewardConfig(kind="hybrid", embedding_weight=0.0, agreement_weight=1.0,
+                       language_gate=0.5)
+    hybrid = build_reward(cfg, "", "")  # agreement alone: no model, nothing gated
+    assert not any(isinstance(r, LanguageGate) for _, r in hybrid.components)
+    assert not isinstance(build_reward(RewardConfig(kind="exact_match", language_gate=0.5), "",
+                                       ""), LanguageGate)

@@ -9,7 +9,7 @@ import torch
 from pbrl import ppo, rollout, losses
 from pbrl.data import Problem
 from pbrl.model import ModelArgs, Transformer, pad_rows
-from pbrl.rewards import AnswerAgreement, ExactMatch
+from pbrl.rewards import AnswerAgreement, ExactMatch, Sample
 from pbrl.sampler import Completions
 
 PROBLEMS = [Problem(f"mgsm-{i}", "de", f"Frage {i}", str(i)) for i in range(10)]
@@ -133,11 +133,14 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     mask = torch.rand(b, t, generator=g) > 0.3
     exp = losses.Experience(torch.zeros(b, t + 1), torch.full((b,), 3), mask,
                             *(torch.randn(b, t, generator=g) for _ in range(8)))
-    samples = [type("S", (), {"lang": lang})() for lang in ("de", "de", "fr", "fr")]
+    ref = "7 - 3 = 4. The answer is 4."
+    samples = [Sample("de", "7 - 3 = 4. Die Antwort lautet 4.", ref), Sample("de", ref, ref),
+               Sample("fr", "La réponse est 4.", ref), Sample("fr", "La réponse est", ref)]
     rewards = {"reward": torch.tensor([1.0, 0.0, 0.5, 0.5]),
                "agreement": torch.tensor([1.0, 0.0, 1.0, 0.0])}
     finished = torch.tensor([True, False, True, True])
-    completions = Completions(torch.zeros(b, 2), torch.ones(b), finished, torch.zeros(b, 2))
+    completions = Completions(torch.zeros(b, 2), torch.tensor([3, 1, 2, 5]), finished,
+                              torch.zeros(b, 2))
     corrected = mask & (torch.rand(b, t, generator=g) > 0.5)
     batch = rollout.Groups([None] * 2, completions, samples, rewards, finished, {})
     whole = rollout.rollout_metrics(batch, exp, corrected, lambda x: x, lambda o: [o])
@@ -146,12 +149,19 @@ def test_rollout_metrics_over_two_ranks_equal_one_process():
     assert whole["response_length"] == mask.sum().item() / 4
     assert whole["truncated"] == 0.25
     assert whole["corrected"] == pytest.approx(corrected.sum().item() / mask.sum().item())
+    # the per-language diagnostics (rewards.response_checks) and the length's percentiles
+    assert (whole["fidelity/de/english"], whole["fidelity/de/copy"]) == (0.5, 0.5)
+    assert (whole["fidelity/de/in_language"], whole["fidelity/fr/in_language"]) == (0.5, 1.0)
+    assert (whole["fidelity/fr/extracted"], whole["fidelity/de/extracted"]) == (0.5, 1.0)
+    assert (whole["response_length_p50"], whole["response_length_p90"],
+            whole["response_length_max"]) == (2.0, 5.0, 5.0)
 
     halves = [slice(0, 2), slice(2, 4)]
 
     def local(h):
-        part = rollout.Groups([None], completions._replace(finished=finished[h]), samples[h],
-                              {k: v[h] for k, v in rewards.items()}, finished[h], {})
+        mine = completions._replace(finished=finished[h], lengths=completions.lengths[h])
+        part = rollout.Groups([None], mine, samples[h], {k: v[h] for k, v in rewards.items()},
+                              finished[h], {})
         return part, exp.rows(torch.arange(4)[h]), corrected[h]
     captured = {}
     for i, h in enumerate(halves):  # record what each 'rank' sends into its collectives
