@@ -119,3 +119,25 @@ def test_warm_start_mix_writes_out_every_sum_and_difference():
     assert "9 - 6 = 3." in written and "2 + 1 = 3." in written and "2 - 2 = 0." not in written
     facts = set(written)
     assert len(written) == toy.FACT_COPIES * len(facts) == toy.FACT_COPIES * (48 + 33)
+
+
+def test_the_language_gate_takes_the_cosine_from_an_english_answer_and_leaves_a_german_one(
+        tmp_path):
+    """The toy's aligned embedder scores an English answer to a German prompt as high as a German
+    one (the failure a cross-lingual cosine invites); behind the gate it gets 0, and the German
+    answer keeps its cosine."""
+    from pbrl.config import RewardConfig
+    from pbrl.rewards import build_reward
+    toy.build_embedder(tmp_path / "embedder", seed=0)
+    reference = "7 - 3 = 4. The answer is 4."
+    samples = [Sample("de", "7 - 3 = 4. Die Antwort lautet 4.", reference),
+               Sample("de", "7 - 3 = 4. The answer is 4.", reference)]
+
+    def reward(**settings):
+        return build_reward(RewardConfig(kind="embedding", **settings), str(tmp_path / "embedder"),
+                            "")(samples)
+    open_ = reward()["reward"]
+    assert open_[1] > 0.99 and open_[0] > 0.99  # both as good as the reference itself
+    gated = reward(language_gate=0.5)
+    assert gated["reward"][0] == open_[0] and gated["reward"][1] == 0.0
+    assert gated["embedding"].tolist() == open_.tolist()  # the cosine itself is still logged
