@@ -203,6 +203,11 @@ class RunConfig:
     timeout_minutes: float = setting(60.0, "the longest any rank may wait in a collective",
                                      ge=0.05, le=10080)
     eval_every: int | None = setting(10, "iterations between evals; off = only at the end", gt=0)
+    eval_temperature: float = setting(0.0, "the eval's sampling temperature (0 = greedy)", ge=0)
+    eval_samples: int = setting(1, "answers per eval problem; above 1 the eval also reports "
+                                   "pass@k and majority-vote accuracy (k = this)", gt=0)
+    eval_max_new_tokens: int | None = setting(None, "the eval's longest answer; off = "
+                                                    "rollout.max_new_tokens", gt=0)
     resume: bool = setting(False, "continue the run in run.out_dir from its last checkpoint")
     device: str = setting("auto", "where the run computes", choices=("auto", "cpu", "cuda"))
     loggers: list[str] = setting(["jsonl"], "metrics sinks (jsonl is always on)",

@@ -54,7 +54,10 @@ ARMS = {  # name -> its settings beyond RECIPE
 # the settings the driver sets for every run (its options in parentheses): an arm may not
 OWNED = {"run.out_dir": "--out", "run.steps": "--steps", "run.seed": "--seed and --seeds",
          "run.eval_every": "the driver", "run.checkpoint_every": "the driver",
-         "data.pivot_cache": "the driver: one for every run, in --out"}
+         "data.pivot_cache": "the driver: one for every run, in --out",
+         "run.eval_samples": "the driver (its intervals compare one greedy answer a problem)",
+         "run.eval_temperature": "the driver (its intervals compare one greedy answer a "
+                                 "problem)"}
 
 
 def slug(name: str) -> str:

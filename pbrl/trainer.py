@@ -34,7 +34,7 @@ from pbrl.cli import Progress
 from pbrl.config import Config
 from pbrl.cudagraphs import CudaGraphs
 from pbrl.data import Problem
-from pbrl.evaluate import accuracy_by_language, evaluate
+from pbrl.evaluate import accuracy_by_language, evaluate, sampled_scores
 from pbrl.loggers import Loggers, console_line
 from pbrl.model import Transformer
 from pbrl.sampler import Sampling, complete
@@ -331,13 +331,20 @@ def evaluate_policy(trainer: Trainer) -> dict[str, float]:
         # a tensor-parallel group decodes its share together, as its rollouts do
         tp = t.cfg.rollout.tensor_parallel
         groups, group = t.world // tp, t.rank // tp
+        run = t.cfg.run
         with t.sampling_policy() if t.tp_twin else dist.gathered(t.actor.model) as model:
             records = evaluate(model, t.tokenizer, t.eval_problems[group::groups], batch_size=64,
-                               max_new_tokens=t.cfg.rollout.max_new_tokens, progress=False)
+                               max_new_tokens=run.eval_max_new_tokens or
+                               t.cfg.rollout.max_new_tokens, progress=False,
+                               temperature=run.eval_temperature, samples=run.eval_samples,
+                               seed=run.seed)
         gathered = dist.all_gather_objects(records if t.rank % tp == 0 else [])
         t.eval_records[t.step] = [r for part in gathered for r in part]
-    accuracy = accuracy_by_language(t.eval_records[t.step])
-    return {f"acc/{k}": v for k, v in accuracy.items()}
+    records = t.eval_records[t.step]
+    scores = {"acc": accuracy_by_language(records)}  # pass@1 with several samples
+    if t.cfg.run.eval_samples > 1:
+        scores.update(sampled_scores(records, t.cfg.run.eval_samples))
+    return {f"{name}/{k}": v for name, by_lang in scores.items() for k, v in by_lang.items()}
 
 
 def save_checkpoint(trainer: Trainer) -> None:

@@ -26,7 +26,7 @@ def test_eval_end_to_end(tmp_path, capsys):
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * 3 * 2
     assert set(samples[0]) == {"model", "id", "lang", "prompt", "response", "extracted", "gold",
-                               "correct"}
+                               "correct", "sample"}
     for model in scores:  # the scores are what the samples say
         for lang in ("en", "de", "sw"):
             rows = [s for s in samples if s["model"] == model and s["lang"] == lang]
@@ -108,3 +108,56 @@ def test_eval_fewshot_end_to_end_and_errors(tmp_path, capsys):
                        match=r"m: expected one exemplar file for en \(\*en_train\*.tsv or "
                              r"train/\*en.tsv\), found 0"):
         eval_cli.main(args + ["--num-fewshot", "1", "--fewshot-data", str(tmp_path / "m")])
+
+
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_right_answer():
+    """The unbiased estimator against its definition: every k of the n samples, counted."""
+    import itertools
+
+    from pbrl.evaluate import pass_at_k
+    for n, c, k in [(5, 0, 1), (5, 1, 1), (5, 2, 3), (6, 3, 4), (4, 4, 2), (8, 1, 8)]:
+        right = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(right, k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_majority_vote_and_pass_at_k_per_language_by_hand():
+    from pbrl.evaluate import sampled_scores
+
+    def rec(lang, i, extracted, gold="4"):
+        return {"lang": lang, "id": f"p{i}", "extracted": extracted, "gold": gold,
+                "correct": extracted == gold}
+    records = [rec("de", 0, "4"), rec("de", 0, "5"), rec("de", 0, "4"),     # majority 4: right
+               rec("de", 1, "5"), rec("de", 1, "4"), rec("de", 1, None),    # tie 5-4: first, 5
+               rec("en", 2, None), rec("en", 2, None), rec("en", 2, "4")]   # only answer: 4
+    scores = sampled_scores(records, 3)
+    assert scores["maj@3"] == {"de": 50.0, "en": 100.0, "avg": 50.0}
+    assert scores["pass@3"] == {"de": 100.0, "en": 100.0, "avg": 100.0}
+    assert sampled_scores(records, 2)["pass@2"]["de"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="pass@4 needs at least 4 samples per problem"):
+        sampled_scores(records, 4)
+
+
+def test_eval_with_samples_reports_pass_at_k_and_majority_and_does_not_depend_on_batches(
+        tmp_path, capsys):
+    save_hf_model(tmp_path / "a", "qwen2", seed=1, tie_word_embeddings=True)
+    data = tmp_path / "mgsm"
+    data.mkdir()
+    for lang, q in (("en", "Janet has 3 apples."), ("de", "Janet hat 3 Äpfel.")):
+        (data / f"mgsm_{lang}.tsv").write_text(f"{q}\t3\n{q} Und 2?\t5\n", encoding="utf-8")
+
+    def run(out, batch):
+        eval_cli.main(["--model", str(tmp_path / "a"), "--data", str(data), "--langs", "en,de",
+                       "--max-new-tokens", "6", "--batch-size", str(batch), "--samples", "3",
+                       "--temperature", "1.0", "--out", str(out)])
+        return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 4)
+    assert one == two and len(one) == 2 * 2 * 3  # the same samples, whatever the batch
+    assert [r["sample"] for r in one[:3]] == [0, 1, 2] and len({r["response"] for r in one}) > 2
+    saved = json.loads((tmp_path / "two" / "scores.json").read_text())
+    assert saved["samples"] == 3 and set(saved["sampled"][str(tmp_path / "a")]) == {"pass@3",
+                                                                                    "maj@3"}
+    assert "pass@3" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="would repeat one greedy answer"):
+        eval_cli.main(["--model", str(tmp_path / "a"), "--data", str(data), "--samples", "2",
+                       "--out", str(tmp_path / "three")])

@@ -198,6 +198,7 @@ def stand_in(monkeypatch) -> tuple[list, list, list]:
     (["--arm", "mine=run.out_dir /tmp/elsewhere"], "run.out_dir is set for every run by --out"),
     (["--arm", "mine=run.seed 3"], "run.seed is set for every run by --seed"),
     (["--arm", "mine=data.pivot_cache p.jsonl"], "data.pivot_cache is set for every run"),
+    (["--arm", "mine=run.eval_samples 4"], "run.eval_samples is set for every run by the driver"),
     (["--arm", "mine=reward.kind nonsense"], "reward.kind"),
 ])
 def test_arms_that_cannot_run_as_written_are_refused_before_anything(tmp_path, capsys, argv,

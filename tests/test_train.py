@@ -531,3 +531,22 @@ def test_compiled_rollouts_read_the_same_addresses_in_every_iteration(world, tmp
         assert torch.equal(ours.logprobs, theirs.logprobs)
     finally:
         dist.shutdown()
+
+
+def test_the_periodic_eval_samples_on_its_own_and_reports_pass_at_k(world, tmp_path):
+    """run.eval_samples answers per problem at run.eval_temperature, each of its own
+    run.eval_max_new_tokens: acc/ is their mean (pass@1), beside pass@k and maj@k; a second
+    evaluation of the same step reuses the records."""
+    out = tmp_path / "run"
+    trainer = prepare(load_config(None, overrides(world, out, **{
+        "data.eval_path": world / "data", "data.eval_langs": "en,de", "run.eval_samples": 3,
+        "run.eval_temperature": 1.0,
+        "run.eval_max_new_tokens": 5, "run.steps": 1})), log=lambda *a: None)
+    history = trainer.run()
+    last = history[-1]
+    assert {"acc/de", "pass@3/de", "maj@3/de"} <= set(last)
+    records = trainer.eval_records[1]
+    assert {r["sample"] for r in records} == {0, 1, 2}
+    assert len(records) == 3 * len({(r["lang"], r["id"]) for r in records})
+    assert last["acc/de"] <= last["pass@3/de"]  # pass@1 never above pass@k
+    assert max(len(r["response"]) for r in records) > 0
