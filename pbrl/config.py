@@ -181,7 +181,9 @@ class RewardConfig:
     language_gate_mode: str = setting("zero", "below the gate: zero the reward, or scale it by "
                                               "share / gate", choices=("zero", "scale"))
     pooling: str = setting("auto", "the embedder's pooling (auto: its 1_Pooling/config.json, "
-                                   "else last)", choices=("auto", "last", "mean"))
+                                   "else last)", choices=("auto", "last", "mean", "cls"))
+    embedder_prefix: str = setting("", "text the embedder's model card puts before every text "
+                                       "(multilingual-e5: 'query: ')")
     translate_max_new_tokens: int = setting(64, "the MT reward's longest translation", gt=0)
 
     def uses_embedder(self) -> bool:

@@ -30,6 +30,7 @@ from pbrl.checkpoint import load_args, shard_rows
 from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, validate
 from pbrl.cudagraphs import cache_slots
+from pbrl.encoder import ENCODERS, EncoderArgs
 from pbrl.files import hub_failure, is_hub_id, read_json, resolve
 from pbrl.kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.model import ModelArgs, Transformer
@@ -43,12 +44,28 @@ def model_args(path: str) -> ModelArgs:
     """A checkpoint's ModelArgs from its config.json alone (a hub id fetches only that file)."""
     if Path(path).exists() or not is_hub_id(path):
         return load_args(resolve(path))
+    return ModelArgs.from_hf_config(hf_config(path), where=f"{path}/config.json")
+
+
+def hf_config(path: str) -> dict:
+    """A checkpoint's config.json (a hub id fetches only that file)."""
+    if Path(path).exists() or not is_hub_id(path):
+        return read_json(resolve(path) / "config.json")
     from huggingface_hub import hf_hub_download
     try:
         config = hf_hub_download(path, "config.json")
     except Exception as e:  # offline, an unknown or gated repository, a network error...
         raise FileNotFoundError(hub_failure(path, "local model directory", e)) from None
-    return ModelArgs.from_hf_config(read_json(config), where=f"{path}/config.json")
+    return read_json(config)
+
+
+def embedder_bytes(path: str, compute: int) -> int:
+    """An embedder's weights: a decoder (pbrl's Transformer) or an encoder (pbrl/encoder.py)."""
+    config = hf_config(path)
+    if config.get("model_type") in ENCODERS:
+        return EncoderArgs.from_hf_config(config, f"{path}/config.json").parameter_count() * \
+            compute
+    return full_bytes(parameter_shapes(model_args(path)), compute)
 
 
 def parameter_shapes(args: ModelArgs, value_head: bool = False) -> list[torch.Size]:
@@ -188,8 +205,7 @@ def reward_terms(cfg: Config, out: Plan, compute: int) -> list[str]:
     """The reward models' terms (whole in every process), added to `out`; returns their names."""
     m, added = cfg.models, []
     if cfg.reward.uses_embedder():
-        embedder = parameter_shapes(model_args(m.embedder))
-        out.terms["embedder (whole)"] = full_bytes(embedder, compute)
+        out.terms["embedder (whole)"] = embedder_bytes(m.embedder, compute)
         added.append("embedder (whole)")
     if cfg.reward.uses_translator() and not (Path(m.translator) / LEXICON_FILE).is_file():
         translator = model_args(m.translator)

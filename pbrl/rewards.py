@@ -28,8 +28,9 @@ import torch
 from pbrl import kernels
 from pbrl.checkpoint import load_pretrained
 from pbrl.data import extract_number, has_answer_phrase, prompt_format
+from pbrl.encoder import Encoder, is_encoder, load_encoder
 from pbrl.files import read_json, resolve
-from pbrl.model import Transformer, pad_rows
+from pbrl.model import pad_rows
 from pbrl.tokenizer import Tokenizer
 from pbrl.translators import Translator, load_translator
 
@@ -191,39 +192,52 @@ def checkpoint_pooling(directory: Path) -> str:
     if not file.is_file():
         return "last"
     chosen = [key for key, on in read_json(file).items() if key.startswith("pooling_mode_") and on]
-    modes = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
+    modes = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean",
+             "pooling_mode_cls_token": "cls"}
     if len(chosen) != 1 or chosen[0] not in modes:
-        raise ValueError(f"{file}: pbrl pools by last token or mean, one of them; this asks for "
-                         f"{chosen}")
+        raise ValueError(f"{file}: pbrl pools by last token, mean or CLS token, one of them; this "
+                         f"asks for {chosen}")
     return modes[chosen[0]]
 
 
 class Embedder:
-    """Sentence embeddings from a decoder model loaded with pbrl's Transformer (e.g.
-    Qwen3-Embedding-0.6B).
+    """Sentence embeddings from a decoder loaded with pbrl's Transformer (e.g. Qwen3-Embedding) or
+    an encoder loaded with pbrl/encoder.py (LaBSE, multilingual-e5, BGE-M3: BERT, XLM-RoBERTa).
 
     pooling 'last': the final hidden state of the last token (decoder embedders are trained this
     way; Qwen3-Embedding appends its eos token, which append_eos reproduces); 'mean': the average
-    over the tokens. L2-normalised."""
+    over the tokens; 'cls': the first token's (an encoder's [CLS] / <s>). L2-normalised (a
+    sentence-transformers 2_Normalize module changes no cosine). An encoder's text gets its
+    tokenizer's special tokens ([CLS] ... [SEP]); `prefix` goes before every text (e5's
+    'query: ')."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, pooling: str = "last",
-                 append_eos: bool = True, batch_size: int = 32):
-        if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+    def __init__(self, model, tokenizer: Tokenizer, pooling: str = "last",
+                 append_eos: bool = True, batch_size: int = 32, prefix: str = ""):
+        if pooling not in ("last", "mean", "cls"):
+            raise ValueError(f"pooling must be 'last', 'mean' or 'cls', got {pooling!r}")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
-        self.append_eos, self.batch_size = append_eos, batch_size
+        self.encoder = isinstance(model, Encoder)
+        self.append_eos, self.batch_size, self.prefix = append_eos and not self.encoder, \
+            batch_size, prefix
 
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, pooling: str = "auto",
                         **kwargs) -> "Embedder":
         """pooling 'auto': what the checkpoint's 1_Pooling/config.json asks for, else 'last'."""
-        model, tokenizer = load_pretrained(path_or_id, dtype=dtype, device=device)
+        directory = resolve(path_or_id)
+        if is_encoder(directory):
+            model, tokenizer = load_encoder(directory, dtype, device), \
+                Tokenizer.from_pretrained(directory)
+            tokenizer.check_fits(model.args.vocab_size, str(directory))
+        else:
+            model, tokenizer = load_pretrained(directory, dtype=dtype, device=device)
         if pooling == "auto":
-            pooling = checkpoint_pooling(resolve(path_or_id))
+            pooling = checkpoint_pooling(directory)
         return cls(model, tokenizer, pooling=pooling, **kwargs)
 
     def encode_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
+        text = self.prefix + text
+        ids = self.tokenizer.tok.encode(text).ids if self.encoder else self.tokenizer.encode(text)
         if self.append_eos and self.tokenizer.eos_id is not None:
             ids.append(self.tokenizer.eos_id)
         if not ids:
@@ -231,11 +245,18 @@ class Embedder:
             ids = [self.tokenizer.pad_id or 0]
         return ids
 
+    def context(self) -> int:
+        """The longest text it embeds, in tokens (XLM-RoBERTa's positions start after pad id)."""
+        args = self.model.args
+        if self.encoder and args.model_type == "xlm-roberta":
+            return args.max_position_embeddings - args.pad_token_id - 1
+        return args.max_position_embeddings
+
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """texts -> [N, D] fp32 unit vectors."""
-        device = self.model.embed_tokens.weight.device
-        context = self.model.args.max_position_embeddings
+        device = next(self.model.parameters()).device
+        context = self.context()
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = [self.encode_ids(t) for t in texts[start:start + self.batch_size]]
@@ -243,11 +264,13 @@ class Embedder:
             if longest > context:
                 raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of "
                                  f"{context} tokens")
-            ids, mask = (t.to(device) for t in pad_rows(batch))
-            hidden = self.model(ids, output="hidden").float()
+            ids, mask = (t.to(device) for t in pad_rows(batch, self.tokenizer.pad_id or 0))
+            hidden = (self.model(ids, mask) if self.encoder else
+                      self.model(ids, output="hidden")).float()
             last = hidden[torch.arange(len(batch), device=device), mask.sum(1) - 1]
-            pooled = last if self.pooling == "last" else \
-                (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            pooled = {"last": last, "cls": hidden[:, 0],
+                      "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+                      }[self.pooling]
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out)
 
@@ -330,7 +353,8 @@ class RewardModels:
     def embedder(self) -> Embedder:
         if self.loaded is None:
             self.loaded = Embedder.from_pretrained(self.paths[0], dtype=self.dtype,
-                                                   device=self.device, pooling=self.cfg.pooling)
+                                                   device=self.device, pooling=self.cfg.pooling,
+                                                   prefix=self.cfg.embedder_prefix)
         return self.loaded
 
     def translator(self) -> Translator:
