@@ -224,17 +224,15 @@ def in_processes(fn, calls: list[tuple], workers: int, done) -> list:
         return []
     pool = ProcessPoolExecutor(min(workers, len(calls)), multiprocessing.get_context("spawn"),
                                initializer=_quiet_worker)
-    futures = [pool.submit(fn, *args) for args in calls]
-    for future in futures:
-        future.add_done_callback(lambda f: f.cancelled() or f.exception() or done(f.result()))
     try:
+        futures = [pool.submit(fn, *args) for args in calls]
+        for future in futures:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or done(f.result()))
         results = [future.result() for future in futures]
     except (KeyboardInterrupt, BrokenProcessPool) as e:  # Ctrl-C, or a worker was killed
         for child in multiprocessing.active_children():
             child.terminate()  # the workers stop now, not when their runs end
-        for child in multiprocessing.active_children():
-            child.join(timeout=10)
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(cancel_futures=True)  # its manager reaps them (a second reaper would race)
         if isinstance(e, KeyboardInterrupt):
             raise
         raise ChildProcessError("a worker process died (killed, or out of memory) before its "

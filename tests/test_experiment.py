@@ -272,43 +272,59 @@ def test_out_continues_only_an_interrupted_experiment_of_the_same_options(tmp_pa
         check_out(tmp_path, spec)
 
 
-def _die_or_wait(i: int) -> int:
+def _die_or_wait(folder: str, i: int) -> int:
     """A worker's job: the first kills its own process, the others would take a minute."""
     import os
     import signal
+    Path(folder, str(i)).write_text(str(os.getpid()))
     if i == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(60)
     return i
 
 
-def test_a_killed_worker_stops_the_others_at_once():
-    import multiprocessing
+def test_a_killed_worker_stops_the_others_at_once(tmp_path):
+    import os
 
     from pbrl.experiment import in_processes
     start = time.monotonic()
     with pytest.raises(ChildProcessError, match="a worker process died"):
-        in_processes(_die_or_wait, [(0,), (1,), (2,)], workers=2, done=lambda r: None)
-    assert time.monotonic() - start < 45 and not multiprocessing.active_children()
+        in_processes(_die_or_wait, [(str(tmp_path), i) for i in range(3)], workers=2,
+                     done=lambda r: None)
+    assert time.monotonic() - start < 45
+    for worker in tmp_path.iterdir():  # every worker that started is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(worker.read_text()), 0)
 
 
 def test_ctrl_c_stops_the_workers_at_once(tmp_path):
     """SIGINT to the experiment's process (the terminal's Ctrl-C reaches the workers too, which
     leave it to their parent): exit 130 with one line, within seconds, no worker left behind."""
+    import os
     import signal
     import subprocess
     import sys
 
     from conftest import ROOT, subprocess_env
-    code = ("import time; from pbrl.cli import run_main; from pbrl.experiment import in_processes\n"
-            "run_main(lambda argv: in_processes(time.sleep, [(60,), (60,)], 2, print))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(),
+    (tmp_path / "slow.py").write_text(
+        "import os\nimport time\nfrom pathlib import Path\n\n\ndef work(folder, i):\n"
+        "    Path(folder, str(i)).write_text(str(os.getpid()))\n    time.sleep(60)\n")
+    code = ("import slow; from pbrl.cli import run_main\n"
+            "from pbrl.experiment import in_processes\n"
+            f"run_main(lambda argv: in_processes(slow.work, [({str(tmp_path)!r}, 0), "
+            f"({str(tmp_path)!r}, 1)], 2, print))")
+    env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # the workers start (each imports torch)
+    deadline = time.monotonic() + 120
+    while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):  # both workers run
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "error: interrupted (Ctrl-C)", err
-    assert time.monotonic() - start < 15
-    gone = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True)
-    assert gone.returncode == 1  # no child of the stopped process remains
+    assert time.monotonic() - start < 20
+    for worker in ("0", "1"):  # each worker process is gone, not orphaned and still sleeping
+        with pytest.raises(ProcessLookupError):
+            os.kill(int((tmp_path / worker).read_text()), 0)
