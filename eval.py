@@ -80,13 +80,19 @@ def main(argv=None):
         if args.samples > 1:
             sampled[path] = sampled_scores(records, args.samples)
         del model
+    write_results(out, args, scores, sampled, samples)
+
+
+def write_results(out, args, scores: dict, sampled: dict, samples: list[dict]) -> None:
+    """samples.jsonl and scores.json, and the tables: accuracy (pass@1), then with samples pass@K
+    and maj@K."""
     with write_atomic(out / "samples.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples),
                        encoding="utf-8")
+    extra = {"samples": args.samples, "temperature": args.temperature, "sampled": sampled} \
+        if sampled else {}
     with write_atomic(out / "scores.json") as tmp:
-        tmp.write_text(json.dumps({"task": args.task, "scores": scores, **({
-            "samples": args.samples, "temperature": args.temperature, "sampled": sampled}
-            if sampled else {})}, indent=2))
+        tmp.write_text(json.dumps({"task": args.task, "scores": scores, **extra}, indent=2))
     print(format_table(scores))
     for name in next(iter(sampled.values()), {}):  # pass@K, then maj@K
         print(f"\n{name}\n\n" + format_table({path: s[name] for path, s in sampled.items()}))

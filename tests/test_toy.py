@@ -86,9 +86,12 @@ def test_translator_and_pooling_come_from_the_artifact_directories(tmp_path):
         assert checkpoint_pooling(tmp_path) == expected
     cls = json.dumps({"pooling_mode_cls_token": True})
     (tmp_path / "1_Pooling" / "config.json").write_text(cls)
+    assert checkpoint_pooling(tmp_path) == "cls"  # an encoder's (pbrl/encoder.py)
+    maximum = json.dumps({"pooling_mode_max_tokens": True})
+    (tmp_path / "1_Pooling" / "config.json").write_text(maximum)
     import pytest
-    with pytest.raises(ValueError,
-                       match=r"1_Pooling/config.json: pbrl pools by last token or mean"):
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json: pbrl pools by last token, mean "
+                                         r"or CLS token"):
         checkpoint_pooling(tmp_path)
 
 
