@@ -182,3 +182,60 @@ def load_encoder(directory, dtype: torch.dtype | None = None, device=None) -> En
         state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+# sentence-transformers' modules after the pooling, by modules.json's "type"
+DENSE = "sentence_transformers.models.Dense"
+KNOWN_MODULES = ("sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling",
+                 DENSE, "sentence_transformers.models.Normalize")
+ACTIVATIONS = {"torch.nn.modules.activation.Tanh": torch.tanh,
+               "torch.nn.modules.linear.Identity": lambda x: x}
+
+
+class DenseHead(nn.Module):
+    """sentence-transformers' Dense module (LaBSE's 768 -> 768 tanh after the CLS pooling)."""
+
+    def __init__(self, linear: nn.Linear, activation):
+        super().__init__()
+        self.linear, self.activation = linear, activation
+
+    def forward(self, x):
+        return self.activation(self.linear(x))
+
+
+def after_pooling(directory, dtype=None, device=None) -> list[nn.Module]:
+    """The modules a sentence-transformers directory applies after pooling, by its modules.json:
+    its Dense layers (a Normalize changes no cosine); a module of another type is refused."""
+    directory = Path(directory)
+    if not (directory / "modules.json").is_file():
+        return []
+    modules = read_json_list(directory / "modules.json")
+    unknown = [m.get("type") for m in modules if m.get("type") not in KNOWN_MODULES]
+    if unknown:
+        raise ValueError(f"{directory / 'modules.json'}: pbrl's embedder applies "
+                         f"{', '.join(t.rsplit('.', 1)[-1] for t in KNOWN_MODULES)}; this one "
+                         f"also asks for {unknown[0]}")
+    out = []
+    for m in modules:
+        if m["type"] == DENSE:
+            where = directory / m["path"]
+            cfg = read_json(where / "config.json")
+            if cfg.get("activation_function") not in ACTIVATIONS:
+                raise ValueError(f"{where / 'config.json'}: activation "
+                                 f"{cfg.get('activation_function')!r}; pbrl implements "
+                                 f"{', '.join(ACTIVATIONS)}")
+            linear = nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True))
+            with _open(where / "model.safetensors") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+            out.append(DenseHead(linear, ACTIVATIONS[cfg["activation_function"]])
+                       .to(device=device, dtype=dtype))
+    return out
+
+
+def read_json_list(path: Path) -> list[dict]:
+    import json
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "type" in m for m in value):
+        raise ValueError(f"{path}: expected a list of modules, each with a 'type'")
+    return value

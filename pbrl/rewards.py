@@ -28,7 +28,7 @@ import torch
 from pbrl import kernels
 from pbrl.checkpoint import load_pretrained
 from pbrl.data import extract_number, has_answer_phrase, prompt_format
-from pbrl.encoder import Encoder, is_encoder, load_encoder
+from pbrl.encoder import Encoder, after_pooling, is_encoder, load_encoder
 from pbrl.files import read_json, resolve
 from pbrl.model import pad_rows
 from pbrl.tokenizer import Tokenizer
@@ -212,11 +212,13 @@ class Embedder:
     'query: ')."""
 
     def __init__(self, model, tokenizer: Tokenizer, pooling: str = "last",
-                 append_eos: bool = True, batch_size: int = 32, prefix: str = ""):
+                 append_eos: bool = True, batch_size: int = 32, prefix: str = "",
+                 head: list | None = None):
         if pooling not in ("last", "mean", "cls"):
             raise ValueError(f"pooling must be 'last', 'mean' or 'cls', got {pooling!r}")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
         self.encoder = isinstance(model, Encoder)
+        self.head = head or []  # sentence-transformers' Dense modules after the pooling
         self.append_eos, self.batch_size, self.prefix = append_eos and not self.encoder, \
             batch_size, prefix
 
@@ -225,6 +227,7 @@ class Embedder:
                         **kwargs) -> "Embedder":
         """pooling 'auto': what the checkpoint's 1_Pooling/config.json asks for, else 'last'."""
         directory = resolve(path_or_id)
+        head = after_pooling(directory, dtype, device)
         if is_encoder(directory):
             model, tokenizer = load_encoder(directory, dtype, device), \
                 Tokenizer.from_pretrained(directory)
@@ -233,7 +236,7 @@ class Embedder:
             model, tokenizer = load_pretrained(directory, dtype=dtype, device=device)
         if pooling == "auto":
             pooling = checkpoint_pooling(directory)
-        return cls(model, tokenizer, pooling=pooling, **kwargs)
+        return cls(model, tokenizer, pooling=pooling, head=head, **kwargs)
 
     def encode_ids(self, text: str) -> list[int]:
         text = self.prefix + text
@@ -271,6 +274,8 @@ class Embedder:
             pooled = {"last": last, "cls": hidden[:, 0],
                       "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
                       }[self.pooling]
+            for module in self.head:
+                pooled = module(pooled.to(next(module.parameters()).dtype)).float()
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out)
 

@@ -133,3 +133,32 @@ def test_a_run_rewards_with_an_encoder_embedder(world, tmp_path):
         "run.steps": 1})), log=lambda *a: None).run()
     [step] = metrics(out)
     assert -1.0 <= step["embedding"] <= 1.0 and step["reward"] == step["embedding"]
+
+
+def test_a_dense_module_after_the_pooling_is_applied_and_an_unknown_module_refused(tmp_path):
+    """LaBSE's layout: CLS pooling, then a Dense 32 -> 32 with tanh (2_Dense, as
+    sentence-transformers saves it), then Normalize."""
+    from safetensors.torch import save_file
+    oracle = save_encoder(tmp_path, "bert", "cls")
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    (tmp_path / "modules.json").write_text(json.dumps(modules[:2] + [dense, {
+        **modules[2], "idx": 3, "name": "3", "path": "3_Normalize"}]))
+    (tmp_path / "2_Dense").mkdir()
+    (tmp_path / "2_Dense" / "config.json").write_text(json.dumps({
+        "in_features": 32, "out_features": 32, "bias": True,
+        "activation_function": "torch.nn.modules.activation.Tanh"}))
+    weight, bias = torch.randn(32, 32, generator=torch.Generator().manual_seed(1)), torch.randn(32)
+    save_file({"linear.weight": weight, "linear.bias": bias},
+              str(tmp_path / "2_Dense" / "model.safetensors"))
+    embedder = Embedder.from_pretrained(tmp_path)
+    ids = torch.tensor([embedder.tokenizer.tok.encode("the answer is four").ids])
+    with torch.no_grad():
+        cls = oracle(input_ids=ids).last_hidden_state[0, 0]
+    expected = torch.nn.functional.normalize(torch.tanh(weight @ cls + bias), dim=-1)
+    assert torch.allclose(embedder(["the answer is four"])[0], expected, atol=1e-5)
+    (tmp_path / "modules.json").write_text(json.dumps(modules + [{
+        "idx": 3, "name": "3", "path": "3_LayerNorm",
+        "type": "sentence_transformers.models.LayerNorm"}]))
+    with pytest.raises(ValueError, match="also asks for sentence_transformers.models.LayerNorm"):
+        Embedder.from_pretrained(tmp_path)
