@@ -39,6 +39,7 @@ SPEC = "experiment.json"  # in --out: the options it was started with, which a r
 # Every arm's recipe beyond Config's defaults: many small iterations (8 problems x 4 samples, one
 # PPO epoch) gain more per CPU second than fewer big ones.
 STEPS, EVAL_EVERY = 60, 30
+FIDELITY_STEPS = 10  # the diagnostics in results.md: the last iterations' mean
 RECIPE = {"rollout.samples_per_prompt": 4, "ppo.epochs": 1, "ppo.lr": 3e-4}
 GOLD, ENGLISH = "PPO + gold exact match", "English-only RLVR"
 ARMS = {  # name -> its settings beyond RECIPE
@@ -130,10 +131,12 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
     accuracy = {name: {} for name in arms}  # arm -> seed -> {lang: accuracy}
     curves = {name: [] for name in arms}    # arm -> per seed, its {step, reward, acc/avg} rows
     correct = {name: [] for name in arms}   # arm -> per seed, {lang: [bool per held-out problem]}
+    fidelity = {name: [] for name in arms}  # arm -> per seed, the last steps' diagnostics
     for (_, name, _, _, _, s, _, _), run in zip(jobs, done):
         accuracy[name][s] = run["accuracy"]
         curves[name].append(run["curve"])
         correct[name].append(run["correct"])
+        fidelity[name].append(run.get("fidelity", {}))
     warm = [by_language(first["warm"])]
     summary = {"steps": steps, "seeds": list(range(seed, seed + seeds)), "arms": arms,
                "warm start": accuracy_by_language(first["warm"]), "accuracy": accuracy,
@@ -141,7 +144,8 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
                # what English RL alone leaves for the target-language rewards: each arm against it
                "over English-only": {name: gain_interval(correct[ENGLISH], correct[name])
                                      for name in arms if ENGLISH in arms and name != ENGLISH},
-               "curves": curves, "numerics": computed, "seconds": time.perf_counter() - t0}
+               "curves": curves, "fidelity": {name: mean_dicts(f) for name, f in fidelity.items()},
+               "numerics": computed, "seconds": time.perf_counter() - t0}
     if dist.init()[0] == 0:  # rank 0 writes the results
         write_results(out, summary, log)
     return summary
@@ -174,7 +178,11 @@ def one_run(out: Path, name: str, settings: dict, steps: int, seed: int, run_see
     evaluated = [h for h in history if any(k.startswith("acc/") for k in h)]
     curve = [{"step": h["step"], **{k: h[k] for k in ("reward", "acc/avg") if k in h}}
              for h in history]
+    last = [h for h in history if "reward" in h][-FIDELITY_STEPS:]  # the diagnostics at the end
+    fidelity = mean_dicts([{k: v for k, v in h.items() if k.startswith("fidelity/")}
+                           for h in last])
     result = {"arm": name, "seed": run_seed, "accuracy": _acc(evaluated[-1]), "curve": curve,
+              "fidelity": fidelity,
               "correct": by_language(trainer.eval_records[steps]), "warm": trainer.eval_records[0]}
     if dist.init()[0] == 0:  # what a rerun of an interrupted experiment takes instead of the run
         with write_atomic(trainer.out / RESULT) as tmp:
@@ -274,13 +282,16 @@ def write_results(out: Path, summary: dict, log) -> None:
         f"{summary['seeds']}; computed with {numerics_line(summary['numerics'])}.\n\n{table}"
         f"\n\nGain over the warm start and over English-only RLVR, "
         f"95% intervals by bootstrap over held-out problems (paired) and each side's seeds."
-        f"\n\n{gain_table}\n")
+        f"\n\n{gain_table}\n\nThe responses of the last {FIDELITY_STEPS} iterations to "
+        f"target-language prompts, mean over seeds (%):\n\n{fidelity_table(summary['fidelity'])}"
+        f"\n")
     curves = summary["curves"]
     mean_curves = {name: mean_rows(runs) for name, runs in curves.items()}
     (out / "curves.svg").write_text(svg_panels(mean_curves, ["reward", "acc/avg"], columns=2,
                                                width=380, bands=curves if seeds > 1 else None))
     log(table)
     log(gain_table)
+    log(fidelity_table(summary["fidelity"]))
     log(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'curves.svg'} "
         f"({summary['seconds']:.0f}s in all)")
 
@@ -288,6 +299,28 @@ def write_results(out: Path, summary: dict, log) -> None:
 def numerics_line(d: dict[str, str]) -> str:
     return (f"{d['aten']} ATen kernels, MKL_CBWR={d['mkl_cbwr']}, {d['threads']} threads in the "
             f"first run, torch {d['torch']}")
+
+
+def mean_dicts(rows: list[dict]) -> dict[str, float]:
+    """Each key's mean over the rows that have it."""
+    keys = sorted({k for r in rows for k in r})
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
+def fidelity_table(fidelity: dict[str, dict[str, float]]) -> str:
+    """Per arm, the target languages' mean share (%) of responses in the prompt's language, in
+    English, copying the pivot's reference and with a final number (rollout.diagnostics)."""
+    checks = {"in_language": "in the prompt's language", "english": "in English",
+              "copy": "copying the reference", "extracted": "with a final number"}
+    lines = ["| arm | " + " | ".join(checks.values()) + " |", "|---|" + "---|" * len(checks)]
+    for name, values in fidelity.items():
+        cells = []
+        for check in checks:
+            mine = [v for k, v in values.items() if k.endswith(f"/{check}")
+                    and not k.startswith("fidelity/en/")]
+            cells.append(f"{100 * sum(mine) / len(mine):.1f}" if mine else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def format_accuracy(acc: dict[str, float]) -> str:

@@ -136,6 +136,8 @@ def test_run_experiment_over_seeds_writes_every_seed_and_the_intervals(tmp_path,
             and summary["seeds"] == [0, 1, 2])
     # every arm alike: +30 over the warm start, +0 over English-only RL
     assert f"| {arm} | +30.0 [+" in (tmp_path / "results.md").read_text()
+    # the last iterations' diagnostics, mean over seeds 0.5, 0.6, 0.7; a check no step logged: -
+    assert f"| {arm} | 60.0 | - | 0.0 | - |" in (tmp_path / "results.md").read_text()
     assert saved["over English-only"][arm]["mean"] == 0 and experiment.ENGLISH not in \
         saved["over English-only"]
     svg = ET.parse(tmp_path / "curves.svg").getroot()
@@ -178,9 +180,10 @@ def stand_in(monkeypatch) -> tuple[list, list, list]:
             self.eval_records = {0: right(3), 4: right(5 + s)}
             last = {k: 50.0 + 10 * s for k in ("acc/avg", "acc/de", "acc/sw", "acc/en")}
             first = {k: 30.0 for k in last}
+            fidelity = {"fidelity/de/in_language": 0.5 + 0.1 * s, "fidelity/de/copy": 0.0}
             return [{"step": 0, **first}] + \
-                [{"step": t, "reward": 0.1 * t + s} for t in range(1, 4)] + \
-                [{"step": 4, "reward": 0.4 + s, **last}]
+                [{"step": t, "reward": 0.1 * t + s, **fidelity} for t in range(1, 4)] + \
+                [{"step": 4, "reward": 0.4 + s, **last, **fidelity}]
     monkeypatch.setattr(experiment, "prepare", StandIn)
     monkeypatch.setattr(experiment, "use_world",
                         lambda cfg, log=None: worlds.append(cfg.run.seed) or cfg)
