@@ -317,8 +317,11 @@ def test_ctrl_c_stops_the_workers_at_once(tmp_path):
             f"run_main(lambda argv: in_processes(slow.work, [({str(tmp_path)!r}, 0), "
             f"({str(tmp_path)!r}, 1)], 2, print))")
     env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    # as a terminal starts it: SIGINT at its default (a shell without job control starts its
+    # background commands with SIGINT ignored, which Python then leaves ignored)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):  # both workers run
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
