@@ -184,6 +184,8 @@ class RewardConfig:
                                    "else last)", choices=("auto", "last", "mean", "cls"))
     embedder_prefix: str = setting("", "text the embedder's model card puts before every text "
                                        "(multilingual-e5: 'query: ')")
+    reference_prefix: str | None = setting(None, "the embedder's prefix for the pivot's references "
+                                                 "(e5's 'passage: '); off = embedder_prefix")
     translate_max_new_tokens: int = setting(64, "the MT reward's longest translation", gt=0)
 
     def uses_embedder(self) -> bool:

@@ -30,7 +30,7 @@ from pbrl.checkpoint import load_args, shard_rows
 from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, validate
 from pbrl.cudagraphs import cache_slots
-from pbrl.encoder import ENCODERS, EncoderArgs
+from pbrl.encoder import DENSE, ENCODERS, EncoderArgs, read_json_list
 from pbrl.files import hub_failure, is_hub_id, read_json, resolve
 from pbrl.kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.model import ModelArgs, Transformer
@@ -62,10 +62,26 @@ def hf_config(path: str) -> dict:
 def embedder_bytes(path: str, compute: int) -> int:
     """An embedder's weights: a decoder (pbrl's Transformer) or an encoder (pbrl/encoder.py)."""
     config = hf_config(path)
+    head = dense_head_parameters(path)  # sentence-transformers' Dense modules (LaBSE's)
     if config.get("model_type") in ENCODERS:
-        return EncoderArgs.from_hf_config(config, f"{path}/config.json").parameter_count() * \
-            compute
-    return full_bytes(parameter_shapes(model_args(path)), compute)
+        return (EncoderArgs.from_hf_config(config, f"{path}/config.json").parameter_count() +
+                head) * compute
+    return full_bytes(parameter_shapes(model_args(path)), compute) + head * compute
+
+
+def dense_head_parameters(path: str) -> int:
+    """The weights of the Dense modules a local sentence-transformers directory applies after its
+    pooling (0 for a hub id: the plan reads config.json only)."""
+    directory = Path(path)
+    if not (directory / "modules.json").is_file():
+        return 0
+    total = 0
+    for module in read_json_list(directory / "modules.json"):
+        if module["type"] == DENSE:
+            cfg = read_json(directory / module["path"] / "config.json")
+            total += cfg["in_features"] * cfg["out_features"] + \
+                (cfg["out_features"] if cfg.get("bias", True) else 0)
+    return total
 
 
 def parameter_shapes(args: ModelArgs, value_head: bool = False) -> list[torch.Size]:

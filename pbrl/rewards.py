@@ -209,11 +209,12 @@ class Embedder:
     over the tokens; 'cls': the first token's (an encoder's [CLS] / <s>). L2-normalised (a
     sentence-transformers 2_Normalize module changes no cosine). An encoder's text gets its
     tokenizer's special tokens ([CLS] ... [SEP]); `prefix` goes before every text (e5's
-    'query: ')."""
+    'query: '), `reference_prefix` before the references a reward compares with (default: the
+    same)."""
 
     def __init__(self, model, tokenizer: Tokenizer, pooling: str = "last",
                  append_eos: bool = True, batch_size: int = 32, prefix: str = "",
-                 head: list | None = None):
+                 head: list | None = None, reference_prefix: str | None = None):
         if pooling not in ("last", "mean", "cls"):
             raise ValueError(f"pooling must be 'last', 'mean' or 'cls', got {pooling!r}")
         self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
@@ -221,6 +222,7 @@ class Embedder:
         self.head = head or []  # sentence-transformers' Dense modules after the pooling
         self.append_eos, self.batch_size, self.prefix = append_eos and not self.encoder, \
             batch_size, prefix
+        self.reference_prefix = prefix if reference_prefix is None else reference_prefix
 
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, pooling: str = "auto",
@@ -238,8 +240,8 @@ class Embedder:
             pooling = checkpoint_pooling(directory)
         return cls(model, tokenizer, pooling=pooling, head=head, **kwargs)
 
-    def encode_ids(self, text: str) -> list[int]:
-        text = self.prefix + text
+    def encode_ids(self, text: str, prefix: str = "") -> list[int]:
+        text = prefix + text
         ids = self.tokenizer.tok.encode(text).ids if self.encoder else self.tokenizer.encode(text)
         if self.append_eos and self.tokenizer.eos_id is not None:
             ids.append(self.tokenizer.eos_id)
@@ -256,13 +258,14 @@ class Embedder:
         return args.max_position_embeddings
 
     @torch.inference_mode()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """texts -> [N, D] fp32 unit vectors."""
+    def __call__(self, texts: list[str], references: bool = False) -> torch.Tensor:
+        """texts -> [N, D] fp32 unit vectors (references: behind reference_prefix)."""
+        prefix = self.reference_prefix if references else self.prefix
         device = next(self.model.parameters()).device
         context = self.context()
         out = []
         for start in range(0, len(texts), self.batch_size):
-            batch = [self.encode_ids(t) for t in texts[start:start + self.batch_size]]
+            batch = [self.encode_ids(t, prefix) for t in texts[start:start + self.batch_size]]
             longest = max(len(ids) for ids in batch)
             if longest > context:
                 raise ValueError(f"a text of {longest} tokens exceeds the embedder's context of "
@@ -295,7 +298,7 @@ class EmbeddingReward:
                 if not _blank(t) and not _blank(r)]
         if keep:
             a = self.embedder([texts[i] for i in keep])
-            b = self.embedder([references[i] for i in keep])
+            b = self.embedder([references[i] for i in keep], references=True)
             score[keep] = kernels.cosine_similarity(a, b).clamp(min=0).cpu()
         return score
 
@@ -359,7 +362,8 @@ class RewardModels:
         if self.loaded is None:
             self.loaded = Embedder.from_pretrained(self.paths[0], dtype=self.dtype,
                                                    device=self.device, pooling=self.cfg.pooling,
-                                                   prefix=self.cfg.embedder_prefix)
+                                                   prefix=self.cfg.embedder_prefix,
+                                                   reference_prefix=self.cfg.reference_prefix)
         return self.loaded
 
     def translator(self) -> Translator:

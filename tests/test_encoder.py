@@ -95,6 +95,14 @@ def test_prefix_goes_before_every_text_and_the_reward_uses_the_encoder(tmp_path)
     plain, prefixed = Embedder.from_pretrained(tmp_path), \
         Embedder.from_pretrained(tmp_path, prefix="how many ")
     assert torch.allclose(prefixed(["apples"]), plain(["how many apples"]))
+    assert torch.allclose(prefixed(["apples"], references=True), plain(["how many apples"]))
+    # e5's asymmetric use: 'query: ' before the response, 'passage: ' before the reference
+    two = Embedder.from_pretrained(tmp_path, prefix="how many ", reference_prefix="wie viele ")
+    assert torch.allclose(two(["apples"], references=True), plain(["wie viele apples"]))
+    got = EmbeddingReward(two)([Sample("de", "apples", "apples")])["reward"]
+    expected = torch.nn.functional.cosine_similarity(plain(["how many apples"]),
+                                                     plain(["wie viele apples"]))
+    assert got == pytest.approx(expected.clamp(min=0), abs=1e-6)
     reward = EmbeddingReward(plain)([Sample("de", "die antwort lautet four", "the answer is four"),
                                      Sample("de", "the answer is four", "the answer is four")])
     assert reward["reward"][1] == pytest.approx(1.0, abs=1e-5) and reward["reward"][0] < 1.0
@@ -152,6 +160,9 @@ def test_a_dense_module_after_the_pooling_is_applied_and_an_unknown_module_refus
     save_file({"linear.weight": weight, "linear.bias": bias},
               str(tmp_path / "2_Dense" / "model.safetensors"))
     embedder = Embedder.from_pretrained(tmp_path)
+    from pbrl.memory import embedder_bytes
+    loaded = sum(p.numel() for n, p in oracle.named_parameters() if not n.startswith("pooler."))
+    assert embedder_bytes(str(tmp_path), 4) == 4 * (loaded + 32 * 32 + 32)  # the head counted
     ids = torch.tensor([embedder.tokenizer.tok.encode("the answer is four").ids])
     with torch.no_grad():
         cls = oracle(input_ids=ids).last_hidden_state[0, 0]
