@@ -609,6 +609,10 @@ def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None,
     earlier export."""
     ckpt, out = Path(ckpt), Path(out)
     names = read_checkpoint_names(ckpt, model)
+    if any(".lora_" in n for n in names):
+        raise ValueError(f"{ckpt} holds a LoRA run's {model} (a frozen base and adapters): the run "
+                         f"exports the merged model and the adapters when it ends (final/ and "
+                         f"final-adapter/); exporting a LoRA checkpoint is not supported yet")
     check_export_target(out, overwrite)
     args = load_args(ckpt / model)
     blocks = [[n for n in names if n.startswith(f"layers.{i}.")]

@@ -24,6 +24,7 @@ import torch
 
 from pbrl.data import LANGUAGES
 from pbrl.files import is_hub_id, read_text
+from pbrl.lora import TARGETS as LORA_TARGETS
 from pbrl.ppo import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 from pbrl.rewards import REWARDS
 from pbrl.rollout import OVERLONG
@@ -223,6 +224,15 @@ class RunConfig:
 
 
 @dataclass
+class LoraConfig:
+    # pbrl/lora.py: a frozen base in the compute dtype, fp32 adapters, the reference = adapters off
+    rank: int = setting(0, "the adapters' rank; 0 = off (full-parameter training)", ge=0)
+    alpha: float = setting(16.0, "the adapters' scale is alpha / rank", gt=0)
+    targets: list[str] = setting(list(LORA_TARGETS), "the projections that get adapters",
+                                 choices=LORA_TARGETS)
+
+
+@dataclass
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -230,6 +240,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -442,6 +453,12 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (bool(cfg.models.translator) or not w.uses_translator(),
          f"reward.kind={w.kind} translates responses: set models.translator"),
         (bool(cfg.run.out_dir.strip()), "run.out_dir must name a directory, got an empty string"),
+        (not cfg.lora.rank or world_size == 1,
+         f"lora runs on one process (one GPU) for now; got {world_size} ranks (FSDP2 sharding of "
+         f"a LoRA model is not built yet)"),
+        (not cfg.lora.rank or (r.tensor_parallel == 1 and not r.compile),
+         "lora: rollout.tensor_parallel and rollout.compile decode on copies of the weights that "
+         "do not hold the adapters yet; leave them off"),
         (cfg.run.device != "cuda" or torch.cuda.is_available(),
          f"run.device = cuda, but CUDA is not available here (torch {torch.__version__}, "
          f"torch.cuda.is_available() is False); use run.device auto or cpu"),

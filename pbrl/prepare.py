@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pbrl import distributed as dist
+from pbrl import lora
 from pbrl import memory, ppo
 from pbrl.checkpoint import (
     check_pretrained,
@@ -66,14 +67,18 @@ def prepare(cfg: Config, log=print) -> Trainer:
                           torch.cuda.get_device_properties(device).total_memory)
     references = pivot_references(cfg, pivot_cache, english, dtype, device, log)
     compute = None if dtype == torch.float32 else dtype
-    actor = trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr)
+    actor = lora_actor(cfg, dtype, device) if cfg.lora.rank else \
+        trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr)
     critic = None
     if cfg.ppo.uses_critic():
         model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute,
                      True)
         critic = trained(cfg, model, cfg.ppo.critic_lr)
-    reference = load(cfg, cfg.models.reference or cfg.models.policy, dtype,
-                     device).requires_grad_(False) if cfg.ppo.uses_reference() else None
+    reference = None
+    if cfg.ppo.uses_reference():  # under LoRA: the actor with its adapters off, no second model
+        path = cfg.models.reference or cfg.models.policy
+        reference = lora.AdaptersOff(actor.model) if cfg.lora.rank else \
+            load(cfg, path, dtype, device).requires_grad_(False)
     trainer = Trainer(
         cfg=cfg, log=log, rank=rank, world=world, device=device, dtype=dtype, out=out, lock=lock,
         tokenizer=tokenizer, policy_dir=policy_dir, train_problems=train, prompts=prompts,
@@ -186,6 +191,16 @@ def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: 
     if cfg.models.compile:
         model.compile_blocks()
     return model
+
+
+def lora_actor(cfg: Config, dtype, device) -> Trained:
+    """The policy as LoRA trains it (pbrl/lora.py): the base in the compute dtype, frozen, with
+    fp32 adapters that alone the optimizer holds."""
+    model = load(cfg, cfg.models.policy, dtype, device)
+    adapters = lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
+                             seed=cfg.run.seed)
+    optimizer = torch.optim.AdamW(adapters, lr=cfg.ppo.lr, weight_decay=cfg.ppo.weight_decay)
+    return Trained(model, optimizer, cfg.ppo.lr)
 
 
 def trained(cfg: Config, model, lr: float) -> Trained:

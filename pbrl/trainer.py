@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from pbrl import distributed as dist
-from pbrl import losses, ppo, rollout
+from pbrl import losses, lora, ppo, rollout
 from pbrl.checkpoint import export, latest_checkpoint, save_training_checkpoint
 from pbrl.cli import Progress
 from pbrl.config import Config
@@ -359,7 +359,15 @@ def save_checkpoint(trainer: Trainer) -> None:
 
 
 def export_final(trainer: Trainer) -> None:
-    """The last checkpoint, streamed into a HF directory by rank 0 while the others wait."""
+    """The last checkpoint, streamed into a HF directory by rank 0 while the others wait (a LoRA
+    run: the merged model and the adapters alone, lora.export)."""
+    if trainer.cfg.lora.rank:
+        c = trainer.cfg.lora
+        final, adapters = lora.export(trainer.actor.model, trainer.out / "final",
+                                      trainer.policy_dir, trainer.dtype, c.rank, c.alpha,
+                                      c.targets)
+        trainer.log(f"final policy: {final} (merged), its adapters: {adapters}")
+        return
     if trainer.rank == 0:
         ckpt, final = latest_checkpoint(trainer.out), trainer.out / "final"
         trainer.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
