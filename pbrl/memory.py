@@ -20,6 +20,7 @@ translates) or update. docs/scale.md has more.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,11 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     compute = BYTES["bfloat16" if m.dtype in ("auto", "bfloat16") else "float32"]
     actor = model_args(m.policy)
     out = Plan()
-    trained = {"actor": parameter_shapes(actor)}
+    actor_shapes = parameter_shapes(actor)
+    trained = {"actor": actor_shapes}
+    if cfg.lora.rank:  # the base in the compute dtype, frozen; the adapters train (pbrl/lora.py)
+        out.terms["actor base, frozen"] = shard_bytes(actor_shapes, gpus, compute)
+        trained = {"actor adapters": lora_shapes(actor, cfg.lora.rank, cfg.lora.targets)}
     if p.uses_critic():
         trained["critic"] = parameter_shapes(model_args(m.critic or m.policy), value_head=True)
     for name, shapes in trained.items():
@@ -192,11 +197,11 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         # freed after each optimizer step: the update's alone
         out.terms[f"update: {name} gradients (fp32)"] = shard_bytes(shapes, gpus, 4)
         out.terms[f"{name} AdamW states"] = shard_bytes(shapes, gpus, 8) + 4 * len(shapes)
-    if p.uses_reference():  # a KL-free run (ppo.kl_beta = 0) loads none
+    if p.uses_reference() and not cfg.lora.rank:  # KL-free: none; LoRA: the base, adapters off
         reference = parameter_shapes(model_args(m.reference or m.policy))
         out.terms["reference (shards)"] = shard_bytes(reference, gpus, compute)
     rewards = reward_terms(cfg, out, compute)
-    rollout_terms(cfg, out, actor, trained["actor"], gpus, prompt_tokens, compute)
+    rollout_terms(cfg, out, actor, actor_shapes, gpus, prompt_tokens, compute)
     tokens = p.micro_batch_tokens or p.micro_batch_size * (prompt_tokens + r.max_new_tokens)
     recompute = m.activation_checkpointing
     out.terms["update: activations kept, one micro-batch"] = \
@@ -215,6 +220,21 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     if "reward: translator KV cache" in rewards:
         out.phases["reward"] = resident + ["reward: translator KV cache"]
     return out
+
+
+def lora_shapes(args: ModelArgs, rank: int, targets) -> list[torch.Size]:
+    """The adapters' shapes: A [rank, in] and B [out, rank] for each target projection of each
+    block."""
+    with torch.device("meta"):
+        block = Transformer(dataclasses.replace(args, num_hidden_layers=1), lm_head=False).layers[0]
+    shapes = []
+    for module in block.modules():
+        for name in targets:
+            linear = getattr(module, name, None)
+            if isinstance(linear, torch.nn.Linear):
+                shapes += [torch.Size([rank, linear.in_features]),
+                           torch.Size([linear.out_features, rank])]
+    return shapes * args.num_hidden_layers
 
 
 def reward_terms(cfg: Config, out: Plan, compute: int) -> list[str]:
@@ -251,7 +271,7 @@ def rollout_terms(cfg: Config, out: Plan, actor: ModelArgs, actor_shapes, gpus: 
         # tensor
         out.terms["actor copy for compiled rollouts"] = full_bytes(actor_shapes, compute)
         out.terms["rollout: largest actor tensor gathered"] = largest * compute
-    else:
+    elif not cfg.lora.rank:  # (a LoRA base is whole already: its term is resident)
         out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
     if r.compile:
         slots = cache_slots(prompt_tokens, r.max_new_tokens)

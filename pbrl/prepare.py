@@ -182,10 +182,13 @@ def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, de
     return match_references(cache, english)
 
 
-def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: bool = False):
+def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: bool = False,
+         whole: bool = False):
     """Stored in dtype, computed in compute_dtype; under several ranks (or mixed precision) built
-    sharded, each rank reading only its part of the checkpoint."""
-    shard = (lambda model: dist.shard(model, compute_dtype)) if dist.is_distributed() else None
+    sharded, each rank reading only its part of the checkpoint, unless `whole` (a LoRA base, which
+    one process holds whole in its compute dtype)."""
+    shard = (lambda model: dist.shard(model, compute_dtype)) \
+        if dist.is_distributed() and not whole else None
     model = load_model(path, dtype=dtype, device=device, value_head=value_head, shard=shard)
     model.activation_checkpointing = cfg.models.activation_checkpointing
     if cfg.models.compile:
@@ -196,7 +199,7 @@ def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: 
 def lora_actor(cfg: Config, dtype, device) -> Trained:
     """The policy as LoRA trains it (pbrl/lora.py): the base in the compute dtype, frozen, with
     fp32 adapters that alone the optimizer holds."""
-    model = load(cfg, cfg.models.policy, dtype, device)
+    model = load(cfg, cfg.models.policy, dtype, device, whole=True)
     adapters = lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
                              seed=cfg.run.seed)
     optimizer = torch.optim.AdamW(adapters, lr=cfg.ppo.lr, weight_decay=cfg.ppo.weight_decay)

@@ -168,3 +168,40 @@ def test_qwen3_32b_with_tensor_parallel_rollouts_fits_8_gpus_of_80_gb(tmp_path):
     assert whole // 8 < tp.terms["rollout: actor TP shards"] < whole // 8 + 2 * 2**20
     cfg.rollout.tensor_parallel = 1
     assert memory.plan(cfg, 8, 300).phase_bytes("rollout") > 80 * memory.GB
+
+
+def test_lora_terms_are_exact_and_the_8b_lora_config_fits_one_80_gb_gpu(tmp_path):
+    """The frozen base in the compute dtype and the fp32 adapters against a real adapted model;
+    configs/llama31_8b_lora_1gpu.toml with Llama-3.1-8B's shapes fits one 80 GB GPU with no
+    reference term (its KL reads the base with the adapters off), which full-parameter training
+    of the same run does not."""
+    import json
+
+    from pbrl import lora
+    from pbrl.config import load_config
+    save_hf_model(tmp_path / "small", "llama")
+    model = load_model(tmp_path / "small", dtype=torch.bfloat16)
+    adapters = lora.add_lora(model, rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
+    args = memory.model_args(str(tmp_path / "small"))
+    assert memory.shard_bytes(memory.lora_shapes(args, 4, ("q_proj", "down_proj")), 1, 4) == \
+        sum(p.numel() * p.element_size() for p in adapters)
+    base = [p for n, p in model.named_parameters() if ".lora_" not in n]
+    assert memory.shard_bytes(memory.parameter_shapes(args), 1, 2) == \
+        sum(p.numel() * p.element_size() for p in base)
+    big = tmp_path / "8b"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072, "tie_word_embeddings": False}))
+    embedder = write_config(tmp_path / "0.6b", hidden_size=1024, intermediate_size=3072,
+                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                            tie_word_embeddings=True)
+    cfg = load_config(str(ROOT / "configs" / "llama31_8b_lora_1gpu.toml"), [
+        "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
+    plan = memory.plan(cfg, 1, 300)
+    assert cfg.ppo.kl_beta > 0 and not any("reference" in t for t in plan.terms)
+    assert plan.peak[1] <= 40 * memory.GB
+    cfg.lora.rank = 0  # the same run, full-parameter
+    assert memory.plan(cfg, 1, 300).peak[1] > 80 * memory.GB
