@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbrl.checkpoint import check_export_target, hf_name, write_hf_model
+from pbrl.checkpoint import EXPORT_MARK, check_export_target, hf_name, write_hf_model
 from pbrl.files import write_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,6 +123,7 @@ def export(model, out: Path, source_dir, dtype: torch.dtype, rank: int, alpha: f
     state = merged_state(model)
     write_hf_model(out, model.args, False, [list(state)],
                    lambda names: {n: state[n] for n in names}, dtype, source_dir=source_dir)
+    (out / EXPORT_MARK).write_text(json.dumps({"lora": {"rank": rank, "alpha": alpha}}))
     adapters = out.with_name(ADAPTER_DIR)
     adapters.mkdir(parents=True, exist_ok=True)
     tensors = {}

@@ -20,13 +20,16 @@ from pbrl import distributed as dist
 from pbrl import lora
 from pbrl import memory, ppo
 from pbrl.checkpoint import (
+    TRAINER_FILE,
     check_pretrained,
     claim_run_dir_on_rank0,
     latest_checkpoint,
     load_args,
     load_model,
     load_pretrained,
+    load_state,
     load_training_checkpoint,
+    read_checkpoint_names,
 )
 from pbrl.cli import DTYPES
 from pbrl.config import Config, validate
@@ -38,6 +41,7 @@ from pbrl.pivot import (
     match_references,
     pivot_writer,
     read_references,
+    weights_sha256,
     write_references,
 )
 from pbrl.rewards import build_reward
@@ -206,6 +210,21 @@ def lora_actor(cfg: Config, dtype, device) -> Trained:
     return Trained(model, optimizer, cfg.ppo.lr)
 
 
+def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
+    """A LoRA checkpoint resumes only as LoRA, onto the base it was trained on (which it stores,
+    and would otherwise replace the configured one with, silently); a full one only without."""
+    adapted = any(".lora_" in n for n in read_checkpoint_names(ckpt, "actor"))
+    if adapted != bool(trainer.cfg.lora.rank):
+        raise ValueError(f"--run.resume: {ckpt} holds a {'LoRA' if adapted else 'full-parameter'} "
+                         f"actor, and lora.rank is {trainer.cfg.lora.rank}: resume it as it was "
+                         f"trained")
+    base = load_state(ckpt / TRAINER_FILE).get("lora_base") if adapted else None
+    if base is not None and base != weights_sha256(trainer.policy_dir):
+        raise ValueError(f"--run.resume: {ckpt}'s adapters were trained on another base than "
+                         f"models.policy = {trainer.cfg.models.policy} (its weights differ); "
+                         f"resume with the base it was trained on")
+
+
 def trained(cfg: Config, model, lr: float) -> Trained:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.ppo.weight_decay)
     return Trained(model, optimizer, lr)
@@ -220,6 +239,7 @@ def resume(trainer: Trainer) -> None:
         trainer.log(f"resume: no checkpoint under {trainer.out / 'checkpoints'}; starting from "
                     f"step 0")
         return
+    check_lora_resume(trainer, ckpt)
     trained = trainer.trained
     state = load_training_checkpoint(ckpt, {k: t.model for k, t in trained.items()},
                                      {k: t.optimizer for k, t in trained.items()},

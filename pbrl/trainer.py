@@ -37,6 +37,7 @@ from pbrl.data import Problem
 from pbrl.evaluate import accuracy_by_language, evaluate, sampled_scores
 from pbrl.loggers import Loggers, console_line
 from pbrl.model import Transformer
+from pbrl.pivot import weights_sha256
 from pbrl.sampler import Sampling, complete
 from pbrl.tokenizer import Tokenizer
 
@@ -354,7 +355,9 @@ def save_checkpoint(trainer: Trainer) -> None:
     save_training_checkpoint(t.out, t.step, {k: m.model for k, m in trained.items()},
                              {k: m.optimizer for k, m in trained.items()},
                              {"step": t.step, "kl_beta": t.kl.beta,
-                              "torch_rng": torch.get_rng_state()},
+                              "torch_rng": torch.get_rng_state(),  # a LoRA run: what its base is
+                              **({"lora_base": weights_sha256(t.policy_dir)}
+                                 if t.cfg.lora.rank else {})},
                              source_dir=t.policy_dir, keep=t.cfg.run.keep_checkpoints)
 
 

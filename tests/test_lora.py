@@ -108,3 +108,31 @@ def test_exporting_a_lora_checkpoint_says_where_the_exports_are(world, tmp_path,
     [ckpt] = (out / "checkpoints").iterdir()
     code, _, err = run_here(main, ["export", ckpt, tmp_path / "hf"], capsys)
     assert code == 2 and "exports the merged model and the adapters when it ends" in err, err
+
+
+def test_a_lora_run_resumes_onto_its_own_base_only(world, tmp_path, capsys):
+    """Resumed, a LoRA run continues from its adapters; onto another base (its checkpoint stores
+    the base it trained on, which would otherwise stand in for the configured one) or without
+    LoRA, it is refused in one line."""
+    import shutil
+
+    from pbrl.config import load_config
+    from pbrl.prepare import prepare
+    out = tmp_path / "run"
+
+    def run(steps, **extra):
+        settings = {"lora.rank": 2, "run.steps": steps, "run.checkpoint_every": 1, **extra}
+        return prepare(load_config(None, overrides(world, out, **settings)), log=lambda *a: None)
+    first = run(1)
+    first.run()
+    resumed = run(2, **{"run.resume": "true"})
+    assert resumed.step == 1
+    b = {n: p for n, p in resumed.actor.model.named_parameters() if ".lora_B" in n}
+    assert all(torch.equal(b[n], p) for n, p in first.actor.model.named_parameters() if n in b)
+    resumed.run()
+    other = shutil.copytree(world / "policy", tmp_path / "other")
+    save_hf_model(other, "llama", seed=9)  # the same shapes, other weights
+    with pytest.raises(ValueError, match="trained on another base than models.policy"):
+        run(3, **{"run.resume": "true", "models.policy": other})
+    with pytest.raises(ValueError, match="holds a LoRA actor, and lora.rank is 0"):
+        run(3, **{"run.resume": "true", "lora.rank": 0})
