@@ -392,16 +392,34 @@ warnings.filterwarnings("ignore",
                         message="torch.distributed is disabled, unavailable or uninitialized")
 
 
+def trained_state(model: torch.nn.Module, state: dict) -> dict:
+    """A model's state without its frozen parameters (a LoRA base, its tied LM head too)."""
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def _into_trained():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(strict=False)
+
+
+# how a checkpoint's trained parameters are put back (the loader's check_same_model has checked
+# that every one of them is there; the frozen ones are not stored)
+INTO_TRAINED = _into_trained()
+
+
 def sharded_state(models: dict[str, Transformer],
                   optimizers: dict[str, torch.optim.Optimizer]) -> dict:
     """{name: {"model": parameters, "optim": optimizer state}} as this rank holds them: DTensor
-    shards of a sharded model, plain tensors otherwise. DCP saves and loads it in place; keys
-    flatten to e.g. `actor.model.norm.weight`."""
+    shards of a sharded model, plain tensors otherwise; what trains only (a LoRA actor's frozen
+    base is its models.policy, which the run reloads and identifies by hash). DCP saves and loads
+    it in place; keys flatten to e.g. `actor.model.norm.weight`."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
     )
-    state = {name: {"model": get_model_state_dict(model)} for name, model in models.items()}
+    state = {name: {"model": trained_state(model, get_model_state_dict(model))}
+             for name, model in models.items()}
     for name, optimizer in optimizers.items():
         state[name]["optim"] = get_optimizer_state_dict(models[name], optimizer)
     return state
@@ -518,7 +536,7 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
         raise ValueError(f"{ckpt}: the checkpoint cannot be read ({detail}); it is damaged: delete "
                          f"it to resume from the one before") from None
     for name, model in models.items():
-        set_model_state_dict(model, state[name]["model"])
+        set_model_state_dict(model, state[name]["model"], options=INTO_TRAINED)
         if name in optimizers:
             set_optimizer_state_dict(model, optimizers[name], state[name]["optim"])
     return trainer_state
@@ -528,6 +546,8 @@ def check_same_model(ckpt: Path, name: str, model: Transformer, metadata: dict) 
     """The checkpoint holds this model: every parameter, in its shape. A checkpoint of other
     models is healthy, and an error that says so, not that it is damaged."""
     for key, param in model.named_parameters():
+        if not param.requires_grad:  # a LoRA base: not stored
+            continue
         stored = metadata.get(f"{name}.model.{key}")
         if stored is None or tuple(stored.size) != tuple(param.shape):
             found = "no such tensor" if stored is None else f"shape {list(stored.size)}"

@@ -136,3 +136,16 @@ def test_a_lora_run_resumes_onto_its_own_base_only(world, tmp_path, capsys):
         run(3, **{"run.resume": "true", "models.policy": other})
     with pytest.raises(ValueError, match="holds a LoRA actor, and lora.rank is 0"):
         run(3, **{"run.resume": "true", "lora.rank": 0})
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_their_optimizer_only(world, tmp_path):
+    from pbrl.checkpoint import checkpoint_metadata
+    from pbrl.config import load_config
+    from pbrl.prepare import prepare
+    out = tmp_path / "run"
+    prepare(load_config(None, overrides(world, out, **{
+        "lora.rank": 2, "run.steps": 1, "run.checkpoint_every": 1})), log=lambda *a: None).run()
+    [ckpt] = (out / "checkpoints").iterdir()
+    weights = [k for k in checkpoint_metadata(ckpt).state_dict_metadata
+               if k.startswith("actor.model.")]
+    assert weights and all(".lora_" in k for k in weights)  # no base tensor stored
