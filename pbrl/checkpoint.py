@@ -137,40 +137,42 @@ def _matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], va
     return model, expected, fresh_head
 
 
-def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded) -> dict:
-    """The expected tensors, each shape-checked: whole into the returned dict, or (sharded: the
-    model whose parameters are DTensors) each rank's own rows copied into its parameters."""
+def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded,
+                  ours=lambda stored: stored.removeprefix("model.")) -> dict:
+    """The expected tensors (by `ours`: a stored name -> the model's), each shape-, dtype- and
+    finiteness-checked: whole into the returned dict, or (sharded: the model whose parameters are
+    DTensors) each rank's own rows copied into its parameters."""
     params = dict(sharded.named_parameters()) if sharded is not None else {}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
-        if name.removeprefix("model.") in expected:
+        if ours(name) in expected:
             by_file.setdefault(file, []).append(name)
     state = {}
     for file, names in by_file.items():
         with _open(file) as f:
             held = set(f.keys())
             for name in names:
-                ours = name.removeprefix("model.")
+                mine = ours(name)
                 if name not in held:
                     raise ValueError(f"{file.parent / INDEX_FILE} maps tensor {name!r} to "
                                      f"{file.name}, which does not hold it: the shard map is "
                                      f"wrong")
                 view = f.get_slice(name)  # reads only the header until indexed
                 shape, stored = list(view.get_shape()), view.get_dtype()
-                if shape != list(expected[ours].shape):
+                if shape != list(expected[mine].shape):
                     raise ValueError(f"{file}: tensor {name!r} has shape {shape}, config.json "
-                                     f"implies {list(expected[ours].shape)}")
+                                     f"implies {list(expected[mine].shape)}")
                 if stored not in FLOAT_DTYPES:
                     raise ValueError(f"{file}: tensor {name!r} is stored as {stored}; model "
                                      f"weights are floating point ({', '.join(FLOAT_DTYPES)})")
                 try:
                     if sharded is None:
                         tensor = f.get_tensor(name)
-                        state[ours] = tensor.to(device=device, dtype=dtype or tensor.dtype)
-                        rows = state[ours]
+                        state[mine] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                        rows = state[mine]
                     else:
-                        start, stop = shard_rows(shape[0], params[ours].device_mesh)
-                        rows = params[ours].to_local()
+                        start, stop = shard_rows(shape[0], params[mine].device_mesh)
+                        rows = params[mine].to_local()
                         rows.copy_(view[start:stop])
                 except Exception as e:  # safetensors' own errors for truncated data
                     raise ValueError(f"{file}: cannot read tensor {name!r} ({e})") from None

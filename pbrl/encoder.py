@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbrl.checkpoint import FLOAT_DTYPES, _open, weight_files
+from pbrl.checkpoint import _open, _read_tensors, weight_files
 from pbrl.files import read_json
 
 ENCODERS = ("bert", "xlm-roberta")  # config.json's model_type of the encoders pbrl reads
@@ -153,33 +153,23 @@ def is_encoder(directory: Path) -> bool:
 
 def load_encoder(directory, dtype: torch.dtype | None = None, device=None) -> Encoder:
     """An Encoder from a HF directory: each expected tensor by name (a `bert.`/`roberta.` prefix
-    dropped, the pooler skipped), shape- and dtype-checked; a missing one is an error."""
+    dropped, the pooler skipped), checked as checkpoint._read_tensors checks a decoder's; a
+    missing one is an error."""
     directory = Path(directory)
     args = EncoderArgs.from_hf_config(read_json(directory / "config.json"),
                                       where=str(directory / "config.json"))
     with torch.device("meta"):
         model = Encoder(args)
     expected = dict(model.state_dict())
-    found = {}
-    for stored, file in weight_files(directory).items():
-        name = stored.removeprefix("bert.").removeprefix("roberta.")
-        if name in expected:
-            found[name] = (stored, file)
-    missing = sorted(set(expected) - set(found))
+
+    def ours(stored: str) -> str:
+        return stored.removeprefix("bert.").removeprefix("roberta.")
+    files = weight_files(directory)
+    missing = sorted(set(expected) - {ours(name) for name in files})
     if missing:
         raise KeyError(f"{directory}: not a {args.model_type} checkpoint pbrl can read; missing "
                        f"tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    state = {}
-    for name, (stored, file) in found.items():
-        with _open(file) as f:
-            view = f.get_slice(stored)
-            if list(view.get_shape()) != list(expected[name].shape) or \
-                    view.get_dtype() not in FLOAT_DTYPES:
-                raise ValueError(f"{file}: tensor {stored!r} is {view.get_dtype()} "
-                                 f"{list(view.get_shape())}; config.json implies floating point "
-                                 f"{list(expected[name].shape)}")
-            tensor = f.get_tensor(stored)
-        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    state = _read_tensors(files, expected, dtype, device, None, ours)
     model.load_state_dict(state, assign=True)
     return model.eval()
 
