@@ -99,9 +99,9 @@ def sampled_scores(records: list[dict], k: int) -> dict[str, dict[str, float]]:
         if len(mine) < k:
             raise ValueError(f"pass@{k} needs at least {k} samples per problem; {mine[0]['id']} "
                              f"({lang}) has {len(mine)}")
-        votes = Counter(r["extracted"] for r in mine if r["extracted"] is not None)
-        top = max(votes, key=lambda a: (votes[a], -next(i for i, r in enumerate(mine)
-                                                         if r["extracted"] == a)), default=None)
+        # most_common sorts stably: of answers voted alike, the one sampled first
+        votes = Counter(r["extracted"] for r in mine if r["extracted"] is not None).most_common(1)
+        top = votes[0][0] if votes else None
         rows.append({"lang": lang, "pass": pass_at_k(len(mine), sum(r["correct"] for r in mine), k),
                      "majority": top is not None and top == mine[0]["gold"]})
     out = {}

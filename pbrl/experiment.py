@@ -53,12 +53,11 @@ ARMS = {  # name -> its settings beyond RECIPE
 
 
 # the settings the driver sets for every run (its options in parentheses): an arm may not
+GREEDY = "the driver (its intervals compare one greedy answer a problem)"
 OWNED = {"run.out_dir": "--out", "run.steps": "--steps", "run.seed": "--seed and --seeds",
          "run.eval_every": "the driver", "run.checkpoint_every": "the driver",
          "data.pivot_cache": "the driver: one for every run, in --out",
-         "run.eval_samples": "the driver (its intervals compare one greedy answer a problem)",
-         "run.eval_temperature": "the driver (its intervals compare one greedy answer a "
-                                 "problem)"}
+         "run.eval_samples": GREEDY, "run.eval_temperature": GREEDY}
 
 
 def slug(name: str) -> str:
@@ -125,8 +124,8 @@ def run_experiment(out: Path, steps: int, seed: int = 0, eval_every: int | str =
         log(f"stopped: {bar.n} of {len(jobs)} runs finished and are kept under {out}; the same "
             f"command with --out {out} continues from them")
         raise
-    done = [first, *(earlier[i] if i in earlier else made[todo.index(i)]
-                     for i in range(1, len(jobs)))]
+    runs = {**earlier, **dict(zip(todo, made))}
+    done = [first, *(runs[i] for i in range(1, len(jobs)))]
     bar.close()
     accuracy = {name: {} for name in arms}  # arm -> seed -> {lang: accuracy}
     curves = {name: [] for name in arms}    # arm -> per seed, its {step, reward, acc/avg} rows
@@ -204,12 +203,11 @@ def finished_runs(jobs: list[tuple], log) -> dict[int, dict]:
             run_dir.rename(aside)
             log(f"{run_dir} did not finish: moved to {aside}; it runs again")
             continue
-        cfg = arm_config(*job, log=lambda *a: None).to_dict()
+        now = json.loads(json.dumps(arm_config(*job, log=lambda *a: None).to_dict(), default=str))
         saved = json.loads((run_dir / "config.json").read_text())
-        if json.loads(json.dumps(cfg, default=str)) != saved:
-            differ = sorted(f"{section}.{key}" for section in cfg for key in cfg[section]
-                            if saved.get(section, {}).get(key) != json.loads(json.dumps(
-                                cfg[section][key], default=str)))
+        if now != saved:
+            differ = sorted(f"{section}.{key}" for section in now for key in now[section]
+                            if saved.get(section, {}).get(key) != now[section][key])
             raise FileExistsError(f"--out {out}: {run_dir} holds a finished run of other settings "
                                   f"({', '.join(differ[:3]) or 'its config.json'}); continue "
                                   f"with the options it was started with, or choose another "
@@ -428,9 +426,9 @@ def check_out(out: Path, spec: dict) -> None:
     if not (out / SPEC).is_file():
         raise FileExistsError(f"--out {out} holds files no experiment wrote; choose an empty or "
                               f"new directory")
-    earlier = json.loads((out / SPEC).read_text())
-    if earlier != json.loads(json.dumps(spec)):
-        differ = [k for k in spec if earlier.get(k) != json.loads(json.dumps(spec[k]))]
+    earlier, now = json.loads((out / SPEC).read_text()), json.loads(json.dumps(spec))
+    if earlier != now:
+        differ = [k for k in now if earlier.get(k) != now[k]]
         raise FileExistsError(f"--out {out} holds an interrupted experiment of other options "
                               f"({', '.join(differ)}: {earlier.get(differ[0])!r} there); continue "
                               f"it with its own options, or choose another --out")

@@ -11,15 +11,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # ... and on the numerics the toy experiment pins (pbrl/numerics.py), so that runs made here and
 # in the processes an entry point starts compute alike
-import pbrl.numerics  # noqa: E402, I001  (imports no torch)
+import pbrl.numerics  # noqa: E402  (imports no torch)
 
-os.environ.update({} if os.environ.get(pbrl.numerics.OPT_OUT) == "native" else pbrl.numerics.PINNED)
+pbrl.numerics.pin()
 
-import pytest
-import torch
+# (imported after the settings above on purpose)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from pbrl import kernels
-from pbrl.tokenizer import train_bpe
+from pbrl import kernels  # noqa: E402
+from pbrl.tokenizer import train_bpe  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
