@@ -193,9 +193,10 @@ class DenseHead(nn.Module):
         return self.activation(self.linear(x))
 
 
-def after_pooling(directory, dtype=None, device=None) -> list[nn.Module]:
-    """The modules a sentence-transformers directory applies after pooling, by its modules.json:
-    its Dense layers (a Normalize changes no cosine); a module of another type is refused."""
+def dense_configs(directory) -> list[tuple[Path, dict]]:
+    """The Dense modules a sentence-transformers directory applies after pooling, by its
+    modules.json: each one's directory and config.json (a Normalize changes no cosine); a module of
+    another type, or an activation pbrl does not implement, is refused."""
     directory = Path(directory)
     if not (directory / "modules.json").is_file():
         return []
@@ -214,12 +215,20 @@ def after_pooling(directory, dtype=None, device=None) -> list[nn.Module]:
                 raise ValueError(f"{where / 'config.json'}: activation "
                                  f"{cfg.get('activation_function')!r}; pbrl implements "
                                  f"{', '.join(ACTIVATIONS)}")
-            linear = nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True))
-            with _open(where / "model.safetensors") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
-            linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
-            out.append(DenseHead(linear, ACTIVATIONS[cfg["activation_function"]])
-                       .to(device=device, dtype=dtype))
+            out.append((where, cfg))
+    return out
+
+
+def after_pooling(directory, dtype=None, device=None) -> list[nn.Module]:
+    """The Dense modules (dense_configs) with their weights, in the order they apply."""
+    out = []
+    for where, cfg in dense_configs(directory):
+        linear = nn.Linear(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True))
+        with _open(where / "model.safetensors") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        linear.load_state_dict({k.removeprefix("linear."): v for k, v in state.items()})
+        out.append(DenseHead(linear, ACTIVATIONS[cfg["activation_function"]])
+                   .to(device=device, dtype=dtype))
     return out
 
 

@@ -31,7 +31,7 @@ from pbrl.checkpoint import load_args, shard_rows
 from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, validate
 from pbrl.cudagraphs import cache_slots
-from pbrl.encoder import DENSE, ENCODERS, EncoderArgs, read_json_list
+from pbrl.encoder import ENCODERS, EncoderArgs, dense_configs
 from pbrl.files import hub_failure, is_hub_id, read_json, resolve
 from pbrl.kernels.logprobs import CHUNK_ELEMENTS
 from pbrl.model import ModelArgs, Transformer
@@ -72,17 +72,12 @@ def embedder_bytes(path: str, compute: int) -> int:
 
 def dense_head_parameters(path: str) -> int:
     """The weights of the Dense modules a local sentence-transformers directory applies after its
-    pooling (0 for a hub id: the plan reads config.json only)."""
-    directory = Path(path)
-    if not (directory / "modules.json").is_file():
+    pooling (encoder.dense_configs; 0 for a hub id: the plan reads config.json only)."""
+    if not Path(path).is_dir():
         return 0
-    total = 0
-    for module in read_json_list(directory / "modules.json"):
-        if module["type"] == DENSE:
-            cfg = read_json(directory / module["path"] / "config.json")
-            total += cfg["in_features"] * cfg["out_features"] + \
-                (cfg["out_features"] if cfg.get("bias", True) else 0)
-    return total
+    return sum(cfg["in_features"] * cfg["out_features"] +
+               (cfg["out_features"] if cfg.get("bias", True) else 0)
+               for _, cfg in dense_configs(path))
 
 
 def parameter_shapes(args: ModelArgs, value_head: bool = False) -> list[torch.Size]:

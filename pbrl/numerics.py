@@ -4,7 +4,7 @@ A float sum depends on its order, and CPU kernels choose the order by the instru
 PyTorch's own kernels (ATen) by the widest vector unit, MKL's matrix products by the processor's
 make and model. The toy's warm start, 1,200 optimizer steps of a tiny model, amplifies those
 last-bit differences into different guesses about the target languages' verbs, and so into
-different tables on different machines (docs/toy.md, "Across machines"). Before torch is imported,
+different tables on different machines (docs/toy.md, "Across machines"). Before torch computes,
 `pin` asks each library for its AVX2 code path, which every x86-64 CPU since 2013 runs (Intel and
 AMD alike), and MKL for its strict reproducibility mode, whose matrix products do not depend on the
 number of threads either.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-PINNED = {"ATEN_CPU_CAPABILITY": "avx2",    # ATen's vectorised kernels (read once, at import)
+PINNED = {"ATEN_CPU_CAPABILITY": "avx2",    # ATen's vectorised kernels (read at first use)
           "MKL_CBWR": "AVX2,STRICT",        # MKL's conditional numerical reproducibility
           "ONEDNN_MAX_CPU_ISA": "AVX2"}     # oneDNN (mkldnn) kernels, where torch uses them
 OPT_OUT = "PBRL_TOY_NUMERICS"
