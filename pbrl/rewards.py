@@ -273,14 +273,21 @@ class Embedder:
             ids, mask = (t.to(device) for t in pad_rows(batch, self.tokenizer.pad_id or 0))
             hidden = (self.model(ids, mask) if self.encoder else
                       self.model(ids, output="hidden")).float()
-            last = hidden[torch.arange(len(batch), device=device), mask.sum(1) - 1]
-            pooled = {"last": last, "cls": hidden[:, 0],
-                      "mean": (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                      }[self.pooling]
+            pooled = pool(hidden, mask, self.pooling)
             for module in self.head:
                 pooled = module(pooled.to(next(module.parameters()).dtype)).float()
             out.append(torch.nn.functional.normalize(pooled, dim=-1))
         return torch.cat(out)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """hidden [B, T, H] over the real tokens (mask [B, T]) -> [B, H]: the last token's, the
+    first's ('cls') or their mean."""
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "mean":
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return hidden[torch.arange(len(hidden), device=hidden.device), mask.sum(1) - 1]
 
 
 class EmbeddingReward:
