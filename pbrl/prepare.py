@@ -204,15 +204,14 @@ def lora_actor(cfg: Config, dtype, device) -> Trained:
     """The policy as LoRA trains it (pbrl/lora.py): the base in the compute dtype, frozen, with
     fp32 adapters that alone the optimizer holds."""
     model = load(cfg, cfg.models.policy, dtype, device, whole=True)
-    adapters = lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
-                             seed=cfg.run.seed)
-    optimizer = torch.optim.AdamW(adapters, lr=cfg.ppo.lr, weight_decay=cfg.ppo.weight_decay)
-    return Trained(model, optimizer, cfg.ppo.lr)
+    lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.run.seed)
+    return trained(cfg, model, cfg.ppo.lr)
 
 
 def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
-    """A LoRA checkpoint resumes only as LoRA, onto the base it was trained on (which it stores,
-    and would otherwise replace the configured one with, silently); a full one only without."""
+    """A LoRA checkpoint resumes only as LoRA, onto the base it was trained on (it holds the
+    adapters only, and the base is reloaded from models.policy: another one would take them
+    silently); a full one only without."""
     adapted = any(".lora_" in n for n in read_checkpoint_names(ckpt, "actor"))
     if adapted != bool(trainer.cfg.lora.rank):
         raise ValueError(f"--run.resume: {ckpt} holds a {'LoRA' if adapted else 'full-parameter'} "
@@ -226,7 +225,9 @@ def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
 
 
 def trained(cfg: Config, model, lr: float) -> Trained:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.ppo.weight_decay)
+    """The model with AdamW over what of it trains (all of it, or a LoRA model's adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.ppo.weight_decay)
     return Trained(model, optimizer, lr)
 
 

@@ -111,8 +111,8 @@ def test_exporting_a_lora_checkpoint_says_where_the_exports_are(world, tmp_path,
 
 
 def test_a_lora_run_resumes_onto_its_own_base_only(world, tmp_path, capsys):
-    """Resumed, a LoRA run continues from its adapters; onto another base (its checkpoint stores
-    the base it trained on, which would otherwise stand in for the configured one) or without
+    """Resumed, a LoRA run continues from its adapters; onto another base (its checkpoint holds
+    the adapters only and the base's hash: another base would take them silently) or without
     LoRA, it is refused in one line."""
     import shutil
 
