@@ -9,7 +9,9 @@ verl's):
   4. forward     old and reference log-probs, and the critic's values, over the same sequences
   5. advantages  GAE over per-token rewards; or (grpo, rloo) each response against its group
   6. update      PPO epochs over minibatches of micro-batches: the actor, then the critic
-  7. metrics     one line on stdout, one JSON line in {out_dir}/metrics.jsonl
+  7. metrics     beside the iteration (`report`): the rollouts' rewards, lengths and fidelity by
+                 language, the update's statistics and the phases' times, over all ranks; one line
+                 on stdout, one JSON line in {out_dir}/metrics.jsonl
 Sampling noise is seeded per sequence by (seed, step, problem, sample), so a run samples the same
 whatever its number of ranks, and a resumed run continues exactly. docs/iteration.md reads one
 iteration top to bottom.
@@ -51,6 +53,18 @@ class Trained:
 
 
 @dataclass
+class Step:
+    """What one iteration made, for `report`: the scored batch, its experience, which tokens the
+    rollout correction changed, the update's statistics and the phases' times."""
+    batch: rollout.Groups
+    exp: losses.Experience
+    corrected: torch.Tensor
+    stats: dict
+    timings: dict
+    seconds: float
+
+
+@dataclass
 class Trainer:
     """One run: what prepare.prepare built, and the loop over it."""
     cfg: Config
@@ -85,7 +99,7 @@ class Trainer:
     def trained(self) -> dict[str, Trained]:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic else {})}
 
-    def train_step(self) -> dict:
+    def train_step(self) -> Step:
         cfg, p, n = self.cfg, self.cfg.ppo, self.cfg.rollout.samples_per_prompt
         timings, start = {}, time.perf_counter()
         factor = ppo.lr_factor(self.step, p.warmup_steps, p.schedule, cfg.run.steps)
@@ -125,8 +139,11 @@ class Trainer:
         # 6. update
         with timed(timings, "update"):
             stats = self.update(exp)
-        # 7. metrics
-        return self.metrics(exp, batch, corrected, stats, timings, time.perf_counter() - start)
+        if self.reference is not None:  # an adaptive KL coefficient moves by the global batch's KL
+            kl_sum, tokens = dist.all_reduce_sum(torch.stack([ppo.masked_sum(kl, mask),
+                                                              mask.sum().float()])).tolist()
+            self.kl.update(kl_sum / max(tokens, 1.0), len(exp.tokens) * self.world)
+        return Step(batch, exp, corrected, stats, timings, time.perf_counter() - start)
 
     def sample_and_score(self, draw: int, timings: dict) -> rollout.Groups:
         """Phases 1-3 for the problems of `draw` (the step, or a dynamic-sampling round's own)."""
@@ -268,21 +285,6 @@ class Trainer:
         trained.optimizer.zero_grad(set_to_none=True)  # no gradients held through the rollout
         return sums, norm
 
-    def metrics(self, exp, batch: rollout.Groups, corrected, stats, timings, seconds) -> dict:
-        """Step 7: the iteration's numbers, over all ranks; the KL controller moves by the batch's
-        KL (a KL-free run reports none)."""
-        metrics = {"step": self.step + 1, **stats, **batch.stats,
-                   **rollout.rollout_metrics(batch, exp, corrected, dist.all_reduce_sum,
-                                             dist.all_gather_objects, self.critic is not None)}
-        self.kl.update(metrics["kl"], len(exp.tokens) * self.world)  # by the global batch's KL
-        if self.reference is None:
-            del metrics["kl"]
-        peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {**metrics, **{f"time/{k}": v for k, v in timings.items()}, "seconds": seconds,
-                "tokens_per_s": metrics["response_tokens"] / seconds, "kl_beta": self.kl.beta,
-                "lr": self.actor.optimizer.param_groups[0]["lr"], "peak_memory_mb": peak / 2**20}
-
     def run(self, steps: int | None = None) -> list[dict]:
         """Train until run.steps (or `steps` more iterations); returns this call's metrics. The run
         directory's lock is released when it returns or fails."""
@@ -295,7 +297,7 @@ class Trainer:
                 history.append(log_metrics(self, {"step": 0, **evaluate_policy(self)}))
             bar = Progress(end - self.step, "train", " steps", enabled=self.rank == 0)
             while self.step < end:
-                metrics = self.train_step()
+                metrics = report(self, self.train_step())
                 self.step += 1
                 bar.update()
                 if self.eval_problems and due(self, run.eval_every):
@@ -377,6 +379,21 @@ def export_final(trainer: Trainer) -> None:
         export(ckpt, final, "actor", trainer.dtype, overwrite=True)  # its own
         trainer.log(f"final policy: {final}")
     dist.barrier()
+
+
+def report(trainer: Trainer, step: Step) -> dict:
+    """Step 7, beside the iteration: its numbers over all ranks (every rank calls it)."""
+    metrics = {"step": trainer.step + 1, **step.stats, **step.batch.stats,
+               **rollout.rollout_metrics(step.batch, step.exp, step.corrected, dist.all_reduce_sum,
+                                         dist.all_gather_objects, trainer.critic is not None)}
+    if trainer.reference is None:  # a KL-free run reports none
+        del metrics["kl"]
+    peak = torch.cuda.max_memory_allocated() if trainer.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {**metrics, **{f"time/{k}": v for k, v in step.timings.items()},
+            "seconds": step.seconds, "tokens_per_s": metrics["response_tokens"] / step.seconds,
+            "kl_beta": trainer.kl.beta, "lr": trainer.actor.optimizer.param_groups[0]["lr"],
+            "peak_memory_mb": peak / 2**20}
 
 
 def open_logs(trainer: Trainer) -> None:
