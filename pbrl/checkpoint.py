@@ -85,13 +85,13 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     does), so no rank ever holds the whole model, nor the whole of any tensor."""
     directory = resolve(path_or_id)
     args, files = load_args(directory), weight_files(directory)
-    model, expected, fresh_head = _matching_model(directory, args, files, value_head)
+    model, expected, fresh_head = matching_model(directory, args, files, value_head)
     if shard is not None:
         if dtype is not None:
             model.to(dtype)
         shard(model)
         model.to_empty(device=device if device is not None else "cpu")
-    state = _read_tensors(files, expected, dtype, device, model if shard is not None else None)
+    state = read_tensors(files, expected, dtype, device, model if shard is not None else None)
     if fresh_head:  # a fresh critic head outputs 0 at first, so early value targets are not noise
         for name, param in model.value_head.named_parameters(prefix="value_head"):
             if shard is not None:
@@ -107,7 +107,7 @@ def load_model(path_or_id, dtype: torch.dtype | None = None, device=None, value_
     return model.eval()
 
 
-def _matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], value_head: bool):
+def matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], value_head: bool):
     """(a meta-device Transformer of the checkpoint's architecture, the tensors to read by pbrl
     name, whether the value head is fresh); a checkpoint whose tensors do not match config.json is
     refused."""
@@ -137,7 +137,7 @@ def _matching_model(directory: Path, args: ModelArgs, files: dict[str, Path], va
     return model, expected, fresh_head
 
 
-def _read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded,
+def read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded,
                   ours=lambda stored: stored.removeprefix("model.")) -> dict:
     """The expected tensors (by `ours`: a stored name -> the model's), each shape-, dtype- and
     finiteness-checked: whole into the returned dict, or (sharded: the model whose parameters are
@@ -623,18 +623,19 @@ def read_checkpoint_tensors(ckpt: Path, model: str,
 
 
 def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None,
-           overwrite: bool = False) -> Path:
+           overwrite: bool = False, base=None) -> Path:
     """Write one model of a training checkpoint as a HF model directory in `dtype` (None: as
     stored), streamed: one file per transformer block (plus one for the embeddings and one for the
     rest), each read from the checkpoint only when it is written, so peak host memory is about one
     block (or the embedding matrix), not the model. `out` must be new or empty, or (overwrite) an
-    earlier export."""
+    earlier export. A LoRA run's actor: the adapters merged into the base (`base`, default where
+    the run read it), and the adapters alone in PEFT's layout beside `out` (lora.export_checkpoint).
+    """
     ckpt, out = Path(ckpt), Path(out)
     names = read_checkpoint_names(ckpt, model)
-    if any(".lora_" in n for n in names):
-        raise ValueError(f"{ckpt} holds a LoRA run's {model} (a frozen base and adapters): the run "
-                         f"exports the merged model and the adapters when it ends (final/ and "
-                         f"final-adapter/); exporting a LoRA checkpoint is not supported yet")
+    if any(".lora_" in n for n in names):  # the adapters merged into their base's weights
+        from pbrl.lora import export_checkpoint
+        return export_checkpoint(ckpt, out, base, dtype, overwrite)[0]
     check_export_target(out, overwrite)
     args = load_args(ckpt / model)
     blocks = [[n for n in names if n.startswith(f"layers.{i}.")]
@@ -679,7 +680,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description="Convert a training checkpoint (RUN/checkpoints/step_N) into a HF model "
                     "directory, one transformer block at a time.",
-        usage="python -m pbrl.checkpoint export CHECKPOINT OUT [--model actor] [--dtype bfloat16]")
+        usage="python -m pbrl.checkpoint export CHECKPOINT OUT [--model actor] [--dtype bfloat16] "
+              "[--base DIR]")
     ap.add_argument("command", choices=["export"])
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("out", type=Path)
@@ -689,9 +691,13 @@ def main(argv=None):
                     help="the exported weights' dtype (default: as trained, fp32 masters)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an earlier export in OUT (never other files)")
+    ap.add_argument("--base", type=Path,
+                    help="a LoRA checkpoint: the base model its adapters were trained on (default: "
+                         "where the run read it); the adapters alone also go to OUT-adapter/ "
+                         "beside OUT, in PEFT's layout")
     args = ap.parse_args(argv)
     out = export(args.checkpoint, args.out, args.model,
-                 getattr(torch, args.dtype) if args.dtype else None, args.overwrite)
+                 getattr(torch, args.dtype) if args.dtype else None, args.overwrite, args.base)
     print(f"wrote {out}")
 
 

@@ -453,12 +453,6 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
         (bool(cfg.models.translator) or not w.uses_translator(),
          f"reward.kind={w.kind} translates responses: set models.translator"),
         (bool(cfg.run.out_dir.strip()), "run.out_dir must name a directory, got an empty string"),
-        (not cfg.lora.rank or world_size == 1,
-         f"lora runs on one process (one GPU) for now; got {world_size} ranks (FSDP2 sharding of "
-         f"a LoRA model is not built yet)"),
-        (not cfg.lora.rank or (r.tensor_parallel == 1 and not r.compile),
-         "lora: rollout.tensor_parallel and rollout.compile decode on copies of the weights that "
-         "do not hold the adapters yet; leave them off"),
         (cfg.run.device != "cuda" or torch.cuda.is_available(),
          f"run.device = cuda, but CUDA is not available here (torch {torch.__version__}, "
          f"torch.cuda.is_available() is False); use run.device auto or cpu"),

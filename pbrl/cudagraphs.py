@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from pbrl.lora import whole_weight
 from pbrl.model import Transformer, empty_like
 from pbrl.sampler import DecodeState, Sampling, decode_step, new_state
 
@@ -36,8 +37,8 @@ def cache_slots(prompt_tokens: int, max_new_tokens: int) -> int:
 class CudaGraphs:
     """pass as generate(..., graphs=): the decoding step through torch.compile, on kept buffers.
 
-    copy_of: under FSDP, the (sharded) actor whose whole copy, in `dtype` on `device`, rollouts
-    decode on; see policy()."""
+    copy_of: under FSDP or LoRA, the (sharded, adapted) actor whose whole copy, in `dtype` on
+    `device`, rollouts decode on; see policy()."""
 
     def __init__(self, copy_of: Transformer | None = None, dtype=None, device=None):
         self.copy = None
@@ -81,11 +82,11 @@ class CudaGraphs:
         """The model a rollout decodes on: without a copy the actor (its parameters never move),
         else the copy refreshed from the sharded actor, one tensor gathered at a time in the copy's
         dtype (half the bytes of fp32 on the wire, as FSDP's own all-gathers under mixed
-        precision)."""
+        precision); a LoRA actor's adapters merged into the copy's weights."""
         if self.copy is None:
             yield actor
             return
         with torch.no_grad():
-            for mine, theirs in zip(self.copy.parameters(), actor.parameters(), strict=True):
-                mine.copy_(theirs.to(mine.dtype).full_tensor())
+            for name, mine in self.copy.named_parameters():
+                mine.copy_(whole_weight(actor, name, mine.dtype))
         yield self.copy

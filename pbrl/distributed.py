@@ -245,14 +245,15 @@ def tensor_parallel_weights(twin: torch.nn.Module, model: torch.nn.Module, devic
 
 @torch.no_grad()
 def refresh(twin: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Copy model's weights (FSDP-sharded or whole) into the tensor-parallel twin, one tensor at a
-    time: each gathered whole (in the twin's dtype), then this rank's shard of it kept. A rank
+    """Copy model's weights (FSDP-sharded or whole; a LoRA model's adapters merged) into the
+    tensor-parallel twin, one tensor at a time: each gathered whole (in the twin's dtype), then this
+    rank's shard of it kept. A rank
     holds at most one whole tensor besides its shards."""
     from torch.distributed.tensor import DTensor
-    theirs = model.state_dict()
+
+    from pbrl.lora import whole_weight
     for name, mine in twin.state_dict().items():
-        full = theirs[name].to(mine.dtype)
-        full = full.full_tensor() if isinstance(full, DTensor) else full
+        full = whole_weight(model, name, mine.dtype)
         if isinstance(mine, DTensor):
             for axis, placement in enumerate(mine.placements):
                 if placement.is_shard():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pbrl.checkpoint import _open, _read_tensors, weight_files
+from pbrl.checkpoint import _open, read_tensors, weight_files
 from pbrl.files import read_json
 
 ENCODERS = ("bert", "xlm-roberta")  # config.json's model_type of the encoders pbrl reads
@@ -153,7 +153,7 @@ def is_encoder(directory: Path) -> bool:
 
 def load_encoder(directory, dtype: torch.dtype | None = None, device=None) -> Encoder:
     """An Encoder from a HF directory: each expected tensor by name (a `bert.`/`roberta.` prefix
-    dropped, the pooler skipped), checked as checkpoint._read_tensors checks a decoder's; a
+    dropped, the pooler skipped), checked as checkpoint.read_tensors checks a decoder's; a
     missing one is an error."""
     directory = Path(directory)
     args = EncoderArgs.from_hf_config(read_json(directory / "config.json"),
@@ -169,7 +169,7 @@ def load_encoder(directory, dtype: torch.dtype | None = None, device=None) -> En
     if missing:
         raise KeyError(f"{directory}: not a {args.model_type} checkpoint pbrl can read; missing "
                        f"tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    state = _read_tensors(files, expected, dtype, device, None, ours)
+    state = read_tensors(files, expected, dtype, device, None, ours)
     model.load_state_dict(state, assign=True)
     return model.eval()
 

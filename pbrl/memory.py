@@ -261,13 +261,15 @@ def rollout_terms(cfg: Config, out: Plan, actor: ModelArgs, actor_shapes, gpus: 
         out.terms[kept if r.compile else "rollout: actor TP shards"] = \
             tensor_parallel_bytes(actor, tp, compute)
         out.terms["rollout: largest actor tensor gathered"] = largest * compute
-    elif r.compile and (gpus > 1 or compute < 4):
-        # FSDP runs: CudaGraphs' whole copy of the actor, kept throughout, refreshed tensor by
-        # tensor
+    elif r.compile and (gpus > 1 or compute < 4 or cfg.lora.rank):
+        # FSDP and LoRA runs: CudaGraphs' whole copy of the actor (adapters merged), kept
+        # throughout, refreshed tensor by tensor
         out.terms["actor copy for compiled rollouts"] = full_bytes(actor_shapes, compute)
         out.terms["rollout: largest actor tensor gathered"] = largest * compute
-    elif not cfg.lora.rank:  # (a LoRA base is whole already: its term is resident)
-        out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute)
+    elif not cfg.lora.rank or gpus > 1:  # (one process: a LoRA base is whole, resident already)
+        adapters = lora_shapes(actor, cfg.lora.rank, cfg.lora.targets) if cfg.lora.rank else []
+        out.terms["rollout: actor gathered"] = full_bytes(actor_shapes, compute) + \
+            full_bytes(adapters, 4)
     if r.compile:
         slots = cache_slots(prompt_tokens, r.max_new_tokens)
         out.terms["KV cache, kept (rollout.compile)"] = kv_cache_bytes(actor, rows, slots, compute,

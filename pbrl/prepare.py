@@ -95,8 +95,10 @@ def prepare(cfg: Config, log=print) -> Trainer:
     if cfg.rollout.tensor_parallel > 1:
         trainer.tp_group = dist.tensor_parallel_group(cfg.rollout.tensor_parallel, device)
         trainer.tp_twin = dist.tensor_parallel_twin(actor.model, trainer.tp_group, dtype, device)
-    if cfg.rollout.compile:  # under FSDP, rollouts decode on a copy whose parameters never move
-        copy = actor.model if dist.is_distributed() and trainer.tp_twin is None else None
+    if cfg.rollout.compile:  # under FSDP, rollouts decode on a copy whose parameters never move;
+        # under LoRA, on a copy with the adapters merged
+        copy = actor.model if (dist.is_distributed() or cfg.lora.rank) and \
+            trainer.tp_twin is None else None
         trainer.graphs = CudaGraphs(copy, dtype, device)
         trainer.slots = cache_slots(longest, cfg.rollout.max_new_tokens)
     if cfg.run.resume:
@@ -202,10 +204,12 @@ def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: 
 
 def lora_actor(cfg: Config, dtype, device) -> Trained:
     """The policy as LoRA trains it (pbrl/lora.py): the base in the compute dtype, frozen, with
-    fp32 adapters that alone the optimizer holds."""
+    fp32 adapters that alone the optimizer holds. Under FSDP2 each rank reads the whole base, adds
+    the same adapters (seeded) and shards both together, each computed in its own dtype: the
+    whole base in the compute dtype passes through every rank's memory once, at load."""
     model = load(cfg, cfg.models.policy, dtype, device, whole=True)
     lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.run.seed)
-    return trained(cfg, model, cfg.ppo.lr)
+    return trained(cfg, dist.shard(model), cfg.ppo.lr)
 
 
 def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
@@ -217,7 +221,7 @@ def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
         raise ValueError(f"--run.resume: {ckpt} holds a {'LoRA' if adapted else 'full-parameter'} "
                          f"actor, and lora.rank is {trainer.cfg.lora.rank}: resume it as it was "
                          f"trained")
-    base = load_state(ckpt / TRAINER_FILE).get("lora_base") if adapted else None
+    base = (load_state(ckpt / TRAINER_FILE).get("lora") or {}).get("base_sha256")
     if base is not None and base != weights_sha256(trainer.policy_dir):
         raise ValueError(f"--run.resume: {ckpt}'s adapters were trained on another base than "
                          f"models.policy = {trainer.cfg.models.policy} (its weights differ); "

@@ -39,7 +39,6 @@ from pbrl.data import Problem
 from pbrl.evaluate import accuracy_by_language, evaluate, sampled_scores
 from pbrl.loggers import Loggers, console_line
 from pbrl.model import Transformer
-from pbrl.pivot import weights_sha256
 from pbrl.sampler import Sampling, complete
 from pbrl.tokenizer import Tokenizer
 
@@ -358,26 +357,24 @@ def save_checkpoint(trainer: Trainer) -> None:
                              {k: m.optimizer for k, m in trained.items()},
                              {"step": t.step, "kl_beta": t.kl.beta,
                               "torch_rng": torch.get_rng_state(),  # a LoRA run: what its base is
-                              **({"lora_base": weights_sha256(t.policy_dir)}
-                                 if t.cfg.lora.rank else {})},
+                              **({"lora": lora.settings(c.rank, c.alpha, c.targets, t.policy_dir)}
+                                 if (c := t.cfg.lora).rank else {})},
                              source_dir=t.policy_dir, keep=t.cfg.run.keep_checkpoints)
 
 
 def export_final(trainer: Trainer) -> None:
     """The last checkpoint, streamed into a HF directory by rank 0 while the others wait (a LoRA
-    run: the merged model and the adapters alone, lora.export)."""
-    if trainer.cfg.lora.rank:
-        c = trainer.cfg.lora
-        final, adapters = lora.export(trainer.actor.model, trainer.out / "final",
-                                      trainer.policy_dir, trainer.dtype, c.rank, c.alpha,
-                                      c.targets)
-        trainer.log(f"final policy: {final} (merged), its adapters: {adapters}")
-        return
+    run: the merged model, and the adapters alone in PEFT's layout beside it)."""
     if trainer.rank == 0:
         ckpt, final = latest_checkpoint(trainer.out), trainer.out / "final"
         trainer.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
-        export(ckpt, final, "actor", trainer.dtype, overwrite=True)  # its own
-        trainer.log(f"final policy: {final}")
+        if trainer.cfg.lora.rank:
+            _, adapters = lora.export_checkpoint(ckpt, final, trainer.policy_dir, trainer.dtype,
+                                                 overwrite=True)
+            trainer.log(f"final policy: {final} (merged), its adapters: {adapters}")
+        else:
+            export(ckpt, final, "actor", trainer.dtype, overwrite=True)  # its own
+            trainer.log(f"final policy: {final}")
     dist.barrier()
 
 

@@ -82,32 +82,43 @@ def test_a_lora_run_trains_adapters_only_keeps_no_reference_copy_and_exports(wor
         assert torch.allclose(merged(ids).logits, ours, atol=1e-4)
     peft = pytest.importorskip("peft")
     base = AutoModelForCausalLM.from_pretrained(world / "policy", torch_dtype=torch.float32)
-    adapted = peft.PeftModel.from_pretrained(base, out / lora.ADAPTER_DIR)
+    adapted = peft.PeftModel.from_pretrained(base, out / "final-adapter")
     with torch.no_grad():
         assert torch.allclose(adapted(ids).logits, ours, atol=1e-4)
 
 
-@pytest.mark.parametrize("extra, world_size, says", [
-    ({}, 2, "lora runs on one process"),
-    ({"rollout.compile": "true"}, 1, "rollout.tensor_parallel and rollout.compile"),
-])
-def test_lora_refuses_what_it_does_not_do_yet(world, tmp_path, extra, world_size, says):
-    from pbrl.config import load_config, validate
-    cfg = load_config(None, overrides(world, tmp_path / "x", **{"lora.rank": 4, **extra}))
-    with pytest.raises(ValueError, match=says):
-        validate(cfg, world_size)
+def test_a_lora_checkpoint_exports_as_the_run_does_and_only_onto_its_own_base(world, tmp_path,
+                                                                           capsys):
+    """`python -m pbrl.checkpoint export` of a LoRA checkpoint writes what the run's final export
+    wrote (the merged model, byte for byte, and the adapters in PEFT's layout beside it), reading
+    the base from where the run read it or from --base; another base is refused in one line."""
+    import shutil
 
-
-def test_exporting_a_lora_checkpoint_says_where_the_exports_are(world, tmp_path, capsys):
+    from conftest import hf_tensors
     from pbrl.checkpoint import main
     from pbrl.config import load_config
     from pbrl.prepare import prepare
     out = tmp_path / "run"
     prepare(load_config(None, overrides(world, out, **{
-        "lora.rank": 2, "run.steps": 1, "run.checkpoint_every": 1})), log=lambda *a: None).run()
-    [ckpt] = (out / "checkpoints").iterdir()
+        "lora.rank": 2, "run.steps": 2, "run.checkpoint_every": 1})), log=lambda *a: None).run()
+    ckpt = out / "checkpoints" / "step_000002"
+    code, said, err = run_here(main, ["export", ckpt, tmp_path / "hf"], capsys)
+    assert code == 0, err
+    final, ours = hf_tensors(out / "final"), hf_tensors(tmp_path / "hf")
+    assert final.keys() == ours.keys() and all(torch.equal(final[n], ours[n]) for n in final)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "hf-adapter" / name).read_bytes() == \
+            (out / "final-adapter" / name).read_bytes(), name
+    moved = shutil.copytree(world / "policy", tmp_path / "moved")
+    code, _, err = run_here(main, ["export", ckpt, tmp_path / "hf2", "--base", moved], capsys)
+    assert code == 0, err
+    assert all(torch.equal(final[n], t) for n, t in hf_tensors(tmp_path / "hf2").items())
+    save_hf_model(moved, "llama", seed=9)  # the same shapes, other weights
+    code, _, err = run_here(main, ["export", ckpt, tmp_path / "hf3", "--base", moved], capsys)
+    assert code == 2 and "were trained on the base at" in err and "pass the base" in err, err
+    assert not (tmp_path / "hf3").exists()
     code, _, err = run_here(main, ["export", ckpt, tmp_path / "hf"], capsys)
-    assert code == 2 and "exports the merged model and the adapters when it ends" in err, err
+    assert code == 2 and "holds an earlier export" in err, err  # nothing overwritten unasked
 
 
 def test_a_lora_run_resumes_onto_its_own_base_only(world, tmp_path, capsys):
@@ -149,3 +160,85 @@ def test_a_lora_checkpoint_holds_the_adapters_and_their_optimizer_only(world, tm
     weights = [k for k in checkpoint_metadata(ckpt).state_dict_metadata
                if k.startswith("actor.model.")]
     assert weights and all(".lora_" in k for k in weights)  # no base tensor stored
+
+
+@pytest.fixture(scope="module")
+def lora_runs(world, tmp_path_factory):
+    """One 3-step LoRA run (GAE's critic full, KL against the adapters-off base), checkpointed at
+    steps 2 and 3, on 1 process and on 2 (torchrun, gloo, FSDP2: base and adapters sharded)."""
+    from test_train import train
+    root = tmp_path_factory.mktemp("lora_runs")
+    for ranks, name in ((1, "one"), (2, "two")):
+        train(world, root / name, ranks, **LORA_RUN)
+    return root / "one", root / "two"
+
+
+LORA_RUN = {"lora.rank": 4, "lora.alpha": 8.0, "ppo.kl_beta": 0.1, "ppo.lr": 1e-2,
+            "run.steps": 3, "run.checkpoint_every": 2}
+
+
+def test_a_two_rank_lora_run_matches_one_and_its_checkpoint_holds_the_adapters_only(world,
+                                                                                    lora_runs):
+    from conftest import hf_tensors
+    from pbrl.checkpoint import checkpoint_metadata
+    from test_train import assert_same_run
+    one, two = lora_runs
+    assert len(metrics(one)) == 3 and metrics(one)[-1]["kl"] != 0
+    assert_same_run(metrics(one), metrics(two))
+    w1, w2, base = (hf_tensors(d) for d in (one / "final", two / "final", world / "policy"))
+    assert w1.keys() == w2.keys() == base.keys()
+    assert all(torch.allclose(w1[n], w2[n], atol=1e-5) for n in w1), "merged weights differ"
+    assert any(not torch.equal(w1[n], base[n]) for n in w1)  # the adapters moved the policy
+    # what the checkpoint stores of the actor: the adapters (fp32) and their two AdamW moments
+    model = load_model(world / "policy")
+    adapter_bytes = 4 * sum(p.numel() for p in lora.add_lora(model, 4, 8.0))
+    meta = checkpoint_metadata(two / "checkpoints" / "step_000002").state_dict_metadata
+    stored = {k: v.size.numel() * v.properties.dtype.itemsize for k, v in meta.items()
+              if k.startswith("actor.") and hasattr(v, "size") and len(v.size) > 0}
+    assert sum(v for k, v in stored.items() if k.startswith("actor.model.")) == adapter_bytes
+    assert sum(v for k, v in stored.items() if k.startswith("actor.optim.")) == 2 * adapter_bytes
+
+
+def test_a_two_rank_lora_checkpoint_resumes_on_one_rank_as_the_one_rank_run(world, lora_runs,
+                                                                             tmp_path):
+    import shutil
+
+    from pbrl.config import load_config
+    from pbrl.prepare import prepare
+    from test_train import assert_same_run
+    one, two = lora_runs
+    out = shutil.copytree(two, tmp_path / "two_to_one")
+    for later in ("checkpoints/step_000003", "final", "final-adapter"):
+        shutil.rmtree(out / later)
+    trainer = prepare(load_config(None, overrides(world, out, **LORA_RUN, **{
+        "run.resume": "true"})), log=lambda *a: None)
+    assert trainer.step == 2
+    trainer.run()
+    assert_same_run(metrics(one), metrics(out))
+
+
+def test_lora_rollouts_decode_merged_copies_compiled_and_tensor_parallel(world, lora_runs,
+                                                                         tmp_path, monkeypatch):
+    """rollout.compile (one process: rollouts decode on a copy with the adapters merged, at
+    addresses that never move) and rollout.tensor_parallel 2 (torchrun: the twin refreshed with the
+    merged weights) train as the unmerged LoRA run does, and the copy gives the adapted actor's
+    logits."""
+    from conftest import each_batch_size_kept_its_addresses, observe_compiled_steps
+    from pbrl.config import load_config
+    from pbrl.prepare import prepare
+    from test_train import assert_same_run, train
+    one, _ = lora_runs
+    seen = observe_compiled_steps(monkeypatch)
+    out = tmp_path / "compiled"
+    trainer = prepare(load_config(None, overrides(world, out, **LORA_RUN, **{
+        "rollout.compile": "true"})), log=lambda *a: None)
+    trainer.run()
+    assert seen and each_batch_size_kept_its_addresses(seen)
+    assert_same_run(metrics(one), metrics(out))
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with trainer.sampling_policy() as decoder:
+        assert decoder is trainer.graphs.copy
+        assert not lora.lora_modules(decoder)  # a plain model: the adapters are in its weights
+        assert torch.allclose(logits(decoder, ids), logits(trainer.actor.model, ids), atol=1e-5)
+    train(world, tmp_path / "tp", 2, **LORA_RUN, **{"rollout.tensor_parallel": 2})
+    assert_same_run(metrics(one), metrics(tmp_path / "tp"))
