@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from pbrl import distributed as dist
 from pbrl.cli import run_main
-from pbrl.files import read_json, resolve, write_atomic
+from pbrl.files import read_json, resolve, weights_sha256, write_atomic
 from pbrl.model import ModelArgs, Transformer, rope_inv_freq
 from pbrl.tokenizer import Tokenizer
 
@@ -394,10 +394,19 @@ warnings.filterwarnings("ignore",
                         message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def trained_state(model: torch.nn.Module, state: dict) -> dict:
-    """A model's state without its frozen parameters (a LoRA base, its tied LM head too)."""
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    return {k: v for k, v in state.items() if k not in frozen}
+def trained_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> set[str]:
+    """The names of what `optimizer` trains of `model`: all of a full model (its tied LM head too),
+    a LoRA actor's adapters, or a critic's adapters and value head on that same base (no
+    optimizer: what requires a gradient)."""
+    mine = {id(p) for p in model.parameters() if p.requires_grad} if optimizer is None else \
+        {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in mine}
+
+
+def trained_state(model: torch.nn.Module, state: dict, optimizer) -> dict:
+    """A model's state without what `optimizer` does not train (a LoRA base, the other adapters)."""
+    keep = trained_names(model, optimizer)
+    return {k: v for k, v in state.items() if k in keep}
 
 
 def _into_trained():
@@ -420,7 +429,8 @@ def sharded_state(models: dict[str, Transformer],
         get_model_state_dict,
         get_optimizer_state_dict,
     )
-    state = {name: {"model": trained_state(model, get_model_state_dict(model))}
+    state = {name: {"model": trained_state(model, get_model_state_dict(model),
+                                           optimizers.get(name))}
              for name, model in models.items()}
     for name, optimizer in optimizers.items():
         state[name]["optim"] = get_optimizer_state_dict(models[name], optimizer)
@@ -525,7 +535,7 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
         raise ValueError(f"{ckpt} holds {', '.join(sorted(stored))} but this run trains "
                          f"{', '.join(sorted(models))}: resume with the run's own ppo.advantage")
     for name, model in models.items():
-        check_same_model(ckpt, name, model, metadata)
+        check_same_model(ckpt, name, model, metadata, optimizers.get(name))
     state = sharded_state(models, optimizers)
     try:
         dcp.load(state, checkpoint_id=ckpt)
@@ -544,11 +554,13 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
     return trainer_state
 
 
-def check_same_model(ckpt: Path, name: str, model: Transformer, metadata: dict) -> None:
-    """The checkpoint holds this model: every parameter, in its shape. A checkpoint of other
-    models is healthy, and an error that says so, not that it is damaged."""
+def check_same_model(ckpt: Path, name: str, model: Transformer, metadata: dict,
+                     optimizer) -> None:
+    """The checkpoint holds this model: every parameter it trains, in its shape. A checkpoint of
+    other models is healthy, and an error that says so, not that it is damaged."""
+    trains = trained_names(model, optimizer)
     for key, param in model.named_parameters():
-        if not param.requires_grad:  # a LoRA base: not stored
+        if key not in trains:  # a LoRA base, or the other adapters on it: not stored here
             continue
         stored = metadata.get(f"{name}.model.{key}")
         if stored is None or tuple(stored.size) != tuple(param.shape):
@@ -629,13 +641,15 @@ def export(ckpt, out, model: str = "actor", dtype: torch.dtype | None = None,
     rest), each read from the checkpoint only when it is written, so peak host memory is about one
     block (or the embedding matrix), not the model. `out` must be new or empty, or (overwrite) an
     earlier export. A LoRA run's actor: the adapters merged into the base (`base`, default where
-    the run read it), and the adapters alone in PEFT's layout beside `out` (lora.export_checkpoint).
+    the run read it), and the adapters alone in PEFT's layout beside `out` (export_lora).
     """
     ckpt, out = Path(ckpt), Path(out)
     names = read_checkpoint_names(ckpt, model)
     if any(".lora_" in n for n in names):  # the adapters merged into their base's weights
-        from pbrl.lora import export_checkpoint
-        return export_checkpoint(ckpt, out, base, dtype, overwrite)[0]
+        return export_lora(ckpt, out, base, dtype, overwrite)[0]
+    if any(".critic_" in n for n in names):
+        raise ValueError(f"{ckpt}'s {model} is adapters and a value head on the LoRA actor's "
+                         f"base, not a model of its own: export the actor")
     check_export_target(out, overwrite)
     args = load_args(ckpt / model)
     blocks = [[n for n in names if n.startswith(f"layers.{i}.")]
@@ -673,6 +687,89 @@ def load_state(path: Path) -> dict:
                          f"{(str(e).splitlines() or [''])[0][:200]}); the checkpoint "
                          f"{path.parent} is damaged: delete it to resume from the one before") \
             from None
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA checkpoints (pbrl/lora.py): the adapters, merged into their base or alone in PEFT's layout
+# --------------------------------------------------------------------------------------------------
+def lora_settings(rank: int, alpha: float, targets, base: Path) -> dict:
+    """What a LoRA checkpoint records beside its adapters, to merge and export them later: the
+    adapters' shape and scale, and the base they were trained on (where it was, and its hash)."""
+    return {"rank": rank, "alpha": alpha, "targets": list(targets), "base": str(base),
+            "base_sha256": weights_sha256(Path(base))}
+
+
+def export_lora(ckpt: Path, out: Path, base=None, dtype: torch.dtype | None = None,
+                      overwrite: bool = False) -> tuple[Path, Path]:
+    """A LoRA checkpoint's actor as the merged model, a HF directory at `out` (W + (alpha / r) B A
+    with W read from the base and cast to `dtype` first, as the run computed it; None: as the base
+    stores it), streamed one block at a time from the base's files and the checkpoint's adapters;
+    and the adapters alone in PEFT's layout beside it (adapter_dir), which
+    `peft.PeftModel.from_pretrained(base, that directory)` loads. `base` (default: where the run
+    read it) must hold the weights the adapters were trained on (by hash)."""
+    ckpt, out = Path(ckpt), Path(out)
+    lora = load_state(ckpt / TRAINER_FILE).get("lora")
+    if lora is None:
+        raise ValueError(f"{ckpt}: a LoRA checkpoint without its LoRA settings (written before "
+                         f"pbrl recorded them); export it from the run that wrote it")
+    base = Path(base or lora["base"])
+    if not base.is_dir() or weights_sha256(base) != lora["base_sha256"]:
+        found = "another model" if base.is_dir() else "missing"
+        raise ValueError(f"{ckpt}'s adapters were trained on the base at {lora['base']} (weights "
+                         f"hash {lora['base_sha256']}); {base} is {found}: pass the base it was "
+                         f"trained on (--base)")
+    for target in (out, adapter_dir(out)):
+        check_export_target(target, overwrite)
+    args, files = load_args(base), weight_files(base)
+    _, expected, _ = matching_model(base, args, files, False)
+    adapters = read_checkpoint_tensors(ckpt, "actor")  # rank r: about 2 r / hidden of the model
+    scale = lora["alpha"] / lora["rank"]
+
+    def merged(names):
+        mine = {n: f for n, f in files.items() if n.removeprefix("model.") in names}
+        state = read_tensors(mine, {n: expected[n] for n in names}, dtype, "cpu", None)
+        for name, w in state.items():
+            owner = name.removesuffix(".weight")
+            if f"{owner}.lora_A" in adapters:
+                update = adapters[f"{owner}.lora_B"] @ adapters[f"{owner}.lora_A"]
+                state[name] = (w.float() + scale * update).to(w.dtype)
+        return state
+    names = list(expected)
+    blocks = [[n for n in names if n.startswith(f"layers.{i}.")]
+              for i in range(args.num_hidden_layers)]
+    rest = [n for n in names if not n.startswith("layers.")]
+    write_hf_model(out, args, False, [*blocks, rest], merged, dtype, source_dir=base)
+    (out / EXPORT_MARK).write_text(json.dumps({"checkpoint": str(ckpt.resolve()), "lora": lora}))
+    return out, write_peft_adapters(adapter_dir(out), adapters, args, lora)
+
+
+def write_peft_adapters(directory: Path, adapters: dict, args, lora: dict) -> Path:
+    """The adapters in PEFT's layout: adapter_model.safetensors (fp32, PEFT's tensor names) and
+    adapter_config.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / EXPORT_MARK).write_text(json.dumps({"lora": lora}))
+    tensors = {}
+    for name, tensor in adapters.items():
+        owner, which = name.rsplit(".", 1)  # which: lora_A or lora_B
+        where = "base_model.model." + hf_name(f"{owner}.weight", args).removesuffix(".weight")
+        tensors[f"{where}.{which}.weight"] = tensor.float().contiguous()
+    from safetensors.torch import save_file
+    with write_atomic(directory / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"],
+              "lora_alpha": lora["alpha"], "target_modules": sorted(lora["targets"]),
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
+              "modules_to_save": None, "base_model_name_or_path": lora["base"]}
+    with write_atomic(directory / "adapter_config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def adapter_dir(out: Path) -> Path:
+    """Where an export to `out` puts the adapters alone: OUT-adapter beside it (a run's final/:
+    final-adapter/)."""
+    return out.with_name(out.name + "-adapter")
 
 
 def main(argv=None):

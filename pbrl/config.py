@@ -384,6 +384,12 @@ def check_field(where: str, value, meta, optional: bool) -> None:
         raise ValueError(f"{where} must list at least one value, each once; got {','.join(value)}")
 
 
+def shared_critic(cfg: Config) -> bool:
+    """GAE's critic is a second set of adapters and a value head on the LoRA actor's base (no model
+    of its own): a LoRA run that names no models.critic apart."""
+    return bool(cfg.lora.rank) and cfg.ppo.uses_critic() and not cfg.models.critic
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Every field's own check, then what spans fields, each error naming its keys. Paths that are
     neither 'toy', a hub id nor an existing local path are errors too."""

@@ -227,7 +227,7 @@ def tensor_parallel_twin(model: torch.nn.Module, mesh, dtype: torch.dtype, devic
 
 @contextmanager
 def tensor_parallel_weights(twin: torch.nn.Module, model: torch.nn.Module, device,
-                            keep: bool = False):
+                            keep: bool = False, weight=None):
     """The twin with its shards allocated and refreshed from `model` for the duration, freed
     after, so that no phase but the rollout holds them (keep: kept at the same addresses for the
     next rollout, as CUDA graphs need)."""
@@ -235,7 +235,7 @@ def tensor_parallel_weights(twin: torch.nn.Module, model: torch.nn.Module, devic
     if twin.inv_freq.is_meta:
         twin.to_empty(device=device)
         twin.inv_freq = rope_inv_freq(twin.args).to(device)
-    refresh(twin, model)
+    refresh(twin, model, weight or whole_parameter)
     try:
         yield twin
     finally:
@@ -243,17 +243,24 @@ def tensor_parallel_weights(twin: torch.nn.Module, model: torch.nn.Module, devic
             twin.to_empty(device="meta")
 
 
+def whole_parameter(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """model's parameter `name` whole (its FSDP shards gathered) in dtype, cast first: fewer bytes
+    on the wire."""
+    from torch.distributed.tensor import DTensor
+    t = model.get_parameter(name).to(dtype)
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 @torch.no_grad()
-def refresh(twin: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Copy model's weights (FSDP-sharded or whole; a LoRA model's adapters merged) into the
-    tensor-parallel twin, one tensor at a time: each gathered whole (in the twin's dtype), then this
-    rank's shard of it kept. A rank
+def refresh(twin: torch.nn.Module, model: torch.nn.Module, weight=None) -> None:
+    """Copy model's weights (FSDP-sharded or whole) into the tensor-parallel twin, one tensor at a
+    time: each gathered whole (in the twin's dtype) by weight(model, name, dtype) (default
+    whole_parameter; a LoRA model's: lora.whole_weight, the adapters merged), then this rank's shard
+    of it kept. A rank
     holds at most one whole tensor besides its shards."""
     from torch.distributed.tensor import DTensor
-
-    from pbrl.lora import whole_weight
     for name, mine in twin.state_dict().items():
-        full = whole_weight(model, name, mine.dtype)
+        full = weight(model, name, mine.dtype)
         if isinstance(mine, DTensor):
             for axis, placement in enumerate(mine.placements):
                 if placement.is_shard():

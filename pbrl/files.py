@@ -7,6 +7,7 @@ a bare codec error.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -204,3 +205,16 @@ def results_dir(given: str | None, default: str, holds: tuple[str, ...]) -> Path
         raise FileExistsError(f"--out {out} cannot be made a directory: {e.strerror or e}") \
             from None
     return out
+
+
+def weights_sha256(directory: Path, edge: int = 2**20) -> str:
+    """A model identified by what it is, not by how its path is spelled: each weight file's name,
+    size, and its first and last `edge` bytes (a header and tensors), hashed; cheap at any size."""
+    digest = hashlib.sha256()
+    for file in sorted(directory.glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(edge)
+            f.seek(max(size - edge, 0))
+            digest.update(f"{file.name}:{size}:".encode() + head + f.read(edge))
+    return digest.hexdigest()[:16]

@@ -29,7 +29,7 @@ import torch
 
 from pbrl.checkpoint import load_args, shard_rows
 from pbrl.cli import positive_float, positive_int
-from pbrl.config import Config, load_config, validate
+from pbrl.config import Config, load_config, shared_critic, validate
 from pbrl.cudagraphs import cache_slots
 from pbrl.encoder import ENCODERS, EncoderArgs, dense_configs
 from pbrl.files import hub_failure, is_hub_id, read_json, resolve
@@ -185,7 +185,11 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     if cfg.lora.rank:  # the base in the compute dtype, frozen; the adapters train (pbrl/lora.py)
         out.terms["actor base, frozen"] = shard_bytes(actor_shapes, gpus, compute)
         trained = {"actor adapters": lora_shapes(actor, cfg.lora.rank, cfg.lora.targets)}
-    if p.uses_critic():
+    if shared_critic(cfg):  # its adapters and its value head (these terms count both) on the base
+        trained["critic adapters"] = \
+            lora_shapes(actor, cfg.lora.rank, cfg.lora.targets) + \
+            [torch.Size([1, actor.hidden_size]), torch.Size([1])]
+    elif p.uses_critic():
         trained["critic"] = parameter_shapes(model_args(m.critic or m.policy), value_head=True)
     for name, shapes in trained.items():
         out.terms[f"{name} parameters (fp32)"] = shard_bytes(shapes, gpus, 4)

@@ -400,9 +400,10 @@ class Transformer(nn.Module):
             raise RuntimeError("this model has no LM head (a bare backbone, e.g. an embedder)")
         if output == "hidden":
             return h
-        if output == "values":
+        if output == "values":  # (a LoRA critic's head is fp32 on a base of the compute dtype)
             # not a view of FSDP's output
-            return self.value_head(h).squeeze(-1).to(torch.float32, copy=True)
+            head = self.value_head
+            return head(h.to(head.weight.dtype)).squeeze(-1).to(torch.float32, copy=True)
         if output == "logits":
             return self.lm_head(h)
         if output == "logprobs":

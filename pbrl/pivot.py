@@ -26,7 +26,7 @@ from pbrl import distributed as dist
 from pbrl.checkpoint import load_pretrained
 from pbrl.cli import Progress, positive_int, run_main, shared_flags
 from pbrl.data import Problem, encode_prompt, extract_number, load_mgsm
-from pbrl.files import TEXT, append_records, read_records, resolve
+from pbrl.files import TEXT, append_records, read_records, resolve, weights_sha256
 from pbrl.model import Transformer
 from pbrl.sampler import generate
 from pbrl.tokenizer import Tokenizer
@@ -61,19 +61,6 @@ def match_references(path, problems: list[Problem]) -> dict[str, str]:
         raise KeyError(f"pivot cache {path} has no reference for problem id(s): {shown}; "
                        f"run `python -m pbrl.pivot` to fill it")
     return {p.id: records[p.id]["reference"] for p in problems}
-
-
-def weights_sha256(directory: Path, edge: int = 2**20) -> str:
-    """A model identified by what it is, not by how its path is spelled: each weight file's name,
-    size, and its first and last `edge` bytes (a header and tensors), hashed; cheap at any size."""
-    digest = hashlib.sha256()
-    for file in sorted(directory.glob("*.safetensors")):
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            head = f.read(edge)
-            f.seek(max(size - edge, 0))
-            digest.update(f"{file.name}:{size}:".encode() + head + f.read(edge))
-    return digest.hexdigest()[:16]
 
 
 def pivot_writer(path_or_id, max_new_tokens: int, enable_thinking: bool) -> dict:

@@ -32,8 +32,9 @@ from pbrl.checkpoint import (
     read_checkpoint_names,
 )
 from pbrl.cli import DTYPES
-from pbrl.config import Config, validate
+from pbrl.config import Config, shared_critic, validate
 from pbrl.cudagraphs import CudaGraphs, cache_slots
+from pbrl.files import weights_sha256
 from pbrl.data import Problem, encode_prompt, load_mgsm, load_problems
 from pbrl.pivot import (
     check_questions,
@@ -41,7 +42,6 @@ from pbrl.pivot import (
     match_references,
     pivot_writer,
     read_references,
-    weights_sha256,
     write_references,
 )
 from pbrl.rewards import build_reward
@@ -71,10 +71,10 @@ def prepare(cfg: Config, log=print) -> Trainer:
                           torch.cuda.get_device_properties(device).total_memory)
     references = pivot_references(cfg, pivot_cache, english, dtype, device, log)
     compute = None if dtype == torch.float32 else dtype
-    actor = lora_actor(cfg, dtype, device) if cfg.lora.rank else \
-        trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr)
-    critic = None
-    if cfg.ppo.uses_critic():
+    actor, critic = lora_models(cfg, dtype, device) if cfg.lora.rank else \
+        (trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr),
+         None)
+    if cfg.ppo.uses_critic() and critic is None:
         model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute,
                      True)
         critic = trained(cfg, model, cfg.ppo.critic_lr)
@@ -202,14 +202,22 @@ def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: 
     return model
 
 
-def lora_actor(cfg: Config, dtype, device) -> Trained:
+def lora_models(cfg: Config, dtype, device) -> tuple[Trained, Trained | None]:
     """The policy as LoRA trains it (pbrl/lora.py): the base in the compute dtype, frozen, with
-    fp32 adapters that alone the optimizer holds. Under FSDP2 each rank reads the whole base, adds
-    the same adapters (seeded) and shards both together, each computed in its own dtype: the
-    whole base in the compute dtype passes through every rank's memory once, at load."""
-    model = load(cfg, cfg.models.policy, dtype, device, whole=True)
-    lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.run.seed)
-    return trained(cfg, dist.shard(model), cfg.ppo.lr)
+    fp32 adapters that alone the actor's optimizer holds; and for GAE without a models.critic of its
+    own, the critic on the same base (its own adapters and the value head, config.shared_critic).
+    Under FSDP2 each rank reads the whole base, adds the same adapters (seeded) and shards both
+    together, each computed in its own dtype: the whole base in the compute dtype passes through
+    every rank's memory once, at load."""
+    shared = shared_critic(cfg)
+    model = load(cfg, cfg.models.policy, dtype, device, value_head=shared, whole=True)
+    lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.run.seed,
+                  critic=shared)
+    dist.shard(model)  # (it replaces the parameters: they are listed after it)
+    actor = trained(cfg, model, cfg.ppo.lr, lora.trained_parameters(model, "actor"))
+    critic = trained(cfg, model, cfg.ppo.critic_lr, lora.trained_parameters(model, "critic"),
+                     adapters="critic") if shared else None
+    return actor, critic
 
 
 def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
@@ -228,11 +236,12 @@ def check_lora_resume(trainer: Trainer, ckpt: Path) -> None:
                          f"resume with the base it was trained on")
 
 
-def trained(cfg: Config, model, lr: float) -> Trained:
-    """The model with AdamW over what of it trains (all of it, or a LoRA model's adapters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def trained(cfg: Config, model, lr: float, params=None, adapters: str | None = None) -> Trained:
+    """The model with AdamW over what of it trains: all of it, or (LoRA) `params`, the adapters
+    its passes select (`adapters`)."""
+    params = list(model.parameters()) if params is None else params
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.ppo.weight_decay)
-    return Trained(model, optimizer, lr)
+    return Trained(model, optimizer, lr, adapters)
 
 
 def resume(trainer: Trainer) -> None:

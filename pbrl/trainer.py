@@ -22,7 +22,7 @@ import json
 import math
 import resource
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +31,8 @@ import torch
 
 from pbrl import distributed as dist
 from pbrl import losses, lora, ppo, rollout
-from pbrl.checkpoint import export, latest_checkpoint, save_training_checkpoint
+from pbrl.checkpoint import (export, export_lora, latest_checkpoint, lora_settings,
+                             save_training_checkpoint)
 from pbrl.cli import Progress
 from pbrl.config import Config
 from pbrl.cudagraphs import CudaGraphs
@@ -49,6 +50,12 @@ class Trained:
     model: Transformer
     optimizer: torch.optim.Optimizer
     lr: float
+    adapters: str | None = None  # a critic on the LoRA actor's base: "critic", its passes' adapters
+
+    def passes(self):
+        """Its forward and backward passes select its adapters (pbrl/lora.py); a model of its own
+        has nothing to select."""
+        return lora.selected(self.model, self.adapters) if self.adapters else nullcontext()
 
 
 @dataclass
@@ -103,8 +110,7 @@ class Trainer:
         timings, start = {}, time.perf_counter()
         factor = ppo.lr_factor(self.step, p.warmup_steps, p.schedule, cfg.run.steps)
         for t in filter(None, (self.actor, self.critic)):
-            for group in t.optimizer.param_groups:
-                group["lr"] = t.lr * factor
+            t.optimizer.param_groups[0]["lr"] = t.lr * factor  # (prepare.trained: one group)
         # 1-3. sample, rollout, reward; with rollout.dynamic_sampling, rounds of them
         batch = self.collect_informative(timings) if cfg.rollout.dynamic_sampling else \
             self.sample_and_score(self.step, timings)
@@ -121,8 +127,10 @@ class Trainer:
             # a KL-free run (ppo.kl_beta = 0) has no reference: KL 0
             ref = self.per_token(self.reference, "logprobs", seqs, timings, "ref_logprobs") \
                 if self.reference else None
-            values = self.per_token(self.critic.model, "values", seqs, timings, "values") \
-                if self.critic else zeros
+            values = zeros
+            if self.critic:
+                with self.critic.passes():
+                    values = self.per_token(self.critic.model, "values", seqs, timings, "values")
             # 5. advantages, and each token's weight in the loss
             with timed(timings, "advantages"):
                 kl = ppo.kl_estimate(old, ref, p.kl_estimator) if self.reference else zeros
@@ -206,7 +214,8 @@ class Trainer:
         """rollout.tensor_parallel's twin, or rollout.compile's copy in CudaGraphs' buffers."""
         if self.tp_twin is not None:
             return dist.tensor_parallel_weights(self.tp_twin, self.actor.model, self.device,
-                                                keep=self.graphs is not None)
+                                                keep=self.graphs is not None,
+                                                weight=lora.whole_weight)
         return self.graphs.policy(self.actor.model)
 
     def per_token(self, model: Transformer, output: str, seqs: tuple, timings: dict, name: str):
@@ -268,14 +277,17 @@ class Trainer:
         losses' statistics, the gradient norm before clipping)."""
         p, sums = self.cfg.ppo, {}
         micro_batches = self.micro_batches(exp.tokens, exp.lengths, exp.mask)
-        for rows in micro_batches:
-            loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
-                                  self.cfg.rollout.temperature, self.kl.beta)
-            loss.backward()
-            sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
+        with trained.passes():
+            for rows in micro_batches:
+                loss, stats = loss_fn(trained.model, exp.rows(rows), counts, p,
+                                      self.cfg.rollout.temperature, self.kl.beta)
+                loss.backward()
+                sums.update({k: sums.get(k, 0.0) + v for k, v in stats.items()})
         if trained is self.actor:  # what its passes compute: perf/update_tokens, perf/padding
             computed = losses.computed_tokens(exp, micro_batches, bool(p.micro_batch_tokens))
             sums["update_tokens"], sums["padding"] = torch.tensor(computed, device=self.device)
+        # (a LoRA critic shares the actor's model: the other's gradients are None here, as each
+        # step below leaves its own)
         norm = torch.nn.utils.clip_grad_norm_(trained.model.parameters(), p.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):  # the same on every rank: the norm is global
@@ -357,7 +369,7 @@ def save_checkpoint(trainer: Trainer) -> None:
                              {k: m.optimizer for k, m in trained.items()},
                              {"step": t.step, "kl_beta": t.kl.beta,
                               "torch_rng": torch.get_rng_state(),  # a LoRA run: what its base is
-                              **({"lora": lora.settings(c.rank, c.alpha, c.targets, t.policy_dir)}
+                              **({"lora": lora_settings(c.rank, c.alpha, c.targets, t.policy_dir)}
                                  if (c := t.cfg.lora).rank else {})},
                              source_dir=t.policy_dir, keep=t.cfg.run.keep_checkpoints)
 
@@ -369,7 +381,7 @@ def export_final(trainer: Trainer) -> None:
         ckpt, final = latest_checkpoint(trainer.out), trainer.out / "final"
         trainer.log(f"final policy: exporting {ckpt} on rank 0 (the other ranks wait)")
         if trainer.cfg.lora.rank:
-            _, adapters = lora.export_checkpoint(ckpt, final, trainer.policy_dir, trainer.dtype,
+            _, adapters = export_lora(ckpt, final, trainer.policy_dir, trainer.dtype,
                                                  overwrite=True)
             trainer.log(f"final policy: {final} (merged), its adapters: {adapters}")
         else:

@@ -27,7 +27,7 @@ def test_an_adapted_model_starts_as_its_base_and_is_its_base_with_adapters_off(t
         for p in adapters:
             p.normal_(std=0.1)
     assert not torch.allclose(logits(model, ids), base, atol=1e-4)
-    with lora.adapters_off(model):
+    with lora.selected(model, None):
         assert torch.equal(logits(model, ids), base)
     assert torch.equal(lora.AdaptersOff(model)(ids, output="logits"), base)
     # the update is W + (alpha / r) B A, as the merged weight says
@@ -35,6 +35,64 @@ def test_an_adapted_model_starts_as_its_base_and_is_its_base_with_adapters_off(t
     x = torch.randn(3, m.base.in_features)
     assert torch.allclose(m(x), x @ m.merged_weight().T + m.base.bias if m.base.bias is not None
                           else x @ m.merged_weight().T, atol=1e-5)
+
+
+def test_the_adapters_gradients_are_the_dense_weights_gradient_projected():
+    """For y = W x + s B A x the adapters' gradients follow from the merged weight's, G = dL/dW':
+    dB = s G A^T and dA = s B^T G (derived by hand), against autograd through a plain linear."""
+    g = torch.Generator().manual_seed(0)
+    m = lora.LoRALinear(torch.nn.Linear(6, 5, bias=False), rank=3, alpha=6.0, generator=g)
+    with torch.no_grad():
+        m.lora_B.normal_(generator=g)
+    x, upstream = torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
+    (m(x) * upstream).sum().backward()
+    dense = m.merged_weight().detach().requires_grad_(True)
+    (torch.nn.functional.linear(x, dense) * upstream).sum().backward()
+    G = dense.grad
+    assert torch.allclose(m.lora_B.grad, m.scale * G @ m.lora_A.detach().T, atol=1e-5)
+    assert torch.allclose(m.lora_A.grad, m.scale * m.lora_B.detach().T @ G, atol=1e-5)
+
+
+def test_the_critic_on_the_actors_base_is_a_critic_of_its_own_weights(tmp_path):
+    """A second adapter set and the value head on the same base, selected per pass: its values
+    equal those of a separate critic whose weights are the base merged with the critic's adapters
+    and the same head; the actor's logits do not see the critic's adapters; and its gradients are
+    the same when blocks are recomputed in backward (activation checkpointing runs inside the
+    selection)."""
+    from pbrl.model import Transformer
+    save_hf_model(tmp_path / "m", "llama")
+    model = load_model(tmp_path / "m", dtype=torch.float32, value_head=True)
+    ids = torch.randint(0, model.args.vocab_size, (2, 9))
+    base_logits = logits(model, ids)
+    lora.add_lora(model, rank=4, alpha=8.0, critic=True)
+    with torch.no_grad():
+        for p in lora.trained_parameters(model, "critic"):
+            p.normal_(std=0.1)
+    assert torch.equal(logits(model, ids), base_logits)  # the actor's B is still zero
+    separate = Transformer(model.args, value_head=True)
+    state = {}
+    for name, m in dict(model.named_modules()).items():
+        if isinstance(m, lora.LoRALinear):
+            w = m.base.weight
+            state[f"{name}.weight"] = w + m.scale * m.critic_B.detach() @ m.critic_A.detach()
+    for name, p in model.named_parameters():
+        if ".base." not in name and ".critic_" not in name and ".lora_" not in name:
+            state[name] = p.detach()
+    separate.load_state_dict(state, strict=False)
+    separate.inv_freq = model.inv_freq
+    shared = lora.Selected(model, "critic")
+    with torch.no_grad():
+        assert torch.allclose(shared(ids, output="values"), separate(ids, output="values"),
+                              atol=1e-5)
+    grads = []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad(set_to_none=True)
+        with lora.selected(model, "critic"):
+            model(ids, output="values").pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in lora.trained_parameters(model, "critic")])
+        assert all(p.grad is None for p in lora.trained_parameters(model, "actor"))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def test_only_the_adapters_get_gradients(tmp_path):
@@ -65,15 +123,18 @@ def test_a_lora_run_trains_adapters_only_keeps_no_reference_copy_and_exports(wor
         "lora.rank": 4, "lora.alpha": 8.0, "ppo.kl_beta": 0.1, "ppo.lr": 5e-2})),
         log=lambda *a: None)
     assert isinstance(trainer.reference, lora.AdaptersOff)
-    assert trainer.reference.model is trainer.actor.model  # no second copy of the weights
+    # no second copy of the weights: the reference, and GAE's critic, are the actor's base
+    assert trainer.reference.model is trainer.actor.model is trainer.critic.model
     params = [p for group in trainer.actor.optimizer.param_groups for p in group["params"]]
     assert all(p.dtype == torch.float32 for p in params) and len(params) == len(
         [n for n, _ in trainer.actor.model.named_parameters() if ".lora_" in n])
     before = {n: p.detach().clone() for n, p in trainer.actor.model.named_parameters()}
     trainer.run()
     after = dict(trainer.actor.model.named_parameters())
-    assert all(torch.equal(before[n], after[n]) for n in before if ".lora_" not in n)
-    assert any(not torch.equal(before[n], after[n]) for n in before if ".lora_B" in n)
+    trains = {n for n in before if ".lora_" in n or ".critic_" in n or "value_head" in n}
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in trains)
+    for moved in (".lora_B", ".critic_B", "value_head.weight"):
+        assert any(not torch.equal(before[n], after[n]) for n in before if moved in n), moved
     assert metrics(out)[-1]["kl"] != 0  # the adapted policy has moved from its base (k1 estimate)
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     ours = logits(trainer.actor.model, ids)
@@ -242,3 +303,21 @@ def test_lora_rollouts_decode_merged_copies_compiled_and_tensor_parallel(world, 
         assert torch.allclose(logits(decoder, ids), logits(trainer.actor.model, ids), atol=1e-5)
     train(world, tmp_path / "tp", 2, **LORA_RUN, **{"rollout.tensor_parallel": 2})
     assert_same_run(metrics(one), metrics(tmp_path / "tp"))
+
+
+def test_a_shared_critic_trains_alike_with_blocks_recomputed_in_backward(world, tmp_path):
+    """models.activation_checkpointing recomputes each block in backward: the critic's adapters
+    must still be the ones selected then (the update's backward runs inside the selection), or
+    its gradients would mix the actor's adapters into a critic's pass."""
+    from pbrl.config import load_config
+    from pbrl.prepare import prepare
+    runs = []
+    for recompute in ("false", "true"):
+        out = tmp_path / recompute
+        prepare(load_config(None, overrides(world, out, **{
+            "lora.rank": 4, "ppo.lr": 1e-2, "ppo.critic_lr": 1e-2, "run.steps": 3,
+            "models.activation_checkpointing": recompute})), log=lambda *a: None).run()
+        runs.append(metrics(out))
+    for a, b in zip(*runs, strict=True):
+        for key in ("value_loss", "explained_variance", "policy_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)

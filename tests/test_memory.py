@@ -203,5 +203,26 @@ def test_lora_terms_are_exact_and_the_8b_lora_config_fits_one_80_gb_gpu(tmp_path
     plan = memory.plan(cfg, 1, 300)
     assert cfg.ppo.kl_beta > 0 and not any("reference" in t for t in plan.terms)
     assert plan.peak[1] <= 40 * memory.GB
+    # PPO + GAE: the critic is adapters and a value head on the same base, no model of its own
+    cfg.ppo.advantage = "gae"
+    gae = memory.plan(cfg, 1, 300)
+    assert not any(t.startswith("critic parameters") for t in gae.terms)
+    assert gae.peak[1] <= 40 * memory.GB  # the goal: at most 75 GB
     cfg.lora.rank = 0  # the same run, full-parameter
     assert memory.plan(cfg, 1, 300).peak[1] > 80 * memory.GB
+
+
+def test_the_shared_critic_terms_are_the_bytes_of_its_adapters_and_value_head(tmp_path):
+    from pbrl import lora
+    from pbrl.config import load_config
+    save_hf_model(tmp_path / "small", "llama")
+    model = load_model(tmp_path / "small", dtype=torch.bfloat16, value_head=True)
+    lora.add_lora(model, rank=4, alpha=8.0, critic=True)
+    small = str(tmp_path / "small")
+    cfg = load_config(None, ["--models.policy", small, "--models.pivot", small, "--lora.rank", "4",
+                             "--ppo.advantage", "gae", "--reward.kind", "exact_match"])
+    plan = memory.plan(cfg, 1, 50)
+    for which, term in (("actor", "actor adapters"), ("critic", "critic adapters")):
+        real = sum(p.numel() * p.element_size() for p in lora.trained_parameters(model, which))
+        assert plan.terms[f"{term} parameters (fp32)"] == real, which
+    assert "critic parameters (fp32)" not in plan.terms
