@@ -210,6 +210,10 @@ def test_lora_terms_are_exact_and_the_8b_lora_config_fits_one_80_gb_gpu(tmp_path
     assert gae.peak[1] <= 40 * memory.GB  # the goal: at most 75 GB
     cfg.lora.rank = 0  # the same run, full-parameter
     assert memory.plan(cfg, 1, 300).peak[1] > 80 * memory.GB
+    # the smallest card: 24 GB, with 2 GB left for the CUDA context and the allocator
+    small = load_config(str(ROOT / "configs" / "llama31_8b_lora_24gb.toml"), [
+        "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
+    assert memory.plan(small, 1, 300).peak[1] <= 22 * memory.GB
 
 
 def test_the_shared_critic_terms_are_the_bytes_of_its_adapters_and_value_head(tmp_path):
