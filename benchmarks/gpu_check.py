@@ -17,6 +17,9 @@
                  over the tokens it computes (also with eager blocks),
                  peak memory against pbrl.memory's plan (on the CPU the peak is the process's RSS)
      checkpoint  the time to save, load and export (bf16, streamed) a DCP checkpoint of its actor
+     lora        the same PPO run with LoRA adapters (a frozen bf16 base, GAE's critic as adapters
+                 on it): its times and peak memory against the full-parameter run's and the plan;
+                 decoding through the adapters unmerged against a merged copy (eager, compiled)
      decode_profile  a profiled batch-1 compiled decoding step: wall time against the GPU's busy
                  time, and the top kernels
 --checks runs some of these, in its order; --update keeps the report's other sections
@@ -299,7 +302,7 @@ def check_precision(args: ModelArgs, device: torch.device) -> dict:
 
 
 def check_training(args: ModelArgs, device: torch.device, steps: int,
-                   work: Path) -> tuple[dict, object]:
+                   work: Path, extra: dict | None = None) -> tuple[dict, object]:
     """A few PPO iterations of the real Trainer on a random model in these shapes (agreement reward:
     no other model needed; the pivot cache is written from the problems' own answers), its blocks
     compiled (models.compile, on CUDA); then one more under the profiler, and one with the blocks
@@ -335,7 +338,7 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
                 "rollout.samples_per_prompt": 4, "rollout.max_new_tokens": 16 if small else 256,
                 "ppo.micro_batch_tokens": 512 if small else 8192, "run.steps": steps + 2,
                 "run.out_dir": work / "run",
-                "run.checkpoint_every": "off"}
+                "run.checkpoint_every": "off", **(extra or {})}
     cfg = load_config(None,
                       [x for key, value in settings.items() for x in (f"--{key}", str(value))])
     if cuda:
@@ -379,12 +382,60 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
         result["one_iteration_profiled"] = profiled(lambda: trainer.run(1))
         if cuda:  # the same run, one more iteration with every block eager
             for model in (trainer.actor.model, trainer.critic.model, trainer.reference):
-                for layer in model.layers:
+                for layer in getattr(model, "layers", []):  # (a LoRA reference: the actor)
                     layer.compiled_forward = None
             result["eager_blocks"] = throughput(trainer.run(1)[-1])
     except Exception:
         result["failed"] = traceback.format_exc(limit=-6)
     return result, trainer
+
+
+def check_lora(args: ModelArgs, device: torch.device, steps: int, work: Path,
+               full: dict | None, new_tokens: int, free: dict) -> dict:
+    """The training check's run with LoRA (rank 16 on every projection, a frozen bf16 base; GAE's
+    critic as adapters on that base, the KL reference the base with the adapters off): seconds per
+    step and per update, and peak memory against the plan and against the full-parameter run of
+    the same command (when it ran); then greedy decoding at batch 1 and 64 through the adapters
+    unmerged (the actor, eager) against a copy with them merged (eager, and compiled on CUDA), the
+    choice docs/scale.md leaves to this measurement."""
+    from pbrl import lora
+    from pbrl.model import empty_like
+    free.clear()  # the full-parameter trainer: its memory is not the LoRA run's peak
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    (work / "lora").mkdir()
+    result, trainer = check_training(args, device, steps, work / "lora",
+                                     {"lora.rank": 16, "lora.alpha": 32.0})
+    for key in ("update_tflops", "update_mfu", "eager_blocks"):  # full-parameter FLOPs: not these
+        result.pop(key, None)
+    if full and not isinstance(full, str):
+        result["update_s_vs_full"] = round(result["update_s"] / full["update_s"], 3)
+        result["peak_vs_full"] = round(result["peak_memory_gb"] / full["peak_memory_gb"], 3)
+    actor = trainer.actor.model
+    with torch.no_grad():
+        for name, p in actor.named_parameters():
+            if ".lora_B" in name:  # adapters away from zero, as after training
+                p.normal_(std=0.01)
+        merged = empty_like(actor, trainer.dtype, device)
+        for name, p in merged.named_parameters():
+            p.copy_(lora.whole_weight(actor, name, p.dtype))
+    rows = []
+    for batch in (1, 64):
+        g = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(0, args.vocab_size, (48,), generator=g).tolist()
+                   for _ in range(batch)]
+        cuda = device.type == "cuda"
+        modes = [("unmerged, eager", actor, None), ("merged, eager", merged, None)] + \
+            ([("merged, compiled", merged, CudaGraphs())] if cuda else [])
+        for mode, model, graphs in modes:
+            def run(model=model, graphs=graphs):
+                return sampler.generate(model, prompts, new_tokens, graphs=graphs).tokens
+            seconds(run)  # warm-up (compiles)
+            t = min(seconds(run)[0] for _ in range(3))
+            rows.append({"batch": batch, "mode": mode, "tok_s": round(batch * new_tokens / t, 1)})
+            print(f"lora decoding: {rows[-1]}", flush=True)
+    result["decoding"] = rows
+    return result
 
 
 def check_checkpoint(trainer, work: Path) -> dict:
@@ -432,6 +483,8 @@ SECTIONS = {  # key: (title, how its result renders)
     "checkpoint": ("Training checkpoint (DCP: actor and its AdamW state) of the PPO run",
                    lambda r: [
         "```json", json.dumps(r, indent=1), "```"]),
+    "lora": ("LoRA: the PPO run with adapters (rank 16), and decoding merged vs unmerged",
+             lambda r: ["```json", json.dumps(r, indent=1), "```"]),
 }
 
 
@@ -468,7 +521,7 @@ def main(argv=None):
                     help="tokens each decoding check generates (the profiled one half of them)")
     ap.add_argument("--checks", default=",".join(SECTIONS),
                     help="which checks to run, in this order "
-                    "(checkpoint needs training)")
+                    "(checkpoint needs training, and runs before lora, which frees it)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"),
                     help="the report; its results are kept beside it as JSON, and a later run with "
                          "--update replaces only the sections it runs")
@@ -476,8 +529,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     checks = args.checks.split(",")
     unknown = set(checks) - set(SECTIONS)
-    if unknown or ("checkpoint" in checks and "training" not in checks):
-        ap.error(f"--checks takes some of {', '.join(SECTIONS)} (checkpoint with training); got "
+    late = "checkpoint" in checks and "lora" in checks and \
+        checks.index("lora") < checks.index("checkpoint")
+    if unknown or late or ("checkpoint" in checks and "training" not in checks):
+        ap.error(f"--checks takes some of {', '.join(SECTIONS)} (checkpoint with training, before "
+                 f"lora); got "
                  f"{args.checks}")
     import triton
     device = dist.resolve_device(args.device)
@@ -507,6 +563,9 @@ def main(argv=None):
                                            args.new_tokens),
         "decode_profile": lambda: check_decode_profile(model_args, device, args.new_tokens // 2),
         "checkpoint": lambda: check_checkpoint(trained["trainer"], work),
+        "lora": lambda: check_lora(model_args, device, args.steps, work,
+                                   sections.get("training", {}).get("result"),
+                                   args.new_tokens, free=trained),
     }
     failed = False
     try:

@@ -163,6 +163,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path, monkeypatch):
     assert '"planned_peak_gb"' in text and '"export_bf16_s"' in text and "FAILED" not in text
     assert "| sample_tokens T=1 log-prob | bfloat16 | pytorch |" in text and "| 4 | eager |" in text
     assert '"gpu_busy_ms_per_step"' in text and '"one_iteration_profiled"' in text
+    assert '"update_s_vs_full"' in text and '"merged, eager"' in text  # the LoRA check
     # --update reruns some checks and keeps the other sections of the last run (each names its
     # command); here, in this process, as the command line was tried just above.
     from benchmarks import gpu_check
