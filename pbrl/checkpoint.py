@@ -142,7 +142,9 @@ def read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded,
     """The expected tensors (by `ours`: a stored name -> the model's), each shape-, dtype- and
     finiteness-checked: whole into the returned dict, or (sharded: the model whose parameters are
     DTensors) each rank's own rows copied into its parameters."""
-    params = dict(sharded.named_parameters()) if sharded is not None else {}
+    # (a LoRA base's projections hold their weight as `base`: read under the plain name)
+    params = {n.replace(".base.", "."): p for n, p in sharded.named_parameters()} \
+        if sharded is not None else {}
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         if ours(name) in expected:

@@ -29,21 +29,20 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (`base`) plus trained low-rank updates: the actor's (lora_A, lora_B) and,
     for a critic on the same base, the critic's (critic_A, critic_B). `active` says which one a
-    pass adds: "actor" (the default), "critic", or None (the base alone)."""
+    pass adds: "actor" (the default), "critic", or None (the base alone). Built uninitialised:
+    `init_adapters` draws them."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.lora_A, self.lora_B = self.new_pair(rank, generator)
+        self.lora_A, self.lora_B = self.new_pair(rank)
         self.scale, self.active = alpha / rank, "actor"
 
-    def new_pair(self, rank: int, generator: torch.Generator) -> tuple[nn.Parameter, nn.Parameter]:
-        """A [rank, in] as PEFT initialises it (Kaiming uniform), B [out, rank] zero: fp32."""
-        a = torch.empty(rank, self.base.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # PEFT's default
+    def new_pair(self, rank: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """A [rank, in] and B [out, rank], fp32, on the base's device (meta when built to shard)."""
         device = self.base.weight.device
-        return nn.Parameter(a.to(device)), nn.Parameter(torch.zeros(self.base.out_features, rank,
-                                                                    device=device))
+        return (nn.Parameter(torch.empty(rank, self.base.in_features, device=device)),
+                nn.Parameter(torch.empty(self.base.out_features, rank, device=device)))
 
     def forward(self, x):
         y = self.base(x)
@@ -65,14 +64,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: i
     """Freeze the model and put a LoRALinear around every nn.Linear named in `targets`; returns the
     actor's adapters (what its optimizer gets). critic: a second set of adapters beside them, and
     the model's value head trained (in fp32), for a critic on the same base
-    (`trained_parameters`); the actor's adapters are drawn first: the same with it or without."""
+    (`trained_parameters`). The adapters are drawn (init_adapters) unless the model is on the
+    meta device, to be sharded first: then init_adapters draws them after loading."""
     model.requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
     for module in list(model.modules()):
         for name in targets:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, rank, alpha, g))
+                setattr(module, name, LoRALinear(child, rank, alpha))
     adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
     if not adapters:
         raise ValueError(f"lora.targets {list(targets)}: the model has no such projection")
@@ -80,9 +79,31 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: i
         if model.value_head is None:
             raise ValueError("a critic on the LoRA base needs the model's value head")
         for m in lora_modules(model).values():
-            m.critic_A, m.critic_B = m.new_pair(rank, g)
+            m.critic_A, m.critic_B = m.new_pair(rank)
         model.value_head.float().requires_grad_(True)
+    if not adapters[0].is_meta:
+        init_adapters(model, seed)
     return adapters
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Every A as PEFT initialises it (Kaiming uniform, drawn whole from one generator seeded by
+    `seed`, in module order: the actor's, then the critic's), every B zero, so the model starts as
+    its base: on any number of ranks the same, each FSDP shard taking its own rows."""
+    from pbrl.checkpoint import shard_rows
+    g = torch.Generator().manual_seed(seed)
+    modules = list(lora_modules(model).values())
+    pairs = [(m.lora_A, m.lora_B) for m in modules]
+    pairs += [(m.critic_A, m.critic_B) for m in modules if hasattr(m, "critic_A")]
+    for a, b in pairs:
+        whole = torch.empty(a.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=g)  # PEFT's default
+        local = a.to_local() if isinstance(a, DTensor) else a
+        start, stop = shard_rows(a.shape[0], a.device_mesh) if isinstance(a, DTensor) else \
+            (0, a.shape[0])
+        local.copy_(whole[start:stop])
+        (b.to_local() if isinstance(b, DTensor) else b).zero_()
 
 
 def trained_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:

@@ -188,13 +188,10 @@ def pivot_references(cfg: Config, cache: Path, english: list[Problem], dtype, de
     return match_references(cache, english)
 
 
-def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: bool = False,
-         whole: bool = False):
+def load(cfg: Config, path: str, dtype, device, compute_dtype=None, value_head: bool = False):
     """Stored in dtype, computed in compute_dtype; under several ranks (or mixed precision) built
-    sharded, each rank reading only its part of the checkpoint, unless `whole` (a LoRA base, which
-    one process holds whole in its compute dtype)."""
-    shard = (lambda model: dist.shard(model, compute_dtype)) \
-        if dist.is_distributed() and not whole else None
+    sharded, each rank reading only its part of the checkpoint."""
+    shard = (lambda model: dist.shard(model, compute_dtype)) if dist.is_distributed() else None
     model = load_model(path, dtype=dtype, device=device, value_head=value_head, shard=shard)
     model.activation_checkpointing = cfg.models.activation_checkpointing
     if cfg.models.compile:
@@ -206,14 +203,25 @@ def lora_models(cfg: Config, dtype, device) -> tuple[Trained, Trained | None]:
     """The policy as LoRA trains it (pbrl/lora.py): the base in the compute dtype, frozen, with
     fp32 adapters that alone the actor's optimizer holds; and for GAE without a models.critic of its
     own, the critic on the same base (its own adapters and the value head, config.shared_critic).
-    Under FSDP2 each rank reads the whole base, adds the same adapters (seeded) and shards both
-    together, each computed in its own dtype: the whole base in the compute dtype passes through
-    every rank's memory once, at load."""
-    shared = shared_critic(cfg)
-    model = load(cfg, cfg.models.policy, dtype, device, value_head=shared, whole=True)
-    lora.add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.run.seed,
-                  critic=shared)
-    dist.shard(model)  # (it replaces the parameters: they are listed after it)
+    Under FSDP2 the adapted model is built on the meta device and sharded (base and adapters in the
+    same units, each computed in its own dtype), each rank reads only its rows of the base, and
+    init_adapters draws the adapters whole from the seed and keeps each rank's rows: no rank holds
+    the whole base."""
+    shared, c = shared_critic(cfg), cfg.lora
+
+    def adapt(model):  # on the meta device when sharded: init_adapters draws them after the load
+        lora.add_lora(model, c.rank, c.alpha, c.targets, seed=cfg.run.seed, critic=shared)
+        return model
+    sharded = dist.is_distributed()
+    model = load_model(cfg.models.policy, dtype=dtype, device=device, value_head=shared,
+                       shard=(lambda m: dist.shard(adapt(m))) if sharded else None)
+    if sharded:
+        lora.init_adapters(model, cfg.run.seed)
+    else:
+        adapt(model)
+    model.activation_checkpointing = cfg.models.activation_checkpointing
+    if cfg.models.compile:
+        model.compile_blocks()
     actor = trained(cfg, model, cfg.ppo.lr, lora.trained_parameters(model, "actor"))
     critic = trained(cfg, model, cfg.ppo.critic_lr, lora.trained_parameters(model, "critic"),
                      adapters="critic") if shared else None

@@ -41,7 +41,8 @@ def test_the_adapters_gradients_are_the_dense_weights_gradient_projected():
     """For y = W x + s B A x the adapters' gradients follow from the merged weight's, G = dL/dW':
     dB = s G A^T and dA = s B^T G (derived by hand), against autograd through a plain linear."""
     g = torch.Generator().manual_seed(0)
-    m = lora.LoRALinear(torch.nn.Linear(6, 5, bias=False), rank=3, alpha=6.0, generator=g)
+    m = lora.LoRALinear(torch.nn.Linear(6, 5, bias=False), rank=3, alpha=6.0)
+    lora.init_adapters(m, seed=0)
     with torch.no_grad():
         m.lora_B.normal_(generator=g)
     x, upstream = torch.randn(4, 6, generator=g), torch.randn(4, 5, generator=g)
