@@ -456,9 +456,10 @@ def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     with disk_full_named(tmp):
-        dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp)
+        dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp, process_group=dist.group())
         if rank == 0:
-            torch.save({**trainer_state, "world_size": dist.init()[1]}, tmp / TRAINER_FILE)
+            world = torch.distributed.get_world_size(dist.group()) if dist.is_distributed() else 1
+            torch.save({**trainer_state, "world_size": world}, tmp / TRAINER_FILE)
             for name, model in models.items():
                 config = model.args.to_hf_config(next(model.parameters()).dtype,
                                                  model.lm_head is None)
@@ -540,7 +541,7 @@ def load_training_checkpoint(ckpt: Path, models: dict[str, Transformer],
         check_same_model(ckpt, name, model, metadata, optimizers.get(name))
     state = sharded_state(models, optimizers)
     try:
-        dcp.load(state, checkpoint_id=ckpt)
+        dcp.load(state, checkpoint_id=ckpt, process_group=dist.group())
     except (Exception, dcp.api.CheckpointException) as e:
         # DCP gathers each rank's failure (a truncated shard, an unpickling error) into a
         # CheckpointException, a BaseException

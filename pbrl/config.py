@@ -99,6 +99,11 @@ class RolloutConfig:
     overlong: str = setting("off", "what becomes of responses cut at max_new_tokens (filter: "
                                    "out of the loss)", choices=OVERLONG)
     overlong_buffer: int = setting(16, "the overlong penalty's ramp, in tokens", gt=0)
+    # separate: the last `ranks` ranks decode and score, the others train (pbrl/pipeline.py)
+    placement: str = setting("colocated", "where rollouts run: on the training ranks between "
+                                          "updates, or on rollout ranks of their own, one step "
+                                          "off-policy", choices=("colocated", "separate"))
+    ranks: int = setting(1, "placement separate: the rollout ranks, one per training rank", gt=0)
 
 
 @dataclass
@@ -414,13 +419,31 @@ def validate(cfg: Config, world_size: int) -> None:
                                     f"id 'org/name')")
 
 
+def pipeline_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
+    """rollout.placement = separate: what its first version does (pbrl/pipeline.py)."""
+    r, separate = cfg.rollout, "rollout.placement = separate"
+    return [(not cfg.run.resume, f"{separate}: resuming is not built yet (the batch in flight was "
+                                 f"drawn with the weights before the checkpoint's)"),
+            (world_size == 2 * r.ranks, f"{separate} pairs each training rank with a rollout rank "
+                                        f"of its own: rollout.ranks = {r.ranks} needs "
+                                        f"{2 * r.ranks} ranks, got {world_size}"),
+            (r.tensor_parallel == 1 and not r.compile and not r.dynamic_sampling
+             and not cfg.lora.rank, f"{separate} does not decode tensor-parallel or compiled, "
+                                    f"sample dynamically or train LoRA yet"),
+            (not cfg.data.eval_path, f"{separate}: evaluation during the run is not built yet: "
+                                     f"set data.eval_path \"\" (eval.py evaluates final/)")]
+
+
 def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
-    """(holds, message) of each check that reads more than one field."""
+    """(holds, message) of each check that reads more than one field; world_size counts the
+    training ranks (rollout.placement separate: the others decode)."""
     r, p, w = cfg.rollout, cfg.ppo, cfg.reward
-    per_rank = r.prompts_per_step // world_size * r.samples_per_prompt
+    pipeline = pipeline_checks(cfg, world_size) if r.placement == "separate" else []
+    world_size = world_size - r.ranks if r.placement == "separate" else world_size
+    per_rank = r.prompts_per_step // max(world_size, 1) * r.samples_per_prompt
     weights = (w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight,
                w.language_weight)
-    return [
+    return pipeline + [
         (world_size % r.tensor_parallel == 0,
          f"rollout.tensor_parallel={r.tensor_parallel} must divide the world size {world_size} "
          f"(ranks decode in groups of that many)"),

@@ -14,6 +14,10 @@ from torch.distributed.fsdp import FSDPModule
 
 DEFAULT_TIMEOUT_MINUTES = 60.0  # run.timeout_minutes' default
 _timeout_minutes: float | None = None  # the process group's, when init created it
+# rollout.placement separate (split): the group this rank's collectives run in (None: every rank)
+# and the training ranks' FSDP2 mesh (None: every rank's)
+_group = None
+_mesh = None
 
 
 def init(one_rank_group: bool = False,
@@ -71,6 +75,30 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def split(rollout_ranks: int, device: torch.device) -> tuple[bool, int, int, object]:
+    """rollout.placement separate: the first world - n ranks train, the last n decode and score
+    (pbrl/pipeline.py). From here this rank's collectives (and the training ranks' FSDP2) run among
+    its own kind. Returns (trains, rank among its kind, their number, the group in which training
+    rank 0 broadcasts the weights to the rollout ranks). Every rank calls it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    global _group, _mesh
+    world, rank = dist.get_world_size(), dist.get_rank()
+    trainers = world - rollout_ranks
+    groups = dist.new_group(list(range(trainers))), dist.new_group(list(range(trainers, world)))
+    stream = dist.new_group([0, *range(trainers, world)])
+    trains = rank < trainers
+    _group = groups[0] if trains else groups[1]
+    _mesh = DeviceMesh.from_group(groups[0], device.type) if trains else None
+    if trains:
+        return True, rank, trainers, stream
+    return False, rank - trainers, rollout_ranks, stream
+
+
+def group():
+    """The group this rank's collectives run in: every rank (None), or its kind's (split)."""
+    return _group
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -115,8 +143,8 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> t
                               reduce_dtype=torch.float32) if compute_dtype is not None \
         else MixedPrecisionPolicy()
     for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=_mesh, mp_policy=mp)
+    fully_shard(model, mesh=_mesh, mp_policy=mp)
     # Sum, not average, the ranks' gradients: losses are already divided by the global token count,
     # so the sum is exactly the gradient one process would compute on the whole batch.
     for unit in model.modules():
@@ -147,7 +175,7 @@ def gathered(model: torch.nn.Module):
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_group)
     return x
 
 
@@ -155,14 +183,14 @@ def all_gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
     if not is_distributed():
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(_group)
+    dist.all_gather_object(out, obj, group=_group)
     return out
 
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=_group)
 
 
 def timed_out(error: BaseException) -> str | None:

@@ -66,32 +66,24 @@ def prepare(cfg: Config, log=print) -> Trainer:
     policy_dir, tokenizer = check_checkpoints(cfg)
     prompts = render_prompts(cfg, tokenizer, train, load_args(policy_dir).max_position_embeddings)
     longest = max(map(len, prompts.values()))
+    separate = cfg.rollout.placement == "separate"
     if device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
-        memory.check_fits(memory.plan(cfg, world, longest),
+        memory.check_fits(memory.plan(cfg, world - cfg.rollout.ranks * separate, longest),
                           torch.cuda.get_device_properties(device).total_memory)
     references = pivot_references(cfg, pivot_cache, english, dtype, device, log)
-    compute = None if dtype == torch.float32 else dtype
-    actor, critic = lora_models(cfg, dtype, device) if cfg.lora.rank else \
-        (trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr),
-         None)
-    if cfg.ppo.uses_critic() and critic is None:
-        model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute,
-                     True)
-        critic = trained(cfg, model, cfg.ppo.critic_lr)
-    reference = None
-    if cfg.ppo.uses_reference():  # under LoRA: the actor with its adapters off, no second model
-        path = cfg.models.reference or cfg.models.policy
-        reference = lora.AdaptersOff(actor.model) if cfg.lora.rank else \
-            load(cfg, path, dtype, device).requires_grad_(False)
-    trainer = Trainer(
-        cfg=cfg, log=log, rank=rank, world=world, device=device, dtype=dtype, out=out, lock=lock,
-        tokenizer=tokenizer, policy_dir=policy_dir, train_problems=train, prompts=prompts,
-        eval_problems=held_out, references=references, actor=actor, critic=critic,
-        reference=reference,
-        reward=build_reward(cfg.reward, cfg.models.embedder, cfg.models.translator, dtype,
-                               device),
-        kl=ppo.AdaptiveKLController(cfg.ppo.kl_beta, cfg.ppo.kl_target, cfg.ppo.kl_horizon),
-        sampling=rollout_sampling(cfg, tokenizer, device))
+    common = dict(cfg=cfg, log=log, device=device, dtype=dtype, out=out, lock=lock,
+                  tokenizer=tokenizer, policy_dir=policy_dir, train_problems=train,
+                  prompts=prompts, eval_problems=held_out, references=references,
+                  kl=ppo.AdaptiveKLController(cfg.ppo.kl_beta, cfg.ppo.kl_target,
+                                              cfg.ppo.kl_horizon),
+                  sampling=rollout_sampling(cfg, tokenizer, device))
+    if separate:
+        return separate_ranks(cfg, common)
+    actor, critic, reference = trained_models(cfg, dtype, device)
+    trainer = Trainer(**common, rank=rank, world=world, actor=actor, critic=critic,
+                      reference=reference, reward=build_reward(cfg.reward, cfg.models.embedder,
+                                                               cfg.models.translator, dtype,
+                                                               device))
     if cfg.rollout.tensor_parallel > 1:
         trainer.tp_group = dist.tensor_parallel_group(cfg.rollout.tensor_parallel, device)
         trainer.tp_twin = dist.tensor_parallel_twin(actor.model, trainer.tp_group, dtype, device)
@@ -104,6 +96,45 @@ def prepare(cfg: Config, log=print) -> Trainer:
     if cfg.run.resume:
         resume(trainer)
     return trainer
+
+
+def trained_models(cfg: Config, dtype, device) -> tuple[Trained, Trained | None, object]:
+    """(the actor, the critic (None: a critic-free estimator), the frozen KL reference (None: a
+    KL-free run; under LoRA the actor with its adapters off, no second model))."""
+    compute = None if dtype == torch.float32 else dtype
+    actor, critic = lora_models(cfg, dtype, device) if cfg.lora.rank else \
+        (trained(cfg, load(cfg, cfg.models.policy, torch.float32, device, compute), cfg.ppo.lr),
+         None)
+    if cfg.ppo.uses_critic() and critic is None:
+        model = load(cfg, cfg.models.critic or cfg.models.policy, torch.float32, device, compute,
+                     True)
+        critic = trained(cfg, model, cfg.ppo.critic_lr)
+    reference = None
+    if cfg.ppo.uses_reference():
+        path = cfg.models.reference or cfg.models.policy
+        reference = lora.AdaptersOff(actor.model) if cfg.lora.rank else \
+            load(cfg, path, dtype, device).requires_grad_(False)
+    return actor, critic, reference
+
+
+def separate_ranks(cfg: Config, common: dict) -> Trainer:
+    """rollout.placement separate (pbrl/pipeline.py): the training ranks build the trained models
+    (FSDP2 among themselves) and get their batches from their rollout ranks; a rollout rank holds a
+    whole copy of the actor in the compute dtype, which the training ranks' weights refresh, and
+    the reward."""
+    from pbrl.pipeline import PipelinedTrainer, RolloutWorker
+    device, dtype = common["device"], common["dtype"]
+    trains, rank, world, stream = dist.split(cfg.rollout.ranks, device)
+    if trains:
+        actor, critic, reference = trained_models(cfg, dtype, device)
+        return PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
+                                reference=reference, reward=None, partner=world + rank,
+                                stream=stream)
+    copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
+    return RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
+                         critic=None, reference=None, partner=rank, stream=stream,
+                         reward=build_reward(cfg.reward, cfg.models.embedder,
+                                             cfg.models.translator, dtype, device))
 
 
 def rollout_sampling(cfg: Config, tokenizer: Tokenizer, device) -> Sampling:

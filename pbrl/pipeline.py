@@ -1,0 +1,121 @@
+"""Rollouts that overlap training (rollout.placement = separate): one step off-policy.
+
+The first world - n ranks train (FSDP2 among themselves), the last n decode and score, rollout
+rank j paired with training rank j (pbrl/distributed.py's `split`). W_t is the policy after t
+updates. Batch t is drawn with W_(t-1) (batches 0 and 1 with W_0), so while the training ranks
+update on batch t, the rollout ranks draw batch t+1:
+
+    training ranks  send W_0 | get b_0 | update on b_0      | send W_1 | get b_1 | update on b_1
+    rollout ranks   get W_0  | draw b_0 | send b_0, draw b_1 | get W_1  | send b_1, draw b_2 (W_1)
+
+Which weights drew which batch is a function of the step alone. The weights go tensor by tensor:
+each gathered whole among the training ranks in the compute dtype (one at a time; no rank holds
+the gathered model), broadcast by training rank 0 straight into the parameters the rollout rank's
+sampler reads. A batch goes from a rollout rank to its training rank as one object (on the CPU).
+The objective is the decoupled one: the sampler's log-probs are the behaviour policy's, the
+training ranks recompute the proximal (old) policy's, and ppo.rollout_correction weighs the two.
+docs/scale.md says when separate rollout ranks pay.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from pbrl import distributed as dist
+from pbrl import rollout
+from pbrl.sampler import Completions
+from pbrl.trainer import Step, Trainer, timed
+
+STALENESS = 1  # updates between the weights that drew a batch and the update that learns from it
+
+
+@dataclass
+class PipelinedTrainer(Trainer):
+    """A training rank: its batches come from its rollout rank, and after each update it streams
+    the actor's weights to the rollout ranks."""
+    partner: int = -1                       # the global rank of my rollout rank
+    stream: object = None                   # training rank 0 and the rollout ranks
+    pending: rollout.Groups | None = None   # the next step's batch, received
+
+    def sample_and_score(self, draw: int, timings: dict) -> rollout.Groups:
+        if self.pending is None:  # the run's first step: the rollout ranks start from my weights
+            stream_weights(self, timings)
+            self.pending = receive(self.partner, timings)
+        batch, self.pending = self.pending, None
+        return batch
+
+    def train_step(self) -> Step:
+        step = super().train_step()
+        if self.step + 1 < self.cfg.run.steps:  # W_(t+1) out, batch t+1 (drawn with W_t) in
+            start = time.perf_counter()
+            stream_weights(self, step.timings)
+            self.pending = receive(self.partner, step.timings)
+            step.seconds += time.perf_counter() - start
+        step.batch.stats["pipeline/staleness"] = STALENESS
+        return step
+
+
+@dataclass
+class RolloutWorker(Trainer):
+    """A rollout rank: draws and scores its training rank's share of every step's problems, with
+    the weights streamed to it (actor: a whole copy in the compute dtype, no optimizer)."""
+    partner: int = -1
+    stream: object = None
+
+    def run(self, steps: int | None = None) -> list[dict]:
+        """Batches run.step.. until run.steps, in the training ranks' order (the module's
+        timeline); it reports, in each batch, its drawing's seconds and how long this rank waited
+        before it (for the weights and for its training rank to take the batch before)."""
+        start, end = self.step, self.cfg.run.steps
+        if start < end:
+            receive_weights(self)  # W_start
+        idle = 0.0
+        for k in range(start, end):
+            batch, busy = self.draw(k)  # with W_start (k <= start + 1), else W_(k-1)
+            batch.stats.update({"pipeline/rollout_busy_s": busy, "pipeline/rollout_idle_s": idle})
+            t0 = time.perf_counter()
+            if k > start:
+                receive_weights(self)  # W_k, which draws batch k + 1
+            tdist.send_object_list([batch], dst=self.partner)
+            idle = time.perf_counter() - t0
+        return []
+
+    def draw(self, k: int) -> tuple[rollout.Groups, float]:
+        start = time.perf_counter()
+        batch = self.sample_and_score(k, {})
+        c = batch.completions
+        cpu = batch._replace(completions=Completions(*(t.cpu() for t in c)),
+                             rewards={name: v.cpu() for name, v in batch.rewards.items()},
+                             keep=batch.keep.cpu(), stats=dict(batch.stats))
+        return cpu, time.perf_counter() - start
+
+
+@torch.no_grad()
+def stream_weights(trainer: PipelinedTrainer, timings: dict) -> None:
+    """Every actor tensor gathered whole among the training ranks in the compute dtype, one at a
+    time, and broadcast by training rank 0 to the rollout ranks (a collective of both kinds)."""
+    model = trainer.actor.model
+    with timed(timings, "stream_weights"):
+        for name, _ in model.named_parameters():
+            whole = dist.whole_parameter(model, name, trainer.dtype).detach().contiguous()
+            if trainer.rank == 0:
+                tdist.broadcast(whole, src=0, group=trainer.stream)
+            del whole
+
+
+@torch.no_grad()
+def receive_weights(worker: RolloutWorker) -> None:
+    """The streamed weights, in order, into the parameters the sampler reads."""
+    for _, param in worker.actor.model.named_parameters():
+        tdist.broadcast(param.data, src=0, group=worker.stream)
+
+
+def receive(partner: int, timings: dict) -> rollout.Groups:
+    """The batch my rollout rank drew (its tensors on the CPU)."""
+    with timed(timings, "wait_for_rollouts"):
+        box = [None]
+        tdist.recv_object_list(box, src=partner)
+    return box[0]
