@@ -224,14 +224,17 @@ def test_a_lora_checkpoint_holds_the_adapters_and_their_optimizer_only(world, tm
     assert weights and all(".lora_" in k for k in weights)  # no base tensor stored
 
 
-@pytest.fixture(scope="module")
-def lora_runs(world, tmp_path_factory):
-    """One 3-step LoRA run (GAE's critic full, KL against the adapters-off base), checkpointed at
-    steps 2 and 3, on 1 process and on 2 (torchrun, gloo, FSDP2: base and adapters sharded)."""
+def lora_runs(world, root):
+    """One 3-step LoRA run (GAE's critic on the same base, KL against the adapters-off base),
+    checkpointed at steps 2 and 3: in one process, and on 2 ranks (torchrun, gloo, FSDP2: base
+    and adapters sharded) whose rollouts decode as one tensor-parallel group on a twin holding the
+    merged weights."""
+    from pbrl.config import load_config
+    from pbrl.prepare import prepare
     from test_train import train
-    root = tmp_path_factory.mktemp("lora_runs")
-    for ranks, name in ((1, "one"), (2, "two")):
-        train(world, root / name, ranks, **LORA_RUN)
+    prepare(load_config(None, overrides(world, root / "one", **LORA_RUN)),
+            log=lambda *a: None).run()
+    train(world, root / "two", 2, **LORA_RUN, **{"rollout.tensor_parallel": 2})
     return root / "one", root / "two"
 
 
@@ -240,11 +243,21 @@ LORA_RUN = {"lora.rank": 4, "lora.alpha": 8.0, "ppo.kl_beta": 0.1, "ppo.lr": 1e-
 
 
 def test_a_two_rank_lora_run_matches_one_and_its_checkpoint_holds_the_adapters_only(world,
-                                                                                    lora_runs):
+                                                                                    tmp_path,
+                                                                                    monkeypatch):
+    """lora_runs' two runs agree; the 2-rank checkpoint holds the adapters only, resumes on 1 rank
+    as the 1-rank run continues, and the 1-rank run compiled (a merged decoding copy) agrees too.
+    (One test: the runs are built once.)"""
+    one, two = lora_runs(world, tmp_path / "runs")
+    two_rank_checks(world, one, two)
+    resumed_on_one_rank(world, one, two, tmp_path)
+    compiled_with_a_merged_copy(world, one, tmp_path, monkeypatch)
+
+
+def two_rank_checks(world, one, two):
     from conftest import hf_tensors
     from pbrl.checkpoint import checkpoint_metadata
     from test_train import assert_same_run
-    one, two = lora_runs
     assert len(metrics(one)) == 3 and metrics(one)[-1]["kl"] != 0
     assert_same_run(metrics(one), metrics(two))
     w1, w2, base = (hf_tensors(d) for d in (one / "final", two / "final", world / "policy"))
@@ -261,14 +274,12 @@ def test_a_two_rank_lora_run_matches_one_and_its_checkpoint_holds_the_adapters_o
     assert sum(v for k, v in stored.items() if k.startswith("actor.optim.")) == 2 * adapter_bytes
 
 
-def test_a_two_rank_lora_checkpoint_resumes_on_one_rank_as_the_one_rank_run(world, lora_runs,
-                                                                             tmp_path):
+def resumed_on_one_rank(world, one, two, tmp_path):
     import shutil
 
     from pbrl.config import load_config
     from pbrl.prepare import prepare
     from test_train import assert_same_run
-    one, two = lora_runs
     out = shutil.copytree(two, tmp_path / "two_to_one")
     for later in ("checkpoints/step_000003", "final", "final-adapter"):
         shutil.rmtree(out / later)
@@ -279,17 +290,14 @@ def test_a_two_rank_lora_checkpoint_resumes_on_one_rank_as_the_one_rank_run(worl
     assert_same_run(metrics(one), metrics(out))
 
 
-def test_lora_rollouts_decode_merged_copies_compiled_and_tensor_parallel(world, lora_runs,
-                                                                         tmp_path, monkeypatch):
+def compiled_with_a_merged_copy(world, one, tmp_path, monkeypatch):
     """rollout.compile (one process: rollouts decode on a copy with the adapters merged, at
-    addresses that never move) and rollout.tensor_parallel 2 (torchrun: the twin refreshed with the
-    merged weights) train as the unmerged LoRA run does, and the copy gives the adapted actor's
-    logits."""
+    addresses that never move) trains as the unmerged LoRA run does, and the copy gives the adapted
+    actor's logits. (rollout.tensor_parallel's twin: the 2-rank run of lora_runs.)"""
     from conftest import each_batch_size_kept_its_addresses, observe_compiled_steps
     from pbrl.config import load_config
     from pbrl.prepare import prepare
-    from test_train import assert_same_run, train
-    one, _ = lora_runs
+    from test_train import assert_same_run
     seen = observe_compiled_steps(monkeypatch)
     out = tmp_path / "compiled"
     trainer = prepare(load_config(None, overrides(world, out, **LORA_RUN, **{
@@ -302,8 +310,6 @@ def test_lora_rollouts_decode_merged_copies_compiled_and_tensor_parallel(world, 
         assert decoder is trainer.graphs.copy
         assert not lora.lora_modules(decoder)  # a plain model: the adapters are in its weights
         assert torch.allclose(logits(decoder, ids), logits(trainer.actor.model, ids), atol=1e-5)
-    train(world, tmp_path / "tp", 2, **LORA_RUN, **{"rollout.tensor_parallel": 2})
-    assert_same_run(metrics(one), metrics(tmp_path / "tp"))
 
 
 def test_a_shared_critic_trains_alike_with_blocks_recomputed_in_backward(world, tmp_path):
@@ -316,7 +322,7 @@ def test_a_shared_critic_trains_alike_with_blocks_recomputed_in_backward(world, 
     for recompute in ("false", "true"):
         out = tmp_path / recompute
         prepare(load_config(None, overrides(world, out, **{
-            "lora.rank": 4, "ppo.lr": 1e-2, "ppo.critic_lr": 1e-2, "run.steps": 3,
+            "lora.rank": 4, "ppo.lr": 1e-2, "ppo.critic_lr": 1e-2, "run.steps": 2,
             "models.activation_checkpointing": recompute})), log=lambda *a: None).run()
         runs.append(metrics(out))
     for a, b in zip(*runs, strict=True):

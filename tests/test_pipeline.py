@@ -1,6 +1,6 @@
 """rollout.placement separate (pbrl/pipeline.py): rollout ranks of their own, one step off-policy.
-A pipelined run (torchrun, gloo; 1 training + 1 rollout rank, and 2 + 2 with FSDP2 among the
-training ranks) equals, step for step, the synchronous run in one process whose step t draws its
+A pipelined run (torchrun, gloo; 2 training ranks with FSDP2 between them and 2 rollout ranks)
+equals, step for step, the synchronous run in one process whose step t draws its
 rollouts with the weights before the previous step's update (W_(t-1); steps 0 and 1 with W_0)."""
 from contextlib import contextmanager
 
@@ -33,36 +33,23 @@ def stale_reference(world, out, **extra):
     return metrics(out)
 
 
-@pytest.fixture(scope="module")
-def reference(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "reference"
-    return out, stale_reference(world, out, **RUN)
-
-
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, reference, tmp_path,
-                                                                   ranks):
-    out = tmp_path / "pipelined"
-    train(world, out, ranks, **RUN, **{"rollout.placement": "separate",
-                                       "rollout.ranks": ranks // 2})
-    ref_out, ref = reference
+def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_path):
+    """2 training ranks (FSDP2 between them) and 2 rollout ranks, each paired with one, against
+    the stale reference; and the on-policy run differs from that reference (so the equality tells
+    a pipeline that streams the weights late or early from an exact one). (1 + 1 ranks pass as
+    well; left out for the suite's time.)"""
+    ref_out, out = tmp_path / "reference", tmp_path / "pipelined"
+    ref = stale_reference(world, ref_out, **RUN)
+    train(world, out, 4, **RUN, **{"rollout.placement": "separate", "rollout.ranks": 2})
     ours = metrics(out)
     assert_same_run(ref, ours)
-    assert all(m["pipeline/staleness"] == 1 for m in ours)
-    assert all("pipeline/rollout_busy_s" in m for m in ours)
+    assert all(m["pipeline/staleness"] == 1 and "pipeline/rollout_busy_s" in m for m in ours)
     # every step but the last sends the next weights and waits for the next batch
     assert all(m["time/stream_weights"] > 0 and "time/wait_for_rollouts" in m for m in ours[:-1])
     w1, w2 = hf_tensors(ref_out / "final"), hf_tensors(out / "final")
     assert all(torch.allclose(w1[n], w2[n], atol=1e-5) for n in w1)
-
-
-def test_the_synchronous_run_is_not_the_stale_one(world, reference, tmp_path):
-    """What the equality above rules out: drawn on-policy, the same run differs (so the test can
-    tell a pipeline that streams the weights late or early from one that is exact)."""
-    _, ref = reference
     on_policy = tmp_path / "on"
-    from pbrl.config import load_config as load
-    prepare(load(None, overrides(world, on_policy, **RUN)), log=lambda *a: None).run()
+    prepare(load_config(None, overrides(world, on_policy, **RUN)), log=lambda *a: None).run()
     assert metrics(on_policy)[-1]["policy_loss"] != pytest.approx(ref[-1]["policy_loss"],
                                                                   abs=1e-5)
 

@@ -31,11 +31,16 @@ def train(world, out, ranks: int, **extra):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def runs(world, tmp_path_factory):
+def test_two_processes_match_one_and_their_checkpoints_resume_on_either(world, tmp_path):
     """One 4-step run, checkpointed at steps 2 and 4, on 1 process and on 2 (torchrun, gloo,
-    FSDP2)."""
-    root = tmp_path_factory.mktemp("runs")
+    FSDP2), built once for the three checks."""
+    runs = make_runs(world, tmp_path / "runs")
+    two_processes_match_one(world, runs)
+    two_rank_run_resumed_on_two_ranks_continues_exactly(world, runs, tmp_path)
+    checkpoints_reshard_between_one_and_two_ranks(world, runs, tmp_path)
+
+
+def make_runs(world, root):
     for ranks, name in ((1, "one"), (2, "two")):
         train(world, root / name, ranks, **{"run.steps": 4, "run.checkpoint_every": 2})
     return root / "one", root / "two"
@@ -52,7 +57,7 @@ def assert_same_run(m1, m2):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), key
 
 
-def test_two_processes_match_one(world, runs):
+def two_processes_match_one(world, runs):
     one, two = runs
     assert len(metrics(one)) == 4
     assert_same_run(metrics(one), metrics(two))
@@ -73,7 +78,7 @@ def killed_after_step_2(run, to):
     return to
 
 
-def test_two_rank_run_resumed_on_two_ranks_continues_exactly(world, runs, tmp_path):
+def two_rank_run_resumed_on_two_ranks_continues_exactly(world, runs, tmp_path):
     _, two = runs
     out = killed_after_step_2(two, tmp_path / "b")
     train(world, out, 2, **{"run.steps": 4, "run.checkpoint_every": 2, "run.resume": "true"})
@@ -84,7 +89,7 @@ def test_two_rank_run_resumed_on_two_ranks_continues_exactly(world, runs, tmp_pa
     assert all(torch.equal(w1[n], w2[n]) for n in w1)
 
 
-def test_checkpoints_reshard_between_one_and_two_ranks(world, runs, tmp_path):
+def checkpoints_reshard_between_one_and_two_ranks(world, runs, tmp_path):
     """Resumed on 1 rank, the 2-rank step-2 checkpoint's parameters and AdamW states are restored
     exactly (read back by DCP's own converter), and the run continues as the 1-rank run did; the
     1-rank checkpoint resumed on 2 ranks continues it too."""
