@@ -136,6 +136,7 @@ def test_a_lora_run_trains_adapters_only_keeps_no_reference_copy_and_exports(wor
     assert all(torch.equal(before[n], after[n]) for n in before if n not in trains)
     for moved in (".lora_B", ".critic_B", "value_head.weight"):
         assert any(not torch.equal(before[n], after[n]) for n in before if moved in n), moved
+    assert metrics(out)[0]["kl"] == 0  # step 1: B = 0, the policy is its base exactly
     assert metrics(out)[-1]["kl"] != 0  # the adapted policy has moved from its base (k1 estimate)
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     ours = logits(trainer.actor.model, ids)
