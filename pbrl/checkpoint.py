@@ -441,13 +441,15 @@ def sharded_state(models: dict[str, Transformer],
 
 def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer],
                              optimizers: dict[str, torch.optim.Optimizer], trainer_state: dict,
-                             source_dir=None, keep: int | None = None) -> Path:
+                             source_dir=None, keep: int | None = None,
+                             rank_state: dict | None = None) -> Path:
     """{out}/checkpoints/step_N, a DCP checkpoint: every rank writes its own shards of the models
     and optimizer states (no rank gathers another's); rank 0 adds the DCP metadata, trainer.pt
     (`trainer_state`: tensors and plain containers) and, per model, a name/ directory with its
     config.json (and source_dir's tokenizer files for the actor) so that `export` can write it as a
     HF model. Written as step_N.tmp and renamed once complete, so a crash never leaves a directory
-    that looks done; then all but the newest `keep` (None: all) are deleted. A collective."""
+    that looks done; then all but the newest `keep` (None: all) are deleted. rank_state: this
+    rank's own (tensors and plain containers; `load_rank_state` reads it back). A collective."""
     import torch.distributed.checkpoint as dcp
     rank = dist.init()[0]
     final = out / "checkpoints" / f"step_{step:06d}"
@@ -457,6 +459,8 @@ def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer
     dist.barrier()
     with disk_full_named(tmp):
         dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp, process_group=dist.group())
+        if rank_state is not None:
+            torch.save(rank_state, tmp / f"rank-{group_rank()}.pt")
         if rank == 0:
             world = torch.distributed.get_world_size(dist.group()) if dist.is_distributed() else 1
             torch.save({**trainer_state, "world_size": world}, tmp / TRAINER_FILE)
@@ -467,6 +471,8 @@ def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer
                 (tmp / name / "config.json").write_text(json.dumps(config, indent=2))
                 if name == "actor" and source_dir is not None:
                     copy_side_files(source_dir, tmp / name)
+    if rank_state is not None:
+        dist.barrier()  # every rank's own file is in before the directory is renamed
     if rank == 0:
         os.replace(tmp, final)
         for old in finished_checkpoints(out)[:-keep] if keep else []:
@@ -675,6 +681,16 @@ def read_checkpoint_names(ckpt: Path, model: str) -> list[str]:
         held = sorted({key.split(".")[0] for key in keys})
         raise KeyError(f"{ckpt} holds no model {model!r}; it holds {', '.join(held)}")
     return names
+
+
+def group_rank() -> int:
+    """This rank's index among the ranks that checkpoint together (distributed.group)."""
+    return torch.distributed.get_rank(dist.group()) if dist.is_distributed() else 0
+
+
+def load_rank_state(ckpt: Path) -> dict:
+    """What save_training_checkpoint's rank_state saved for this rank."""
+    return load_state(ckpt / f"rank-{group_rank()}.pt")
 
 
 def load_state(path: Path) -> dict:

@@ -422,9 +422,7 @@ def validate(cfg: Config, world_size: int) -> None:
 def pipeline_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
     """rollout.placement = separate: what its first version does (pbrl/pipeline.py)."""
     r, separate = cfg.rollout, "rollout.placement = separate"
-    return [(not cfg.run.resume, f"{separate}: resuming is not built yet (the batch in flight was "
-                                 f"drawn with the weights before the checkpoint's)"),
-            (world_size == 2 * r.ranks, f"{separate} pairs each training rank with a rollout rank "
+    return [(world_size == 2 * r.ranks, f"{separate} pairs each training rank with a rollout rank "
                                         f"of its own: rollout.ranks = {r.ranks} needs "
                                         f"{2 * r.ranks} ranks, got {world_size}"),
             (r.tensor_parallel == 1 and not r.compile and not r.dynamic_sampling

@@ -12,12 +12,15 @@ Which weights drew which batch is a function of the step alone. The weights go t
 each gathered whole among the training ranks in the compute dtype (one at a time; no rank holds
 the gathered model), broadcast by training rank 0 straight into the parameters the rollout rank's
 sampler reads. A batch goes from a rollout rank to its training rank as one object (on the CPU).
+A checkpoint keeps each training rank's batch in flight (rank_state), so a resumed run is exact:
+it learns from that batch, and its rollout ranks draw the next with the checkpoint's weights.
 The objective is the decoupled one: the sampler's log-probs are the behaviour policy's, the
 training ranks recompute the proximal (old) policy's, and ppo.rollout_correction weighs the two.
 docs/scale.md says when separate rollout ranks pay.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -26,6 +29,8 @@ import torch.distributed as tdist
 
 from pbrl import distributed as dist
 from pbrl import rollout
+from pbrl.data import Problem
+from pbrl.rewards import Sample
 from pbrl.sampler import Completions
 from pbrl.trainer import Step, Trainer, timed
 
@@ -38,14 +43,25 @@ class PipelinedTrainer(Trainer):
     the actor's weights to the rollout ranks."""
     partner: int = -1                       # the global rank of my rollout rank
     stream: object = None                   # training rank 0 and the rollout ranks
-    pending: rollout.Groups | None = None   # the next step's batch, received
+    pending: rollout.Groups | None = None   # the next step's batch: received, or checkpointed
+    streamed: bool = False                  # this process has sent the rollout ranks its weights
 
     def sample_and_score(self, draw: int, timings: dict) -> rollout.Groups:
-        if self.pending is None:  # the run's first step: the rollout ranks start from my weights
+        if not self.streamed:  # the rollout ranks start from my weights (W_0, or a checkpoint's)
             stream_weights(self, timings)
+            self.streamed = True
+        if self.pending is None:  # a fresh run's first batch
             self.pending = receive(self.partner, timings)
         batch, self.pending = self.pending, None
         return batch
+
+    def rank_state(self) -> dict | None:
+        """The batch in flight (drawn with the weights before this checkpoint's): a resumed run
+        learns from it, exactly as the uninterrupted run did."""
+        return None if self.pending is None else batch_state(self.pending)
+
+    def restore_rank_state(self, state: dict) -> None:
+        self.pending = batch_from_state(state)
 
     def train_step(self) -> Step:
         step = super().train_step()
@@ -64,6 +80,7 @@ class RolloutWorker(Trainer):
     the weights streamed to it (actor: a whole copy in the compute dtype, no optimizer)."""
     partner: int = -1
     stream: object = None
+    resumed: bool = False  # from a checkpoint that holds batch `step` (its training rank has it)
 
     def run(self, steps: int | None = None) -> list[dict]:
         """Batches run.step.. until run.steps, in the training ranks' order (the module's
@@ -73,7 +90,7 @@ class RolloutWorker(Trainer):
         if start < end:
             receive_weights(self)  # W_start
         idle = 0.0
-        for k in range(start, end):
+        for k in range(start + self.resumed, end):
             batch, busy = self.draw(k)  # with W_start (k <= start + 1), else W_(k-1)
             batch.stats.update({"pipeline/rollout_busy_s": busy, "pipeline/rollout_idle_s": idle})
             t0 = time.perf_counter()
@@ -111,6 +128,21 @@ def receive_weights(worker: RolloutWorker) -> None:
     """The streamed weights, in order, into the parameters the sampler reads."""
     for _, param in worker.actor.model.named_parameters():
         tdist.broadcast(param.data, src=0, group=worker.stream)
+
+
+def batch_state(batch: rollout.Groups) -> dict:
+    """A batch as tensors and plain containers (what a checkpoint may hold)."""
+    return {"problems": [dataclasses.asdict(p) for p in batch.problems],
+            "completions": list(batch.completions),
+            "samples": [dataclasses.asdict(x) for x in batch.samples],
+            "rewards": batch.rewards, "keep": batch.keep, "stats": batch.stats}
+
+
+def batch_from_state(state: dict) -> rollout.Groups:
+    return rollout.Groups([Problem(**p) for p in state["problems"]],
+                          Completions(*state["completions"]),
+                          [Sample(**x) for x in state["samples"]], state["rewards"],
+                          state["keep"], state["stats"])
 
 
 def receive(partner: int, timings: dict) -> rollout.Groups:

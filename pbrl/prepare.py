@@ -24,9 +24,11 @@ from pbrl.checkpoint import (
     check_pretrained,
     claim_run_dir_on_rank0,
     latest_checkpoint,
+    group_rank,
     load_args,
     load_model,
     load_pretrained,
+    load_rank_state,
     load_state,
     load_training_checkpoint,
     read_checkpoint_names,
@@ -127,14 +129,18 @@ def separate_ranks(cfg: Config, common: dict) -> Trainer:
     trains, rank, world, stream = dist.split(cfg.rollout.ranks, device)
     if trains:
         actor, critic, reference = trained_models(cfg, dtype, device)
-        return PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
-                                reference=reference, reward=None, partner=world + rank,
-                                stream=stream)
-    copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
-    return RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
-                         critic=None, reference=None, partner=rank, stream=stream,
-                         reward=build_reward(cfg.reward, cfg.models.embedder,
-                                             cfg.models.translator, dtype, device))
+        trainer = PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
+                                   reference=reference, reward=None, partner=world + rank,
+                                   stream=stream)
+    else:
+        copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
+        trainer = RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
+                                critic=None, reference=None, partner=rank, stream=stream,
+                                reward=build_reward(cfg.reward, cfg.models.embedder,
+                                                    cfg.models.translator, dtype, device))
+    if cfg.run.resume:
+        resume(trainer)
+    return trainer
 
 
 def rollout_sampling(cfg: Config, tokenizer: Tokenizer, device) -> Sampling:
@@ -292,6 +298,12 @@ def resume(trainer: Trainer) -> None:
         trainer.log(f"resume: no checkpoint under {trainer.out / 'checkpoints'}; starting from "
                     f"step 0")
         return
+    from pbrl.pipeline import RolloutWorker
+    if isinstance(trainer, RolloutWorker):  # its weights come streamed from the training ranks
+        trainer.step = load_state(ckpt / TRAINER_FILE)["step"]
+        # a pipelined run's checkpoint: its training ranks hold batch `step`, drawn before it
+        trainer.resumed = (ckpt / "rank-0.pt").is_file()
+        return
     check_lora_resume(trainer, ckpt)
     trained = trainer.trained
     state = load_training_checkpoint(ckpt, {k: t.model for k, t in trained.items()},
@@ -304,6 +316,8 @@ def resume(trainer: Trainer) -> None:
         trainer.log(f"resume: ppo.kl_beta = {trainer.kl.beta} as configured (the checkpoint's "
                     f"run had {state['kl_beta']})")
     torch.set_rng_state(state["torch_rng"])
+    if (ckpt / f"rank-{group_rank()}.pt").is_file():  # what this rank alone had (a batch in flight)
+        trainer.restore_rank_state(load_rank_state(ckpt))
     done = trainer.step == trainer.cfg.run.steps
     trainer.log(f"resumed from {ckpt} at step {trainer.step}"
                 + (" (the run is complete: nothing to train)" if done else ""))

@@ -101,6 +101,14 @@ class Trainer:
     eval_records: dict[int, list[dict]] = field(default_factory=dict)  # step -> eval records
     loggers: Loggers | None = None
 
+    def rank_state(self) -> dict | None:
+        """What a checkpoint keeps of this rank alone (pbrl/pipeline.py: the batch in flight)."""
+        return None
+
+    def restore_rank_state(self, state: dict) -> None:
+        raise ValueError("this checkpoint holds a rank's own state (a pipelined run's batch in "
+                         "flight): resume it with rollout.placement = separate")
+
     @property
     def trained(self) -> dict[str, Trained]:
         return {"actor": self.actor, **({"critic": self.critic} if self.critic else {})}
@@ -371,7 +379,8 @@ def save_checkpoint(trainer: Trainer) -> None:
                               "torch_rng": torch.get_rng_state(),  # a LoRA run: what its base is
                               **({"lora": lora_settings(c.rank, c.alpha, c.targets, t.policy_dir)}
                                  if (c := t.cfg.lora).rank else {})},
-                             source_dir=t.policy_dir, keep=t.cfg.run.keep_checkpoints)
+                             source_dir=t.policy_dir, keep=t.cfg.run.keep_checkpoints,
+                             rank_state=t.rank_state())
 
 
 def export_final(trainer: Trainer) -> None:

@@ -2,6 +2,7 @@
 A pipelined run (torchrun, gloo; 2 training ranks with FSDP2 between them and 2 rollout ranks)
 equals, step for step, the synchronous run in one process whose step t draws its
 rollouts with the weights before the previous step's update (W_(t-1); steps 0 and 1 with W_0)."""
+import shutil
 from contextlib import contextmanager
 
 import pytest
@@ -35,12 +36,14 @@ def stale_reference(world, out, **extra):
 
 def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_path):
     """2 training ranks (FSDP2 between them) and 2 rollout ranks, each paired with one, against
-    the stale reference; and the on-policy run differs from that reference (so the equality tells
-    a pipeline that streams the weights late or early from an exact one). (1 + 1 ranks pass as
-    well; left out for the suite's time.)"""
+    the stale reference; the same run killed after its step-2 checkpoint and resumed; and the
+    on-policy run, which differs from the reference (so the equality tells a pipeline that streams
+    the weights late or early from an exact one). (1 + 1 ranks pass as well; left out for the
+    suite's time.)"""
     ref_out, out = tmp_path / "reference", tmp_path / "pipelined"
     ref = stale_reference(world, ref_out, **RUN)
-    train(world, out, 4, **RUN, **{"rollout.placement": "separate", "rollout.ranks": 2})
+    separate = {"rollout.placement": "separate", "rollout.ranks": 2, "run.checkpoint_every": 2}
+    train(world, out, 4, **RUN, **separate)
     ours = metrics(out)
     assert_same_run(ref, ours)
     assert all(m["pipeline/staleness"] == 1 and "pipeline/rollout_busy_s" in m for m in ours)
@@ -48,6 +51,17 @@ def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_pa
     assert all(m["time/stream_weights"] > 0 and "time/wait_for_rollouts" in m for m in ours[:-1])
     w1, w2 = hf_tensors(ref_out / "final"), hf_tensors(out / "final")
     assert all(torch.allclose(w1[n], w2[n], atol=1e-5) for n in w1)
+    # killed after its step-2 checkpoint, resumed: the batch in flight (drawn with W_1) was
+    # checkpointed, the next is drawn with the checkpoint's weights: the same run
+    killed = shutil.copytree(out, tmp_path / "killed")
+    for later in ("checkpoints/step_000003", "final"):
+        shutil.rmtree(killed / later)
+    train(world, killed, 4, **RUN, **separate, **{"run.resume": "true"})
+    for a, b in zip(ours, metrics(killed), strict=True):
+        for key in ("reward", "policy_loss", "value_loss", "kl", "logprob_mismatch"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
+    w3 = hf_tensors(killed / "final")
+    assert all(torch.equal(w2[n], w3[n]) for n in w2)
     on_policy = tmp_path / "on"
     prepare(load_config(None, overrides(world, on_policy, **RUN)), log=lambda *a: None).run()
     assert metrics(on_policy)[-1]["policy_loss"] != pytest.approx(ref[-1]["policy_loss"],
@@ -56,7 +70,6 @@ def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_pa
 
 @pytest.mark.parametrize("extra, world_size, says", [
     ({"rollout.ranks": 1}, 4, "rollout.ranks = 1 needs 2 ranks, got 4"),
-    ({"run.resume": "true"}, 2, "resuming is not built yet"),
     ({"rollout.compile": "true"}, 2, "does not decode tensor-parallel or compiled"),
     ({"data.eval_path": "x"}, 2, "evaluation during the run is not built yet"),
 ])
