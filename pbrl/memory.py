@@ -199,8 +199,13 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     if p.uses_reference() and not cfg.lora.rank:  # KL-free: none; LoRA: the base, adapters off
         reference = parameter_shapes(model_args(m.reference or m.policy))
         out.terms["reference (shards)"] = shard_bytes(reference, gpus, compute)
-    rewards = reward_terms(cfg, out, compute)
-    rollout_terms(cfg, out, actor, actor_shapes, gpus, prompt_tokens, compute)
+    separate = r.placement == "separate"  # the rollout ranks decode and score: rollout_rank_plan
+    rewards = [] if separate else reward_terms(cfg, out, compute)
+    if separate:  # the weights streamed after each update, one tensor gathered at a time
+        out.terms["rollout: largest actor tensor gathered (streamed)"] = \
+            max(math.prod(s) for s in actor_shapes) * compute
+    else:
+        rollout_terms(cfg, out, actor, actor_shapes, gpus, prompt_tokens, compute)
     tokens = p.micro_batch_tokens or p.micro_batch_size * (prompt_tokens + r.max_new_tokens)
     recompute = m.activation_checkpointing
     out.terms["update: activations kept, one micro-batch"] = \
@@ -216,6 +221,32 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     out.phases = {"pivot": ["pivot, whole on every rank", "pivot KV cache"],
                   "rollout": resident + [t for t in out.terms if t.startswith("rollout")],
                   "update": resident + [t for t in out.terms if t.startswith("update")]}
+    if "reward: translator KV cache" in rewards:
+        out.phases["reward"] = resident + ["reward: translator KV cache"]
+    return out
+
+
+def rollout_rank_plan(cfg: Config, prompt_tokens: int) -> Plan:
+    """A rollout rank of rollout.placement separate (pbrl/pipeline.py): the actor whole in the
+    compute dtype (the streamed weights land in it), its KV cache and sampling logits for its
+    training rank's share of a step, the reward's models, and the pivot's phase (every rank)."""
+    m, r = cfg.models, cfg.rollout
+    compute = BYTES["bfloat16" if m.dtype in ("auto", "bfloat16") else "float32"]
+    actor, out = model_args(m.policy), Plan()
+    out.terms["actor, whole (streamed weights)"] = full_bytes(parameter_shapes(actor), compute)
+    rewards = reward_terms(cfg, out, compute)
+    rows = r.prompts_per_step // r.ranks * r.samples_per_prompt
+    out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, prompt_tokens + r.max_new_tokens,
+                                                    compute)
+    out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
+    pivot = model_args(m.pivot or m.policy)
+    out.terms["pivot, whole on every rank"] = full_bytes(parameter_shapes(pivot), compute)
+    out.terms["pivot KV cache"] = kv_cache_bytes(pivot, m.pivot_batch_size,
+                                                 prompt_tokens + r.max_new_tokens, compute)
+    resident = ["actor, whole (streamed weights)"] + [t for t in rewards
+                                                       if not t.startswith("reward:")]
+    out.phases = {"pivot": ["pivot, whole on every rank", "pivot KV cache"],
+                  "rollout": resident + [t for t in out.terms if t.startswith("rollout")]}
     if "reward: translator KV cache" in rewards:
         out.phases["reward"] = resident + ["reward: translator KV cache"]
     return out
@@ -308,10 +339,22 @@ def main(argv=None) -> None:
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     validate(cfg, args.gpus)
+    capacity = int(args.gpu_memory * GB)
+    if cfg.rollout.placement == "separate":  # two kinds of rank, each with its own plan
+        training = args.gpus - cfg.rollout.ranks
+        print(f"per training GPU, {training} of {args.gpus} GPUs, prompts <= "
+              f"{args.prompt_tokens} tokens:")
+        print(plan(cfg, training, args.prompt_tokens).table(capacity))
+        print(f"per rollout GPU, {cfg.rollout.ranks} of {args.gpus}:")
+        print(rollout_rank_plan(cfg, args.prompt_tokens).table(capacity))
+        for result in (plan(cfg, training, args.prompt_tokens),
+                       rollout_rank_plan(cfg, args.prompt_tokens)):
+            check_fits(result, capacity)
+        return
     result = plan(cfg, args.gpus, args.prompt_tokens)
     print(f"per GPU, {args.gpus} GPUs, prompts <= {args.prompt_tokens} tokens:")
-    print(result.table(int(args.gpu_memory * GB)))
-    check_fits(result, int(args.gpu_memory * GB))
+    print(result.table(capacity))
+    check_fits(result, capacity)
 
 
 if __name__ == "__main__":

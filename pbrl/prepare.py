@@ -70,7 +70,9 @@ def prepare(cfg: Config, log=print) -> Trainer:
     longest = max(map(len, prompts.values()))
     separate = cfg.rollout.placement == "separate"
     if device.type == "cuda":  # a plan that cannot fit is refused now, not by an OOM minutes later
-        memory.check_fits(memory.plan(cfg, world - cfg.rollout.ranks * separate, longest),
+        rollout_rank = separate and rank >= world - cfg.rollout.ranks
+        memory.check_fits(memory.rollout_rank_plan(cfg, longest) if rollout_rank else
+                          memory.plan(cfg, world - cfg.rollout.ranks * separate, longest),
                           torch.cuda.get_device_properties(device).total_memory)
     references = pivot_references(cfg, pivot_cache, english, dtype, device, log)
     common = dict(cfg=cfg, log=log, device=device, dtype=dtype, out=out, lock=lock,

@@ -230,3 +230,40 @@ def test_the_shared_critic_terms_are_the_bytes_of_its_adapters_and_value_head(tm
         real = sum(p.numel() * p.element_size() for p in lora.trained_parameters(model, which))
         assert plan.terms[f"{term} parameters (fp32)"] == real, which
     assert "critic parameters (fp32)" not in plan.terms
+
+
+def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
+    """rollout.placement separate: a training rank's plan holds no rollout (KV cache, the actor
+    gathered) and no reward model, only the largest tensor it gathers to stream; a rollout rank's
+    holds the actor whole in the compute dtype (its bytes those of the real model), its KV cache
+    and the reward's models. configs/llama31_8b_pipelined.toml in Llama-3.1-8B's shapes: both fit
+    80 GB with room (37.6 GB training, 26.5 GB rollout)."""
+    import json
+
+    from pbrl.config import load_config
+    save_hf_model(tmp_path / "small", "llama")
+    small = str(tmp_path / "small")
+    cfg = load_config(None, ["--models.policy", small, "--models.pivot", small,
+                             "--reward.kind", "exact_match", "--rollout.placement", "separate",
+                             "--models.dtype", "bfloat16"])
+    training, rollout = memory.plan(cfg, 1, 50), memory.rollout_rank_plan(cfg, 50)
+    assert not any(t.startswith(("rollout: KV", "rollout: actor gathered", "embedder"))
+                   for t in training.terms)
+    model = load_model(tmp_path / "small", dtype=torch.bfloat16)
+    assert rollout.terms["actor, whole (streamed weights)"] == \
+        sum(p.numel() * p.element_size() for p in model.parameters())
+    assert "rollout: KV cache" in rollout.terms and "actor AdamW states" not in rollout.terms
+    big = tmp_path / "8b"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072, "tie_word_embeddings": False}))
+    embedder = write_config(tmp_path / "0.6b", hidden_size=1024, intermediate_size=3072,
+                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                            tie_word_embeddings=True)
+    cfg = load_config(str(ROOT / "configs" / "llama31_8b_pipelined.toml"), [
+        "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
+    assert memory.plan(cfg, 4, 300).peak[1] <= 40 * memory.GB
+    assert memory.rollout_rank_plan(cfg, 300).peak[1] <= 30 * memory.GB
