@@ -11,7 +11,9 @@ update on batch t, the rollout ranks draw batch t+1:
 Which weights drew which batch is a function of the step alone. The weights go tensor by tensor:
 each gathered whole among the training ranks in the compute dtype (one at a time; no rank holds
 the gathered model), broadcast by training rank 0 straight into the parameters the rollout rank's
-sampler reads. A batch goes from a rollout rank to its training rank as one object (on the CPU).
+sampler reads. A batch goes from a rollout rank to its training rank as one object (on the CPU),
+broadcast within their pair's group: a collective, so a stalled peer ends the run at the process
+group's timeout.
 A checkpoint keeps each training rank's batch in flight (rank_state), so a resumed run is exact:
 it learns from that batch, and its rollout ranks draw the next with the checkpoint's weights.
 The objective is the decoupled one: the sampler's log-probs are the behaviour policy's, the
@@ -43,6 +45,7 @@ class PipelinedTrainer(Trainer):
     the actor's weights to the rollout ranks."""
     partner: int = -1                       # the global rank of my rollout rank
     stream: object = None                   # training rank 0 and the rollout ranks
+    pair: object = None                     # my rollout rank and I
     pending: rollout.Groups | None = None   # the next step's batch: received, or checkpointed
     streamed: bool = False                  # this process has sent the rollout ranks its weights
 
@@ -51,7 +54,7 @@ class PipelinedTrainer(Trainer):
             stream_weights(self, timings)
             self.streamed = True
         if self.pending is None:  # a fresh run's first batch
-            self.pending = receive(self.partner, timings)
+            self.pending = receive(self, timings)
         batch, self.pending = self.pending, None
         return batch
 
@@ -68,7 +71,7 @@ class PipelinedTrainer(Trainer):
         if self.step + 1 < self.cfg.run.steps:  # W_(t+1) out, batch t+1 (drawn with W_t) in
             start = time.perf_counter()
             stream_weights(self, step.timings)
-            self.pending = receive(self.partner, step.timings)
+            self.pending = receive(self, step.timings)
             step.seconds += time.perf_counter() - start
         step.batch.stats["pipeline/staleness"] = STALENESS
         return step
@@ -80,6 +83,7 @@ class RolloutWorker(Trainer):
     the weights streamed to it (actor: a whole copy in the compute dtype, no optimizer)."""
     partner: int = -1
     stream: object = None
+    pair: object = None
     resumed: bool = False  # from a checkpoint that holds batch `step` (its training rank has it)
 
     def run(self, steps: int | None = None) -> list[dict]:
@@ -96,7 +100,8 @@ class RolloutWorker(Trainer):
             t0 = time.perf_counter()
             if k > start:
                 receive_weights(self)  # W_k, which draws batch k + 1
-            tdist.send_object_list([batch], dst=self.partner)
+            # my global rank is the source
+            tdist.broadcast_object_list([batch], src=tdist.get_rank(), group=self.pair)
             idle = time.perf_counter() - t0
         return []
 
@@ -145,9 +150,9 @@ def batch_from_state(state: dict) -> rollout.Groups:
                           state["keep"], state["stats"])
 
 
-def receive(partner: int, timings: dict) -> rollout.Groups:
+def receive(trainer: PipelinedTrainer, timings: dict) -> rollout.Groups:
     """The batch my rollout rank drew (its tensors on the CPU)."""
     with timed(timings, "wait_for_rollouts"):
         box = [None]
-        tdist.recv_object_list(box, src=partner)
+        tdist.broadcast_object_list(box, src=trainer.partner, group=trainer.pair)
     return box[0]

@@ -128,16 +128,17 @@ def separate_ranks(cfg: Config, common: dict) -> Trainer:
     the reward."""
     from pbrl.pipeline import PipelinedTrainer, RolloutWorker
     device, dtype = common["device"], common["dtype"]
-    trains, rank, world, stream = dist.split(cfg.rollout.ranks, device)
+    trains, rank, world, stream, pair = dist.split(cfg.rollout.ranks, device)
     if trains:
         actor, critic, reference = trained_models(cfg, dtype, device)
         trainer = PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
                                    reference=reference, reward=None, partner=world + rank,
-                                   stream=stream)
+                                   stream=stream, pair=pair)
     else:
         copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
         trainer = RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
                                 critic=None, reference=None, partner=rank, stream=stream,
+                                pair=pair,
                                 reward=build_reward(cfg.reward, cfg.models.embedder,
                                                     cfg.models.translator, dtype, device))
     if cfg.run.resume:
