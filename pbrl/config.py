@@ -427,9 +427,7 @@ def pipeline_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
                                         f"{2 * r.ranks} ranks, got {world_size}"),
             (r.tensor_parallel == 1 and not r.compile and not r.dynamic_sampling
              and not cfg.lora.rank, f"{separate} does not decode tensor-parallel or compiled, "
-                                    f"sample dynamically or train LoRA yet"),
-            (not cfg.data.eval_path, f"{separate}: evaluation during the run is not built yet: "
-                                     f"set data.eval_path \"\" (eval.py evaluates final/)")]
+                                    f"sample dynamically or train LoRA yet")]
 
 
 def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:

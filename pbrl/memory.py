@@ -204,8 +204,8 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     if separate:  # the weights streamed after each update, one tensor gathered at a time
         out.terms["rollout: largest actor tensor gathered (streamed)"] = \
             max(math.prod(s) for s in actor_shapes) * compute
-    else:
-        rollout_terms(cfg, out, actor, actor_shapes, gpus, prompt_tokens, compute)
+    if not separate or cfg.data.eval_path:  # (separate: the evaluation decodes here, counted as
+        rollout_terms(cfg, out, actor, actor_shapes, gpus, prompt_tokens, compute)  # a rollout)
     tokens = p.micro_batch_tokens or p.micro_batch_size * (prompt_tokens + r.max_new_tokens)
     recompute = m.activation_checkpointing
     out.terms["update: activations kept, one micro-batch"] = \

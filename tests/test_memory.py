@@ -237,7 +237,7 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
     gathered) and no reward model, only the largest tensor it gathers to stream; a rollout rank's
     holds the actor whole in the compute dtype (its bytes those of the real model), its KV cache
     and the reward's models. configs/llama31_8b_pipelined.toml in Llama-3.1-8B's shapes: both fit
-    80 GB with room (37.6 GB training, 26.5 GB rollout)."""
+    80 GB with room (52.7 GB training, whose evaluation decodes; 26.5 GB rollout)."""
     import json
 
     from pbrl.config import load_config
@@ -245,7 +245,7 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
     small = str(tmp_path / "small")
     cfg = load_config(None, ["--models.policy", small, "--models.pivot", small,
                              "--reward.kind", "exact_match", "--rollout.placement", "separate",
-                             "--models.dtype", "bfloat16"])
+                             "--models.dtype", "bfloat16", "--data.eval_path", ""])
     training, rollout = memory.plan(cfg, 1, 50), memory.rollout_rank_plan(cfg, 50)
     assert not any(t.startswith(("rollout: KV", "rollout: actor gathered", "embedder"))
                    for t in training.terms)
@@ -265,5 +265,5 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
                             tie_word_embeddings=True)
     cfg = load_config(str(ROOT / "configs" / "llama31_8b_pipelined.toml"), [
         "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
-    assert memory.plan(cfg, 4, 300).peak[1] <= 40 * memory.GB
+    assert memory.plan(cfg, 4, 300).peak[1] <= 60 * memory.GB  # its evaluation decodes there
     assert memory.rollout_rank_plan(cfg, 300).peak[1] <= 30 * memory.GB
