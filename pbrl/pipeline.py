@@ -81,7 +81,6 @@ class PipelinedTrainer(Trainer):
 class RolloutWorker(Trainer):
     """A rollout rank: draws and scores its training rank's share of every step's problems, with
     the weights streamed to it (actor: a whole copy in the compute dtype, no optimizer)."""
-    partner: int = -1
     stream: object = None
     pair: object = None
     resumed: bool = False  # from a checkpoint that holds batch `step` (its training rank has it)

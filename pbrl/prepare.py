@@ -137,8 +137,7 @@ def separate_ranks(cfg: Config, common: dict) -> Trainer:
     else:
         copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
         trainer = RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
-                                critic=None, reference=None, partner=rank, stream=stream,
-                                pair=pair,
+                                critic=None, reference=None, stream=stream, pair=pair,
                                 reward=build_reward(cfg.reward, cfg.models.embedder,
                                                     cfg.models.translator, dtype, device))
     if cfg.run.resume:
