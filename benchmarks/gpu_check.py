@@ -302,7 +302,8 @@ def check_precision(args: ModelArgs, device: torch.device) -> dict:
 
 
 def check_training(args: ModelArgs, device: torch.device, steps: int,
-                   work: Path, extra: dict | None = None) -> tuple[dict, object]:
+                   work: Path, extra: dict | None = None,
+                   profile: bool = True) -> tuple[dict, object]:
     """A few PPO iterations of the real Trainer on a random model in these shapes (agreement reward:
     no other model needed; the pivot cache is written from the problems' own answers), its blocks
     compiled (models.compile, on CUDA); then one more under the profiler, and one with the blocks
@@ -379,7 +380,8 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
               "compiled_blocks": cuda, **throughput(last), "reward": last["reward"], "device": name}
     print(f"training (the checks that follow may still fail): {result}", flush=True)
     try:  # what these add is not worth losing what was measured above
-        result["one_iteration_profiled"] = profiled(lambda: trainer.run(1))
+        if profile:
+            result["one_iteration_profiled"] = profiled(lambda: trainer.run(1))
         if cuda:  # the same run, one more iteration with every block eager
             for model in (trainer.actor.model, trainer.critic.model, trainer.reference):
                 for layer in getattr(model, "layers", []):  # (a LoRA reference: the actor)
@@ -391,13 +393,13 @@ def check_training(args: ModelArgs, device: torch.device, steps: int,
 
 
 def check_lora(args: ModelArgs, device: torch.device, steps: int, work: Path,
-               full: dict | None, new_tokens: int, free: dict) -> dict:
+               full: dict | None, new_tokens: int, free: dict, batches: list[int]) -> dict:
     """The training check's run with LoRA (rank 16 on every projection, a frozen bf16 base; GAE's
     critic as adapters on that base, the KL reference the base with the adapters off): seconds per
     step and per update, and peak memory against the plan and against the full-parameter run of
-    the same command (when it ran); then greedy decoding at batch 1 and 64 through the adapters
-    unmerged (the actor, eager) against a copy with them merged (eager, and compiled on CUDA), the
-    choice docs/scale.md leaves to this measurement."""
+    the same command (when it ran); then greedy decoding through the adapters
+    unmerged (the actor, eager) against a copy with them merged (eager, and compiled on CUDA), at
+    the decoding check's batch sizes: the choice docs/scale.md leaves to this measurement."""
     from pbrl import lora
     from pbrl.model import empty_like
     free.clear()  # the full-parameter trainer: its memory is not the LoRA run's peak
@@ -405,7 +407,7 @@ def check_lora(args: ModelArgs, device: torch.device, steps: int, work: Path,
         torch.cuda.empty_cache()
     (work / "lora").mkdir()
     result, trainer = check_training(args, device, steps, work / "lora",
-                                     {"lora.rank": 16, "lora.alpha": 32.0})
+                                     {"lora.rank": 16, "lora.alpha": 32.0}, profile=False)
     for key in ("update_tflops", "update_mfu", "eager_blocks"):  # full-parameter FLOPs: not these
         result.pop(key, None)
     if full and not isinstance(full, str):
@@ -420,7 +422,7 @@ def check_lora(args: ModelArgs, device: torch.device, steps: int, work: Path,
         for name, p in merged.named_parameters():
             p.copy_(lora.whole_weight(actor, name, p.dtype))
     rows = []
-    for batch in (1, 64):
+    for batch in batches:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, args.vocab_size, (48,), generator=g).tolist()
                    for _ in range(batch)]
@@ -565,7 +567,8 @@ def main(argv=None):
         "checkpoint": lambda: check_checkpoint(trained["trainer"], work),
         "lora": lambda: check_lora(model_args, device, args.steps, work,
                                    sections.get("training", {}).get("result"),
-                                   args.new_tokens, free=trained),
+                                   args.new_tokens, free=trained,
+                                   batches=[int(b) for b in args.decode_batches.split(",")]),
     }
     failed = False
     try:
