@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from pbrl import distributed as dist
 from pbrl.cli import run_main
 from pbrl.files import read_json, resolve, weights_sha256, write_atomic
+from pbrl.lora import merge
 from pbrl.model import ModelArgs, Transformer, rope_inv_freq
 from pbrl.tokenizer import Tokenizer
 
@@ -173,7 +174,7 @@ def read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded,
                         state[mine] = tensor.to(device=device, dtype=dtype or tensor.dtype)
                         rows = state[mine]
                     else:
-                        start, stop = shard_rows(shape[0], params[mine].device_mesh)
+                        start, stop = dist.shard_rows(shape[0], params[mine].device_mesh)
                         rows = params[mine].to_local()
                         rows.copy_(view[start:stop])
                 except Exception as e:  # safetensors' own errors for truncated data
@@ -185,17 +186,6 @@ def read_tensors(files: dict[str, Path], expected: dict, dtype, device, sharded,
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors' names of what a weight may be stored as
-
-
-def shard_rows(rows: int, mesh=None, world: int = 1, rank: int = 0) -> tuple[int, int]:
-    """The rows [start, stop) of dim 0 that a rank holds under FSDP2's Shard(0), which splits as
-    torch.chunk: ceil(rows / world) rows per rank, the last ranks possibly fewer or none. `mesh` (a
-    DeviceMesh) gives world and rank when set."""
-    if mesh is not None:
-        world, rank = mesh.size(), mesh.get_local_rank()
-    per_rank = -(-rows // world)
-    start = min(rank * per_rank, rows)
-    return start, min(start + per_rank, rows)
 
 
 def load_pretrained(path_or_id, dtype: torch.dtype | None = None, device=None,
@@ -460,10 +450,9 @@ def save_training_checkpoint(out: Path, step: int, models: dict[str, Transformer
     with disk_full_named(tmp):
         dcp.save(sharded_state(models, optimizers), checkpoint_id=tmp, process_group=dist.group())
         if rank_state is not None:
-            torch.save(rank_state, tmp / f"rank-{group_rank()}.pt")
+            torch.save(rank_state, rank_state_file(tmp))
         if rank == 0:
-            world = torch.distributed.get_world_size(dist.group()) if dist.is_distributed() else 1
-            torch.save({**trainer_state, "world_size": world}, tmp / TRAINER_FILE)
+            torch.save({**trainer_state, "world_size": dist.group_size()}, tmp / TRAINER_FILE)
             for name, model in models.items():
                 config = model.args.to_hf_config(next(model.parameters()).dtype,
                                                  model.lm_head is None)
@@ -683,14 +672,16 @@ def read_checkpoint_names(ckpt: Path, model: str) -> list[str]:
     return names
 
 
-def group_rank() -> int:
-    """This rank's index among the ranks that checkpoint together (distributed.group)."""
-    return torch.distributed.get_rank(dist.group()) if dist.is_distributed() else 0
+def rank_state_file(ckpt: Path, rank: int | None = None) -> Path:
+    """Where a checkpoint keeps a rank's own state (default: this rank's, by its index among the
+    ranks that checkpoint together)."""
+    return ckpt / f"rank-{dist.group_rank() if rank is None else rank}.pt"
 
 
-def load_rank_state(ckpt: Path) -> dict:
-    """What save_training_checkpoint's rank_state saved for this rank."""
-    return load_state(ckpt / f"rank-{group_rank()}.pt")
+def load_rank_state(ckpt: Path) -> dict | None:
+    """What save_training_checkpoint's rank_state saved for this rank (None: nothing)."""
+    path = rank_state_file(ckpt)
+    return load_state(path) if path.is_file() else None
 
 
 def load_state(path: Path) -> dict:
@@ -750,8 +741,8 @@ def export_lora(ckpt: Path, out: Path, base=None, dtype: torch.dtype | None = No
         for name, w in state.items():
             owner = name.removesuffix(".weight")
             if f"{owner}.lora_A" in adapters:
-                update = adapters[f"{owner}.lora_B"] @ adapters[f"{owner}.lora_A"]
-                state[name] = (w.float() + scale * update).to(w.dtype)
+                state[name] = merge(w, adapters[f"{owner}.lora_A"], adapters[f"{owner}.lora_B"],
+                                    scale)
         return state
     names = list(expected)
     blocks = [[n for n in names if n.startswith(f"layers.{i}.")]

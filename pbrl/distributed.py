@@ -106,6 +106,16 @@ def group():
     return _group
 
 
+def group_rank() -> int:
+    """This rank's index in its group (0 in a single process)."""
+    return dist.get_rank(_group) if is_distributed() else 0
+
+
+def group_size() -> int:
+    """The number of ranks in this rank's group (1 in a single process)."""
+    return dist.get_world_size(_group) if is_distributed() else 1
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -160,6 +170,17 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> t
             # plain SUM collectives (gloo has no PREMUL_SUM)
             unit.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def shard_rows(rows: int, mesh=None, world: int = 1, rank: int = 0) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 that a rank holds under FSDP2's Shard(0), which splits as
+    torch.chunk: ceil(rows / world) rows per rank, the last ranks possibly fewer or none. `mesh` (a
+    DeviceMesh) gives world and rank when set."""
+    if mesh is not None:
+        world, rank = mesh.size(), mesh.get_local_rank()
+    per_rank = -(-rows // world)
+    start = min(rank * per_rank, rows)
+    return start, min(start + per_rank, rows)
 
 
 @contextmanager
@@ -287,12 +308,11 @@ def whole_parameter(model: torch.nn.Module, name: str, dtype: torch.dtype) -> to
 
 
 @torch.no_grad()
-def refresh(twin: torch.nn.Module, model: torch.nn.Module, weight=None) -> None:
+def refresh(twin: torch.nn.Module, model: torch.nn.Module, weight=whole_parameter) -> None:
     """Copy model's weights (FSDP-sharded or whole) into the tensor-parallel twin, one tensor at a
-    time: each gathered whole (in the twin's dtype) by weight(model, name, dtype) (default
-    whole_parameter; a LoRA model's: lora.whole_weight, the adapters merged), then this rank's shard
-    of it kept. A rank
-    holds at most one whole tensor besides its shards."""
+    time: each gathered whole (in the twin's dtype) by weight(model, name, dtype) (a LoRA model's:
+    lora.whole_weight, the adapters merged), then this rank's shard of it kept. A rank holds at
+    most one whole tensor besides its shards."""
     from torch.distributed.tensor import DTensor
     for name, mine in twin.state_dict().items():
         full = weight(model, name, mine.dtype)

@@ -23,9 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from pbrl.distributed import whole_parameter
+from pbrl.distributed import shard_rows, whole_parameter
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale B A, summed in fp32, in W's dtype: the weight an adapted projection computes."""
+    return (w.float() + scale * (b @ a)).to(w.dtype)
+
+
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (`base`) plus trained low-rank updates: the actor's (lora_A, lora_B) and,
     for a critic on the same base, the critic's (critic_A, critic_B). `active` says which one a
@@ -55,8 +62,7 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """W + scale B A (the actor's), in W's dtype."""
-        w = self.base.weight
-        return (w.float() + self.scale * self.lora_B @ self.lora_A).to(w.dtype)
+        return merge(self.base.weight, self.lora_A, self.lora_B, self.scale)
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets=TARGETS, seed: int = 0,
@@ -91,7 +97,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
     """Every A as PEFT initialises it (Kaiming uniform, drawn whole from one generator seeded by
     `seed`, in module order: the actor's, then the critic's), every B zero, so the model starts as
     its base: on any number of ranks the same, each FSDP shard taking its own rows."""
-    from pbrl.checkpoint import shard_rows
     g = torch.Generator().manual_seed(seed)
     modules = list(lora_modules(model).values())
     pairs = [(m.lora_A, m.lora_B) for m in modules]
@@ -122,17 +127,15 @@ def whole_weight(model: nn.Module, name: str, dtype: torch.dtype) -> torch.Tenso
     """model's parameter `name` by its plain name (as a copy of the architecture without adapters
     calls it: a decoding copy, a tensor-parallel twin), whole (each FSDP shard gathered) in dtype;
     an adapted projection's weight merged, W + (alpha / r) B A, as merged_weight."""
-    def whole(t):
-        return t.full_tensor() if isinstance(t, DTensor) else t
     owner, _, leaf = name.rpartition(".")
     module = model.get_submodule(owner)
     if not isinstance(module, LoRALinear):
         return whole_parameter(model, name, dtype)
     if leaf != "weight":
         return whole_parameter(module.base, leaf, dtype)
-    w = whole(module.base.weight)
-    update = whole(module.lora_B) @ whole(module.lora_A)
-    return (w.float() + module.scale * update).to(w.dtype).to(dtype)
+    a, b = (whole_parameter(module, n, torch.float32) for n in ("lora_A", "lora_B"))
+    w = whole_parameter(module.base, "weight", module.base.weight.dtype)
+    return merge(w, a, b, module.scale).to(dtype)
 
 
 @contextmanager

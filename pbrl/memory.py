@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from pbrl.checkpoint import load_args, shard_rows
+from pbrl.checkpoint import load_args
+from pbrl.distributed import shard_rows
 from pbrl.cli import positive_float, positive_int
 from pbrl.config import Config, load_config, shared_critic, validate
 from pbrl.cudagraphs import cache_slots
@@ -177,7 +178,7 @@ class Plan:
 def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
     """The memory of cfg's run on `gpus` ranks, with prompts of up to prompt_tokens tokens."""
     m, r, p = cfg.models, cfg.rollout, cfg.ppo
-    compute = BYTES["bfloat16" if m.dtype in ("auto", "bfloat16") else "float32"]
+    compute = compute_bytes(cfg)
     actor = model_args(m.policy)
     out = Plan()
     actor_shapes = parameter_shapes(actor)
@@ -212,17 +213,7 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
         activation_bytes(actor, tokens, compute, recompute)
     out.terms["update: recomputed block, logits block"] = \
         transient_update_bytes(actor, tokens, compute, recompute)
-    pivot = model_args(m.pivot or m.policy)
-    out.terms["pivot, whole on every rank"] = full_bytes(parameter_shapes(pivot), compute)
-    out.terms["pivot KV cache"] = kv_cache_bytes(pivot, m.pivot_batch_size,
-                                                 prompt_tokens + r.max_new_tokens, compute)
-    resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference", "KV cache"))]
-    resident += [t for t in rewards if not t.startswith("reward:")]
-    out.phases = {"pivot": ["pivot, whole on every rank", "pivot KV cache"],
-                  "rollout": resident + [t for t in out.terms if t.startswith("rollout")],
-                  "update": resident + [t for t in out.terms if t.startswith("update")]}
-    if "reward: translator KV cache" in rewards:
-        out.phases["reward"] = resident + ["reward: translator KV cache"]
+    pivot_and_phases(cfg, out, rewards, prompt_tokens, compute, ("rollout", "update"))
     return out
 
 
@@ -230,26 +221,39 @@ def rollout_rank_plan(cfg: Config, prompt_tokens: int) -> Plan:
     """A rollout rank of rollout.placement separate (pbrl/pipeline.py): the actor whole in the
     compute dtype (the streamed weights land in it), its KV cache and sampling logits for its
     training rank's share of a step, the reward's models, and the pivot's phase (every rank)."""
-    m, r = cfg.models, cfg.rollout
-    compute = BYTES["bfloat16" if m.dtype in ("auto", "bfloat16") else "float32"]
-    actor, out = model_args(m.policy), Plan()
+    r, compute = cfg.rollout, compute_bytes(cfg)
+    actor, out = model_args(cfg.models.policy), Plan()
     out.terms["actor, whole (streamed weights)"] = full_bytes(parameter_shapes(actor), compute)
     rewards = reward_terms(cfg, out, compute)
     rows = r.prompts_per_step // r.ranks * r.samples_per_prompt
     out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, prompt_tokens + r.max_new_tokens,
                                                     compute)
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
+    pivot_and_phases(cfg, out, rewards, prompt_tokens, compute, ("rollout",))
+    return out
+
+
+def compute_bytes(cfg: Config) -> int:
+    """Bytes per element of the compute dtype (auto: bf16, as on a GPU)."""
+    return BYTES["bfloat16" if cfg.models.dtype in ("auto", "bfloat16") else "float32"]
+
+
+def pivot_and_phases(cfg: Config, out: Plan, rewards: list[str], prompt_tokens: int,
+                     compute: int, kinds: tuple[str, ...]) -> None:
+    """The pivot's terms (it writes the missing references on every rank before the rest loads),
+    then `out`'s phases: the pivot's alone; each of `kinds` (rollout, update): what stays resident
+    plus the terms named after it; the translator's batch when the reward translates."""
+    m, r = cfg.models, cfg.rollout
     pivot = model_args(m.pivot or m.policy)
     out.terms["pivot, whole on every rank"] = full_bytes(parameter_shapes(pivot), compute)
     out.terms["pivot KV cache"] = kv_cache_bytes(pivot, m.pivot_batch_size,
                                                  prompt_tokens + r.max_new_tokens, compute)
-    resident = ["actor, whole (streamed weights)"] + [t for t in rewards
-                                                       if not t.startswith("reward:")]
+    resident = [t for t in out.terms if t.startswith(("actor", "critic", "reference", "KV cache"))]
+    resident += [t for t in rewards if not t.startswith("reward:")]
     out.phases = {"pivot": ["pivot, whole on every rank", "pivot KV cache"],
-                  "rollout": resident + [t for t in out.terms if t.startswith("rollout")]}
+                  **{k: resident + [t for t in out.terms if t.startswith(k)] for k in kinds}}
     if "reward: translator KV cache" in rewards:
         out.phases["reward"] = resident + ["reward: translator KV cache"]
-    return out
 
 
 def lora_shapes(args: ModelArgs, rank: int, targets) -> list[torch.Size]:
@@ -342,13 +346,14 @@ def main(argv=None) -> None:
     capacity = int(args.gpu_memory * GB)
     if cfg.rollout.placement == "separate":  # two kinds of rank, each with its own plan
         training = args.gpus - cfg.rollout.ranks
-        print(f"per training GPU, {training} of {args.gpus} GPUs, prompts <= "
-              f"{args.prompt_tokens} tokens:")
-        print(plan(cfg, training, args.prompt_tokens).table(capacity))
-        print(f"per rollout GPU, {cfg.rollout.ranks} of {args.gpus}:")
-        print(rollout_rank_plan(cfg, args.prompt_tokens).table(capacity))
-        for result in (plan(cfg, training, args.prompt_tokens),
-                       rollout_rank_plan(cfg, args.prompt_tokens)):
+        plans = {f"per training GPU, {training} of {args.gpus} GPUs, prompts <= "
+                 f"{args.prompt_tokens} tokens:": plan(cfg, training, args.prompt_tokens),
+                 f"per rollout GPU, {cfg.rollout.ranks} of {args.gpus}:":
+                 rollout_rank_plan(cfg, args.prompt_tokens)}
+        for title, result in plans.items():
+            print(title)
+            print(result.table(capacity))
+        for result in plans.values():
             check_fits(result, capacity)
         return
     result = plan(cfg, args.gpus, args.prompt_tokens)

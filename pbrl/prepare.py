@@ -24,11 +24,11 @@ from pbrl.checkpoint import (
     check_pretrained,
     claim_run_dir_on_rank0,
     latest_checkpoint,
-    group_rank,
     load_args,
     load_model,
     load_pretrained,
     load_rank_state,
+    rank_state_file,
     load_state,
     load_training_checkpoint,
     read_checkpoint_names,
@@ -304,7 +304,7 @@ def resume(trainer: Trainer) -> None:
     if isinstance(trainer, RolloutWorker):  # its weights come streamed from the training ranks
         trainer.step = load_state(ckpt / TRAINER_FILE)["step"]
         # a pipelined run's checkpoint: its training ranks hold batch `step`, drawn before it
-        trainer.resumed = (ckpt / "rank-0.pt").is_file()
+        trainer.resumed = rank_state_file(ckpt, 0).is_file()
         return
     check_lora_resume(trainer, ckpt)
     trained = trainer.trained
@@ -318,8 +318,9 @@ def resume(trainer: Trainer) -> None:
         trainer.log(f"resume: ppo.kl_beta = {trainer.kl.beta} as configured (the checkpoint's "
                     f"run had {state['kl_beta']})")
     torch.set_rng_state(state["torch_rng"])
-    if (ckpt / f"rank-{group_rank()}.pt").is_file():  # what this rank alone had (a batch in flight)
-        trainer.restore_rank_state(load_rank_state(ckpt))
+    mine = load_rank_state(ckpt)  # what this rank alone had (a pipelined run's batch in flight)
+    if mine is not None:
+        trainer.restore_rank_state(mine)
     done = trainer.step == trainer.cfg.run.steps
     trainer.log(f"resumed from {ckpt} at step {trainer.step}"
                 + (" (the run is complete: nothing to train)" if done else ""))
