@@ -33,6 +33,22 @@ def subprocess_env() -> dict:
     return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
 
+def stalled_run(tmp_path, stall: str, args: list):
+    """train.py with `args` under torchrun on 2 ranks (gloo) and run.timeout_minutes 0.05 (3 s),
+    after `stall` (Python that makes a rank stall somewhere) has run in each process: what the
+    stalled rank's peer does. Returns the finished process (stderr captured)."""
+    import subprocess
+    import sys
+    script = tmp_path / "stall.py"
+    script.write_text(stall + "import sys\n"
+                      f"sys.argv = ['train.py', *{[str(a) for a in args]!r},\n"
+                      "            '--run.timeout_minutes', '0.05']\n"
+                      "import runpy; runpy.run_path('train.py', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--standalone", str(script)], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=100)
+
+
 def run_here(main, argv, capsys) -> tuple[int, str, str]:
     """An entry point's main as its command runs it (cli.run_main: bad input ends with one line on
     stderr and exit status 2), but in this process: (exit status, stdout, stderr). Each command

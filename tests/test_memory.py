@@ -148,6 +148,24 @@ def write_config(directory: Path, **shapes) -> str:
     return str(directory)
 
 
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True)
+LLAMA31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                  tie_word_embeddings=False)
+
+
+def llama31_8b_config(root: Path, name: str):
+    """configs/{name} with Llama-3.1-8B's shapes as policy and pivot and Qwen3-0.6B's as the
+    embedder (their config.json alone, under root)."""
+    from pbrl.config import load_config
+    big = write_config(root / "8b", **LLAMA31_8B)
+    embedder = write_config(root / "0.6b", **QWEN3_0_6B)
+    return load_config(str(ROOT / "configs" / name), [
+        "--models.policy", big, "--models.pivot", big, "--models.embedder", embedder])
+
+
 def test_qwen3_32b_with_tensor_parallel_rollouts_fits_8_gpus_of_80_gb(tmp_path):
     """configs/qwen3_32b_grpo.toml with Qwen3-32B's shapes (and Qwen3-0.6B's for the embedder): at
     most 75 GB per GPU on 8, the rollout's actor term 1/8 of the whole actor (norms aside) that a
@@ -156,9 +174,7 @@ def test_qwen3_32b_with_tensor_parallel_rollouts_fits_8_gpus_of_80_gb(tmp_path):
     big = write_config(tmp_path / "32b", hidden_size=5120, intermediate_size=25600,
                        num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8,
                        tie_word_embeddings=False)
-    small = write_config(tmp_path / "0.6b", hidden_size=1024, intermediate_size=3072,
-                         num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                         tie_word_embeddings=True)
+    small = write_config(tmp_path / "0.6b", **QWEN3_0_6B)
     models = ["--models.policy", big, "--models.pivot", big, "--models.embedder", small]
     cfg = load_config(str(ROOT / "configs" / "qwen3_32b_grpo.toml"), models)
     tp = memory.plan(cfg, 8, 300)
@@ -175,10 +191,8 @@ def test_lora_terms_are_exact_and_the_8b_lora_config_fits_one_80_gb_gpu(tmp_path
     configs/llama31_8b_lora_1gpu.toml with Llama-3.1-8B's shapes fits one 80 GB GPU with no
     reference term (its KL reads the base with the adapters off), which full-parameter training
     of the same run does not."""
-    import json
 
     from pbrl import lora
-    from pbrl.config import load_config
     save_hf_model(tmp_path / "small", "llama")
     model = load_model(tmp_path / "small", dtype=torch.bfloat16)
     adapters = lora.add_lora(model, rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
@@ -188,18 +202,7 @@ def test_lora_terms_are_exact_and_the_8b_lora_config_fits_one_80_gb_gpu(tmp_path
     base = [p for n, p in model.named_parameters() if ".lora_" not in n]
     assert memory.shard_bytes(memory.parameter_shapes(args), 1, 2) == \
         sum(p.numel() * p.element_size() for p in base)
-    big = tmp_path / "8b"
-    big.mkdir()
-    (big / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "max_position_embeddings": 131072, "tie_word_embeddings": False}))
-    embedder = write_config(tmp_path / "0.6b", hidden_size=1024, intermediate_size=3072,
-                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                            tie_word_embeddings=True)
-    cfg = load_config(str(ROOT / "configs" / "llama31_8b_lora_1gpu.toml"), [
-        "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
+    cfg = llama31_8b_config(tmp_path / "one", "llama31_8b_lora_1gpu.toml")
     plan = memory.plan(cfg, 1, 300)
     assert cfg.ppo.kl_beta > 0 and not any("reference" in t for t in plan.terms)
     assert plan.peak[1] <= 40 * memory.GB
@@ -211,8 +214,7 @@ def test_lora_terms_are_exact_and_the_8b_lora_config_fits_one_80_gb_gpu(tmp_path
     cfg.lora.rank = 0  # the same run, full-parameter
     assert memory.plan(cfg, 1, 300).peak[1] > 80 * memory.GB
     # the smallest card: 24 GB, with 2 GB left for the CUDA context and the allocator
-    small = load_config(str(ROOT / "configs" / "llama31_8b_lora_24gb.toml"), [
-        "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
+    small = llama31_8b_config(tmp_path / "24gb", "llama31_8b_lora_24gb.toml")
     assert memory.plan(small, 1, 300).peak[1] <= 22 * memory.GB
 
 
@@ -238,7 +240,6 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
     holds the actor whole in the compute dtype (its bytes those of the real model), its KV cache
     and the reward's models. configs/llama31_8b_pipelined.toml in Llama-3.1-8B's shapes: both fit
     80 GB with room (52.7 GB training, whose evaluation decodes; 26.5 GB rollout)."""
-    import json
 
     from pbrl.config import load_config
     save_hf_model(tmp_path / "small", "llama")
@@ -253,17 +254,6 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
     assert rollout.terms["actor, whole (streamed weights)"] == \
         sum(p.numel() * p.element_size() for p in model.parameters())
     assert "rollout: KV cache" in rollout.terms and "actor AdamW states" not in rollout.terms
-    big = tmp_path / "8b"
-    big.mkdir()
-    (big / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "max_position_embeddings": 131072, "tie_word_embeddings": False}))
-    embedder = write_config(tmp_path / "0.6b", hidden_size=1024, intermediate_size=3072,
-                            num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                            tie_word_embeddings=True)
-    cfg = load_config(str(ROOT / "configs" / "llama31_8b_pipelined.toml"), [
-        "--models.policy", str(big), "--models.pivot", str(big), "--models.embedder", embedder])
+    cfg = llama31_8b_config(tmp_path / "8gpus", "llama31_8b_pipelined.toml")
     assert memory.plan(cfg, 4, 300).peak[1] <= 60 * memory.GB  # its evaluation decodes there
     assert memory.rollout_rank_plan(cfg, 300).peak[1] <= 30 * memory.GB

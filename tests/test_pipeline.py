@@ -88,26 +88,16 @@ def test_what_separate_rollout_ranks_do_not_do_yet_is_refused(world, tmp_path, e
 def test_a_stalled_rollout_rank_ends_the_run_within_the_timeout_with_one_line(world, tmp_path):
     """The rollout rank stalls drawing step 2's batch; its training rank, waiting for it, exits
     after run.timeout_minutes (3 s here) with the process group's one line."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, subprocess_env
-    script = tmp_path / "stall.py"
+    from conftest import stalled_run
     args = overrides(world, tmp_path / "run", **{**RUN, "rollout.placement": "separate"})
-    script.write_text(
-        "import sys, time\n"
-        "import pbrl.pipeline\n"
-        "real = pbrl.pipeline.RolloutWorker.draw\n"
-        "def stalled(self, k):\n"
-        "    if k == 1:\n"
-        "        time.sleep(120)\n"
-        "    return real(self, k)\n"
-        "pbrl.pipeline.RolloutWorker.draw = stalled\n"
-        f"sys.argv = ['train.py', *{[str(a) for a in args]!r}, '--run.timeout_minutes', '0.05']\n"
-        "import runpy; runpy.run_path('train.py', run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script)], cwd=ROOT, capture_output=True, text=True,
-                          env=subprocess_env(), timeout=100)
+    done = stalled_run(tmp_path, "import time\n"
+                                 "import pbrl.pipeline\n"
+                                 "real = pbrl.pipeline.RolloutWorker.draw\n"
+                                 "def stalled(self, k):\n"
+                                 "    if k == 1:\n"
+                                 "        time.sleep(120)\n"
+                                 "    return real(self, k)\n"
+                                 "pbrl.pipeline.RolloutWorker.draw = stalled\n", args)
     assert done.returncode != 0
     assert "error: rank 0 waited longer than the process group's timeout (0.05 minutes, " \
            "run.timeout_minutes)" in done.stderr, done.stderr[-3000:]

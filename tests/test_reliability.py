@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import metrics, no_model_loads, overrides, run_here, subprocess_env
+from conftest import (metrics, no_model_loads, overrides, run_here, stalled_run,
+                      subprocess_env)
 from pbrl.config import load_config, parse_command_line, validate
 from pbrl.prepare import prepare
 
@@ -227,22 +228,15 @@ def test_a_stalled_rank_makes_its_peer_exit_with_a_clear_message_within_the_time
     """Rank 1 stalls before its first iteration; rank 0 waits in a collective for
     run.timeout_minutes (3 s here), then exits with one line that says so. torchrun's own
     process group default (30 minutes on gloo) must not apply."""
-    script = tmp_path / "stall.py"
-    script.write_text(
-        "import os, sys, time\n"
-        "import pbrl.trainer\n"
-        "real = pbrl.trainer.Trainer.train_step\n"
-        "def stalled(self):\n"
-        "    if os.environ['RANK'] == '1':\n"
-        "        time.sleep(120)\n"
-        "    return real(self)\n"
-        "pbrl.trainer.Trainer.train_step = stalled\n"
-        f"sys.argv = ['train.py', *{[str(a) for a in overrides(world, tmp_path / 'run')]!r},\n"
-        "            '--run.timeout_minutes', '0.05']\n"
-        "import runpy; runpy.run_path('train.py', run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script)], cwd=ROOT, capture_output=True, text=True,
-                          env=subprocess_env(), timeout=100)
+    done = stalled_run(tmp_path, "import os, time\n"
+                                 "import pbrl.trainer\n"
+                                 "real = pbrl.trainer.Trainer.train_step\n"
+                                 "def stalled(self):\n"
+                                 "    if os.environ['RANK'] == '1':\n"
+                                 "        time.sleep(120)\n"
+                                 "    return real(self)\n"
+                                 "pbrl.trainer.Trainer.train_step = stalled\n",
+                       overrides(world, tmp_path / "run"))
     assert done.returncode != 0
     assert "error: rank 0 waited longer than the process group's timeout (0.05 minutes, " \
            "run.timeout_minutes) in a collective" in done.stderr, done.stderr[-2000:]
