@@ -219,15 +219,20 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
 
 def rollout_rank_plan(cfg: Config, prompt_tokens: int) -> Plan:
     """A rollout rank of rollout.placement separate (pbrl/pipeline.py): the actor whole in the
-    compute dtype (the streamed weights land in it), its KV cache and sampling logits for its
-    training rank's share of a step, the reward's models, and the pivot's phase (every rank)."""
+    compute dtype (the streamed weights land in it; compiled rollouts read it in place), its KV
+    cache (kept, under rollout.compile) and sampling logits for its training rank's share of a
+    step, the reward's models, and the pivot's phase (every rank)."""
     r, compute = cfg.rollout, compute_bytes(cfg)
     actor, out = model_args(cfg.models.policy), Plan()
     out.terms["actor, whole (streamed weights)"] = full_bytes(parameter_shapes(actor), compute)
     rewards = reward_terms(cfg, out, compute)
     rows = r.prompts_per_step // r.ranks * r.samples_per_prompt
-    out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows, prompt_tokens + r.max_new_tokens,
-                                                    compute)
+    if r.compile:  # the sampler's state kept between rollouts, one cache length for the run
+        out.terms["KV cache, kept (rollout.compile)"] = kv_cache_bytes(
+            actor, rows, cache_slots(prompt_tokens, r.max_new_tokens), compute)
+    else:
+        out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows,
+                                                        prompt_tokens + r.max_new_tokens, compute)
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
     pivot_and_phases(cfg, out, rewards, prompt_tokens, compute, ("rollout",))
     return out

@@ -82,7 +82,7 @@ def prepare(cfg: Config, log=print) -> Trainer:
                                               cfg.ppo.kl_horizon),
                   sampling=rollout_sampling(cfg, tokenizer, device))
     if separate:
-        return separate_ranks(cfg, common)
+        return separate_ranks(cfg, common, longest)
     actor, critic, reference = trained_models(cfg, dtype, device)
     trainer = Trainer(**common, rank=rank, world=world, actor=actor, critic=critic,
                       reference=reference, reward=build_reward(cfg.reward, cfg.models.embedder,
@@ -121,11 +121,11 @@ def trained_models(cfg: Config, dtype, device) -> tuple[Trained, Trained | None,
     return actor, critic, reference
 
 
-def separate_ranks(cfg: Config, common: dict) -> Trainer:
+def separate_ranks(cfg: Config, common: dict, longest: int) -> Trainer:
     """rollout.placement separate (pbrl/pipeline.py): the training ranks build the trained models
     (FSDP2 among themselves) and get their batches from their rollout ranks; a rollout rank holds a
-    whole copy of the actor in the compute dtype, which the training ranks' weights refresh, and
-    the reward."""
+    whole copy of the actor in the compute dtype, which the training ranks' weights refresh (in
+    place: rollout.compile's graphs read it), and the reward. Training ranks evaluate eagerly."""
     from pbrl.pipeline import PipelinedTrainer, RolloutWorker
     device, dtype = common["device"], common["dtype"]
     trains, rank, world, stream, pair = dist.split(cfg.rollout.ranks, device)
@@ -140,6 +140,9 @@ def separate_ranks(cfg: Config, common: dict) -> Trainer:
                                 critic=None, reference=None, stream=stream, pair=pair,
                                 reward=build_reward(cfg.reward, cfg.models.embedder,
                                                     cfg.models.translator, dtype, device))
+        if cfg.rollout.compile:  # the streamed weights land in place: graphs read the copy itself
+            trainer.graphs = CudaGraphs(None, dtype, device)
+            trainer.slots = cache_slots(longest, cfg.rollout.max_new_tokens)
     if cfg.run.resume:
         resume(trainer)
     return trainer

@@ -37,16 +37,21 @@ def stalled_run(tmp_path, stall: str, args: list):
     """train.py with `args` under torchrun on 2 ranks (gloo) and run.timeout_minutes 0.05 (3 s),
     after `stall` (Python that makes a rank stall somewhere) has run in each process: what the
     stalled rank's peer does. Returns the finished process (stderr captured)."""
+    return patched_run(tmp_path, stall, [*args, "--run.timeout_minutes", "0.05"], timeout=100)
+
+
+def patched_run(tmp_path, patch: str, args: list, ranks: int = 2, timeout: float = 300):
+    """train.py with `args` under torchrun on `ranks` ranks (gloo), after `patch` (Python) has run
+    in each process. Returns the finished process (stderr captured)."""
     import subprocess
     import sys
-    script = tmp_path / "stall.py"
-    script.write_text(stall + "import sys\n"
-                      f"sys.argv = ['train.py', *{[str(a) for a in args]!r},\n"
-                      "            '--run.timeout_minutes', '0.05']\n"
+    script = tmp_path / "patched.py"
+    script.write_text(patch + "import sys\n"
+                      f"sys.argv = ['train.py', *{[str(a) for a in args]!r}]\n"
                       "import runpy; runpy.run_path('train.py', run_name='__main__')\n")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script)], cwd=ROOT, capture_output=True, text=True,
-                          env=subprocess_env(), timeout=100)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                           f"--nproc_per_node={ranks}", "--standalone", str(script)], cwd=ROOT,
+                          capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
 
 
 def run_here(main, argv, capsys) -> tuple[int, str, str]:

@@ -10,6 +10,7 @@ import torch
 from conftest import run_here, save_hf_model, subprocess_env
 from pbrl import memory
 from pbrl.checkpoint import load_model
+from pbrl.cudagraphs import cache_slots
 from pbrl.model import ModelArgs, Transformer, empty_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,6 +255,13 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
     assert rollout.terms["actor, whole (streamed weights)"] == \
         sum(p.numel() * p.element_size() for p in model.parameters())
     assert "rollout: KV cache" in rollout.terms and "actor AdamW states" not in rollout.terms
+    cfg.rollout.compile = True  # the sampler's state kept, one cache length; no second copy
+    compiled = memory.rollout_rank_plan(cfg, 50)
+    kept = compiled.terms.pop("KV cache, kept (rollout.compile)")
+    r = cfg.rollout
+    assert kept == memory.kv_cache_bytes(memory.model_args(small), r.prompts_per_step *
+                                         r.samples_per_prompt, cache_slots(50, r.max_new_tokens), 2)
+    assert compiled.terms == {k: v for k, v in rollout.terms.items() if k != "rollout: KV cache"}
     cfg = llama31_8b_config(tmp_path / "8gpus", "llama31_8b_pipelined.toml")
     assert memory.plan(cfg, 4, 300).peak[1] <= 60 * memory.GB  # its evaluation decodes there
     assert memory.rollout_rank_plan(cfg, 300).peak[1] <= 30 * memory.GB

@@ -2,13 +2,17 @@
 A pipelined run (torchrun, gloo; 2 training ranks with FSDP2 between them and 2 rollout ranks)
 equals, step for step, the synchronous run in one process whose step t draws its
 rollouts with the weights before the previous step's update (W_(t-1); steps 0 and 1 with W_0)."""
+import json
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import hf_tensors, metrics, overrides
+from conftest import ROOT, hf_tensors, metrics, overrides, save_hf_model, subprocess_env
 from pbrl.config import load_config, validate
 from pbrl.model import empty_like
 from pbrl.prepare import prepare
@@ -73,9 +77,58 @@ def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_pa
                                                                   abs=1e-5)
 
 
+def test_the_streamed_weights_are_the_trainers_one_gathered_tensor_at_a_time(tmp_path):
+    """tests/scripts/stream_probe.py under torchrun (4 ranks: 2 training with FSDP2, 2 rollout):
+    after each of three updates, each rollout rank's parameters equal the training ranks' weights
+    gathered in the compute dtype (bf16), bit for bit; while streaming no training rank holds more
+    than one gathered tensor alive; a rollout rank's parameters keep their addresses (what CUDA
+    graphs need) and its compiled decoding samples what its eager decoding does."""
+    save_hf_model(tmp_path / "m", "qwen3")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
+                           "--standalone", str(Path(ROOT) / "tests" / "scripts" /
+                                               "stream_probe.py"), str(tmp_path / "m"),
+                           str(tmp_path)], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(4)]
+    assert [r["most_alive"] for r in reports[:2]] == [1, 1]
+    assert all(r["kept_addresses"] and r["compiled_equals_eager"] == [True] * 3
+               for r in reports[2:])
+    for step in range(3):
+        held = [torch.load(tmp_path / f"rank-{r}-step-{step}.pt") for r in range(4)]
+        assert all(t.dtype == torch.bfloat16 for t in held[2].values())
+        for other in held[1:]:
+            assert held[0].keys() == other.keys()
+            assert all(torch.equal(held[0][n], other[n]) for n in held[0])
+    before = torch.load(tmp_path / "rank-2-step-0.pt")  # the weights did change between streams
+    assert not all(torch.equal(before[n], held[2][n]) for n in before)
+
+
+def test_compiled_rollout_ranks_draw_what_eager_ones_draw(world, tmp_path):
+    """rollout.compile on a rollout rank (1 + 1 ranks): it decodes through CudaGraphs' compiled
+    step (aot_eager here) on the parameters the weights stream into, and the run equals the eager
+    pipelined run step for step."""
+    from conftest import patched_run
+    steps = tmp_path / "steps.txt"
+    args = overrides(world, tmp_path / "compiled", **RUN, **{"rollout.placement": "separate",
+                                                             "rollout.compile": "true"})
+    done = patched_run(tmp_path, "import pbrl.cudagraphs as g\n"
+                                 "g.COMPILE_OPTIONS = {'backend': 'aot_eager', 'fullgraph': True,"
+                                 " 'dynamic': False}\n"
+                                 "real = g.CudaGraphs.step\n"
+                                 "def step(self, *a):\n"
+                                 f"    open({str(steps)!r}, 'a').write('.')\n"
+                                 "    return real(self, *a)\n"
+                                 "g.CudaGraphs.step = step\n", args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(steps.read_text()) >= 3  # the rollouts decoded through the graphs
+    train(world, tmp_path / "eager", 2, **RUN, **{"rollout.placement": "separate"})
+    assert_same_run(metrics(tmp_path / "eager"), metrics(tmp_path / "compiled"))
+
+
 @pytest.mark.parametrize("extra, world_size, says", [
     ({"rollout.ranks": 1}, 4, "rollout.ranks = 1 needs 2 ranks, got 4"),
-    ({"rollout.compile": "true"}, 2, "does not decode tensor-parallel or compiled"),
+    ({"rollout.tensor_parallel": 2, "rollout.ranks": 2}, 4, "does not decode tensor-parallel"),
 ])
 def test_what_separate_rollout_ranks_do_not_do_yet_is_refused(world, tmp_path, extra, world_size,
                                                               says):
