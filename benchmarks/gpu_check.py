@@ -17,6 +17,9 @@
                  over the tokens it computes (also with eager blocks),
                  peak memory against pbrl.memory's plan (on the CPU the peak is the process's RSS)
      checkpoint  the time to save, load and export (bf16, streamed) a DCP checkpoint of its actor
+     pipelined   rollout.placement separate modelled on 2 GPUs from its phases (rollout and reward
+                 on one side, the rest on the other) and the weights' stream timed here (gathered
+                 one tensor at a time into a whole bf16 copy): the step, each side's busy share
      lora        the same PPO run with LoRA adapters (a frozen bf16 base, GAE's critic as adapters
                  on it): its times and peak memory against the full-parameter run's and the plan;
                  decoding through the adapters unmerged against a merged copy (eager, compiled)
@@ -42,7 +45,7 @@ from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.timing import read_bandwidth, seconds, sync  # noqa: E402
+from benchmarks.timing import best_seconds, read_bandwidth, seconds, sync  # noqa: E402
 from pbrl import kernels  # noqa: E402
 from pbrl.kernels import reference  # noqa: E402
 from pbrl.kernels.dispatch import use_triton  # noqa: E402
@@ -457,6 +460,43 @@ def check_checkpoint(trainer, work: Path) -> dict:
             **{k: round(v, 2) for k, v in timings.items()}}
 
 
+ROLLOUT_SIDE = ("rollout", "reward")  # the phases a rollout rank runs; the rest are the update's
+
+
+def check_pipelined(trainer, training: dict) -> dict:
+    """rollout.placement separate on this one device, modelled from measurements: the training
+    check's last iteration split into the rollout ranks' phases (ROLLOUT_SIDE) and the training
+    ranks' (the rest), and the weights' stream timed here (each actor tensor gathered in the
+    compute dtype and copied into a whole copy, one at a time: on one device a lower bound on the
+    broadcast to another GPU). Two GPUs modelled: colocated, each decodes half the rows (about as
+    long: decoding reads the weights) and updates on half the batch; separate (1 + 1), a step takes
+    max(rollout side, training side + stream), and each side is busy its share of that."""
+    from pbrl.model import empty_like
+    if isinstance(training, str):
+        raise RuntimeError("the training check failed: nothing to model")
+    model, device = trainer.actor.model, trainer.device
+    copy = empty_like(model, trainer.dtype, device).requires_grad_(False)
+    params = dict(copy.named_parameters())
+
+    @torch.no_grad()
+    def stream():  # pipeline.stream_weights' gathers, a local copy in place of its broadcast
+        for name in params:
+            params[name].copy_(dist.whole_parameter(model, name, trainer.dtype))
+    stream_s = best_seconds(stream, 3)[0]
+    phases = training["phases"]
+    side = {"rollout": sum(v for k, v in phases.items() if k in ROLLOUT_SIDE),
+            "training": sum(v for k, v in phases.items()
+                            if k not in ROLLOUT_SIDE and k not in ("eval", "checkpoint"))}
+    step = max(side["rollout"], side["training"] + stream_s)
+    return {"phases_s": phases, "rollout_side_s": round(side["rollout"], 3),
+            "training_side_s": round(side["training"], 3), "stream_s": round(stream_s, 4),
+            "stream_mb": round(sum(p.numel() * p.element_size() for p in params.values()) / 1e6, 2),
+            "modelled_2_gpus": {"colocated_s": round(side["rollout"] + side["training"] / 2, 3),
+                                "separate_s": round(step, 3),
+                                "rollout_busy": round(side["rollout"] / step, 3),
+                                "training_busy": round((side["training"] + stream_s) / step, 3)}}
+
+
 SECTIONS = {  # key: (title, how its result renders)
     "kernels": ("Kernels vs fp32 references", lambda rows: [
         "| kernel | dtype | ran | max abs error | ok |", "|---|---|---|---|---|",
@@ -485,6 +525,8 @@ SECTIONS = {  # key: (title, how its result renders)
     "checkpoint": ("Training checkpoint (DCP: actor and its AdamW state) of the PPO run",
                    lambda r: [
         "```json", json.dumps(r, indent=1), "```"]),
+    "pipelined": ("Separate rollout ranks, modelled from this device's phases and stream",
+                  lambda r: ["```json", json.dumps(r, indent=1), "```"]),
     "lora": ("LoRA: the PPO run with adapters (rank 16), and decoding merged vs unmerged",
              lambda r: ["```json", json.dumps(r, indent=1), "```"]),
 }
@@ -522,8 +564,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128,
                     help="tokens each decoding check generates (the profiled one half of them)")
     ap.add_argument("--checks", default=",".join(SECTIONS),
-                    help="which checks to run, in this order "
-                    "(checkpoint needs training, and runs before lora, which frees it)")
+                    help="which checks to run, in this order (checkpoint and pipelined need "
+                    "training, and run before lora, which frees it)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "gpu.md"),
                     help="the report; its results are kept beside it as JSON, and a later run with "
                          "--update replaces only the sections it runs")
@@ -531,12 +573,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     checks = args.checks.split(",")
     unknown = set(checks) - set(SECTIONS)
-    late = "checkpoint" in checks and "lora" in checks and \
-        checks.index("lora") < checks.index("checkpoint")
-    if unknown or late or ("checkpoint" in checks and "training" not in checks):
-        ap.error(f"--checks takes some of {', '.join(SECTIONS)} (checkpoint with training, before "
-                 f"lora); got "
-                 f"{args.checks}")
+    after_training = [c for c in ("checkpoint", "pipelined") if c in checks]
+    late = "lora" in checks and any(checks.index("lora") < checks.index(c) for c in after_training)
+    if unknown or late or (after_training and "training" not in checks):
+        ap.error(f"--checks takes some of {', '.join(SECTIONS)} (checkpoint and pipelined with "
+                 f"training, before lora); got {args.checks}")
     import triton
     device = dist.resolve_device(args.device)
     model_args = ModelArgs(**SIZES[args.size])
@@ -565,6 +606,8 @@ def main(argv=None):
                                            args.new_tokens),
         "decode_profile": lambda: check_decode_profile(model_args, device, args.new_tokens // 2),
         "checkpoint": lambda: check_checkpoint(trained["trainer"], work),
+        "pipelined": lambda: check_pipelined(trained["trainer"],
+                                             sections.get("training", {}).get("result")),
         "lora": lambda: check_lora(model_args, device, args.steps, work,
                                    sections.get("training", {}).get("result"),
                                    args.new_tokens, free=trained,
