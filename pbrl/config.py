@@ -425,8 +425,7 @@ def pipeline_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
     return [(world_size == 2 * r.ranks, f"{separate} pairs each training rank with a rollout rank "
                                         f"of its own: rollout.ranks = {r.ranks} needs "
                                         f"{2 * r.ranks} ranks, got {world_size}"),
-            (r.tensor_parallel == 1 and not r.dynamic_sampling and not cfg.lora.rank,
-             f"{separate} does not decode tensor-parallel, sample dynamically or train LoRA yet")]
+            (r.tensor_parallel == 1, f"{separate} does not decode tensor-parallel yet")]
 
 
 def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:

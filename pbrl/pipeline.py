@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from pbrl import distributed as dist
-from pbrl import rollout
+from pbrl import lora, rollout
 from pbrl.data import Problem
+from pbrl.model import Transformer
 from pbrl.rewards import Sample
 from pbrl.sampler import Completions
 from pbrl.trainer import Step, Trainer, timed
@@ -50,6 +50,7 @@ class PipelinedTrainer(Trainer):
     streamed: bool = False                  # this process has sent the rollout ranks its weights
 
     def sample_and_score(self, draw: int, timings: dict) -> rollout.Groups:
+        """The batch my rollout rank drew for this step (dynamic sampling's rounds included)."""
         if not self.streamed:  # the rollout ranks start from my weights (W_0, or a checkpoint's)
             stream_weights(self, timings)
             self.streamed = True
@@ -57,6 +58,9 @@ class PipelinedTrainer(Trainer):
             self.pending = receive(self, timings)
         batch, self.pending = self.pending, None
         return batch
+
+    def collect_informative(self, timings: dict) -> rollout.Groups:
+        return self.sample_and_score(self.step, timings)  # (the rounds ran on my rollout rank)
 
     def rank_state(self) -> dict | None:
         """The batch in flight (drawn with the weights before this checkpoint's): a resumed run
@@ -106,7 +110,9 @@ class RolloutWorker(Trainer):
 
     def draw(self, k: int) -> tuple[rollout.Groups, float]:
         start = time.perf_counter()
-        batch = self.sample_and_score(k, {})
+        self.step = k  # (dynamic sampling's rounds draw as a function of the step)
+        batch = Trainer.collect_informative(self, {}) if self.cfg.rollout.dynamic_sampling else \
+            self.sample_and_score(k, {})
         c = batch.completions
         cpu = batch._replace(completions=Completions(*(t.cpu() for t in c)),
                              rewards={name: v.cpu() for name, v in batch.rewards.items()},
@@ -116,12 +122,13 @@ class RolloutWorker(Trainer):
 
 @torch.no_grad()
 def stream_weights(trainer: PipelinedTrainer, timings: dict) -> None:
-    """Every actor tensor gathered whole among the training ranks in the compute dtype, one at a
-    time, and broadcast by training rank 0 to the rollout ranks (a collective of both kinds)."""
+    """Every actor tensor by its plain name (a LoRA actor's adapters merged: lora.whole_weight),
+    gathered whole among the training ranks in the compute dtype, one at a time, and broadcast by
+    training rank 0 to the rollout ranks (a collective of both kinds)."""
     model = trainer.actor.model
     with timed(timings, "stream_weights"):
-        for name, _ in model.named_parameters():
-            whole = dist.whole_parameter(model, name, trainer.dtype).detach().contiguous()
+        for name in plain_names(model):
+            whole = lora.whole_weight(model, name, trainer.dtype).detach().contiguous()
             if trainer.rank == 0:
                 tdist.broadcast(whole, src=0, group=trainer.stream)
             del whole
@@ -132,6 +139,15 @@ def receive_weights(worker: RolloutWorker) -> None:
     """The streamed weights, in order, into the parameters the sampler reads."""
     for _, param in worker.actor.model.named_parameters():
         tdist.broadcast(param.data, src=0, group=worker.stream)
+
+
+def plain_names(model: Transformer) -> list[str]:
+    """The parameter names of model's architecture without adapters, in the order a rollout
+    rank's plain copy lists its parameters."""
+    with torch.device("meta"):
+        plain = Transformer(model.args, lm_head=model.lm_head is not None)
+    plain.tie_weights()
+    return [name for name, _ in plain.named_parameters()]
 
 
 def batch_state(batch: rollout.Groups) -> dict:
