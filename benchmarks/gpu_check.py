@@ -470,7 +470,7 @@ def check_pipelined(trainer, training: dict) -> dict:
     compute dtype and copied into a whole copy, one at a time: on one device a lower bound on the
     broadcast to another GPU). Two GPUs modelled: colocated, each decodes half the rows (about as
     long: decoding reads the weights) and updates on half the batch; separate (1 + 1), a step takes
-    max(rollout side, training side + stream), and each side is busy its share of that."""
+    max(rollout side, training side) + stream, and each side is busy its share of that."""
     from pbrl.model import empty_like
     if isinstance(training, str):
         raise RuntimeError("the training check failed: nothing to model")
@@ -487,14 +487,14 @@ def check_pipelined(trainer, training: dict) -> dict:
     side = {"rollout": sum(v for k, v in phases.items() if k in ROLLOUT_SIDE),
             "training": sum(v for k, v in phases.items()
                             if k not in ROLLOUT_SIDE and k not in ("eval", "checkpoint"))}
-    step = max(side["rollout"], side["training"] + stream_s)
+    step = max(side["rollout"], side["training"]) + stream_s  # both sides take part in it
     return {"phases_s": phases, "rollout_side_s": round(side["rollout"], 3),
             "training_side_s": round(side["training"], 3), "stream_s": round(stream_s, 4),
             "stream_mb": round(sum(p.numel() * p.element_size() for p in params.values()) / 1e6, 2),
             "modelled_2_gpus": {"colocated_s": round(side["rollout"] + side["training"] / 2, 3),
                                 "separate_s": round(step, 3),
                                 "rollout_busy": round(side["rollout"] / step, 3),
-                                "training_busy": round((side["training"] + stream_s) / step, 3)}}
+                                "training_busy": round(side["training"] / step, 3)}}
 
 
 SECTIONS = {  # key: (title, how its result renders)

@@ -420,11 +420,13 @@ def validate(cfg: Config, world_size: int) -> None:
 
 
 def pipeline_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
-    """rollout.placement = separate: what its first version does (pbrl/pipeline.py)."""
+    """rollout.placement = separate: what it does (pbrl/pipeline.py)."""
     r, separate = cfg.rollout, "rollout.placement = separate"
-    return [(world_size == 2 * r.ranks, f"{separate} pairs each training rank with a rollout rank "
-                                        f"of its own: rollout.ranks = {r.ranks} needs "
-                                        f"{2 * r.ranks} ranks, got {world_size}"),
+    trainers = world_size - r.ranks
+    return [(trainers > 0 and trainers % r.ranks == 0,
+             f"{separate}: rollout.ranks = {r.ranks} of {world_size} ranks leaves {trainers} "
+             f"to train; each rollout rank serves the same number of training ranks, so "
+             f"rollout.ranks must divide that number (and leave at least one)"),
             (r.tensor_parallel == 1, f"{separate} does not decode tensor-parallel yet")]
 
 
@@ -433,7 +435,8 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
     training ranks (rollout.placement separate: the others decode)."""
     r, p, w = cfg.rollout, cfg.ppo, cfg.reward
     pipeline = pipeline_checks(cfg, world_size) if r.placement == "separate" else []
-    world_size = world_size - r.ranks if r.placement == "separate" else world_size
+    # (none left to train: the pipeline's check says so first)
+    world_size = max(world_size - r.ranks, 1) if r.placement == "separate" else world_size
     per_rank = r.prompts_per_step // max(world_size, 1) * r.samples_per_prompt
     weights = (w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight,
                w.language_weight)

@@ -1,7 +1,8 @@
 """Rollouts that overlap training (rollout.placement = separate): one step off-policy.
 
-The first world - n ranks train (FSDP2 among themselves), the last n decode and score, rollout
-rank j paired with training rank j (pbrl/distributed.py's `split`). W_t is the policy after t
+The first world - n ranks train (FSDP2 among themselves), the last n decode and score, each
+rollout rank drawing the shares of k = (world - n) / n training ranks as one batch (rollout rank j
+serves training ranks j k .. j k + k - 1: pbrl/distributed.py's `split`). W_t is the policy after t
 updates. Batch t is drawn with W_(t-1) (batches 0 and 1 with W_0), so while the training ranks
 update on batch t, the rollout ranks draw batch t+1:
 
@@ -11,9 +12,9 @@ update on batch t, the rollout ranks draw batch t+1:
 Which weights drew which batch is a function of the step alone. The weights go tensor by tensor:
 each gathered whole among the training ranks in the compute dtype (one at a time; no rank holds
 the gathered model), broadcast by training rank 0 straight into the parameters the rollout rank's
-sampler reads. A batch goes from a rollout rank to its training rank as one object (on the CPU),
-broadcast within their pair's group: a collective, so a stalled peer ends the run at the process
-group's timeout.
+sampler reads. A training rank's share goes from its rollout rank to it as one object (on the
+CPU), broadcast within their pair's group: a collective, so a stalled peer ends the run at the
+process group's timeout.
 A checkpoint keeps each training rank's batch in flight (rank_state), so a resumed run is exact:
 it learns from that batch, and its rollout ranks draw the next with the checkpoint's weights.
 The objective is the decoupled one: the sampler's log-probs are the behaviour policy's, the
@@ -83,10 +84,11 @@ class PipelinedTrainer(Trainer):
 
 @dataclass
 class RolloutWorker(Trainer):
-    """A rollout rank: draws and scores its training rank's share of every step's problems, with
-    the weights streamed to it (actor: a whole copy in the compute dtype, no optimizer)."""
+    """A rollout rank: draws and scores its training ranks' shares of every step's problems (its
+    own share among the rollout ranks), with the weights streamed to it (actor: a whole copy in
+    the compute dtype, no optimizer)."""
     stream: object = None
-    pair: object = None
+    pairs: list = dataclasses.field(default_factory=list)  # with each training rank I serve
     resumed: bool = False  # from a checkpoint that holds batch `step` (its training rank has it)
 
     def run(self, steps: int | None = None) -> list[dict]:
@@ -103,8 +105,9 @@ class RolloutWorker(Trainer):
             t0 = time.perf_counter()
             if k > start:
                 receive_weights(self)  # W_k, which draws batch k + 1
-            # my global rank is the source
-            tdist.broadcast_object_list([batch], src=tdist.get_rank(), group=self.pair)
+            for i, pair in enumerate(self.pairs):  # my global rank is the source
+                part = share(batch, i, len(self.pairs), self.cfg.rollout.samples_per_prompt)
+                tdist.broadcast_object_list([part], src=tdist.get_rank(), group=pair)
             idle = time.perf_counter() - t0
         return []
 
@@ -118,6 +121,22 @@ class RolloutWorker(Trainer):
                              rewards={name: v.cpu() for name, v in batch.rewards.items()},
                              keep=batch.keep.cpu(), stats=dict(batch.stats))
         return cpu, time.perf_counter() - start
+
+
+def share(batch: rollout.Groups, i: int, parts: int, n: int) -> rollout.Groups:
+    """Part i of `parts` of a batch, by problem (n samples each): the share of the i-th training
+    rank a rollout rank serves (problems_for_step deals each rank a contiguous slice, so those of
+    the training ranks it serves, in order, are its own)."""
+    k = len(batch.problems) // parts
+    rows = slice(i * k * n, (i + 1) * k * n)
+    c = batch.completions
+    width = int(c.lengths[rows].max())
+    return batch._replace(problems=batch.problems[i * k:(i + 1) * k],
+                          completions=Completions(c.tokens[rows, :width], c.lengths[rows],
+                                                  c.finished[rows], c.logprobs[rows, :width]),
+                          samples=batch.samples[rows],
+                          rewards={name: v[rows] for name, v in batch.rewards.items()},
+                          keep=batch.keep[rows], stats=dict(batch.stats))
 
 
 @torch.no_grad()

@@ -128,16 +128,17 @@ def separate_ranks(cfg: Config, common: dict, longest: int) -> Trainer:
     place: rollout.compile's graphs read it), and the reward. Training ranks evaluate eagerly."""
     from pbrl.pipeline import PipelinedTrainer, RolloutWorker
     device, dtype = common["device"], common["dtype"]
-    trains, rank, world, stream, pair = dist.split(cfg.rollout.ranks, device)
+    trains, rank, world, stream, pairs = dist.split(cfg.rollout.ranks, device)
     if trains:
         actor, critic, reference = trained_models(cfg, dtype, device)
         trainer = PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
-                                   reference=reference, reward=None, partner=world + rank,
-                                   stream=stream, pair=pair)
+                                   reference=reference, reward=None,
+                                   partner=world + rank // (world // cfg.rollout.ranks),
+                                   stream=stream, pair=pairs[0])
     else:
         copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
         trainer = RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
-                                critic=None, reference=None, stream=stream, pair=pair,
+                                critic=None, reference=None, stream=stream, pairs=pairs,
                                 reward=build_reward(cfg.reward, cfg.models.embedder,
                                                     cfg.models.translator, dtype, device))
         if cfg.rollout.compile:  # the streamed weights land in place: graphs read the copy itself

@@ -110,10 +110,12 @@ def test_the_streamed_weights_are_the_trainers_one_gathered_tensor_at_a_time(tmp
     assert not all(torch.equal(before[n], held[2][n]) for n in before)
 
 
-def test_compiled_lora_dynamic_sampling_rollout_ranks_equal_the_reference(world, tmp_path):
-    """1 + 1 ranks with LoRA (the merged weights stream), dynamic sampling (on the rollout rank,
-    its rounds a function of the step) and compiled decoding (CudaGraphs' step, aot_eager here, on
-    the parameters the weights stream into): the stale reference with LoRA and dynamic sampling,
+def test_one_rollout_rank_for_two_training_ranks_with_lora_dynamic_sampling_compiled(world,
+                                                                                   tmp_path):
+    """2 training ranks (FSDP2) and 1 rollout rank, which draws both shares as one batch and hands
+    each its own; with LoRA (the merged weights stream), dynamic sampling (on the rollout rank, its
+    rounds a function of the step) and compiled decoding (CudaGraphs' step, aot_eager here, on the
+    parameters the weights stream into): the stale reference with LoRA and dynamic sampling,
     decoding eagerly, step for step."""
     from conftest import patched_run
     steps = tmp_path / "steps.txt"
@@ -129,17 +131,22 @@ def test_compiled_lora_dynamic_sampling_rollout_ranks_equal_the_reference(world,
                                  "def step(self, *a):\n"
                                  f"    open({str(steps)!r}, 'a').write('.')\n"
                                  "    return real(self, *a)\n"
-                                 "g.CudaGraphs.step = step\n", args)
+                                 "g.CudaGraphs.step = step\n", [*args, "--rollout.ranks", 1],
+                       ranks=3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(steps.read_text()) >= 3  # the rollouts decoded through the graphs
     ours = metrics(tmp_path / "pipelined")
-    assert_same_run([m for m in ref if m["step"] > 0], [m for m in ours if m["step"] > 0])
+    # (explained variance, a ratio of variances, moved by 1e-5 of itself at step 3; the losses
+    # by 3e-7)
+    assert_same_run([m for m in ref if m["step"] > 0], [m for m in ours if m["step"] > 0],
+                    rel=1e-4)
     assert [m["sampling_rounds"] for m in ours] == [m["sampling_rounds"] for m in ref]
     assert any(m["sampling_rounds"] > 1 for m in ours)  # dynamic sampling did draw again
 
 
 @pytest.mark.parametrize("extra, world_size, says", [
-    ({"rollout.ranks": 1}, 4, "rollout.ranks = 1 needs 2 ranks, got 4"),
+    ({"rollout.ranks": 2}, 3, "rollout.ranks = 2 of 3 ranks leaves 1 to train; .* must divide"),
+    ({"rollout.ranks": 2}, 2, "leaves 0 to train"),
     ({"rollout.tensor_parallel": 2, "rollout.ranks": 2}, 4, "does not decode tensor-parallel yet"),
 ])
 def test_what_separate_rollout_ranks_do_not_do_yet_is_refused(world, tmp_path, extra, world_size,
