@@ -1,5 +1,5 @@
-"""Run under torchrun (4 ranks, gloo) by tests/test_pipeline.py: what pbrl/pipeline.py streams.
-Ranks 0-1 train (the model of argv[1] sharded by FSDP2 between them, in fp32), ranks 2-3 decode (a
+"""Run under torchrun (3 ranks, gloo) by tests/test_pipeline.py: what pbrl/pipeline.py streams.
+Ranks 0-1 train (the model of argv[1] sharded by FSDP2 between them, in fp32), rank 2 decodes (a
 whole copy in bf16, the compute dtype, and decoding through CudaGraphs' compiled step, aot_eager).
 Three times: the training ranks take an optimizer step and stream the weights; the rollout ranks
 receive them. Every tensor a training rank gathers while streaming is tracked by a weak reference
@@ -27,7 +27,7 @@ from pbrl.sampler import Sampling, complete
 out = Path(sys.argv[2])
 dist.init()
 device = torch.device("cpu")
-trains, rank, world, stream, pair = dist.split(2, device)
+trains, rank, world, stream, pairs = dist.split(1, device)
 me = torch.distributed.get_rank()
 report = {"most_alive": 0}
 alive, real_full_tensor = [], DTensor.full_tensor
