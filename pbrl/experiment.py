@@ -41,8 +41,8 @@ SPEC = "experiment.json"  # in --out: the options it was started with, which a r
 STEPS, EVAL_EVERY = 60, 30
 FIDELITY_STEPS = 10  # the diagnostics in results.md: the last iterations' mean
 # cosine: the learning rate decays to 10% by the last iteration, so each run ends settled rather
-# than on a constant-rate step's noise (docs/toy.md, "Across machines": the end of a run at a
-# constant 3e-4 moved the target languages by up to 10 points between evaluations and cost English)
+# than on a constant-rate step's noise (docs/toy.md, "The learning-rate schedule": at a constant
+# 3e-4 the target languages swung by up to 15 points between evaluations 10 iterations apart)
 RECIPE = {"rollout.samples_per_prompt": 4, "ppo.epochs": 1, "ppo.lr": 3e-4,
           "ppo.schedule": "cosine"}
 GOLD, ENGLISH = "PPO + gold exact match", "English-only RLVR"

@@ -220,8 +220,8 @@ def plan(cfg: Config, gpus: int, prompt_tokens: int) -> Plan:
 def rollout_rank_plan(cfg: Config, prompt_tokens: int) -> Plan:
     """A rollout rank of rollout.placement separate (pbrl/pipeline.py): the actor whole in the
     compute dtype (the streamed weights land in it; compiled rollouts read it in place), its KV
-    cache (kept, under rollout.compile) and sampling logits for its training rank's share of a
-    step, the reward's models, and the pivot's phase (every rank)."""
+    cache (kept, under rollout.compile) and sampling logits for its share of a step (its training
+    ranks' shares), the reward's models, and the pivot's phase (every rank)."""
     r, compute = cfg.rollout, compute_bytes(cfg)
     actor, out = model_args(cfg.models.policy), Plan()
     out.terms["actor, whole (streamed weights)"] = full_bytes(parameter_shapes(actor), compute)
