@@ -89,7 +89,8 @@ class RolloutConfig:
     compile: bool = setting(False, "decode through CUDA graphs (pbrl/cudagraphs.py)")
     # DTensor tensor parallelism, Megatron's column/row split; 1: each rank its own whole copy
     tensor_parallel: int = setting(1, "ranks that decode one batch together, each holding 1/N of "
-                                      "the weights and KV cache", gt=0)
+                                      "the weights and KV cache (placement separate: rollout "
+                                      "ranks)", gt=0)
     # until the batch is full of informative groups (else: what there is)
     dynamic_sampling: bool = setting(False, "DAPO: drop groups whose samples all score alike and "
                                             "sample more problems")
@@ -427,7 +428,9 @@ def pipeline_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
              f"{separate}: rollout.ranks = {r.ranks} of {world_size} ranks leaves {trainers} "
              f"to train; each rollout rank serves the same number of training ranks, so "
              f"rollout.ranks must divide that number (and leave at least one)"),
-            (r.tensor_parallel == 1, f"{separate} does not decode tensor-parallel yet")]
+            (r.ranks % r.tensor_parallel == 0,
+             f"{separate}: rollout.tensor_parallel = {r.tensor_parallel} must divide rollout.ranks "
+             f"= {r.ranks} (rollout ranks decode in groups of that many)")]
 
 
 def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
@@ -441,7 +444,7 @@ def cross_checks(cfg: Config, world_size: int) -> list[tuple[bool, str]]:
     weights = (w.embedding_weight, w.agreement_weight, w.mt_weight, w.format_weight,
                w.language_weight)
     return pipeline + [
-        (world_size % r.tensor_parallel == 0,
+        (world_size % r.tensor_parallel == 0 or r.placement == "separate",
          f"rollout.tensor_parallel={r.tensor_parallel} must divide the world size {world_size} "
          f"(ranks decode in groups of that many)"),
         (r.prompts_per_step % world_size == 0,

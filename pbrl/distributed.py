@@ -75,15 +75,17 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def split(rollout_ranks: int, device: torch.device) -> tuple[bool, int, int, object, list]:
+def split(rollout_ranks: int, device: torch.device,
+          tp: int = 1) -> tuple[bool, int, int, object, list, object]:
     """rollout.placement separate: the first world - n ranks train, the last n decode and score
     (pbrl/pipeline.py); rollout rank j serves the k = (world - n) / n training ranks j k .. j k +
     k - 1, whose shares of a step are together its own. From here this rank's collectives (and the
     training ranks' FSDP2) run among its own kind. Returns (trains, rank among its kind, their
     number, the group in which training rank 0 broadcasts the weights to the rollout ranks, the
-    groups of this rank's pairs: a training rank's one, a rollout rank's k, in order). Batches go
-    by broadcast within a pair, not send/recv: a collective waits at most the process group's
-    timeout (gloo's recv waits forever). Every rank calls it."""
+    groups of this rank's pairs: a training rank's one, a rollout rank's k, in order; a rollout
+    rank's 1-D mesh of the `tp` consecutive rollout ranks it decodes tensor-parallel with, or
+    None). Batches go by broadcast within a pair, not send/recv: a collective waits at most the
+    process group's timeout (gloo's recv waits forever). Every rank calls it."""
     from torch.distributed.device_mesh import DeviceMesh
     global _group, _mesh
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -95,13 +97,15 @@ def split(rollout_ranks: int, device: torch.device) -> tuple[bool, int, int, obj
     groups = new(list(range(trainers))), new(list(range(trainers, world)))
     stream = new([0, *range(trainers, world)])
     pairs = [new([t, trainers + t // served]) for t in range(trainers)]
+    blocks = [new(list(range(b, b + tp))) for b in range(trainers, world, tp)] if tp > 1 else []
     trains = rank < trainers
     _group = groups[0] if trains else groups[1]
     _mesh = DeviceMesh.from_group(groups[0], device.type) if trains else None
     if trains:
-        return True, rank, trainers, stream, [pairs[rank]]
+        return True, rank, trainers, stream, [pairs[rank]], None
     j = rank - trainers
-    return False, j, rollout_ranks, stream, pairs[j * served:(j + 1) * served]
+    mesh = DeviceMesh.from_group(blocks[j // tp], device.type) if blocks else None
+    return False, j, rollout_ranks, stream, pairs[j * served:(j + 1) * served], mesh
 
 
 def group():

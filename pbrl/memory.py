@@ -221,18 +221,25 @@ def rollout_rank_plan(cfg: Config, prompt_tokens: int) -> Plan:
     """A rollout rank of rollout.placement separate (pbrl/pipeline.py): the actor whole in the
     compute dtype (the streamed weights land in it; compiled rollouts read it in place), its KV
     cache (kept, under rollout.compile) and sampling logits for its share of a step (its training
-    ranks' shares), the reward's models, and the pivot's phase (every rank)."""
-    r, compute = cfg.rollout, compute_bytes(cfg)
+    ranks' shares), the reward's models, and the pivot's phase (every rank); under
+    rollout.tensor_parallel its shards instead of the whole actor, and its heads of the KV cache
+    of the group's rows, which it decodes together."""
+    r, compute, tp = cfg.rollout, compute_bytes(cfg), cfg.rollout.tensor_parallel
     actor, out = model_args(cfg.models.policy), Plan()
-    out.terms["actor, whole (streamed weights)"] = full_bytes(parameter_shapes(actor), compute)
+    if tp == 1:
+        out.terms["actor, whole (streamed weights)"] = full_bytes(parameter_shapes(actor), compute)
+    else:  # the streamed tensors received whole one at a time, this rank's shard of each kept
+        out.terms["actor TP shards (streamed weights)"] = tensor_parallel_bytes(actor, tp, compute)
+        out.terms["rollout: largest actor tensor received"] = \
+            max(math.prod(s) for s in parameter_shapes(actor)) * compute
     rewards = reward_terms(cfg, out, compute)
-    rows = r.prompts_per_step // r.ranks * r.samples_per_prompt
+    rows = r.prompts_per_step // r.ranks * r.samples_per_prompt * tp  # (TP: the group's, together)
     if r.compile:  # the sampler's state kept between rollouts, one cache length for the run
         out.terms["KV cache, kept (rollout.compile)"] = kv_cache_bytes(
-            actor, rows, cache_slots(prompt_tokens, r.max_new_tokens), compute)
+            actor, rows, cache_slots(prompt_tokens, r.max_new_tokens), compute, tp)
     else:
-        out.terms["rollout: KV cache"] = kv_cache_bytes(actor, rows,
-                                                        prompt_tokens + r.max_new_tokens, compute)
+        out.terms["rollout: KV cache"] = kv_cache_bytes(
+            actor, rows, prompt_tokens + r.max_new_tokens, compute, tp)
     out.terms["rollout: sampling logits (fp32)"] = 3 * rows * actor.vocab_size * 4
     pivot_and_phases(cfg, out, rewards, prompt_tokens, compute, ("rollout",))
     return out

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
+from pbrl import distributed as dist
 from pbrl import lora, rollout
 from pbrl.data import Problem
 from pbrl.model import Transformer
@@ -111,6 +113,10 @@ class RolloutWorker(Trainer):
             idle = time.perf_counter() - t0
         return []
 
+    def decoding_copy(self):
+        """rollout.tensor_parallel: the twin itself (the weights stream into its shards)."""
+        return nullcontext(self.tp_twin) if self.tp_twin is not None else super().decoding_copy()
+
     def draw(self, k: int) -> tuple[rollout.Groups, float]:
         start = time.perf_counter()
         self.step = k  # (dynamic sampling's rounds draw as a function of the step)
@@ -146,7 +152,7 @@ def stream_weights(trainer: PipelinedTrainer, timings: dict) -> None:
     training rank 0 to the rollout ranks (a collective of both kinds)."""
     model = trainer.actor.model
     with timed(timings, "stream_weights"):
-        for name in plain_names(model):
+        for name in plain_shapes(model):
             whole = lora.whole_weight(model, name, trainer.dtype).detach().contiguous()
             if trainer.rank == 0:
                 tdist.broadcast(whole, src=0, group=trainer.stream)
@@ -155,18 +161,28 @@ def stream_weights(trainer: PipelinedTrainer, timings: dict) -> None:
 
 @torch.no_grad()
 def receive_weights(worker: RolloutWorker) -> None:
-    """The streamed weights, in order, into the parameters the sampler reads."""
-    for _, param in worker.actor.model.named_parameters():
-        tdist.broadcast(param.data, src=0, group=worker.stream)
+    """The streamed weights, in order, into the parameters the sampler reads: a whole copy's, or
+    (rollout.tensor_parallel) each received whole, one at a time, and this rank's shard kept."""
+    if worker.tp_twin is None:
+        for t in worker.actor.model.state_dict().values():  # (a tied head: its tensor twice)
+            tdist.broadcast(t, src=0, group=worker.stream)
+        return
+    shapes = {name: t.shape for name, t in worker.tp_twin.state_dict().items()}  # (DTensors':
+    # the whole tensor's)
+
+    def receive(_, name: str, dtype: torch.dtype) -> torch.Tensor:
+        whole = torch.empty(shapes[name], dtype=dtype, device=worker.device)
+        tdist.broadcast(whole, src=0, group=worker.stream)
+        return whole
+    dist.refresh(worker.tp_twin, None, receive)
 
 
-def plain_names(model: Transformer) -> list[str]:
-    """The parameter names of model's architecture without adapters, in the order a rollout
-    rank's plain copy lists its parameters."""
+def plain_shapes(model: Transformer) -> dict[str, torch.Size]:
+    """The whole tensors of model's architecture without adapters, by name, in the order a plain
+    copy's state_dict lists them (a tied LM head under its own name too): the stream's order."""
     with torch.device("meta"):
         plain = Transformer(model.args, lm_head=model.lm_head is not None)
-    plain.tie_weights()
-    return [name for name, _ in plain.named_parameters()]
+    return {name: t.shape for name, t in plain.state_dict().items()}
 
 
 def batch_state(batch: rollout.Groups) -> dict:

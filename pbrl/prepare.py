@@ -128,25 +128,39 @@ def separate_ranks(cfg: Config, common: dict, longest: int) -> Trainer:
     place: rollout.compile's graphs read it), and the reward. Training ranks evaluate eagerly."""
     from pbrl.pipeline import PipelinedTrainer, RolloutWorker
     device, dtype = common["device"], common["dtype"]
-    trains, rank, world, stream, pairs = dist.split(cfg.rollout.ranks, device)
+    trains, rank, world, stream, pairs, tp = dist.split(cfg.rollout.ranks, device,
+                                                       cfg.rollout.tensor_parallel)
     if trains:
         actor, critic, reference = trained_models(cfg, dtype, device)
         trainer = PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
                                    reference=reference, reward=None,
                                    partner=world + rank // (world // cfg.rollout.ranks),
                                    stream=stream, pair=pairs[0])
-    else:
-        copy = load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
+    else:  # a whole copy of the actor, or (rollout.tensor_parallel) only this rank's shards
+        copy = tensor_parallel_shards(common["policy_dir"], tp, dtype, device) if tp else \
+            load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
         trainer = RolloutWorker(**common, rank=rank, world=world, actor=Trained(copy, None, 0.0),
                                 critic=None, reference=None, stream=stream, pairs=pairs,
                                 reward=build_reward(cfg.reward, cfg.models.embedder,
-                                                    cfg.models.translator, dtype, device))
+                                                    cfg.models.translator, dtype, device),
+                                tp_group=tp, tp_twin=copy if tp else None)
         if cfg.rollout.compile:  # the streamed weights land in place: graphs read the copy itself
             trainer.graphs = CudaGraphs(None, dtype, device)
             trainer.slots = cache_slots(longest, cfg.rollout.max_new_tokens)
     if cfg.run.resume:
         resume(trainer)
     return trainer
+
+
+def tensor_parallel_shards(policy_dir: Path, mesh, dtype, device):
+    """A rollout rank's tensor-parallel twin of the policy (distributed.tensor_parallel_twin), its
+    shards allocated once, for the streamed weights to land in."""
+    from pbrl.model import Transformer, rope_inv_freq
+    with torch.device("meta"):
+        plain = Transformer(load_args(policy_dir))
+    twin = dist.tensor_parallel_twin(plain, mesh, dtype, device).to_empty(device=device)
+    twin.inv_freq = rope_inv_freq(plain.args).to(device)
+    return twin
 
 
 def rollout_sampling(cfg: Config, tokenizer: Tokenizer, device) -> Sampling:

@@ -262,6 +262,11 @@ def test_the_planner_knows_the_two_kinds_of_rank_of_a_pipelined_run(tmp_path):
     assert kept == memory.kv_cache_bytes(memory.model_args(small), r.prompts_per_step *
                                          r.samples_per_prompt, cache_slots(50, r.max_new_tokens), 2)
     assert compiled.terms == {k: v for k, v in rollout.terms.items() if k != "rollout: KV cache"}
+    cfg.rollout.compile, cfg.rollout.tensor_parallel = False, 2  # shards; the pair's rows
+    sharded = memory.rollout_rank_plan(cfg, 50).terms
+    assert sharded["actor TP shards (streamed weights)"] == \
+        memory.tensor_parallel_bytes(memory.model_args(small), 2, 2)
+    assert sharded["rollout: KV cache"] == rollout.terms["rollout: KV cache"]  # 2x rows, 1/2 heads
     cfg = llama31_8b_config(tmp_path / "8gpus", "llama31_8b_pipelined.toml")
     assert memory.plan(cfg, 4, 300).peak[1] <= 60 * memory.GB  # its evaluation decodes there
     assert memory.rollout_rank_plan(cfg, 300).peak[1] <= 30 * memory.GB

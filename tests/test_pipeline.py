@@ -16,7 +16,7 @@ from conftest import ROOT, hf_tensors, metrics, overrides, save_hf_model, subpro
 from pbrl.config import load_config, validate
 from pbrl import lora
 from pbrl.model import empty_like
-from pbrl.pipeline import plain_names
+from pbrl.pipeline import plain_shapes
 from pbrl.prepare import prepare
 from test_train import assert_same_run, train
 
@@ -32,7 +32,7 @@ def stale_reference(world, out, **extra):
     @contextmanager
     def stale_policy():  # (dynamic sampling: several rollouts a step, on the same weights)
         starts.setdefault(trainer.step, {n: lora.whole_weight(actor, n, trainer.dtype).clone()
-                                         for n in plain_names(actor)})  # a LoRA actor's merged
+                                         for n in plain_shapes(actor)})  # a LoRA actor's merged
         copy = empty_like(actor, trainer.dtype, trainer.device)
         with torch.no_grad():  # (a shared-base critic's value head is not a decoder's)
             for name, p in copy.named_parameters():
@@ -45,7 +45,8 @@ def stale_reference(world, out, **extra):
 
 
 def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_path):
-    """2 training ranks (FSDP2 between them) and 2 rollout ranks, each paired with one, against
+    """2 training ranks (FSDP2 between them) and 2 rollout ranks decoding tensor-parallel
+    (together, on their shards of the streamed weights), each paired with a training rank, against
     the stale reference, evaluations included (the training ranks evaluate between updates); the
     same run killed after its step-2 checkpoint and resumed; and the on-policy run, which differs
     from the reference (so the equality tells a pipeline that streams the weights late or early
@@ -53,7 +54,8 @@ def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_pa
     ref_out, out = tmp_path / "reference", tmp_path / "pipelined"
     evals = {"data.eval_path": world / "data", "data.eval_langs": "de", "run.eval_every": 2}
     ref = stale_reference(world, ref_out, **RUN, **evals)
-    separate = {"rollout.placement": "separate", "rollout.ranks": 2, "run.checkpoint_every": 2}
+    separate = {"rollout.placement": "separate", "rollout.ranks": 2, "run.checkpoint_every": 2,
+                "rollout.tensor_parallel": 2}
     train(world, out, 4, **RUN, **separate, **evals)
     ours = metrics(out)
     # the training ranks evaluate (greedy, between updates) as the one process does
@@ -147,7 +149,7 @@ def test_one_rollout_rank_for_two_training_ranks_with_lora_dynamic_sampling_comp
 @pytest.mark.parametrize("extra, world_size, says", [
     ({"rollout.ranks": 2}, 3, "rollout.ranks = 2 of 3 ranks leaves 1 to train; .* must divide"),
     ({"rollout.ranks": 2}, 2, "leaves 0 to train"),
-    ({"rollout.tensor_parallel": 2, "rollout.ranks": 2}, 4, "does not decode tensor-parallel yet"),
+    ({"rollout.tensor_parallel": 2}, 2, "tensor_parallel = 2 must divide rollout.ranks = 1"),
 ])
 def test_what_separate_rollout_ranks_do_not_do_yet_is_refused(world, tmp_path, extra, world_size,
                                                               says):

@@ -27,7 +27,7 @@ from pbrl.sampler import Sampling, complete
 out = Path(sys.argv[2])
 dist.init()
 device = torch.device("cpu")
-trains, rank, world, stream, pairs = dist.split(1, device)
+trains, rank, world, stream, pairs, _ = dist.split(1, device)
 me = torch.distributed.get_rank()
 report = {"most_alive": 0}
 alive, real_full_tensor = [], DTensor.full_tensor
@@ -51,7 +51,7 @@ if trains:
                               stream=stream)
 else:
     model = load_model(sys.argv[1], dtype=torch.bfloat16).requires_grad_(False)
-    worker = SimpleNamespace(actor=SimpleNamespace(model=model), stream=stream)
+    worker = SimpleNamespace(actor=SimpleNamespace(model=model), stream=stream, tp_twin=None)
     addresses = [p.data_ptr() for p in model.parameters()]
     pbrl.cudagraphs.COMPILE_OPTIONS = {"backend": "aot_eager", "fullgraph": True, "dynamic": False}
     graphs, same = CudaGraphs(), []
