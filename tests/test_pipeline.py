@@ -12,15 +12,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, hf_tensors, metrics, overrides, save_hf_model, subprocess_env
+from conftest import (ROOT, hf_tensors, metrics, overrides, patched_run, save_hf_model,
+                      subprocess_env)
 from pbrl.config import load_config, validate
 from pbrl import lora
 from pbrl.model import empty_like
 from pbrl.pipeline import plain_shapes
 from pbrl.prepare import prepare
-from test_train import assert_same_run, train
+from test_train import assert_same_run
 
 RUN = {"run.steps": 3, "rollout.prompts_per_step": 4, "ppo.rollout_correction": "tis"}
+
+
+def compiled_aot_eager(steps) -> str:
+    """Python for conftest.patched_run: CudaGraphs' step through torch.compile's aot_eager backend
+    (no code generation: fast on the CPU), each compiled step counted as a '.' in `steps`."""
+    return ("import pbrl.cudagraphs as g\n"
+            "g.COMPILE_OPTIONS = {'backend': 'aot_eager', 'fullgraph': True, 'dynamic': False}\n"
+            "real = g.CudaGraphs.step\n"
+            "def step(self, *a):\n"
+            f"    open({str(steps)!r}, 'a').write('.')\n"
+            "    return real(self, *a)\n"
+            "g.CudaGraphs.step = step\n")
 
 
 def stale_reference(world, out, **extra):
@@ -45,8 +58,9 @@ def stale_reference(world, out, **extra):
 
 
 def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_path):
-    """2 training ranks (FSDP2 between them) and 2 rollout ranks decoding tensor-parallel
-    (together, on their shards of the streamed weights), each paired with a training rank, against
+    """2 training ranks (FSDP2 between them) and 2 rollout ranks decoding tensor-parallel and
+    compiled (together, on their shards of the streamed weights; aot_eager), each paired with a
+    training rank, against
     the stale reference, evaluations included (the training ranks evaluate between updates); the
     same run killed after its step-2 checkpoint and resumed; and the on-policy run, which differs
     from the reference (so the equality tells a pipeline that streams the weights late or early
@@ -55,8 +69,15 @@ def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_pa
     evals = {"data.eval_path": world / "data", "data.eval_langs": "de", "run.eval_every": 2}
     ref = stale_reference(world, ref_out, **RUN, **evals)
     separate = {"rollout.placement": "separate", "rollout.ranks": 2, "run.checkpoint_every": 2,
-                "rollout.tensor_parallel": 2}
-    train(world, out, 4, **RUN, **separate, **evals)
+                "rollout.tensor_parallel": 2, "rollout.compile": "true"}
+    steps = tmp_path / "steps.txt"
+
+    def pipelined(out, **extra):
+        args = overrides(world, out, **RUN, **separate, **evals, **extra)
+        done = patched_run(tmp_path, compiled_aot_eager(steps), args, ranks=4)
+        assert done.returncode == 0, done.stderr[-3000:]
+    pipelined(out)
+    assert len(steps.read_text()) >= 3  # the rollouts decoded through the graphs
     ours = metrics(out)
     # the training ranks evaluate (greedy, between updates) as the one process does
     assert [m.get("acc/de") for m in ours] == [m.get("acc/de") for m in ref]
@@ -73,7 +94,7 @@ def test_a_pipelined_run_equals_the_synchronous_run_one_step_stale(world, tmp_pa
     killed = shutil.copytree(out, tmp_path / "killed")
     for later in ("checkpoints/step_000003", "final"):
         shutil.rmtree(killed / later)
-    train(world, killed, 4, **RUN, **separate, **evals, **{"run.resume": "true"})
+    pipelined(killed, **{"run.resume": "true"})
     for a, b in zip(ours, [m for m in metrics(killed) if m["step"] > 0], strict=True):
         for key in ("reward", "policy_loss", "value_loss", "kl", "logprob_mismatch"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
@@ -119,21 +140,13 @@ def test_one_rollout_rank_for_two_training_ranks_with_lora_dynamic_sampling_comp
     rounds a function of the step) and compiled decoding (CudaGraphs' step, aot_eager here, on the
     parameters the weights stream into): the stale reference with LoRA and dynamic sampling,
     decoding eagerly, step for step."""
-    from conftest import patched_run
     steps = tmp_path / "steps.txt"
     extra = {**RUN, "lora.rank": 4, "lora.alpha": 8, "ppo.lr": 1e-3,
              "rollout.dynamic_sampling": "true", "rollout.max_sampling_rounds": 3}
     ref = stale_reference(world, tmp_path / "reference", **extra)
     args = overrides(world, tmp_path / "pipelined", **extra, **{"rollout.placement": "separate",
                                                                 "rollout.compile": "true"})
-    done = patched_run(tmp_path, "import pbrl.cudagraphs as g\n"
-                                 "g.COMPILE_OPTIONS = {'backend': 'aot_eager', 'fullgraph': True,"
-                                 " 'dynamic': False}\n"
-                                 "real = g.CudaGraphs.step\n"
-                                 "def step(self, *a):\n"
-                                 f"    open({str(steps)!r}, 'a').write('.')\n"
-                                 "    return real(self, *a)\n"
-                                 "g.CudaGraphs.step = step\n", [*args, "--rollout.ranks", 1],
+    done = patched_run(tmp_path, compiled_aot_eager(steps), [*args, "--rollout.ranks", 1],
                        ranks=3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(steps.read_text()) >= 3  # the rollouts decoded through the graphs
