@@ -471,18 +471,14 @@ def check_pipelined(trainer, training: dict) -> dict:
     broadcast to another GPU). Two GPUs modelled: colocated, each decodes half the rows (about as
     long: decoding reads the weights) and updates on half the batch; separate (1 + 1), a step takes
     max(rollout side, training side) + stream, and each side is busy its share of that."""
+    from pbrl.lora import whole_weight
     from pbrl.model import empty_like
     if isinstance(training, str):
         raise RuntimeError("the training check failed: nothing to model")
-    model, device = trainer.actor.model, trainer.device
-    copy = empty_like(model, trainer.dtype, device).requires_grad_(False)
-    params = dict(copy.named_parameters())
-
-    @torch.no_grad()
-    def stream():  # pipeline.stream_weights' gathers, a local copy in place of its broadcast
-        for name in params:
-            params[name].copy_(dist.whole_parameter(model, name, trainer.dtype))
-    stream_s = best_seconds(stream, 3)[0]
+    model = trainer.actor.model
+    copy = empty_like(model, trainer.dtype, trainer.device).requires_grad_(False)
+    # pipeline.stream_weights' gathers, in its order, a local copy in place of its broadcast
+    stream_s = best_seconds(lambda: dist.refresh(copy, model, whole_weight), 3)[0]
     phases = training["phases"]
     side = {"rollout": sum(v for k, v in phases.items() if k in ROLLOUT_SIDE),
             "training": sum(v for k, v in phases.items()
@@ -490,7 +486,7 @@ def check_pipelined(trainer, training: dict) -> dict:
     step = max(side["rollout"], side["training"]) + stream_s  # both sides take part in it
     return {"phases_s": phases, "rollout_side_s": round(side["rollout"], 3),
             "training_side_s": round(side["training"], 3), "stream_s": round(stream_s, 4),
-            "stream_mb": round(sum(p.numel() * p.element_size() for p in params.values()) / 1e6, 2),
+            "stream_mb": round(sum(t.nbytes for t in copy.state_dict().values()) / 1e6, 2),
             "modelled_2_gpus": {"colocated_s": round(side["rollout"] + side["training"] / 2, 3),
                                 "separate_s": round(step, 3),
                                 "rollout_busy": round(side["rollout"] / step, 3),
@@ -581,6 +577,7 @@ def main(argv=None):
     import triton
     device = dist.resolve_device(args.device)
     model_args = ModelArgs(**SIZES[args.size])
+    batches = [int(b) for b in args.decode_batches.split(",")]
     given = argv if argv is not None else sys.argv[1:]
     cuda = device.type == "cuda"
     env = {"command": "python benchmarks/gpu_check.py " + " ".join(given),
@@ -601,17 +598,14 @@ def main(argv=None):
         "attention": lambda: check_attention(Transformer(model_args).to(device).eval(), device),
         "precision": lambda: check_precision(ModelArgs(**SIZES["tiny"]), device),
         "training": training,
-        "decoding": lambda: check_decoding(model_args, device,
-                                           [int(b) for b in args.decode_batches.split(",")],
-                                           args.new_tokens),
+        "decoding": lambda: check_decoding(model_args, device, batches, args.new_tokens),
         "decode_profile": lambda: check_decode_profile(model_args, device, args.new_tokens // 2),
         "checkpoint": lambda: check_checkpoint(trained["trainer"], work),
         "pipelined": lambda: check_pipelined(trained["trainer"],
                                              sections.get("training", {}).get("result")),
         "lora": lambda: check_lora(model_args, device, args.steps, work,
                                    sections.get("training", {}).get("result"),
-                                   args.new_tokens, free=trained,
-                                   batches=[int(b) for b in args.decode_batches.split(",")]),
+                                   args.new_tokens, free=trained, batches=batches),
     }
     failed = False
     try:

@@ -294,16 +294,23 @@ def tensor_parallel_weights(twin: torch.nn.Module, model: torch.nn.Module, devic
     """The twin with its shards allocated and refreshed from `model` for the duration, freed
     after, so that no phase but the rollout holds them (keep: kept at the same addresses for the
     next rollout, as CUDA graphs need)."""
-    from pbrl.model import rope_inv_freq
-    if twin.inv_freq.is_meta:
-        twin.to_empty(device=device)
-        twin.inv_freq = rope_inv_freq(twin.args).to(device)
+    allocate(twin, device)
     refresh(twin, model, weight or whole_parameter)
     try:
         yield twin
     finally:
         if not keep:
             twin.to_empty(device="meta")
+
+
+def allocate(twin: torch.nn.Module, device) -> torch.nn.Module:
+    """The tensor-parallel twin's shards allocated (uninitialised) on device and its RoPE
+    frequencies computed, unless they are already."""
+    from pbrl.model import rope_inv_freq
+    if twin.inv_freq.is_meta:
+        twin.to_empty(device=device)
+        twin.inv_freq = rope_inv_freq(twin.args).to(device)
+    return twin
 
 
 def whole_parameter(model: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:

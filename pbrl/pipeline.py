@@ -46,7 +46,6 @@ STALENESS = 1  # updates between the weights that drew a batch and the update th
 class PipelinedTrainer(Trainer):
     """A training rank: its batches come from its rollout rank, and after each update it streams
     the actor's weights to the rollout ranks."""
-    partner: int = -1                       # the global rank of my rollout rank
     stream: object = None                   # training rank 0 and the rollout ranks
     pair: object = None                     # my rollout rank and I
     pending: rollout.Groups | None = None   # the next step's batch: received, or checkpointed
@@ -120,7 +119,7 @@ class RolloutWorker(Trainer):
     def draw(self, k: int) -> tuple[rollout.Groups, float]:
         start = time.perf_counter()
         self.step = k  # (dynamic sampling's rounds draw as a function of the step)
-        batch = Trainer.collect_informative(self, {}) if self.cfg.rollout.dynamic_sampling else \
+        batch = self.collect_informative({}) if self.cfg.rollout.dynamic_sampling else \
             self.sample_and_score(k, {})
         c = batch.completions
         cpu = batch._replace(completions=Completions(*(t.cpu() for t in c)),
@@ -204,5 +203,7 @@ def receive(trainer: PipelinedTrainer, timings: dict) -> rollout.Groups:
     """The batch my rollout rank drew (its tensors on the CPU)."""
     with timed(timings, "wait_for_rollouts"):
         box = [None]
-        tdist.broadcast_object_list(box, src=trainer.partner, group=trainer.pair)
+        # the pair's ranks ascending: mine, then my rollout rank's (the source)
+        partner = tdist.get_process_group_ranks(trainer.pair)[-1]
+        tdist.broadcast_object_list(box, src=partner, group=trainer.pair)
     return box[0]

@@ -133,9 +133,8 @@ def separate_ranks(cfg: Config, common: dict, longest: int) -> Trainer:
     if trains:
         actor, critic, reference = trained_models(cfg, dtype, device)
         trainer = PipelinedTrainer(**common, rank=rank, world=world, actor=actor, critic=critic,
-                                   reference=reference, reward=None,
-                                   partner=world + rank // (world // cfg.rollout.ranks),
-                                   stream=stream, pair=pairs[0])
+                                   reference=reference, reward=None, stream=stream,
+                                   pair=pairs[0])
     else:  # a whole copy of the actor, or (rollout.tensor_parallel) only this rank's shards
         copy = tensor_parallel_shards(common["policy_dir"], tp, dtype, device) if tp else \
             load_model(cfg.models.policy, dtype=dtype, device=device).requires_grad_(False)
@@ -155,12 +154,10 @@ def separate_ranks(cfg: Config, common: dict, longest: int) -> Trainer:
 def tensor_parallel_shards(policy_dir: Path, mesh, dtype, device):
     """A rollout rank's tensor-parallel twin of the policy (distributed.tensor_parallel_twin), its
     shards allocated once, for the streamed weights to land in."""
-    from pbrl.model import Transformer, rope_inv_freq
+    from pbrl.model import Transformer
     with torch.device("meta"):
         plain = Transformer(load_args(policy_dir))
-    twin = dist.tensor_parallel_twin(plain, mesh, dtype, device).to_empty(device=device)
-    twin.inv_freq = rope_inv_freq(plain.args).to(device)
-    return twin
+    return dist.allocate(dist.tensor_parallel_twin(plain, mesh, dtype, device), device)
 
 
 def rollout_sampling(cfg: Config, tokenizer: Tokenizer, device) -> Sampling:
