@@ -104,7 +104,8 @@ class RolloutConfig:
     placement: str = setting("colocated", "where rollouts run: on the training ranks between "
                                           "updates, or on rollout ranks of their own, one step "
                                           "off-policy", choices=("colocated", "separate"))
-    ranks: int = setting(1, "placement separate: the rollout ranks, one per training rank", gt=0)
+    ranks: int = setting(1, "placement separate: the rollout ranks (the last ones), each serving "
+                            "(world - ranks) / ranks training ranks", gt=0)
 
 
 @dataclass
